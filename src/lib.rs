@@ -1,0 +1,23 @@
+//! # postcopy
+//!
+//! A page server for postcopy live migration of memory.
+//!
+//! The workload resumes on the destination before its memory has arrived. A touch of a missing
+//! page traps through Linux userfaultfd; the destination engine asks the source for the page,
+//! receives it through io_uring into a preallocated temp page, and places it atomically with
+//! `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`), while the source streams every other page in the
+//! background. See `docs/ARCHITECTURE.md` for the data flow.
+//!
+//! Modules:
+//! - [`sys`]: the kernel interfaces (userfaultfd, io_uring, mmap); the only `unsafe` code.
+//! - [`layout`]: RAM blocks and the atomic received bitmap.
+//! - [`codec`]: wire protocol v1, a pure codec.
+//! - [`image`]: what a source serves (a file or a synthetic image).
+//! - [`source`]: the source page server.
+//! - [`dest`]: the destination engine (thread-per-core workers).
+//! - [`workload`], [`report`], [`demo`]: the embedded default and its report.
+//! - [`probe`]: can this host do postcopy.
+#![deny(missing_docs)]
+
+pub mod sys;
+pub mod probe;
