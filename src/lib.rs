@@ -21,3 +21,6 @@
 
 pub mod sys;
 pub mod probe;
+pub mod codec;
+pub mod image;
+pub mod layout;

@@ -1,0 +1,845 @@
+//! Wire protocol v1: a pure codec (no I/O), fuzzable.
+//!
+//! Every frame starts with a fixed 32-byte header (little-endian):
+//!
+//! | offset | size | field      | meaning                                                    |
+//! |-------:|-----:|------------|------------------------------------------------------------|
+//! | 0      | 4    | `magic`    | [`MAGIC`]                                                  |
+//! | 4      | 1    | `version`  | [`VERSION`]                                                |
+//! | 5      | 1    | `kind`     | [`Kind`]                                                   |
+//! | 6      | 2    | `count`    | pages in a request or batch; worker index in `Hello`       |
+//! | 8      | 4    | `body_len` | bytes that follow the header                               |
+//! | 12     | 4    | `block`    | block index; the role in `Hello`                           |
+//! | 16     | 8    | `page`     | first page; the session id in `Hello`/`Welcome`            |
+//! | 24     | 8    | `mask`     | zero-page mask in `Pages` (bit i: page i is zero, no payload) |
+//!
+//! A `Pages` frame's body is the payloads of its non-zero pages, in page order, each exactly one
+//! page: a receiver reads the header, then the body straight into page-aligned temp pages, and
+//! places contiguous runs with one `UFFDIO_COPY`. Zero pages travel as mask bits only.
+//!
+//! Decoding is two-step so nothing is copied before it is checked: [`Header::decode`] checks
+//! what the header alone can tell (magic, version, kind, lengths), then [`Header::check`]
+//! checks it against the session's [`Layout`] (block, page range, exact payload length).
+
+use crate::layout::{Block, Layout, LayoutError, MAX_BLOCKS, MAX_NAME_BYTES};
+
+/// Frame magic: the bytes `PCPY` read as a little-endian u32.
+pub const MAGIC: u32 = u32::from_le_bytes(*b"PCPY");
+/// Protocol version.
+pub const VERSION: u8 = 1;
+/// Header size.
+pub const HEADER_BYTES: usize = 32;
+/// Most pages in one `Pages` frame (the zero mask is 64 bits).
+pub const MAX_BATCH_PAGES: u16 = 64;
+/// Most payload bytes in one `Pages` frame for small pages (64 x 4 KiB); a huge page is always
+/// allowed alone.
+pub const MAX_BATCH_BYTES: u64 = 64 * 4096;
+/// Most pages one `Request` may ask for.
+pub const MAX_REQUEST_PAGES: u16 = 1024;
+/// Largest control body (`Welcome`, `Error`).
+pub const MAX_CONTROL_BODY: u32 = 256 * 1024;
+/// Longest error message carried in an `Error` frame.
+pub const MAX_ERROR_BYTES: usize = 4096;
+
+/// Frame kinds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// destination → source, first frame of every connection.
+    Hello = 1,
+    /// source → destination: session id, layout, image description.
+    Welcome = 2,
+    /// destination → source: send these pages now (urgent).
+    Request = 3,
+    /// source → destination: a batch of pages.
+    Pages = 4,
+    /// either way: start (streaming / running).
+    Run = 5,
+    /// source → destination on a bulk connection: the stream is complete. destination → source
+    /// on the urgent connection: every page is placed, the session is over.
+    End = 6,
+    /// acknowledgement of `End`.
+    Ack = 7,
+    /// either way: a fatal error with a message; the session ends.
+    Error = 8,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        Some(match v {
+            1 => Kind::Hello,
+            2 => Kind::Welcome,
+            3 => Kind::Request,
+            4 => Kind::Pages,
+            5 => Kind::Run,
+            6 => Kind::End,
+            7 => Kind::Ack,
+            8 => Kind::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// The role of a connection, sent in `Hello`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Urgent: requests and their replies; the first urgent connection also carries control.
+    Urgent,
+    /// Bulk: the background stream of one worker's shard.
+    Bulk,
+}
+
+/// What the source's image is, so a verifier can recompute expected contents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageInfo {
+    /// Contents known only to the source (a file).
+    Opaque,
+    /// The synthetic image of [`crate::image::Synthetic`].
+    Synthetic {
+        /// Seed.
+        seed: u64,
+        /// Share of zero pages, percent.
+        zero_percent: u8,
+    },
+}
+
+/// Codec errors: what was wrong with a frame, in words an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// Not our protocol at all.
+    #[error("bad frame magic {0:#010x}: the peer is not a postcopy page server (wrong port?)")]
+    BadMagic(u32),
+    /// A version we do not speak.
+    #[error("protocol version {got} not supported (this build speaks {VERSION}); upgrade the older side")]
+    BadVersion {
+        /// Version the peer sent.
+        got: u8,
+    },
+    /// An unknown kind.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// A kind that was not expected here.
+    #[error("unexpected {got:?} frame while expecting {expected}")]
+    Unexpected {
+        /// What arrived.
+        got: Kind,
+        /// What the state machine wanted.
+        expected: &'static str,
+    },
+    /// A body on a frame that has none, or one too large.
+    #[error("{kind:?} frame has a body of {len} bytes (allowed: {max})")]
+    BodyLength {
+        /// Frame kind.
+        kind: Kind,
+        /// Declared length.
+        len: u32,
+        /// The maximum for this kind.
+        max: u64,
+    },
+    /// A page count of zero or above the limit.
+    #[error("{kind:?} frame has page count {count} (allowed 1..={max})")]
+    BadCount {
+        /// Frame kind.
+        kind: Kind,
+        /// Declared count.
+        count: u16,
+        /// The maximum.
+        max: u16,
+    },
+    /// Mask bits beyond the batch's pages.
+    #[error("zero-page mask {mask:#x} marks pages beyond the batch of {count}")]
+    MaskPastCount {
+        /// The mask.
+        mask: u64,
+        /// Pages in the batch.
+        count: u16,
+    },
+    /// A range outside the layout.
+    #[error(transparent)]
+    Range(#[from] LayoutError),
+    /// A body that is not what it claims.
+    #[error("malformed {kind:?} body: {detail}")]
+    BadBody {
+        /// Frame kind.
+        kind: Kind,
+        /// What was wrong.
+        detail: String,
+    },
+    /// Fewer bytes than the frame needs.
+    #[error("truncated frame: need {need} bytes, have {have}")]
+    Truncated {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes available.
+        have: usize,
+    },
+}
+
+/// A decoded header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    /// Frame kind.
+    pub kind: Kind,
+    /// Page count (or worker index in `Hello`).
+    pub count: u16,
+    /// Bytes following the header.
+    pub body_len: u32,
+    /// Block index (or role in `Hello`).
+    pub block: u32,
+    /// First page (or session id).
+    pub page: u64,
+    /// Zero-page mask (or worker count in `Hello`).
+    pub mask: u64,
+}
+
+fn le32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"))
+}
+fn le64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
+}
+
+/// Largest batch for pages of `page_size` bytes.
+pub fn max_batch_pages(page_size: u64) -> u16 {
+    (MAX_BATCH_BYTES / page_size).clamp(1, u64::from(MAX_BATCH_PAGES)) as u16
+}
+
+impl Header {
+    fn bare(kind: Kind) -> Header {
+        Header {
+            kind,
+            count: 0,
+            body_len: 0,
+            block: 0,
+            page: 0,
+            mask: 0,
+        }
+    }
+
+    /// `Hello` for a connection of `role`, from worker `worker` of `workers`, joining
+    /// `session` (0 asks the source for a new session).
+    pub fn hello(session: u64, role: Role, worker: u16, workers: u16) -> Header {
+        Header {
+            count: worker,
+            block: match role {
+                Role::Urgent => 0,
+                Role::Bulk => 1,
+            },
+            page: session,
+            mask: u64::from(workers),
+            ..Header::bare(Kind::Hello)
+        }
+    }
+
+    /// `Request` for pages `[page, page + count)` of `block`.
+    pub fn request(block: u32, page: u64, count: u16) -> Header {
+        Header {
+            count,
+            block,
+            page,
+            ..Header::bare(Kind::Request)
+        }
+    }
+
+    /// `Pages` header for a batch; `body_len` follows from the mask and the page size.
+    pub fn pages(block: u32, page: u64, count: u16, zero_mask: u64, page_size: u64) -> Header {
+        let nonzero = u64::from(count) - u64::from(zero_mask.count_ones());
+        Header {
+            count,
+            body_len: (nonzero * page_size) as u32,
+            block,
+            page,
+            mask: zero_mask,
+            ..Header::bare(Kind::Pages)
+        }
+    }
+
+    /// A control frame without a body (`Run`, `End`, `Ack`); `value` rides in `page`.
+    pub fn control(kind: Kind, value: u64) -> Header {
+        debug_assert!(matches!(kind, Kind::Run | Kind::End | Kind::Ack));
+        Header {
+            page: value,
+            ..Header::bare(kind)
+        }
+    }
+
+    /// The role of a `Hello`.
+    pub fn role(&self) -> Option<Role> {
+        match self.block {
+            0 => Some(Role::Urgent),
+            1 => Some(Role::Bulk),
+            _ => None,
+        }
+    }
+
+    /// Writes the header.
+    pub fn encode(&self, out: &mut [u8; HEADER_BYTES]) {
+        out[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        out[4] = VERSION;
+        out[5] = self.kind as u8;
+        out[6..8].copy_from_slice(&self.count.to_le_bytes());
+        out[8..12].copy_from_slice(&self.body_len.to_le_bytes());
+        out[12..16].copy_from_slice(&self.block.to_le_bytes());
+        out[16..24].copy_from_slice(&self.page.to_le_bytes());
+        out[24..32].copy_from_slice(&self.mask.to_le_bytes());
+    }
+
+    /// Appends the encoded header to `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut h = [0u8; HEADER_BYTES];
+        self.encode(&mut h);
+        out.extend_from_slice(&h);
+    }
+
+    /// Decodes and checks what the header alone can tell.
+    pub fn decode(b: &[u8; HEADER_BYTES]) -> Result<Header, CodecError> {
+        let magic = le32(b, 0);
+        if magic != MAGIC {
+            return Err(CodecError::BadMagic(magic));
+        }
+        if b[4] != VERSION {
+            return Err(CodecError::BadVersion { got: b[4] });
+        }
+        let kind = Kind::from_u8(b[5]).ok_or(CodecError::UnknownKind(b[5]))?;
+        let h = Header {
+            kind,
+            count: u16::from_le_bytes([b[6], b[7]]),
+            body_len: le32(b, 8),
+            block: le32(b, 12),
+            page: le64(b, 16),
+            mask: le64(b, 24),
+        };
+        let body_max: u64 = match kind {
+            Kind::Hello | Kind::Request | Kind::Run | Kind::End | Kind::Ack => 0,
+            Kind::Welcome => u64::from(MAX_CONTROL_BODY),
+            Kind::Error => MAX_ERROR_BYTES as u64,
+            // Checked exactly against the page size in `check`.
+            Kind::Pages => (1 << 30) + 1,
+        };
+        if u64::from(h.body_len) > body_max {
+            return Err(CodecError::BodyLength {
+                kind,
+                len: h.body_len,
+                max: body_max,
+            });
+        }
+        match kind {
+            Kind::Request if h.count == 0 || h.count > MAX_REQUEST_PAGES => {
+                return Err(CodecError::BadCount {
+                    kind,
+                    count: h.count,
+                    max: MAX_REQUEST_PAGES,
+                })
+            }
+            Kind::Pages => {
+                if h.count == 0 || h.count > MAX_BATCH_PAGES {
+                    return Err(CodecError::BadCount {
+                        kind,
+                        count: h.count,
+                        max: MAX_BATCH_PAGES,
+                    });
+                }
+                if h.count < 64 && h.mask >> h.count != 0 {
+                    return Err(CodecError::MaskPastCount {
+                        mask: h.mask,
+                        count: h.count,
+                    });
+                }
+            }
+            Kind::Hello if h.role().is_none() || h.mask == 0 || h.mask > 1024 || u64::from(h.count) >= h.mask => {
+                return Err(CodecError::BadBody {
+                    kind,
+                    detail: format!(
+                        "role {} worker {} of {} workers",
+                        h.block, h.count, h.mask
+                    ),
+                })
+            }
+            _ => {}
+        }
+        Ok(h)
+    }
+
+    /// Checks a `Request` or `Pages` header against the layout: the block exists, the page
+    /// range lies inside it, the batch is not larger than allowed for its page size, and the
+    /// body is exactly one page per non-zero page. Returns the block.
+    pub fn check<'l>(&self, layout: &'l Layout) -> Result<&'l Block, CodecError> {
+        let block = layout.check_range(self.block, self.page, u64::from(self.count))?;
+        if self.kind == Kind::Pages {
+            let max = max_batch_pages(block.page_size);
+            if self.count > max {
+                return Err(CodecError::BadCount {
+                    kind: self.kind,
+                    count: self.count,
+                    max,
+                });
+            }
+            let nonzero = u64::from(self.count) - u64::from(self.mask.count_ones());
+            let expect = nonzero * block.page_size;
+            if u64::from(self.body_len) != expect {
+                return Err(CodecError::BodyLength {
+                    kind: self.kind,
+                    len: self.body_len,
+                    max: expect,
+                });
+            }
+        }
+        Ok(block)
+    }
+}
+
+/// The `Welcome` body: the session's layout and what the image is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    /// Session id the destination uses on its other connections.
+    pub session: u64,
+    /// The memory layout.
+    pub layout: Layout,
+    /// What the image is.
+    pub image: ImageInfo,
+}
+
+impl Welcome {
+    /// Encodes header and body into `out`.
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(self.layout.blocks.len() as u32).to_le_bytes());
+        for b in &self.layout.blocks {
+            body.push(b.name.len() as u8);
+            body.extend_from_slice(b.name.as_bytes());
+            body.extend_from_slice(&b.size_bytes.to_le_bytes());
+            body.extend_from_slice(&b.page_size.to_le_bytes());
+        }
+        match self.image {
+            ImageInfo::Opaque => body.push(0),
+            ImageInfo::Synthetic { seed, zero_percent } => {
+                body.push(1);
+                body.extend_from_slice(&seed.to_le_bytes());
+                body.push(zero_percent);
+            }
+        }
+        Header {
+            body_len: body.len() as u32,
+            page: self.session,
+            ..Header::bare(Kind::Welcome)
+        }
+        .encode_into(out);
+        out.extend_from_slice(&body);
+    }
+
+    /// Decodes a `Welcome` body (header already decoded) and validates the layout.
+    pub fn decode_body(h: &Header, body: &[u8]) -> Result<Welcome, CodecError> {
+        let bad = |detail: String| CodecError::BadBody {
+            kind: Kind::Welcome,
+            detail,
+        };
+        let mut r = Reader { b: body, at: 0 };
+        let n = r.u32().ok_or_else(|| bad("no block count".into()))? as usize;
+        if n == 0 || n > MAX_BLOCKS {
+            return Err(bad(format!("{n} blocks")));
+        }
+        let mut blocks = Vec::with_capacity(n);
+        for i in 0..n {
+            let len = r.u8().ok_or_else(|| bad(format!("block {i}: no name")))? as usize;
+            debug_assert!(len <= MAX_NAME_BYTES);
+            let name = r
+                .bytes(len)
+                .and_then(|b| std::str::from_utf8(b).ok())
+                .ok_or_else(|| bad(format!("block {i}: name is not UTF-8 or truncated")))?
+                .to_string();
+            let size_bytes = r.u64().ok_or_else(|| bad(format!("block {i}: no size")))?;
+            let page_size = r.u64().ok_or_else(|| bad(format!("block {i}: no page size")))?;
+            blocks.push(Block {
+                name,
+                size_bytes,
+                page_size,
+            });
+        }
+        let image = match r.u8() {
+            Some(0) => ImageInfo::Opaque,
+            Some(1) => {
+                let seed = r.u64().ok_or_else(|| bad("synthetic image without seed".into()))?;
+                let zero_percent = r
+                    .u8()
+                    .filter(|z| *z <= 100)
+                    .ok_or_else(|| bad("synthetic image with bad zero percent".into()))?;
+                ImageInfo::Synthetic { seed, zero_percent }
+            }
+            other => return Err(bad(format!("image kind {other:?}"))),
+        };
+        if r.at != body.len() {
+            return Err(bad(format!("{} trailing bytes", body.len() - r.at)));
+        }
+        let layout = Layout { blocks };
+        layout.validate()?;
+        Ok(Welcome {
+            session: h.page,
+            layout,
+            image,
+        })
+    }
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let s = self.b.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(s)
+    }
+    fn u8(&mut self) -> Option<u8> {
+        self.bytes(1).map(|b| b[0])
+    }
+    fn u32(&mut self) -> Option<u32> {
+        self.bytes(4).map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+    }
+    fn u64(&mut self) -> Option<u64> {
+        self.bytes(8).map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+    }
+}
+
+/// Appends an `Error` frame with `message` (truncated to [`MAX_ERROR_BYTES`] on a char
+/// boundary).
+pub fn encode_error(message: &str, out: &mut Vec<u8>) {
+    let mut end = message.len().min(MAX_ERROR_BYTES);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    Header {
+        body_len: end as u32,
+        ..Header::bare(Kind::Error)
+    }
+    .encode_into(out);
+    out.extend_from_slice(&message.as_bytes()[..end]);
+}
+
+/// Decodes an `Error` body (lossy: a hostile peer's bytes are shown, never trusted).
+pub fn decode_error(body: &[u8]) -> String {
+    String::from_utf8_lossy(body).into_owned()
+}
+
+/// Appends a `Pages` frame: header, then the non-zero pages of `pages` (one slice per page,
+/// `None` = zero page).
+pub fn encode_pages<'p>(
+    block: u32,
+    first_page: u64,
+    page_size: u64,
+    pages: impl ExactSizeIterator<Item = Option<&'p [u8]>> + Clone,
+    out: &mut Vec<u8>,
+) {
+    let count = pages.len();
+    assert!(count >= 1 && count <= usize::from(MAX_BATCH_PAGES));
+    let mut mask = 0u64;
+    for (i, p) in pages.clone().enumerate() {
+        if p.is_none() {
+            mask |= 1 << i;
+        }
+    }
+    Header::pages(block, first_page, count as u16, mask, page_size).encode_into(out);
+    for p in pages.flatten() {
+        assert_eq!(p.len() as u64, page_size, "a payload is exactly one page");
+        out.extend_from_slice(p);
+    }
+}
+
+/// A whole frame, owned: for control paths, tests and fuzzing (the data path uses [`Header`]
+/// and receives bodies in place).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    /// See [`Header::hello`].
+    Hello {
+        /// Session to join (0: new).
+        session: u64,
+        /// Connection role.
+        role: Role,
+        /// Worker index.
+        worker: u16,
+        /// Worker count.
+        workers: u16,
+    },
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// Pages wanted now.
+    Request {
+        /// Block.
+        block: u32,
+        /// First page.
+        page: u64,
+        /// Count.
+        count: u16,
+    },
+    /// A batch of pages.
+    Pages {
+        /// Block.
+        block: u32,
+        /// First page.
+        page: u64,
+        /// Count.
+        count: u16,
+        /// Zero mask.
+        zero_mask: u64,
+        /// Payloads of the non-zero pages.
+        payload: Vec<u8>,
+    },
+    /// Run / start.
+    Run(u64),
+    /// End.
+    End(u64),
+    /// Ack.
+    Ack(u64),
+    /// Error with a message.
+    Error(String),
+}
+
+impl Frame {
+    /// Encodes the frame. `page_size` is used for `Pages` (the payload must match it).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        match self {
+            Frame::Hello {
+                session,
+                role,
+                worker,
+                workers,
+            } => Header::hello(*session, *role, *worker, *workers).encode_into(out),
+            Frame::Welcome(w) => w.encode_into(out),
+            Frame::Request { block, page, count } => {
+                Header::request(*block, *page, *count).encode_into(out)
+            }
+            Frame::Pages {
+                block,
+                page,
+                count,
+                zero_mask,
+                payload,
+            } => {
+                Header {
+                    count: *count,
+                    body_len: payload.len() as u32,
+                    block: *block,
+                    page: *page,
+                    mask: *zero_mask,
+                    ..Header::bare(Kind::Pages)
+                }
+                .encode_into(out);
+                out.extend_from_slice(payload);
+            }
+            Frame::Run(v) => Header::control(Kind::Run, *v).encode_into(out),
+            Frame::End(v) => Header::control(Kind::End, *v).encode_into(out),
+            Frame::Ack(v) => Header::control(Kind::Ack, *v).encode_into(out),
+            Frame::Error(m) => encode_error(m, out),
+        }
+    }
+
+    /// Decodes one frame from the front of `bytes`; `layout` (when known) checks requests and
+    /// page batches. Returns the frame and the bytes it used.
+    pub fn decode(bytes: &[u8], layout: Option<&Layout>) -> Result<(Frame, usize), CodecError> {
+        let head: &[u8; HEADER_BYTES] = bytes
+            .get(..HEADER_BYTES)
+            .and_then(|h| h.try_into().ok())
+            .ok_or(CodecError::Truncated {
+                need: HEADER_BYTES,
+                have: bytes.len(),
+            })?;
+        let h = Header::decode(head)?;
+        if let (Some(l), Kind::Request | Kind::Pages) = (layout, h.kind) {
+            h.check(l)?;
+        }
+        let total = HEADER_BYTES + h.body_len as usize;
+        let body = bytes.get(HEADER_BYTES..total).ok_or(CodecError::Truncated {
+            need: total,
+            have: bytes.len(),
+        })?;
+        let frame = match h.kind {
+            Kind::Hello => Frame::Hello {
+                session: h.page,
+                role: h.role().expect("checked in decode"),
+                worker: h.count,
+                workers: h.mask as u16,
+            },
+            Kind::Welcome => Frame::Welcome(Welcome::decode_body(&h, body)?),
+            Kind::Request => Frame::Request {
+                block: h.block,
+                page: h.page,
+                count: h.count,
+            },
+            Kind::Pages => Frame::Pages {
+                block: h.block,
+                page: h.page,
+                count: h.count,
+                zero_mask: h.mask,
+                payload: body.to_vec(),
+            },
+            Kind::Run => Frame::Run(h.page),
+            Kind::End => Frame::End(h.page),
+            Kind::Ack => Frame::Ack(h.page),
+            Kind::Error => Frame::Error(decode_error(body)),
+        };
+        Ok((frame, total))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn layout() -> Layout {
+        Layout {
+            blocks: vec![
+                Block {
+                    name: "pc.ram".into(),
+                    size_bytes: 1 << 20,
+                    page_size: 4096,
+                },
+                Block {
+                    name: "huge".into(),
+                    size_bytes: 8 << 20,
+                    page_size: 2 << 20,
+                },
+            ],
+        }
+    }
+
+    fn frame_strategy() -> impl Strategy<Value = Frame> {
+        let pages = (0u64..256, 1u16..=64, any::<u64>(), any::<u8>()).prop_map(
+            |(page, count, mask, fill)| {
+                let count = count.min((256 - page) as u16).max(1);
+                let mask = if count == 64 { mask } else { mask & ((1u64 << count) - 1) };
+                let nonzero = u64::from(count) - u64::from(mask.count_ones());
+                Frame::Pages {
+                    block: 0,
+                    page,
+                    count,
+                    zero_mask: mask,
+                    payload: vec![fill; (nonzero * 4096) as usize],
+                }
+            },
+        );
+        prop_oneof![
+            (any::<u64>(), any::<bool>(), 1u16..1024).prop_flat_map(|(s, bulk, workers)| {
+                (0..workers).prop_map(move |w| Frame::Hello {
+                    session: s,
+                    role: if bulk { Role::Bulk } else { Role::Urgent },
+                    worker: w,
+                    workers,
+                })
+            }),
+            (any::<u64>(), any::<u64>(), 0u8..=100, any::<bool>()).prop_map(|(s, seed, z, synth)| {
+                Frame::Welcome(Welcome {
+                    session: s,
+                    layout: layout(),
+                    image: if synth {
+                        ImageInfo::Synthetic { seed, zero_percent: z }
+                    } else {
+                        ImageInfo::Opaque
+                    },
+                })
+            }),
+            (0u64..256, 1u16..=1024).prop_map(|(page, count)| Frame::Request {
+                block: 0,
+                page: page.min(256 - u64::from(count.min(256))),
+                count: count.min(256),
+            }),
+            pages,
+            any::<u64>().prop_map(Frame::Run),
+            any::<u64>().prop_map(Frame::End),
+            any::<u64>().prop_map(Frame::Ack),
+            "[a-zA-Z0-9 é✓]{0,200}".prop_map(Frame::Error),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn every_frame_round_trips(frames in proptest::collection::vec(frame_strategy(), 1..8)) {
+            let l = layout();
+            let mut buf = Vec::new();
+            for f in &frames { f.encode_into(&mut buf); }
+            let mut at = 0;
+            for f in &frames {
+                let (got, used) = Frame::decode(&buf[at..], Some(&l)).unwrap();
+                prop_assert_eq!(&got, f);
+                at += used;
+            }
+            prop_assert_eq!(at, buf.len());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Frame::decode(&bytes, Some(&layout()));
+        }
+
+        #[test]
+        fn mutated_frames_are_rejected_or_stay_in_layout(
+            f in frame_strategy(), at in 0usize..32, byte in any::<u8>()
+        ) {
+            let l = layout();
+            let mut buf = Vec::new();
+            f.encode_into(&mut buf);
+            buf[at] = byte;
+            if let Ok((Frame::Pages { block, page, count, .. } | Frame::Request { block, page, count }, _)) =
+                Frame::decode(&buf, Some(&l))
+            {
+                prop_assert!(l.check_range(block, page, u64::from(count)).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn header_checks_name_the_problem() {
+        let l = layout();
+        let mut h = [0u8; HEADER_BYTES];
+        Header::request(0, 255, 2).encode(&mut h);
+        let d = Header::decode(&h).unwrap();
+        assert!(matches!(d.check(&l), Err(CodecError::Range(_))));
+        Header::request(2, 0, 1).encode(&mut h);
+        assert!(Header::decode(&h).unwrap().check(&l).is_err());
+        // A huge-page block takes one page per batch.
+        Header::pages(1, 0, 2, 0, 2 << 20).encode(&mut h);
+        assert!(matches!(
+            Header::decode(&h).unwrap().check(&l),
+            Err(CodecError::BadCount { .. })
+        ));
+        // Wrong payload length for the page size.
+        Header::pages(0, 0, 2, 0, 2048).encode(&mut h);
+        assert!(matches!(
+            Header::decode(&h).unwrap().check(&l),
+            Err(CodecError::BodyLength { .. })
+        ));
+        h[0] = b'X';
+        assert!(matches!(Header::decode(&h), Err(CodecError::BadMagic(_))));
+        Header::request(0, 0, 1).encode(&mut h);
+        h[4] = 9;
+        assert_eq!(Header::decode(&h), Err(CodecError::BadVersion { got: 9 }));
+        h[4] = VERSION;
+        h[5] = 77;
+        assert_eq!(Header::decode(&h), Err(CodecError::UnknownKind(77)));
+        Header::pages(0, 0, 3, 0b1000, 4096).encode(&mut h);
+        assert!(matches!(Header::decode(&h), Err(CodecError::MaskPastCount { .. })));
+        let mut buf = Vec::new();
+        Frame::Pages { block: 0, page: 0, count: 2, zero_mask: 0, payload: vec![1; 8192] }
+            .encode_into(&mut buf);
+        buf.truncate(HEADER_BYTES + 5000);
+        assert!(matches!(Frame::decode(&buf, Some(&l)), Err(CodecError::Truncated { .. })));
+    }
+
+    #[test]
+    fn encode_pages_skips_zero_payloads() {
+        let a = vec![1u8; 4096];
+        let c = vec![3u8; 4096];
+        let pages = [Some(&a[..]), None, Some(&c[..])];
+        let mut out = Vec::new();
+        encode_pages(0, 10, 4096, pages.iter().copied(), &mut out);
+        assert_eq!(out.len(), HEADER_BYTES + 2 * 4096);
+        let (f, _) = Frame::decode(&out, Some(&layout())).unwrap();
+        match f {
+            Frame::Pages { zero_mask, count, page, .. } => {
+                assert_eq!((zero_mask, count, page), (0b010, 3, 10));
+            }
+            other => panic!("decoded {other:?}"),
+        }
+    }
+}
