@@ -24,3 +24,8 @@ pub mod probe;
 pub mod codec;
 pub mod image;
 pub mod layout;
+pub mod source;
+pub mod dest;
+pub mod demo;
+pub mod report;
+pub mod workload;

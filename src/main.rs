@@ -1,1 +1,245 @@
-fn main(){}
+//! `postcopy`: the command-line tool.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use postcopy::demo::{self, DemoConfig};
+use postcopy::image::{FileImage, Image, Synthetic};
+use postcopy::layout::Layout;
+use postcopy::source::{SourceConfig, SourceServer};
+use postcopy::workload::Pattern;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A page server for postcopy live migration of memory (userfaultfd + io_uring).
+#[derive(Parser, Debug)]
+#[command(name = "postcopy", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Check whether this host can do postcopy (userfaultfd, io_uring, page sizes, THP, mlock).
+    Probe {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a source page server: answer page requests first, stream the rest.
+    Serve {
+        /// Address to listen on (port 0 picks a free port; the address is printed).
+        #[arg(long, default_value = "0.0.0.0:7070")]
+        listen: String,
+        /// Serve this raw memory file (e.g. a VM snapshot's memory file).
+        #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+        image: Option<PathBuf>,
+        /// Serve a synthetic image of this size (e.g. 1G, 512M): the demo's image.
+        #[arg(long, value_parser = parse_size)]
+        synthetic: Option<u64>,
+        /// Page size in bytes.
+        #[arg(long, default_value_t = 4096)]
+        page_size: u64,
+        /// Seed of the synthetic image.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Share of zero pages in the synthetic image, percent.
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
+        zero_percent: u8,
+        /// Exit after the first session ends (non-zero if it did not complete).
+        #[arg(long)]
+        once: bool,
+        /// Test hook: delay each urgent reply by this many milliseconds.
+        #[arg(long, default_value_t = 0, hide = true)]
+        debug_urgent_delay_ms: u64,
+        /// No per-session log lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// The embedded default: migrate a synthetic image in postcopy from a source process to
+    /// this one, with a workload that verifies every page, and print a report.
+    Demo {
+        /// Image size (e.g. 1G, 4G, 256M).
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// How the workload touches pages.
+        #[arg(long, value_enum, default_value_t = Pattern::Random)]
+        pattern: Pattern,
+        /// Workload threads on the destination.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Engine workers (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Do not pin workers to CPUs.
+        #[arg(long)]
+        no_pin: bool,
+        /// No background stream: every page arrives by a fault.
+        #[arg(long)]
+        no_stream: bool,
+        /// Share of zero pages in the image, percent.
+        #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
+        zero_percent: u8,
+        /// Seed of the image and the pattern.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Use a running `postcopy serve --synthetic` at HOST:PORT instead of a local source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Write the JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// No progress output.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = s[i..].to_ascii_uppercase();
+            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in {s:?} (use K, M, G, T)")),
+            };
+            (&s[..i], mult)
+        }
+        None => (s, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. 1G, 512M, 4096)"))?;
+    n.checked_mul(mult)
+        .filter(|v| *v > 0)
+        .ok_or_else(|| format!("size {s:?} is zero or too large"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Probe { json } => {
+            let r = postcopy::probe::run();
+            if json {
+                println!("{}", r.to_json());
+            } else {
+                print!("{}", r.render_table());
+            }
+            if r.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Cmd::Serve {
+            listen,
+            image,
+            synthetic,
+            page_size,
+            seed,
+            zero_percent,
+            once,
+            debug_urgent_delay_ms,
+            quiet,
+        } => {
+            let img: Arc<dyn Image> = match (image, synthetic) {
+                (Some(path), _) => match FileImage::open(&path, page_size) {
+                    Ok(i) => Arc::new(i),
+                    Err(e) => return fail(&e),
+                },
+                (None, Some(size)) => match Layout::single("ram", size, page_size) {
+                    Ok(l) => Arc::new(Synthetic::new(l, seed, zero_percent)),
+                    Err(e) => return fail(&e),
+                },
+                (None, None) => unreachable!("clap requires --image or --synthetic"),
+            };
+            let config = SourceConfig {
+                once,
+                urgent_delay: Duration::from_millis(debug_urgent_delay_ms),
+                verbose: !quiet,
+                ..SourceConfig::default()
+            };
+            let server = match SourceServer::bind(&listen, img, config) {
+                Ok(s) => s,
+                Err(e) => return fail(&e),
+            };
+            println!("listening on {}", server.local_addr());
+            let _ = std::io::stdout().flush();
+            match server.run() {
+                Ok(sessions) => {
+                    if once && !sessions.iter().any(|s| s.complete) {
+                        eprintln!("postcopy serve: the session did not complete");
+                        return ExitCode::FAILURE;
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Cmd::Demo {
+            size,
+            pattern,
+            threads,
+            workers,
+            no_pin,
+            no_stream,
+            zero_percent,
+            seed,
+            source,
+            report,
+            quiet,
+        } => {
+            let exe = match std::env::current_exe() {
+                Ok(e) => e,
+                Err(e) => return fail(&e),
+            };
+            let cfg = DemoConfig {
+                size_bytes: size,
+                page_size: 4096,
+                pattern,
+                threads,
+                workers: workers.unwrap_or_else(postcopy::sys::online_cpus),
+                pin: !no_pin,
+                stream: !no_stream,
+                zero_percent,
+                seed,
+                source,
+                exe,
+                quiet,
+            };
+            let r = match demo::run(&cfg) {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            print!("{}", r.render());
+            if let Some(path) = report {
+                if let Err(e) = std::fs::write(&path, r.to_json()) {
+                    eprintln!("postcopy: cannot write report {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            if r.verified {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("postcopy: error: {e}");
+    ExitCode::FAILURE
+}

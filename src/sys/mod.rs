@@ -19,3 +19,16 @@ pub fn online_cpus() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
 }
+
+/// Sets the calling thread's nice value (Linux: `setpriority(PRIO_PROCESS, 0)` applies to the
+/// calling thread only). Best effort: raising niceness never needs privileges.
+#[allow(unsafe_code)]
+pub fn set_thread_nice(nice: i32) -> nix::Result<()> {
+    // SAFETY: setpriority takes plain integers and touches no memory of ours.
+    let ret = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if ret < 0 {
+        Err(nix::errno::Errno::last())
+    } else {
+        Ok(())
+    }
+}

@@ -328,6 +328,12 @@ impl Ring {
         self.push(entry).inspect_err(|_| self.slots[slot.0 as usize].busy = false)
     }
 
+    /// Submits what is queued without waiting.
+    pub fn submit(&mut self) -> Result<(), RingError> {
+        self.ring.submit().map_err(RingError::Enter)?;
+        Ok(())
+    }
+
     /// Operations in flight.
     pub fn inflight(&self) -> usize {
         self.inflight

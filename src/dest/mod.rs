@@ -1,0 +1,482 @@
+//! The destination page server: a thread-per-core engine that serves userfaultfd faults from a
+//! remote source and places the background stream.
+//!
+//! Lifecycle (the seed's names in brackets):
+//! 1. [`connect`]: handshake with the source on worker 0's urgent connection; learn the session
+//!    id and the layout.
+//! 2. [`DestRam::new`] [`postcopy_ram_incoming_init`]: map every block (every page missing),
+//!    `MADV_NOHUGEPAGE` [`prepare_discard`], and the received bitmaps.
+//! 3. [`Engine::start`] [`enable_notify`]: each worker gets its own userfaultfd registered
+//!    (MISSING) on its shard of every block, its own io_uring, temp pages and connections.
+//! 4. [`EngineHandle::wait`] [`incoming_cleanup`]: workers end when their shard is complete;
+//!    the report merges their counters.
+//!
+//! Shards: worker `w` of `W` owns pages `[n*w/W, n*(w+1)/W)` of each block of `n` pages, the
+//! same split the source uses for its streams, so every page has exactly one placer and the
+//! workers share nothing but the (atomic) received bitmaps.
+
+mod worker;
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::codec::{self, CodecError, Header, Kind, Role, Welcome, HEADER_BYTES};
+use crate::layout::{Layout, PageBitmap};
+use crate::sys::mem::{MemError, Mapping};
+use crate::sys::ring::RingError;
+use crate::sys::uffd::{self, Uffd, UffdError};
+
+/// Errors of the destination engine.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    /// Could not reach the source.
+    #[error("cannot connect to source {addr}: {source}; is `postcopy serve` running there?")]
+    Connect {
+        /// Address tried.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A socket error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The source sent a malformed or out-of-range frame.
+    #[error("bad frame from source ({context}): {source}")]
+    Protocol {
+        /// Where.
+        context: String,
+        /// What was wrong.
+        source: CodecError,
+    },
+    /// The source reported an error.
+    #[error("source reported an error: {0}")]
+    Remote(String),
+    /// The source closed a connection early.
+    #[error("source closed the {0} connection before the migration completed ({1} pages of this worker still missing)")]
+    Closed(&'static str, u64),
+    /// The source stopped answering.
+    #[error("source sent nothing for {seconds} s while {missing} pages were missing and requests were outstanding")]
+    Stalled {
+        /// Seconds waited.
+        seconds: u64,
+        /// Pages still missing in the worker's shard.
+        missing: u64,
+    },
+    /// A userfaultfd operation failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// An io_uring operation failed.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// A mapping failed.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// The layout cannot be served here.
+    #[error("layout not supported here: {0}")]
+    Unsupported(String),
+    /// Stopped by the embedder.
+    #[error("stopped before the migration completed")]
+    Stopped,
+    /// A worker thread panicked (a bug).
+    #[error("worker {0} panicked")]
+    Panicked(usize),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DestError {
+    let context = context.into();
+    move |source| DestError::Io { context, source }
+}
+
+/// Engine configuration.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Source address, `HOST:PORT`.
+    pub source: String,
+    /// Number of workers (each with its own uffd shard, ring and connections).
+    pub workers: usize,
+    /// Pin worker `w` to CPU `w % cpus`.
+    pub pin: bool,
+    /// Open bulk connections (the background stream).
+    pub stream: bool,
+    /// Give up when requests are outstanding and nothing arrives for this long.
+    pub stall_timeout: Duration,
+    /// Connect/handshake timeout.
+    pub connect_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            source: "127.0.0.1:7070".into(),
+            workers: crate::sys::online_cpus(),
+            pin: true,
+            stream: true,
+            stall_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A handshaken session: worker 0's urgent connection and what the source said.
+#[derive(Debug)]
+pub struct Connected {
+    /// The source's `Welcome`.
+    pub welcome: Welcome,
+    control: TcpStream,
+}
+
+fn read_welcome(stream: &mut TcpStream, context: &str) -> Result<Welcome, DestError> {
+    use std::io::Read;
+    let mut head = [0u8; HEADER_BYTES];
+    stream
+        .read_exact(&mut head)
+        .map_err(io_err(format!("{context}: read handshake reply")))?;
+    let h = Header::decode(&head).map_err(|source| DestError::Protocol {
+        context: context.into(),
+        source,
+    })?;
+    let mut body = vec![0u8; h.body_len as usize];
+    stream
+        .read_exact(&mut body)
+        .map_err(io_err(format!("{context}: read handshake body")))?;
+    match h.kind {
+        Kind::Welcome => Welcome::decode_body(&h, &body).map_err(|source| DestError::Protocol {
+            context: context.into(),
+            source,
+        }),
+        Kind::Error => Err(DestError::Remote(codec::decode_error(&body))),
+        other => Err(DestError::Protocol {
+            context: context.into(),
+            source: CodecError::Unexpected {
+                got: other,
+                expected: "Welcome",
+            },
+        }),
+    }
+}
+
+/// Opens a connection of `role` for `worker` and exchanges `Hello`/`Welcome`.
+fn open_connection(
+    config: &EngineConfig,
+    session: u64,
+    role: Role,
+    worker: u16,
+) -> Result<(TcpStream, Welcome), DestError> {
+    use std::io::Write;
+    use std::net::ToSocketAddrs;
+    let addr = config
+        .source
+        .to_socket_addrs()
+        .map_err(|source| DestError::Connect {
+            addr: config.source.clone(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| DestError::Connect {
+            addr: config.source.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
+        })?;
+    let mut stream = TcpStream::connect_timeout(&addr, config.connect_timeout).map_err(|source| {
+        DestError::Connect {
+            addr: config.source.clone(),
+            source,
+        }
+    })?;
+    stream.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
+    stream
+        .set_read_timeout(Some(config.connect_timeout))
+        .map_err(io_err("set handshake timeout"))?;
+    let mut hello = [0u8; HEADER_BYTES];
+    Header::hello(session, role, worker, config.workers as u16).encode(&mut hello);
+    stream.write_all(&hello).map_err(io_err("send Hello"))?;
+    let welcome = read_welcome(&mut stream, &format!("{role:?} connection of worker {worker}"))?;
+    stream.set_read_timeout(None).map_err(io_err("clear timeout"))?;
+    Ok((stream, welcome))
+}
+
+/// Handshakes with the source: returns the session and its layout.
+pub fn connect(config: &EngineConfig) -> Result<Connected, DestError> {
+    if config.workers == 0 || config.workers > 256 {
+        return Err(DestError::Unsupported(format!(
+            "{} workers (use 1..=256)",
+            config.workers
+        )));
+    }
+    let (control, welcome) = open_connection(config, 0, Role::Urgent, 0)?;
+    Ok(Connected { welcome, control })
+}
+
+/// The destination's memory: one mapping per block plus the received bitmaps.
+///
+/// The received bitmap of a block has a bit per page, set by the worker that placed the page
+/// right after the placement ioctl returned; the workload may read it to tell a fault from a hit.
+#[derive(Debug)]
+pub struct DestRam {
+    /// The layout.
+    pub layout: Layout,
+    /// One mapping per block (every page missing until placed).
+    pub regions: Vec<Mapping>,
+    /// One received bitmap per block.
+    pub received: Vec<PageBitmap>,
+}
+
+impl DestRam {
+    /// `postcopy_ram_incoming_init` + `prepare_discard`: maps every block, all pages missing,
+    /// THP off (4 KiB faults and placements).
+    pub fn new(layout: &Layout) -> Result<DestRam, DestError> {
+        let base = crate::sys::mem::base_page_size() as u64;
+        let mut regions = Vec::with_capacity(layout.blocks.len());
+        for b in &layout.blocks {
+            let m = match b.page_size {
+                p if p == base => Mapping::anonymous(b.size_bytes as usize, "guest RAM block")?,
+                p if p == 2 << 20 => {
+                    Mapping::anonymous_huge_2m(b.size_bytes as usize, "guest RAM block (2 MiB pages)")?
+                }
+                p => {
+                    return Err(DestError::Unsupported(format!(
+                        "block {:?} has page size {p}; this host supports {base} and 2 MiB",
+                        b.name
+                    )))
+                }
+            };
+            if b.page_size == base {
+                m.no_huge_pages()?;
+            }
+            regions.push(m);
+        }
+        Ok(DestRam {
+            layout: layout.clone(),
+            regions,
+            received: layout.blocks.iter().map(|b| PageBitmap::new(b.pages())).collect(),
+        })
+    }
+
+    /// Pages placed so far, over all blocks.
+    pub fn pages_received(&self) -> u64 {
+        self.received.iter().map(PageBitmap::count_ones).sum()
+    }
+
+    /// Whether every page of every block is placed.
+    pub fn complete(&self) -> bool {
+        self.pages_received() == self.layout.total_pages()
+    }
+}
+
+/// Pages `[start, end)` of a block of `pages` pages owned by worker `w` of `workers`.
+pub fn shard(pages: u64, w: usize, workers: usize) -> (u64, u64) {
+    (
+        pages * w as u64 / workers as u64,
+        pages * (w as u64 + 1) / workers as u64,
+    )
+}
+
+/// Counters of one worker, merged into the engine report.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct WorkerStats {
+    /// Fault events read from the userfaultfd.
+    pub fault_events: u64,
+    /// Faults on pages already placed (woken, no request).
+    pub fault_already_placed: u64,
+    /// Faults on pages already requested (de-duplicated).
+    pub fault_deduplicated: u64,
+    /// Request frames sent (after coalescing).
+    pub requests: u64,
+    /// Pages asked for by those requests.
+    pub pages_requested: u64,
+    /// Pages placed from urgent replies.
+    pub pages_by_fault: u64,
+    /// Pages placed from the stream.
+    pub pages_by_stream: u64,
+    /// Of the placed pages, zero pages (`UFFDIO_ZEROPAGE`).
+    pub pages_zero: u64,
+    /// Pages that arrived already placed (`EEXIST`: a stream page raced a request).
+    pub eexist: u64,
+    /// Placement ioctls issued (`COPY` + `ZEROPAGE`).
+    pub place_ioctls: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// io_uring completions reaped.
+    pub completions: u64,
+    /// Loop iterations (submit-and-wait calls).
+    pub loops: u64,
+}
+
+impl WorkerStats {
+    fn merge(&mut self, o: &WorkerStats) {
+        self.fault_events += o.fault_events;
+        self.fault_already_placed += o.fault_already_placed;
+        self.fault_deduplicated += o.fault_deduplicated;
+        self.requests += o.requests;
+        self.pages_requested += o.pages_requested;
+        self.pages_by_fault += o.pages_by_fault;
+        self.pages_by_stream += o.pages_by_stream;
+        self.pages_zero += o.pages_zero;
+        self.eexist += o.eexist;
+        self.place_ioctls += o.place_ioctls;
+        self.bytes_received += o.bytes_received;
+        self.completions += o.completions;
+        self.loops += o.loops;
+    }
+}
+
+/// What the engine did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EngineReport {
+    /// Workers.
+    pub workers: usize,
+    /// Merged counters.
+    pub totals: WorkerStats,
+    /// Per-worker counters.
+    pub per_worker: Vec<WorkerStats>,
+    /// From `Engine::start` to the last page placed.
+    pub postcopy_seconds: f64,
+}
+
+/// The engine: builds the workers.
+pub struct Engine;
+
+/// A running engine.
+pub struct EngineHandle {
+    threads: Vec<std::thread::JoinHandle<Result<WorkerStats, DestError>>>,
+    stop: Arc<AtomicBool>,
+    started: Instant,
+    last_placed_ns: Arc<AtomicU64>,
+    /// The memory being filled.
+    pub ram: Arc<DestRam>,
+}
+
+/// State shared by the workers (control plane only).
+pub(crate) struct Shared {
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) started: Instant,
+    /// Nanoseconds after `started` at which some worker placed its shard's last page.
+    pub(crate) last_placed_ns: Arc<AtomicU64>,
+}
+
+impl Engine {
+    /// `enable_notify`: registers every worker's shard with its own userfaultfd and starts the
+    /// workers. When this returns, every missing page of `ram` faults into the engine.
+    pub fn start(
+        connected: Connected,
+        ram: Arc<DestRam>,
+        config: &EngineConfig,
+    ) -> Result<EngineHandle, DestError> {
+        if ram.layout != connected.welcome.layout {
+            return Err(DestError::Unsupported(
+                "the destination RAM was built for another layout".into(),
+            ));
+        }
+        let features = uffd::feature::THREAD_ID;
+        let mut uffds = Vec::with_capacity(config.workers);
+        for w in 0..config.workers {
+            let u = Uffd::open(false)?;
+            u.api(features)?;
+            for (b, block) in ram.layout.blocks.iter().enumerate() {
+                let (start, end) = shard(block.pages(), w, config.workers);
+                if start == end {
+                    continue;
+                }
+                let ps = block.page_size as usize;
+                let ioctls = u.register(
+                    ram.regions[b].addr() + start as usize * ps,
+                    (end - start) as usize * ps,
+                    uffd::mode::MISSING,
+                )?;
+                if ioctls & uffd::ioctl_bit::COPY == 0 {
+                    return Err(DestError::Unsupported(format!(
+                        "block {:?}: UFFDIO_COPY not offered on this memory",
+                        block.name
+                    )));
+                }
+            }
+            uffds.push(u);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let shared = Arc::new(Shared {
+            stop: stop.clone(),
+            started,
+            last_placed_ns: Arc::new(AtomicU64::new(0)),
+        });
+        let mut control = Some(connected.control);
+        let session = connected.welcome.session;
+        let mut threads = Vec::with_capacity(config.workers);
+        for (w, u) in uffds.into_iter().enumerate() {
+            let setup = worker::Setup {
+                id: w,
+                config: config.clone(),
+                session,
+                uffd: u,
+                ram: ram.clone(),
+                control: control.take(),
+                shared: shared.clone(),
+            };
+            let t = std::thread::Builder::new()
+                .name(format!("pc-worker-{w}"))
+                .spawn(move || worker::run(setup))
+                .map_err(io_err("spawn worker"))?;
+            threads.push(t);
+        }
+        Ok(EngineHandle {
+            threads,
+            stop,
+            started,
+            last_placed_ns: shared.last_placed_ns.clone(),
+            ram,
+        })
+    }
+}
+
+impl EngineHandle {
+    /// Asks the workers to stop (their uffds close; blocked faults then see zero pages).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Release);
+    }
+
+    /// Whether every worker has ended.
+    pub fn is_finished(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
+    }
+
+    /// Waits for every worker; the first error wins (and stops the others).
+    pub fn wait(self) -> Result<EngineReport, DestError> {
+        let mut report = EngineReport {
+            workers: self.threads.len(),
+            ..Default::default()
+        };
+        let mut first_err = None;
+        for (w, t) in self.threads.into_iter().enumerate() {
+            match t.join() {
+                Ok(Ok(stats)) => {
+                    report.totals.merge(&stats);
+                    report.per_worker.push(stats);
+                }
+                Ok(Err(e)) => {
+                    self.stop.store(true, Ordering::Release);
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    self.stop.store(true, Ordering::Release);
+                    first_err.get_or_insert(DestError::Panicked(w));
+                }
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        let last = self.last_placed_ns.load(Ordering::Acquire);
+        report.postcopy_seconds = if last > 0 {
+            last as f64 / 1e9
+        } else {
+            self.started.elapsed().as_secs_f64()
+        };
+        Ok(report)
+    }
+}

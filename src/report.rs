@@ -1,0 +1,150 @@
+//! The migration report: JSON for tools, text for people.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::dest::EngineReport;
+
+/// Fault latency percentiles in microseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LatencyUs {
+    /// Faults measured.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl LatencyUs {
+    /// From a histogram of nanoseconds.
+    pub fn from_ns(h: &Histogram<u64>) -> LatencyUs {
+        if h.is_empty() {
+            return LatencyUs::default();
+        }
+        let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        LatencyUs {
+            count: h.len(),
+            p50: us(0.5),
+            p90: us(0.9),
+            p99: us(0.99),
+            p999: us(0.999),
+            max: h.max() as f64 / 1000.0,
+        }
+    }
+}
+
+/// The demo's report.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DemoReport {
+    /// Every page verified, on first touch and after the migration.
+    pub verified: bool,
+    /// Page size in bytes.
+    pub page_size: u64,
+    /// Pages in the image.
+    pub pages_total: u64,
+    /// Zero pages placed (`UFFDIO_ZEROPAGE`).
+    pub pages_zero: u64,
+    /// Pages placed from urgent replies to faults.
+    pub pages_by_fault: u64,
+    /// Pages placed from the background stream.
+    pub pages_by_stream: u64,
+    /// Pages that arrived when already placed (stream raced a request).
+    pub eexist: u64,
+    /// Touches that found their page missing (measured in the workload).
+    pub faults: u64,
+    /// Engine start to last page placed.
+    pub postcopy_seconds: f64,
+    /// Whole run, including setup, source start and the final check.
+    pub total_seconds: f64,
+    /// Image size / postcopy_seconds.
+    pub throughput_mib_s: f64,
+    /// Fault latency (touch → resumption, measured in the workload).
+    pub fault_latency_us: LatencyUs,
+    /// Pages whose content did not verify.
+    pub mismatches: u64,
+    /// The first mismatch, if any.
+    pub first_mismatch: Option<String>,
+    /// Access pattern.
+    pub pattern: String,
+    /// Workload threads.
+    pub threads: usize,
+    /// Engine workers.
+    pub workers: usize,
+    /// Whether the background stream ran.
+    pub stream: bool,
+    /// Share of zero pages in the image, percent.
+    pub zero_percent: u8,
+    /// Image bytes.
+    pub size_bytes: u64,
+    /// The engine's own counters.
+    pub engine: EngineReport,
+    /// Error that ended the run, if any.
+    pub error: Option<String>,
+}
+
+impl DemoReport {
+    /// Pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("report serialises")
+    }
+
+    /// A readable summary.
+    pub fn render(&self) -> String {
+        let l = &self.fault_latency_us;
+        let e = &self.engine.totals;
+        let mib = self.size_bytes as f64 / (1 << 20) as f64;
+        let mut s = String::new();
+        use std::fmt::Write;
+        let _ = writeln!(
+            s,
+            "postcopy demo: {mib:.0} MiB, {} pages of {} B ({}% zero), pattern {}, {} workload threads, {} workers, stream {}",
+            self.pages_total,
+            self.page_size,
+            self.zero_percent,
+            self.pattern,
+            self.threads,
+            self.workers,
+            if self.stream { "on" } else { "off" }
+        );
+        let _ = writeln!(
+            s,
+            "  verified        {}{}",
+            if self.verified { "yes: every page matched its checksum" } else { "NO" },
+            self.first_mismatch
+                .as_deref()
+                .map(|m| format!(" ({} mismatches; first: {m})", self.mismatches))
+                .unwrap_or_default()
+        );
+        let _ = writeln!(
+            s,
+            "  postcopy        {:.3} s  ({:.0} MiB/s)   total {:.3} s",
+            self.postcopy_seconds, self.throughput_mib_s, self.total_seconds
+        );
+        let _ = writeln!(
+            s,
+            "  pages           {} by fault, {} by stream, {} zero, {} eexist races",
+            self.pages_by_fault, self.pages_by_stream, self.pages_zero, self.eexist
+        );
+        let _ = writeln!(
+            s,
+            "  faults          {} (requests {}, deduplicated {}, already placed {})",
+            self.faults, e.requests, e.fault_deduplicated, e.fault_already_placed
+        );
+        let _ = writeln!(
+            s,
+            "  fault latency   p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+        if let Some(err) = &self.error {
+            let _ = writeln!(s, "  error           {err}");
+        }
+        s
+    }
+}

@@ -1,0 +1,635 @@
+//! The source page server: answers urgent page requests first, streams the rest.
+//!
+//! Threads and connections (per session, per destination worker `w` of `W`):
+//! - an **urgent** connection (TCP_NODELAY): the destination's requests for faulted pages; each
+//!   is answered at once with a `Pages` frame. Worker 0's urgent connection also carries the
+//!   handshake (`Hello` → `Welcome` with the layout) and the final `End`/`Ack`.
+//! - a **bulk** connection: streams worker `w`'s shard of every block in page order, skipping
+//!   pages already sent, and ends with `End`.
+//!
+//! Urgent replies never wait behind bulk bytes: they have their own connection and thread, and
+//! the bulk streamer runs at a lower scheduling priority. Every page is marked in the session's
+//! `sent` bitmap when it is queued, so the stream skips what a request already carried; a
+//! request is answered even if the stream already sent the page (the destination places each
+//! page once and counts the duplicate).
+//!
+//! Everything the destination sends is checked (magic, version, kind, ranges against the
+//! layout) before it is used; a bad frame gets an `Error` frame back and ends its session.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::codec::{
+    self, max_batch_pages, CodecError, Header, Kind, Role, Welcome, HEADER_BYTES,
+};
+use crate::image::{Image, PageData};
+use crate::layout::PageBitmap;
+
+/// Errors of the source server.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Binding the listen address failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A socket error on a session.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The destination sent something malformed.
+    #[error("bad frame from destination {peer}: {source}")]
+    Protocol {
+        /// The peer.
+        peer: SocketAddr,
+        /// What was wrong.
+        source: CodecError,
+    },
+    /// The destination reported an error.
+    #[error("destination {peer} reported: {message}")]
+    Remote {
+        /// The peer.
+        peer: SocketAddr,
+        /// Its message.
+        message: String,
+    },
+    /// The session ended without the destination confirming every page.
+    #[error("session {session:#x} ended before the destination confirmed it had every page ({reason})")]
+    Incomplete {
+        /// Session id.
+        session: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Source configuration.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Serve one session, then return from [`SourceServer::run`].
+    pub once: bool,
+    /// Time a new connection has to send its `Hello`.
+    pub handshake_timeout: Duration,
+    /// Most sessions served at once.
+    pub max_sessions: usize,
+    /// Test hook: delay before answering each urgent request (forces stream/request races).
+    pub urgent_delay: Duration,
+    /// Print a line per session to stderr.
+    pub verbose: bool,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            once: false,
+            handshake_timeout: Duration::from_secs(10),
+            max_sessions: 64,
+            urgent_delay: Duration::ZERO,
+            verbose: true,
+        }
+    }
+}
+
+/// What one session did, from the source's side.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SessionReport {
+    /// Session id.
+    pub session: u64,
+    /// Whether the destination confirmed it had every page.
+    pub complete: bool,
+    /// Pages sent in answer to requests.
+    pub pages_urgent: u64,
+    /// Pages sent by the background stream.
+    pub pages_stream: u64,
+    /// Of those, zero pages (sent as flags).
+    pub pages_zero: u64,
+    /// Requests received.
+    pub requests: u64,
+    /// Bytes written.
+    pub bytes_sent: u64,
+    /// Wall time of the session.
+    pub seconds: f64,
+    /// Error that ended it, if any.
+    pub error: Option<String>,
+}
+
+struct Session {
+    id: u64,
+    workers: u16,
+    sent: Vec<PageBitmap>,
+    started: Instant,
+    ends_seen: AtomicUsize,
+    failed: Mutex<Option<String>>,
+    finished: AtomicBool,
+    connections: AtomicUsize,
+    pages_urgent: AtomicU64,
+    pages_stream: AtomicU64,
+    pages_zero: AtomicU64,
+    requests: AtomicU64,
+    bytes_sent: AtomicU64,
+}
+
+impl Session {
+    fn report(&self) -> SessionReport {
+        let error = self.failed.lock().expect("poisoned").clone();
+        SessionReport {
+            session: self.id,
+            complete: error.is_none() && self.ends_seen.load(Ordering::Acquire) >= self.workers as usize,
+            pages_urgent: self.pages_urgent.load(Ordering::Relaxed),
+            pages_stream: self.pages_stream.load(Ordering::Relaxed),
+            pages_zero: self.pages_zero.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            seconds: self.started.elapsed().as_secs_f64(),
+            error,
+        }
+    }
+
+    fn fail(&self, why: String) {
+        let mut f = self.failed.lock().expect("poisoned");
+        if f.is_none() {
+            *f = Some(why);
+        }
+        self.finished.store(true, Ordering::Release);
+    }
+}
+
+struct Shared {
+    image: Arc<dyn Image>,
+    config: SourceConfig,
+    sessions: Mutex<HashMap<u64, Arc<Session>>>,
+    finished: Mutex<Vec<SessionReport>>,
+    next_id: AtomicU64,
+}
+
+/// The source page server.
+pub struct SourceServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+}
+
+/// A handle to stop a running server from another thread.
+#[derive(Clone, Debug)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    /// Asks [`SourceServer::run`] to return.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SourceError {
+    let context = context.into();
+    move |source| SourceError::Io { context, source }
+}
+
+impl SourceServer {
+    /// Binds `addr` (use port 0 for any free port) to serve `image`.
+    pub fn bind(
+        addr: &str,
+        image: Arc<dyn Image>,
+        config: SourceConfig,
+    ) -> Result<SourceServer, SourceError> {
+        let listener = TcpListener::bind(addr).map_err(|source| SourceError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("set listener non-blocking"))?;
+        let seed = (std::process::id() as u64) << 32
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
+        Ok(SourceServer {
+            listener,
+            shared: Arc::new(Shared {
+                image,
+                config,
+                sessions: Mutex::new(HashMap::new()),
+                finished: Mutex::new(Vec::new()),
+                next_id: AtomicU64::new(xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()) | 1),
+            }),
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// A handle that stops [`run`](Self::run).
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop.clone())
+    }
+
+    /// Accepts and serves connections until stopped, or (with `once`) until the first session
+    /// ends. Returns the reports of the sessions that ended.
+    pub fn run(&self) -> Result<Vec<SessionReport>, SourceError> {
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            if self.shared.config.once && !self.shared.finished.lock().expect("poisoned").is_empty() {
+                break;
+            }
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    let shared = self.shared.clone();
+                    std::thread::Builder::new()
+                        .name(format!("src-conn-{peer}"))
+                        .spawn(move || serve_connection(shared, stream, peer))
+                        .map_err(io_err("spawn connection thread"))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("accept")(e)),
+            }
+        }
+        Ok(std::mem::take(&mut *self.shared.finished.lock().expect("poisoned")))
+    }
+}
+
+fn log(shared: &Shared, msg: std::fmt::Arguments<'_>) {
+    if shared.config.verbose {
+        eprintln!("postcopy serve: {msg}");
+    }
+}
+
+/// Reads exactly one header (and a bounded control body) from a blocking stream.
+fn read_frame(
+    r: &mut impl Read,
+    peer: SocketAddr,
+    body: &mut Vec<u8>,
+) -> Result<Option<Header>, SourceError> {
+    let mut head = [0u8; HEADER_BYTES];
+    match r.read_exact(&mut head) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(io_err(format!("read from {peer}"))(e)),
+    }
+    let h = Header::decode(&head).map_err(|source| SourceError::Protocol { peer, source })?;
+    body.clear();
+    if h.body_len > 0 {
+        // decode() bounded body_len per kind; Pages frames are never accepted from a destination.
+        if h.kind == Kind::Pages {
+            return Err(SourceError::Protocol {
+                peer,
+                source: CodecError::Unexpected {
+                    got: h.kind,
+                    expected: "a request or control frame",
+                },
+            });
+        }
+        body.resize(h.body_len as usize, 0);
+        r.read_exact(body)
+            .map_err(io_err(format!("read frame body from {peer}")))?;
+    }
+    Ok(Some(h))
+}
+
+fn send_error(stream: &mut TcpStream, message: &str) {
+    let mut out = Vec::new();
+    codec::encode_error(message, &mut out);
+    let _ = stream.write_all(&out);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+}
+
+fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(shared.config.handshake_timeout));
+    let mut body = Vec::new();
+    let hello = match read_frame(&mut stream, peer, &mut body) {
+        Ok(Some(h)) if h.kind == Kind::Hello => h,
+        Ok(Some(h)) => {
+            let e = CodecError::Unexpected {
+                got: h.kind,
+                expected: "Hello",
+            };
+            log(&shared, format_args!("{peer}: {e}"));
+            send_error(&mut stream, &format!("handshake: {e}"));
+            return;
+        }
+        Ok(None) => return,
+        Err(e) => {
+            log(&shared, format_args!("{peer}: handshake failed: {e}"));
+            send_error(&mut stream, &format!("handshake: {e}"));
+            return;
+        }
+    };
+    let role = hello.role().expect("decode checked the role");
+    let workers = hello.mask as u16;
+    let worker = hello.count;
+    let session = {
+        let mut sessions = shared.sessions.lock().expect("poisoned");
+        if hello.page == 0 {
+            if role != Role::Urgent || worker != 0 {
+                drop(sessions);
+                send_error(&mut stream, "handshake: a new session starts on worker 0's urgent connection");
+                return;
+            }
+            if sessions.len() >= shared.config.max_sessions {
+                drop(sessions);
+                send_error(&mut stream, "source busy: too many sessions; retry later");
+                return;
+            }
+            let id = shared.next_id.fetch_add(2, Ordering::Relaxed);
+            let s = Arc::new(Session {
+                id,
+                workers,
+                sent: shared
+                    .image
+                    .layout()
+                    .blocks
+                    .iter()
+                    .map(|b| PageBitmap::new(b.pages()))
+                    .collect(),
+                started: Instant::now(),
+                ends_seen: AtomicUsize::new(0),
+                failed: Mutex::new(None),
+                finished: AtomicBool::new(false),
+                connections: AtomicUsize::new(0),
+                pages_urgent: AtomicU64::new(0),
+                pages_stream: AtomicU64::new(0),
+                pages_zero: AtomicU64::new(0),
+                requests: AtomicU64::new(0),
+                bytes_sent: AtomicU64::new(0),
+            });
+            sessions.insert(id, s.clone());
+            s
+        } else {
+            match sessions.get(&hello.page) {
+                Some(s) if s.workers == workers && !s.finished.load(Ordering::Acquire) => s.clone(),
+                Some(_) => {
+                    drop(sessions);
+                    send_error(&mut stream, "handshake: session is finished or the worker count differs");
+                    return;
+                }
+                None => {
+                    drop(sessions);
+                    send_error(&mut stream, &format!("handshake: unknown session {:#x}", hello.page));
+                    return;
+                }
+            }
+        }
+    };
+    if session.connections.fetch_add(1, Ordering::AcqRel) >= 2 * usize::from(workers) {
+        session.connections.fetch_sub(1, Ordering::AcqRel);
+        send_error(&mut stream, "handshake: too many connections for this session");
+        return;
+    }
+    let mut out = Vec::with_capacity(64 * 1024);
+    Welcome {
+        session: session.id,
+        layout: shared.image.layout().clone(),
+        image: shared.image.info(),
+    }
+    .encode_into(&mut out);
+    let result = stream
+        .write_all(&out)
+        .map_err(io_err(format!("send Welcome to {peer}")))
+        .and_then(|()| {
+            let _ = stream.set_read_timeout(None);
+            match role {
+                Role::Urgent => serve_urgent(&shared, &session, &mut stream, peer, worker),
+                Role::Bulk => serve_bulk(&shared, &session, &mut stream, peer, worker),
+            }
+        });
+    if let Err(e) = result {
+        log(&shared, format_args!("session {:#x} {peer}: {e}", session.id));
+        if let SourceError::Protocol { .. } = e {
+            send_error(&mut stream, &e.to_string());
+        }
+        if !session.finished.load(Ordering::Acquire) {
+            session.fail(e.to_string());
+        }
+    }
+    if session.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+        // Last connection of the session: it is over.
+        session.finished.store(true, Ordering::Release);
+        if shared.sessions.lock().expect("poisoned").remove(&session.id).is_some() {
+            let r = session.report();
+            log(
+                &shared,
+                format_args!(
+                    "session {:#x} {}: {} pages urgent, {} streamed ({} zero), {} requests, {:.1} MiB in {:.2} s{}",
+                    r.session,
+                    if r.complete { "complete" } else { "ended" },
+                    r.pages_urgent,
+                    r.pages_stream,
+                    r.pages_zero,
+                    r.requests,
+                    r.bytes_sent as f64 / (1 << 20) as f64,
+                    r.seconds,
+                    r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+                ),
+            );
+            shared.finished.lock().expect("poisoned").push(r);
+        }
+    }
+}
+
+/// Appends `Pages` frames for `[page, page + count)` of `block` to `out`, marking them sent.
+/// Returns (pages, zero pages).
+fn encode_run(
+    image: &dyn Image,
+    block: u32,
+    page: u64,
+    count: u64,
+    page_size: u64,
+    scratch: &mut [u8],
+    out: &mut Vec<u8>,
+) -> (u64, u64) {
+    let max = u64::from(max_batch_pages(page_size));
+    let mut zeros = 0;
+    let mut p = page;
+    let end = page + count;
+    while p < end {
+        let n = (end - p).min(max);
+        let header_at = out.len();
+        out.extend_from_slice(&[0u8; HEADER_BYTES]);
+        let mut mask = 0u64;
+        for i in 0..n {
+            match image.page(block, p + i, scratch) {
+                PageData::Zero => mask |= 1 << i,
+                PageData::Data(bytes) => out.extend_from_slice(bytes),
+            }
+        }
+        zeros += u64::from(mask.count_ones());
+        let mut h = [0u8; HEADER_BYTES];
+        Header::pages(block, p, n as u16, mask, page_size).encode(&mut h);
+        out[header_at..header_at + HEADER_BYTES].copy_from_slice(&h);
+        p += n;
+    }
+    (count, zeros)
+}
+
+fn serve_urgent(
+    shared: &Shared,
+    session: &Session,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    worker: u16,
+) -> Result<(), SourceError> {
+    let layout = shared.image.layout();
+    let max_page = layout.blocks.iter().map(|b| b.page_size).max().unwrap_or(4096) as usize;
+    let mut scratch = vec![0u8; max_page];
+    let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone().map_err(io_err("clone socket"))?);
+    let mut body = Vec::new();
+    loop {
+        let Some(h) = read_frame(&mut reader, peer, &mut body)? else {
+            return Err(SourceError::Incomplete {
+                session: session.id,
+                reason: format!("worker {worker}'s urgent connection closed without End"),
+            });
+        };
+        match h.kind {
+            Kind::Request => {
+                let block = h.check(layout).map_err(|source| SourceError::Protocol { peer, source })?;
+                session.requests.fetch_add(1, Ordering::Relaxed);
+                if !shared.config.urgent_delay.is_zero() {
+                    std::thread::sleep(shared.config.urgent_delay);
+                }
+                let count = u64::from(h.count);
+                session.sent[h.block as usize].set_range(h.page, count);
+                let (pages, zeros) = encode_run(
+                    shared.image.as_ref(),
+                    h.block,
+                    h.page,
+                    count,
+                    block.page_size,
+                    &mut scratch,
+                    &mut out,
+                );
+                session.pages_urgent.fetch_add(pages, Ordering::Relaxed);
+                session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
+            }
+            Kind::End => {
+                session.ends_seen.fetch_add(1, Ordering::AcqRel);
+                Header::control(Kind::Ack, h.page).encode_into(&mut out);
+                stream.write_all(&out).map_err(io_err(format!("send Ack to {peer}")))?;
+                session.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+                if session.ends_seen.load(Ordering::Acquire) >= usize::from(session.workers) {
+                    session.finished.store(true, Ordering::Release);
+                }
+                return Ok(());
+            }
+            Kind::Error => {
+                return Err(SourceError::Remote {
+                    peer,
+                    message: codec::decode_error(&body),
+                })
+            }
+            other => {
+                return Err(SourceError::Protocol {
+                    peer,
+                    source: CodecError::Unexpected {
+                        got: other,
+                        expected: "Request or End",
+                    },
+                })
+            }
+        }
+        // Answer everything that arrived together in one write; never sit on a reply.
+        if reader.buffer().is_empty() || out.len() >= (1 << 20) {
+            stream
+                .write_all(&out)
+                .map_err(io_err(format!("send pages to {peer}")))?;
+            session.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+            out.clear();
+        }
+    }
+}
+
+fn serve_bulk(
+    shared: &Shared,
+    session: &Session,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    worker: u16,
+) -> Result<(), SourceError> {
+    // The stream yields the CPU to urgent replies (best effort).
+    let _ = crate::sys::set_thread_nice(5);
+    let layout = shared.image.layout();
+    let max_page = layout.blocks.iter().map(|b| b.page_size).max().unwrap_or(4096) as usize;
+    let mut scratch = vec![0u8; max_page];
+    const FLUSH_BYTES: usize = 1 << 20;
+    let mut out: Vec<u8> = Vec::with_capacity(FLUSH_BYTES + 64 * 4096 + 4096);
+    let mut streamed = 0u64;
+    for (b, block) in layout.blocks.iter().enumerate() {
+        let pages = block.pages();
+        let workers = u64::from(session.workers);
+        let (start, end) = (
+            pages * u64::from(worker) / workers,
+            pages * (u64::from(worker) + 1) / workers,
+        );
+        let sent = &session.sent[b];
+        let max = u64::from(max_batch_pages(block.page_size));
+        let mut p = start;
+        while p < end {
+            if session.finished.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            let Some(first) = sent.next_clear(p, end) else {
+                break;
+            };
+            // Claim a run of unsent pages, one bit at a time (a request may claim some first).
+            let mut n = 0;
+            while first + n < end && n < max && sent.set(first + n) {
+                n += 1;
+            }
+            if n == 0 {
+                p = first + 1;
+                continue;
+            }
+            let (pages_done, zeros) = encode_run(
+                shared.image.as_ref(),
+                b as u32,
+                first,
+                n,
+                block.page_size,
+                &mut scratch,
+                &mut out,
+            );
+            streamed += pages_done;
+            session.pages_stream.fetch_add(pages_done, Ordering::Relaxed);
+            session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
+            p = first + n;
+            if out.len() >= FLUSH_BYTES {
+                stream
+                    .write_all(&out)
+                    .map_err(io_err(format!("stream pages to {peer}")))?;
+                session.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+                out.clear();
+            }
+        }
+    }
+    Header::control(Kind::End, streamed).encode_into(&mut out);
+    stream
+        .write_all(&out)
+        .map_err(io_err(format!("stream pages to {peer}")))?;
+    session.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+    // Hold the connection until the destination closes it (it may still be placing pages).
+    let mut sink = [0u8; 64];
+    let _ = stream.read(&mut sink);
+    Ok(())
+}
