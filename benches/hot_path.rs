@@ -1,1 +1,185 @@
-fn main(){}
+//! Criterion benches that guard each stage of the destination's hot path.
+//!
+//! `cargo bench --bench hot_path` measures; `cargo test --release --benches` runs each once as
+//! a smoke test (CI). Placement benches drive the real kernel: a registered region whose pages
+//! are dropped (`MADV_DONTNEED`) outside the timed part, so every timed call places missing
+//! pages.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use postcopy::codec::{self, Header, HEADER_BYTES};
+use postcopy::layout::{Layout, PageBitmap};
+use postcopy::sys::mem::Mapping;
+use postcopy::sys::uffd::{mode, Event, Uffd, MSG_BYTES};
+
+const PAGE: usize = 4096;
+const BATCH: usize = 64;
+
+fn codec_benches(c: &mut Criterion) {
+    let layout = Layout::single("ram", 1 << 30, PAGE as u64).expect("layout");
+    let payload = vec![0x5au8; PAGE];
+    let pages: Vec<Option<&[u8]>> = (0..BATCH)
+        .map(|i| if i % 4 == 0 { None } else { Some(&payload[..]) })
+        .collect();
+    let mut out = Vec::with_capacity(HEADER_BYTES + BATCH * PAGE);
+    let mut g = c.benchmark_group("codec");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("encode_64_page_batch", |b| {
+        b.iter(|| {
+            out.clear();
+            codec::encode_pages(0, 4096, PAGE as u64, pages.iter().copied(), &mut out);
+            black_box(out.len())
+        })
+    });
+    out.clear();
+    codec::encode_pages(0, 4096, PAGE as u64, pages.iter().copied(), &mut out);
+    let head: [u8; HEADER_BYTES] = out[..HEADER_BYTES].try_into().expect("header");
+    g.bench_function("decode_and_check_64_page_header", |b| {
+        b.iter(|| {
+            let h = Header::decode(black_box(&head)).expect("valid");
+            black_box(h.check(&layout).expect("in range").page_size)
+        })
+    });
+    g.finish();
+}
+
+fn bitmap_benches(c: &mut Criterion) {
+    let bitmap = PageBitmap::new(1 << 18);
+    let mut g = c.benchmark_group("bitmap");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("set_range_64", |b| {
+        b.iter(|| {
+            bitmap.clear_range(1000, BATCH as u64);
+            black_box(bitmap.set_range(black_box(1000), BATCH as u64))
+        })
+    });
+    g.bench_function("set_64_one_by_one", |b| {
+        b.iter(|| {
+            bitmap.clear_range(1000, BATCH as u64);
+            for p in 1000..1000 + BATCH as u64 {
+                black_box(bitmap.set(p));
+            }
+        })
+    });
+    let half = PageBitmap::new(1 << 18);
+    half.set_range(0, 1 << 17);
+    g.throughput(Throughput::Elements(1 << 17));
+    g.bench_function("next_clear_over_128k_set", |b| {
+        b.iter(|| black_box(half.next_clear(0, 1 << 18)))
+    });
+    g.finish();
+}
+
+fn fault_read_benches(c: &mut Criterion) {
+    let mut msgs = Vec::with_capacity(BATCH * MSG_BYTES);
+    for i in 0..BATCH as u64 {
+        msgs.extend_from_slice(
+            &Event::PageFault {
+                address: 0x7f00_0000_0000 + i * 4096 * 7,
+                flags: 0,
+                thread_id: 1,
+            }
+            .encode(),
+        );
+    }
+    let mut g = c.benchmark_group("fault_read");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("decode_64_events", |b| {
+        b.iter(|| {
+            Event::decode_all(black_box(&msgs))
+                .map(|e| match e {
+                    Event::PageFault { address, .. } => address,
+                    _ => 0,
+                })
+                .sum::<u64>()
+        })
+    });
+    g.finish();
+}
+
+struct Registered {
+    uffd: Uffd,
+    region: Mapping,
+    src: Vec<u8>,
+}
+
+fn registered() -> Registered {
+    let uffd = Uffd::open(false).expect("userfaultfd (run as root or set vm.unprivileged_userfaultfd=1)");
+    uffd.api(0).expect("UFFDIO_API");
+    let region = Mapping::anonymous(BATCH * PAGE, "bench region").expect("mmap");
+    region.no_huge_pages().expect("madvise");
+    uffd.register(region.addr(), BATCH * PAGE, mode::MISSING)
+        .expect("register");
+    Registered {
+        uffd,
+        region,
+        src: vec![0xa5u8; BATCH * PAGE],
+    }
+}
+
+fn placement_benches(c: &mut Criterion) {
+    let r = registered();
+    let drop_pages = || r.region.dontneed(0, BATCH * PAGE).expect("MADV_DONTNEED");
+    let mut g = c.benchmark_group("placement_64_pages");
+    g.throughput(Throughput::Bytes((BATCH * PAGE) as u64));
+    g.bench_function("copy_per_page", |b| {
+        b.iter_batched(
+            drop_pages,
+            |()| {
+                for i in 0..BATCH {
+                    r.uffd
+                        .copy(r.region.addr() + i * PAGE, r.src[i * PAGE..].as_ptr(), PAGE, false)
+                        .expect("copy");
+                }
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("copy_one_run", |b| {
+        b.iter_batched(
+            drop_pages,
+            |()| {
+                r.uffd
+                    .copy(r.region.addr(), r.src.as_ptr(), BATCH * PAGE, false)
+                    .expect("copy")
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("copy_per_page_dontwake_then_wake", |b| {
+        b.iter_batched(
+            drop_pages,
+            |()| {
+                for i in 0..BATCH {
+                    r.uffd
+                        .copy(r.region.addr() + i * PAGE, r.src[i * PAGE..].as_ptr(), PAGE, true)
+                        .expect("copy");
+                }
+                r.uffd.wake(r.region.addr(), BATCH * PAGE).expect("wake")
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("zeropage_one_run", |b| {
+        b.iter_batched(
+            drop_pages,
+            |()| {
+                r.uffd
+                    .zeropage(r.region.addr(), BATCH * PAGE, false)
+                    .expect("zeropage")
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    codec_benches,
+    bitmap_benches,
+    fault_read_benches,
+    placement_benches
+);
+criterion_main!(benches);

@@ -60,6 +60,8 @@ pub struct DemoConfig {
     pub exe: PathBuf,
     /// No progress output.
     pub quiet: bool,
+    /// Touch and free memory of the image's size before timing (see [`crate::sys::mem::prewarm`]).
+    pub warmup: bool,
 }
 
 struct ChildGuard(Child);
@@ -116,6 +118,9 @@ fn start_source(cfg: &DemoConfig) -> Result<(ChildGuard, String), DemoError> {
 /// Runs the demo: returns the report (check `verified`) or an error before any report exists.
 pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
     let t0 = Instant::now();
+    if cfg.warmup {
+        crate::sys::mem::prewarm(cfg.size_bytes as usize).map_err(DestError::from)?;
+    }
     let (child, addr) = match &cfg.source {
         Some(a) => (None, a.clone()),
         None => {

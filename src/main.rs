@@ -95,6 +95,10 @@ enum Cmd {
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// Skip the warm-up (touching and freeing memory of the image's size before timing,
+        /// so the hypervisor's first-touch cost is not measured as migration time).
+        #[arg(long)]
+        no_warmup: bool,
         /// No progress output.
         #[arg(long, short)]
         quiet: bool,
@@ -199,6 +203,7 @@ fn main() -> ExitCode {
             seed,
             source,
             report,
+            no_warmup,
             quiet,
         } => {
             let exe = match std::env::current_exe() {
@@ -218,6 +223,7 @@ fn main() -> ExitCode {
                 source,
                 exe,
                 quiet,
+                warmup: !no_warmup,
             };
             let r = match demo::run(&cfg) {
                 Ok(r) => r,

@@ -489,6 +489,9 @@ fn serve_urgent(
     peer: SocketAddr,
     worker: u16,
 ) -> Result<(), SourceError> {
+    // Replies to faults run ahead of the stream: raise this thread's priority where permitted
+    // (root or CAP_SYS_NICE); best effort otherwise.
+    let _ = crate::sys::set_thread_nice(-10);
     let layout = shared.image.layout();
     let max_page = layout.blocks.iter().map(|b| b.page_size).max().unwrap_or(4096) as usize;
     let mut scratch = vec![0u8; max_page];

@@ -31,6 +31,8 @@ const EVENT_BATCH: usize = 64;
 const SEND_BYTES: usize = 1024 * HEADER_BYTES;
 /// How long one wait for completions may last before the loop checks stop and stall.
 const WAIT: Duration = Duration::from_millis(50);
+/// Pages of a bulk batch placed between two looks at urgent work (fault events, replies).
+const BULK_CHUNK: usize = 16;
 /// Retries of a placement that keeps seeing `EAGAIN` with nothing placed.
 const MAPPING_CHANGING_RETRIES: u32 = 1000;
 
@@ -103,6 +105,10 @@ struct Worker {
     end_sent: bool,
     acked: bool,
     completions: Vec<Completion>,
+    /// Completions reaped while placing a bulk batch, handled there (all but bulk ones).
+    side: Vec<Completion>,
+    /// Bulk completions reaped in the middle of a bulk batch, handled next loop.
+    deferred: Vec<Completion>,
     last_progress: Instant,
     awaiting_reply: bool,
     stats: WorkerStats,
@@ -217,6 +223,8 @@ impl Worker {
             end_sent: false,
             acked: false,
             completions: Vec::with_capacity(256),
+            side: Vec::with_capacity(256),
+            deferred: Vec::with_capacity(4),
             last_progress: Instant::now(),
             awaiting_reply: false,
             stats: WorkerStats::default(),
@@ -240,8 +248,11 @@ impl Worker {
             }
             self.arm()?;
             self.stats.loops += 1;
-            let done = self.ring.submit_and_reap(1, Some(WAIT))?;
+            let want = usize::from(self.deferred.is_empty());
+            let done = self.ring.submit_and_reap(want, Some(WAIT))?;
             self.completions.clear();
+            self.completions.extend_from_slice(&self.deferred);
+            self.deferred.clear();
             self.completions.extend_from_slice(done);
             if self.completions.is_empty() {
                 self.check_stall()?;
@@ -574,7 +585,8 @@ impl Worker {
         while i < count {
             let zero = h.mask >> i & 1 == 1;
             let mut n = 1;
-            while i + n < count && (h.mask >> (i + n) & 1 == 1) == zero {
+            let max_run = if bulk { BULK_CHUNK } else { count };
+            while i + n < count && n < max_run && (h.mask >> (i + n) & 1 == 1) == zero {
                 n += 1;
             }
             let fill = if zero {
@@ -586,7 +598,50 @@ impl Worker {
             };
             self.place_run(h.block as usize, h.page + i as u64, n, fill, origin)?;
             i += n;
+            if bulk && i < count {
+                self.service_urgent()?;
+            }
         }
+        Ok(())
+    }
+
+    /// In the middle of a bulk batch: handle fault events, finished sends and urgent replies
+    /// that the kernel has already posted (placement ioctls run our task work, so no syscall
+    /// is needed to see them), and re-arm the fault read and the urgent connection. The bulk
+    /// connection is left alone: its temp pages are being placed from.
+    fn service_urgent(&mut self) -> Result<(), DestError> {
+        let ready = self.ring.reap_ready();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let mut side = std::mem::take(&mut self.side);
+        side.clear();
+        side.extend_from_slice(ready);
+        self.stats.completions += side.len() as u64;
+        let mut result = Ok(());
+        for c in &side {
+            result = match c.token.tag {
+                TAG_SEND => self.on_sent(c.result),
+                TAG_UFFD => self.on_events(c.result),
+                TAG_URGENT => self.on_recv(false, c.result),
+                _ => {
+                    self.deferred.push(*c);
+                    Ok(())
+                }
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        self.side = side;
+        result?;
+        if self.missing > 0 && !self.ring.is_busy(self.events) {
+            let fd = self.uffd.as_raw_fd();
+            self.ring
+                .read(fd, self.events, 0, EVENT_BATCH * MSG_BYTES, TAG_UFFD)?;
+        }
+        Self::arm_conn(&mut self.ring, &self.urgent)?;
+        self.ring.submit()?;
         Ok(())
     }
 

@@ -6,7 +6,7 @@
 //! drains every operation before it frees the arenas, so the kernel never writes into freed
 //! memory. Completions are reaped in bulk into a preallocated array.
 //!
-//! Kernel versions: `IORING_SETUP_SINGLE_ISSUER` 6.0, `DEFER_TASKRUN` 6.1, `ASYNC_CANCEL` with
+//! Kernel versions: `IORING_SETUP_SINGLE_ISSUER` 6.0, `COOP_TASKRUN` 5.19, `ASYNC_CANCEL` with
 //! `ANY` 5.19, `READ_FIXED`/`WRITE_FIXED` 5.1, `SEND` 5.6. Reading a userfaultfd through
 //! io_uring needs the descriptor opened `O_NONBLOCK` (the read then waits on poll).
 #![allow(unsafe_code)]
@@ -151,9 +151,12 @@ impl Ring {
     /// registers the arenas as fixed buffers `0..n`.
     pub fn new(config: &RingConfig) -> Result<Ring, RingError> {
         let entries = config.entries;
+        // COOP_TASKRUN rather than DEFER_TASKRUN: completions are posted whenever this thread
+        // enters the kernel for any reason (every placement ioctl), so the engine can peek at
+        // new fault events between placements without a syscall of its own.
         let ring = IoUring::builder()
             .setup_single_issuer()
-            .setup_defer_taskrun()
+            .setup_coop_taskrun()
             .setup_cqsize(entries * 4)
             .build(entries)
             .or_else(|_| IoUring::builder().setup_cqsize(entries * 4).build(entries))
@@ -367,6 +370,12 @@ impl Ring {
         }
         self.reap();
         Ok(&self.reaped)
+    }
+
+    /// Reaps the completions already posted, without entering the kernel.
+    pub fn reap_ready(&mut self) -> &[Completion] {
+        self.reap();
+        &self.reaped
     }
 
     fn reap(&mut self) {
