@@ -105,7 +105,8 @@ struct Registered {
 }
 
 fn registered() -> Registered {
-    let uffd = Uffd::open(false).expect("userfaultfd (run as root or set vm.unprivileged_userfaultfd=1)");
+    let uffd =
+        Uffd::open(false).expect("userfaultfd (run as root or set vm.unprivileged_userfaultfd=1)");
     uffd.api(0).expect("UFFDIO_API");
     let region = Mapping::anonymous(BATCH * PAGE, "bench region").expect("mmap");
     region.no_huge_pages().expect("madvise");
@@ -129,7 +130,12 @@ fn placement_benches(c: &mut Criterion) {
             |()| {
                 for i in 0..BATCH {
                     r.uffd
-                        .copy(r.region.addr() + i * PAGE, r.src[i * PAGE..].as_ptr(), PAGE, false)
+                        .copy(
+                            r.region.addr() + i * PAGE,
+                            r.src[i * PAGE..].as_ptr(),
+                            PAGE,
+                            false,
+                        )
                         .expect("copy");
                 }
             },
@@ -153,7 +159,12 @@ fn placement_benches(c: &mut Criterion) {
             |()| {
                 for i in 0..BATCH {
                     r.uffd
-                        .copy(r.region.addr() + i * PAGE, r.src[i * PAGE..].as_ptr(), PAGE, true)
+                        .copy(
+                            r.region.addr() + i * PAGE,
+                            r.src[i * PAGE..].as_ptr(),
+                            PAGE,
+                            true,
+                        )
                         .expect("copy");
                 }
                 r.uffd.wake(r.region.addr(), BATCH * PAGE).expect("wake")

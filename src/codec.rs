@@ -346,13 +346,15 @@ impl Header {
                     });
                 }
             }
-            Kind::Hello if h.role().is_none() || h.mask == 0 || h.mask > 1024 || u64::from(h.count) >= h.mask => {
+            Kind::Hello
+                if h.role().is_none()
+                    || h.mask == 0
+                    || h.mask > 1024
+                    || u64::from(h.count) >= h.mask =>
+            {
                 return Err(CodecError::BadBody {
                     kind,
-                    detail: format!(
-                        "role {} worker {} of {} workers",
-                        h.block, h.count, h.mask
-                    ),
+                    detail: format!("role {} worker {} of {} workers", h.block, h.count, h.mask),
                 })
             }
             _ => {}
@@ -448,7 +450,9 @@ impl Welcome {
                 .ok_or_else(|| bad(format!("block {i}: name is not UTF-8 or truncated")))?
                 .to_string();
             let size_bytes = r.u64().ok_or_else(|| bad(format!("block {i}: no size")))?;
-            let page_size = r.u64().ok_or_else(|| bad(format!("block {i}: no page size")))?;
+            let page_size = r
+                .u64()
+                .ok_or_else(|| bad(format!("block {i}: no page size")))?;
             blocks.push(Block {
                 name,
                 size_bytes,
@@ -458,7 +462,9 @@ impl Welcome {
         let image = match r.u8() {
             Some(0) => ImageInfo::Opaque,
             Some(1) => {
-                let seed = r.u64().ok_or_else(|| bad("synthetic image without seed".into()))?;
+                let seed = r
+                    .u64()
+                    .ok_or_else(|| bad("synthetic image without seed".into()))?;
                 let zero_percent = r
                     .u8()
                     .filter(|z| *z <= 100)
@@ -495,10 +501,12 @@ impl<'a> Reader<'a> {
         self.bytes(1).map(|b| b[0])
     }
     fn u32(&mut self) -> Option<u32> {
-        self.bytes(4).map(|b| u32::from_le_bytes(b.try_into().expect("4")))
+        self.bytes(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4")))
     }
     fn u64(&mut self) -> Option<u64> {
-        self.bytes(8).map(|b| u64::from_le_bytes(b.try_into().expect("8")))
+        self.bytes(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
     }
 }
 
@@ -641,18 +649,20 @@ impl Frame {
             .get(..HEADER_BYTES)
             .and_then(|h| h.try_into().ok())
             .ok_or(CodecError::Truncated {
-                need: HEADER_BYTES,
-                have: bytes.len(),
-            })?;
+            need: HEADER_BYTES,
+            have: bytes.len(),
+        })?;
         let h = Header::decode(head)?;
         if let (Some(l), Kind::Request | Kind::Pages) = (layout, h.kind) {
             h.check(l)?;
         }
         let total = HEADER_BYTES + h.body_len as usize;
-        let body = bytes.get(HEADER_BYTES..total).ok_or(CodecError::Truncated {
-            need: total,
-            have: bytes.len(),
-        })?;
+        let body = bytes
+            .get(HEADER_BYTES..total)
+            .ok_or(CodecError::Truncated {
+                need: total,
+                have: bytes.len(),
+            })?;
         let frame = match h.kind {
             Kind::Hello => Frame::Hello {
                 session: h.page,
@@ -708,7 +718,11 @@ mod tests {
         let pages = (0u64..256, 1u16..=64, any::<u64>(), any::<u8>()).prop_map(
             |(page, count, mask, fill)| {
                 let count = count.min((256 - page) as u16).max(1);
-                let mask = if count == 64 { mask } else { mask & ((1u64 << count) - 1) };
+                let mask = if count == 64 {
+                    mask
+                } else {
+                    mask & ((1u64 << count) - 1)
+                };
                 let nonzero = u64::from(count) - u64::from(mask.count_ones());
                 Frame::Pages {
                     block: 0,
@@ -728,17 +742,22 @@ mod tests {
                     workers,
                 })
             }),
-            (any::<u64>(), any::<u64>(), 0u8..=100, any::<bool>()).prop_map(|(s, seed, z, synth)| {
-                Frame::Welcome(Welcome {
-                    session: s,
-                    layout: layout(),
-                    image: if synth {
-                        ImageInfo::Synthetic { seed, zero_percent: z }
-                    } else {
-                        ImageInfo::Opaque
-                    },
-                })
-            }),
+            (any::<u64>(), any::<u64>(), 0u8..=100, any::<bool>()).prop_map(
+                |(s, seed, z, synth)| {
+                    Frame::Welcome(Welcome {
+                        session: s,
+                        layout: layout(),
+                        image: if synth {
+                            ImageInfo::Synthetic {
+                                seed,
+                                zero_percent: z,
+                            }
+                        } else {
+                            ImageInfo::Opaque
+                        },
+                    })
+                }
+            ),
             (0u64..256, 1u16..=1024).prop_map(|(page, count)| Frame::Request {
                 block: 0,
                 page: page.min(256 - u64::from(count.min(256))),
@@ -818,12 +837,24 @@ mod tests {
         h[5] = 77;
         assert_eq!(Header::decode(&h), Err(CodecError::UnknownKind(77)));
         Header::pages(0, 0, 3, 0b1000, 4096).encode(&mut h);
-        assert!(matches!(Header::decode(&h), Err(CodecError::MaskPastCount { .. })));
+        assert!(matches!(
+            Header::decode(&h),
+            Err(CodecError::MaskPastCount { .. })
+        ));
         let mut buf = Vec::new();
-        Frame::Pages { block: 0, page: 0, count: 2, zero_mask: 0, payload: vec![1; 8192] }
-            .encode_into(&mut buf);
+        Frame::Pages {
+            block: 0,
+            page: 0,
+            count: 2,
+            zero_mask: 0,
+            payload: vec![1; 8192],
+        }
+        .encode_into(&mut buf);
         buf.truncate(HEADER_BYTES + 5000);
-        assert!(matches!(Frame::decode(&buf, Some(&l)), Err(CodecError::Truncated { .. })));
+        assert!(matches!(
+            Frame::decode(&buf, Some(&l)),
+            Err(CodecError::Truncated { .. })
+        ));
     }
 
     #[test]
@@ -836,7 +867,12 @@ mod tests {
         assert_eq!(out.len(), HEADER_BYTES + 2 * 4096);
         let (f, _) = Frame::decode(&out, Some(&layout())).unwrap();
         match f {
-            Frame::Pages { zero_mask, count, page, .. } => {
+            Frame::Pages {
+                zero_mask,
+                count,
+                page,
+                ..
+            } => {
                 assert_eq!((zero_mask, count, page), (0b010, 3, 10));
             }
             other => panic!("decoded {other:?}"),

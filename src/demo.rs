@@ -4,7 +4,6 @@
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,7 +97,11 @@ fn start_source(cfg: &DemoConfig) -> Result<(ChildGuard, String), DemoError> {
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(if cfg.quiet { Stdio::null() } else { Stdio::inherit() })
+        .stderr(if cfg.quiet {
+            Stdio::null()
+        } else {
+            Stdio::inherit()
+        })
         .spawn()
         .map_err(|e| fail(e.to_string()))?;
     let stdout = child.stdout.take().expect("piped stdout");
@@ -144,14 +147,15 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
     let ram = Arc::new(DestRam::new(&layout)?);
     let handle = Engine::start(connected, ram.clone(), &engine_cfg)?;
 
-    let done = Arc::new(AtomicBool::new(false));
+    let (done, done_rx) = crossbeam_channel::bounded::<()>(1);
     let progress = (!cfg.quiet && std::io::stderr().is_terminal()).then(|| {
-        let (ram, done) = (ram.clone(), done.clone());
+        let ram = ram.clone();
         std::thread::spawn(move || {
             let total = ram.layout.total_pages();
             let start = Instant::now();
-            while !done.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(250));
+            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                done_rx.recv_timeout(Duration::from_millis(250))
+            {
                 let have = ram.pages_received();
                 eprint!(
                     "\r  {:>5.1}%  {have}/{total} pages  {:.1} s ",
@@ -174,7 +178,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         },
     );
     let engine = handle.wait();
-    done.store(true, Ordering::Release);
+    let _ = done.send(());
     if let Some(p) = progress {
         let _ = p.join();
     }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use crate::codec::ImageInfo;
 use crate::layout::{Layout, LayoutError};
-use crate::sys::mem::{MemError, Mapping};
+use crate::sys::mem::{Mapping, MemError};
 
 /// Errors opening an image.
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +230,10 @@ mod tests {
         assert_eq!(img.page(0, 0, &mut s), PageData::Zero);
         assert_eq!(img.page(0, 1, &mut s), PageData::Data(&data[4096..8192]));
         std::fs::write(&path, &data[..5000]).unwrap();
-        assert!(matches!(FileImage::open(&path, 4096), Err(ImageError::Size { .. })));
+        assert!(matches!(
+            FileImage::open(&path, 4096),
+            Err(ImageError::Size { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -41,7 +41,9 @@ pub enum LayoutError {
         page_size: u64,
     },
     /// A name too long or not printable.
-    #[error("block name {0:?} is empty, longer than {MAX_NAME_BYTES} bytes, or has control characters")]
+    #[error(
+        "block name {0:?} is empty, longer than {MAX_NAME_BYTES} bytes, or has control characters"
+    )]
     BadName(String),
     /// Two blocks with one name.
     #[error("block name {0:?} appears twice")]
@@ -237,13 +239,21 @@ impl PageBitmap {
 
     fn apply_range(&self, start: u64, count: u64, f: impl Fn(&AtomicU64, u64) -> u64) -> u64 {
         let end = start.checked_add(count).expect("range overflow");
-        assert!(end <= self.len, "range [{start}, {end}) outside a bitmap of {}", self.len);
+        assert!(
+            end <= self.len,
+            "range [{start}, {end}) outside a bitmap of {}",
+            self.len
+        );
         let mut done = 0;
         let mut i = start;
         while i < end {
             let bit = i % 64;
             let n = (64 - bit).min(end - i);
-            let mask = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << bit };
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
             done += f(&self.words[(i / 64) as usize], mask);
             i += n;
         }
@@ -286,7 +296,10 @@ impl PageBitmap {
 
     /// The raw words, for sending a bitmap over the wire.
     pub fn snapshot(&self) -> Vec<u64> {
-        self.words.iter().map(|w| w.load(Ordering::Acquire)).collect()
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .collect()
     }
 }
 
@@ -298,9 +311,18 @@ mod tests {
     #[test]
     fn layout_rejects_bad_blocks() {
         assert!(Layout::single("ram", 1 << 20, 4096).is_ok());
-        assert!(matches!(Layout::single("ram", 4097, 4096), Err(LayoutError::BadSize { .. })));
-        assert!(matches!(Layout::single("ram", 8192, 3000), Err(LayoutError::BadPageSize { .. })));
-        assert!(matches!(Layout::single("", 8192, 4096), Err(LayoutError::BadName(_))));
+        assert!(matches!(
+            Layout::single("ram", 4097, 4096),
+            Err(LayoutError::BadSize { .. })
+        ));
+        assert!(matches!(
+            Layout::single("ram", 8192, 3000),
+            Err(LayoutError::BadPageSize { .. })
+        ));
+        assert!(matches!(
+            Layout::single("", 8192, 4096),
+            Err(LayoutError::BadName(_))
+        ));
         let l = Layout::single("ram", 16 * 4096, 4096).unwrap();
         assert!(l.check_range(0, 15, 1).is_ok());
         assert!(l.check_range(0, 15, 2).is_err());

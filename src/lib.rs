@@ -19,13 +19,13 @@
 //! - [`probe`]: can this host do postcopy.
 #![deny(missing_docs)]
 
-pub mod sys;
-pub mod probe;
 pub mod codec;
+pub mod demo;
+pub mod dest;
 pub mod image;
 pub mod layout;
-pub mod source;
-pub mod dest;
-pub mod demo;
+pub mod probe;
 pub mod report;
+pub mod source;
+pub mod sys;
 pub mod workload;

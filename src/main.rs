@@ -38,7 +38,11 @@ enum Cmd {
         #[arg(long, default_value = "0.0.0.0:7070")]
         listen: String,
         /// Serve this raw memory file (e.g. a VM snapshot's memory file).
-        #[arg(long, conflicts_with = "synthetic", required_unless_present = "synthetic")]
+        #[arg(
+            long,
+            conflicts_with = "synthetic",
+            required_unless_present = "synthetic"
+        )]
         image: Option<PathBuf>,
         /// Serve a synthetic image of this size (e.g. 1G, 512M): the demo's image.
         #[arg(long, value_parser = parse_size)]

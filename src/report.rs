@@ -116,7 +116,11 @@ impl DemoReport {
         let _ = writeln!(
             s,
             "  verified        {}{}",
-            if self.verified { "yes: every page matched its checksum" } else { "NO" },
+            if self.verified {
+                "yes: every page matched its checksum"
+            } else {
+                "NO"
+            },
             self.first_mismatch
                 .as_deref()
                 .map(|m| format!(" ({} mismatches; first: {m})", self.mismatches))

@@ -23,9 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::codec::{
-    self, max_batch_pages, CodecError, Header, Kind, Role, Welcome, HEADER_BYTES,
-};
+use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, Welcome, HEADER_BYTES};
 use crate::image::{Image, PageData};
 use crate::layout::PageBitmap;
 
@@ -65,7 +63,9 @@ pub enum SourceError {
         message: String,
     },
     /// The session ended without the destination confirming every page.
-    #[error("session {session:#x} ended before the destination confirmed it had every page ({reason})")]
+    #[error(
+        "session {session:#x} ended before the destination confirmed it had every page ({reason})"
+    )]
     Incomplete {
         /// Session id.
         session: u64,
@@ -145,7 +145,8 @@ impl Session {
         let error = self.failed.lock().expect("poisoned").clone();
         SessionReport {
             session: self.id,
-            complete: error.is_none() && self.ends_seen.load(Ordering::Acquire) >= self.workers as usize,
+            complete: error.is_none()
+                && self.ends_seen.load(Ordering::Acquire) >= self.workers as usize,
             pages_urgent: self.pages_urgent.load(Ordering::Relaxed),
             pages_stream: self.pages_stream.load(Ordering::Relaxed),
             pages_zero: self.pages_zero.load(Ordering::Relaxed),
@@ -230,7 +231,9 @@ impl SourceServer {
 
     /// The bound address.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().expect("bound listener has an address")
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
     }
 
     /// A handle that stops [`run`](Self::run).
@@ -245,7 +248,8 @@ impl SourceServer {
             if self.stop.load(Ordering::Acquire) {
                 break;
             }
-            if self.shared.config.once && !self.shared.finished.lock().expect("poisoned").is_empty() {
+            if self.shared.config.once && !self.shared.finished.lock().expect("poisoned").is_empty()
+            {
                 break;
             }
             match self.listener.accept() {
@@ -263,7 +267,9 @@ impl SourceServer {
                 Err(e) => return Err(io_err("accept")(e)),
             }
         }
-        Ok(std::mem::take(&mut *self.shared.finished.lock().expect("poisoned")))
+        Ok(std::mem::take(
+            &mut *self.shared.finished.lock().expect("poisoned"),
+        ))
     }
 }
 
@@ -343,7 +349,10 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         if hello.page == 0 {
             if role != Role::Urgent || worker != 0 {
                 drop(sessions);
-                send_error(&mut stream, "handshake: a new session starts on worker 0's urgent connection");
+                send_error(
+                    &mut stream,
+                    "handshake: a new session starts on worker 0's urgent connection",
+                );
                 return;
             }
             if sessions.len() >= shared.config.max_sessions {
@@ -380,12 +389,18 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
                 Some(s) if s.workers == workers && !s.finished.load(Ordering::Acquire) => s.clone(),
                 Some(_) => {
                     drop(sessions);
-                    send_error(&mut stream, "handshake: session is finished or the worker count differs");
+                    send_error(
+                        &mut stream,
+                        "handshake: session is finished or the worker count differs",
+                    );
                     return;
                 }
                 None => {
                     drop(sessions);
-                    send_error(&mut stream, &format!("handshake: unknown session {:#x}", hello.page));
+                    send_error(
+                        &mut stream,
+                        &format!("handshake: unknown session {:#x}", hello.page),
+                    );
                     return;
                 }
             }
@@ -393,7 +408,10 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
     };
     if session.connections.fetch_add(1, Ordering::AcqRel) >= 2 * usize::from(workers) {
         session.connections.fetch_sub(1, Ordering::AcqRel);
-        send_error(&mut stream, "handshake: too many connections for this session");
+        send_error(
+            &mut stream,
+            "handshake: too many connections for this session",
+        );
         return;
     }
     let mut out = Vec::with_capacity(64 * 1024);
@@ -414,7 +432,10 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
             }
         });
     if let Err(e) = result {
-        log(&shared, format_args!("session {:#x} {peer}: {e}", session.id));
+        log(
+            &shared,
+            format_args!("session {:#x} {peer}: {e}", session.id),
+        );
         if let SourceError::Protocol { .. } = e {
             send_error(&mut stream, &e.to_string());
         }
@@ -425,7 +446,13 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
     if session.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
         // Last connection of the session: it is over.
         session.finished.store(true, Ordering::Release);
-        if shared.sessions.lock().expect("poisoned").remove(&session.id).is_some() {
+        if shared
+            .sessions
+            .lock()
+            .expect("poisoned")
+            .remove(&session.id)
+            .is_some()
+        {
             let r = session.report();
             log(
                 &shared,
@@ -493,10 +520,18 @@ fn serve_urgent(
     // (root or CAP_SYS_NICE); best effort otherwise.
     let _ = crate::sys::set_thread_nice(-10);
     let layout = shared.image.layout();
-    let max_page = layout.blocks.iter().map(|b| b.page_size).max().unwrap_or(4096) as usize;
+    let max_page = layout
+        .blocks
+        .iter()
+        .map(|b| b.page_size)
+        .max()
+        .unwrap_or(4096) as usize;
     let mut scratch = vec![0u8; max_page];
     let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut reader = BufReader::with_capacity(64 * 1024, stream.try_clone().map_err(io_err("clone socket"))?);
+    let mut reader = BufReader::with_capacity(
+        64 * 1024,
+        stream.try_clone().map_err(io_err("clone socket"))?,
+    );
     let mut body = Vec::new();
     loop {
         let Some(h) = read_frame(&mut reader, peer, &mut body)? else {
@@ -507,7 +542,9 @@ fn serve_urgent(
         };
         match h.kind {
             Kind::Request => {
-                let block = h.check(layout).map_err(|source| SourceError::Protocol { peer, source })?;
+                let block = h
+                    .check(layout)
+                    .map_err(|source| SourceError::Protocol { peer, source })?;
                 session.requests.fetch_add(1, Ordering::Relaxed);
                 if !shared.config.urgent_delay.is_zero() {
                     std::thread::sleep(shared.config.urgent_delay);
@@ -529,8 +566,12 @@ fn serve_urgent(
             Kind::End => {
                 session.ends_seen.fetch_add(1, Ordering::AcqRel);
                 Header::control(Kind::Ack, h.page).encode_into(&mut out);
-                stream.write_all(&out).map_err(io_err(format!("send Ack to {peer}")))?;
-                session.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+                stream
+                    .write_all(&out)
+                    .map_err(io_err(format!("send Ack to {peer}")))?;
+                session
+                    .bytes_sent
+                    .fetch_add(out.len() as u64, Ordering::Relaxed);
                 if session.ends_seen.load(Ordering::Acquire) >= usize::from(session.workers) {
                     session.finished.store(true, Ordering::Release);
                 }
@@ -557,7 +598,9 @@ fn serve_urgent(
             stream
                 .write_all(&out)
                 .map_err(io_err(format!("send pages to {peer}")))?;
-            session.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+            session
+                .bytes_sent
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
             out.clear();
         }
     }
@@ -573,7 +616,12 @@ fn serve_bulk(
     // The stream yields the CPU to urgent replies (best effort).
     let _ = crate::sys::set_thread_nice(5);
     let layout = shared.image.layout();
-    let max_page = layout.blocks.iter().map(|b| b.page_size).max().unwrap_or(4096) as usize;
+    let max_page = layout
+        .blocks
+        .iter()
+        .map(|b| b.page_size)
+        .max()
+        .unwrap_or(4096) as usize;
     let mut scratch = vec![0u8; max_page];
     const FLUSH_BYTES: usize = 1 << 20;
     let mut out: Vec<u8> = Vec::with_capacity(FLUSH_BYTES + 64 * 4096 + 4096);
@@ -614,14 +662,18 @@ fn serve_bulk(
                 &mut out,
             );
             streamed += pages_done;
-            session.pages_stream.fetch_add(pages_done, Ordering::Relaxed);
+            session
+                .pages_stream
+                .fetch_add(pages_done, Ordering::Relaxed);
             session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
             p = first + n;
             if out.len() >= FLUSH_BYTES {
                 stream
                     .write_all(&out)
                     .map_err(io_err(format!("stream pages to {peer}")))?;
-                session.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+                session
+                    .bytes_sent
+                    .fetch_add(out.len() as u64, Ordering::Relaxed);
                 out.clear();
             }
         }
@@ -630,7 +682,9 @@ fn serve_bulk(
     stream
         .write_all(&out)
         .map_err(io_err(format!("stream pages to {peer}")))?;
-    session.bytes_sent.fetch_add(out.len() as u64, Ordering::Relaxed);
+    session
+        .bytes_sent
+        .fetch_add(out.len() as u64, Ordering::Relaxed);
     // Hold the connection until the destination closes it (it may still be placing pages).
     let mut sink = [0u8; 64];
     let _ = stream.read(&mut sink);

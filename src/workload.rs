@@ -168,7 +168,13 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
         Pattern::Zipf => permutation(total, &mut rng),
         _ => Vec::new(),
     };
-    let max_page = ram.layout.blocks.iter().map(|b| b.page_size).max().unwrap_or(4096) as usize;
+    let max_page = ram
+        .layout
+        .blocks
+        .iter()
+        .map(|b| b.page_size)
+        .max()
+        .unwrap_or(4096) as usize;
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -208,7 +214,7 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
                             Pattern::Zipf => {
                                 // Zipf(1) by inversion of its continuous approximation:
                                 // P(rank <= k) ~ ln k / ln n.
-                                let mut rng = Rng::new(seed ^ (t as u64 + 1) * 0x1234_5678_9abc);
+                                let mut rng = Rng::new(seed ^ ((t as u64 + 1) * 0x1234_5678_9abc));
                                 let ln_n = (total as f64).ln();
                                 for _ in 0..(end - start) / 2 {
                                     let rank = ((rng.unit() * ln_n).exp() as u64)
@@ -239,7 +245,6 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
         latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
         mismatches: 0,
         first_mismatch: None,
-        // Zipf draws may leave pages untouched only if a thread's sweep raced; checked below.
     };
     for w in results {
         out.touches += w.touches;
@@ -266,7 +271,13 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
 pub fn final_check(ram: &DestRam, image: &Synthetic, threads: usize) -> (u64, u64, Option<String>) {
     let total = ram.layout.total_pages();
     let threads = threads.max(1);
-    let max_page = ram.layout.blocks.iter().map(|b| b.page_size).max().unwrap_or(4096) as usize;
+    let max_page = ram
+        .layout
+        .blocks
+        .iter()
+        .map(|b| b.page_size)
+        .max()
+        .unwrap_or(4096) as usize;
     let parts: Vec<(u64, Option<String>)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
@@ -295,7 +306,9 @@ pub fn final_check(ram: &DestRam, image: &Synthetic, threads: usize) -> (u64, u6
                 })
             })
             .collect();
-        hs.into_iter().map(|h| h.join().expect("check thread panicked")).collect()
+        hs.into_iter()
+            .map(|h| h.join().expect("check thread panicked"))
+            .collect()
     });
     let bad = parts.iter().map(|p| p.0).sum();
     let first = parts.into_iter().find_map(|p| p.1);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::codec::{self, CodecError, Header, Kind, Role, Welcome, HEADER_BYTES};
 use crate::layout::{Layout, PageBitmap};
-use crate::sys::mem::{MemError, Mapping};
+use crate::sys::mem::{Mapping, MemError};
 use crate::sys::ring::RingError;
 use crate::sys::uffd::{self, Uffd, UffdError};
 
@@ -183,21 +183,29 @@ fn open_connection(
             addr: config.source.clone(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
         })?;
-    let mut stream = TcpStream::connect_timeout(&addr, config.connect_timeout).map_err(|source| {
-        DestError::Connect {
-            addr: config.source.clone(),
-            source,
-        }
-    })?;
-    stream.set_nodelay(true).map_err(io_err("set TCP_NODELAY"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, config.connect_timeout).map_err(|source| {
+            DestError::Connect {
+                addr: config.source.clone(),
+                source,
+            }
+        })?;
+    stream
+        .set_nodelay(true)
+        .map_err(io_err("set TCP_NODELAY"))?;
     stream
         .set_read_timeout(Some(config.connect_timeout))
         .map_err(io_err("set handshake timeout"))?;
     let mut hello = [0u8; HEADER_BYTES];
     Header::hello(session, role, worker, config.workers as u16).encode(&mut hello);
     stream.write_all(&hello).map_err(io_err("send Hello"))?;
-    let welcome = read_welcome(&mut stream, &format!("{role:?} connection of worker {worker}"))?;
-    stream.set_read_timeout(None).map_err(io_err("clear timeout"))?;
+    let welcome = read_welcome(
+        &mut stream,
+        &format!("{role:?} connection of worker {worker}"),
+    )?;
+    stream
+        .set_read_timeout(None)
+        .map_err(io_err("clear timeout"))?;
     Ok((stream, welcome))
 }
 
@@ -236,9 +244,10 @@ impl DestRam {
         for b in &layout.blocks {
             let m = match b.page_size {
                 p if p == base => Mapping::anonymous(b.size_bytes as usize, "guest RAM block")?,
-                p if p == 2 << 20 => {
-                    Mapping::anonymous_huge_2m(b.size_bytes as usize, "guest RAM block (2 MiB pages)")?
-                }
+                p if p == 2 << 20 => Mapping::anonymous_huge_2m(
+                    b.size_bytes as usize,
+                    "guest RAM block (2 MiB pages)",
+                )?,
                 p => {
                     return Err(DestError::Unsupported(format!(
                         "block {:?} has page size {p}; this host supports {base} and 2 MiB",
@@ -254,7 +263,11 @@ impl DestRam {
         Ok(DestRam {
             layout: layout.clone(),
             regions,
-            received: layout.blocks.iter().map(|b| PageBitmap::new(b.pages())).collect(),
+            received: layout
+                .blocks
+                .iter()
+                .map(|b| PageBitmap::new(b.pages()))
+                .collect(),
         })
     }
 
@@ -342,9 +355,13 @@ pub struct EngineReport {
 /// The engine: builds the workers.
 pub struct Engine;
 
+/// A worker's end, reported over the control plane.
+type WorkerExit = (usize, Result<WorkerStats, DestError>);
+
 /// A running engine.
 pub struct EngineHandle {
-    threads: Vec<std::thread::JoinHandle<Result<WorkerStats, DestError>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    exits: crossbeam_channel::Receiver<WorkerExit>,
     stop: Arc<AtomicBool>,
     started: Instant,
     last_placed_ns: Arc<AtomicU64>,
@@ -408,6 +425,7 @@ impl Engine {
         let mut control = Some(connected.control);
         let session = connected.welcome.session;
         let mut threads = Vec::with_capacity(config.workers);
+        let (exit_tx, exits) = crossbeam_channel::bounded::<WorkerExit>(config.workers);
         for (w, u) in uffds.into_iter().enumerate() {
             let setup = worker::Setup {
                 id: w,
@@ -418,14 +436,18 @@ impl Engine {
                 control: control.take(),
                 shared: shared.clone(),
             };
+            let exit_tx = exit_tx.clone();
             let t = std::thread::Builder::new()
                 .name(format!("pc-worker-{w}"))
-                .spawn(move || worker::run(setup))
+                .spawn(move || {
+                    let _ = exit_tx.send((w, worker::run(setup)));
+                })
                 .map_err(io_err("spawn worker"))?;
             threads.push(t);
         }
         Ok(EngineHandle {
             threads,
+            exits,
             stop,
             started,
             last_placed_ns: shared.last_placed_ns.clone(),
@@ -445,31 +467,48 @@ impl EngineHandle {
         self.threads.iter().all(|t| t.is_finished())
     }
 
-    /// Waits for every worker; the first error wins (and stops the others).
+    /// Waits for every worker; the first error to arrive wins (and stops the others).
     pub fn wait(self) -> Result<EngineReport, DestError> {
+        let workers = self.threads.len();
         let mut report = EngineReport {
-            workers: self.threads.len(),
+            workers,
             ..Default::default()
         };
+        let mut stats: Vec<Option<WorkerStats>> = vec![None; workers];
+        let mut reported = vec![false; workers];
         let mut first_err = None;
-        for (w, t) in self.threads.into_iter().enumerate() {
-            match t.join() {
-                Ok(Ok(stats)) => {
-                    report.totals.merge(&stats);
-                    report.per_worker.push(stats);
+        while reported.iter().any(|r| !r) {
+            match self.exits.recv_timeout(Duration::from_millis(100)) {
+                Ok((w, Ok(s))) => {
+                    reported[w] = true;
+                    stats[w] = Some(s);
                 }
-                Ok(Err(e)) => {
+                Ok((w, Err(e))) => {
+                    reported[w] = true;
                     self.stop.store(true, Ordering::Release);
                     first_err.get_or_insert(e);
                 }
                 Err(_) => {
-                    self.stop.store(true, Ordering::Release);
-                    first_err.get_or_insert(DestError::Panicked(w));
+                    // A worker that ended without reporting panicked (a bug): stop the rest.
+                    for (w, t) in self.threads.iter().enumerate() {
+                        if !reported[w] && t.is_finished() && self.exits.is_empty() {
+                            reported[w] = true;
+                            self.stop.store(true, Ordering::Release);
+                            first_err.get_or_insert(DestError::Panicked(w));
+                        }
+                    }
                 }
             }
         }
+        for t in self.threads {
+            let _ = t.join();
+        }
         if let Some(e) = first_err {
             return Err(e);
+        }
+        for s in stats.into_iter().flatten() {
+            report.totals.merge(&s);
+            report.per_worker.push(s);
         }
         let last = self.last_placed_ns.load(Ordering::Acquire);
         report.postcopy_seconds = if last > 0 {

@@ -53,8 +53,13 @@ pub(crate) struct Setup {
 
 #[derive(Clone, Copy, Debug)]
 enum Recv {
-    Header { got: usize },
-    Body { h: Header, got: usize },
+    Header {
+        got: usize,
+    },
+    Body {
+        h: Header,
+        got: usize,
+    },
     /// Nothing more is expected on this connection.
     Idle,
 }
@@ -198,7 +203,11 @@ impl Worker {
             ring,
             shard,
             missing,
-            requested: layout.blocks.iter().map(|b| PageBitmap::new(b.pages())).collect(),
+            requested: layout
+                .blocks
+                .iter()
+                .map(|b| PageBitmap::new(b.pages()))
+                .collect(),
             pending: Vec::with_capacity(16 * 1024),
             events,
             send,
@@ -261,12 +270,13 @@ impl Worker {
             self.stats.completions += self.completions.len() as u64;
             // Priority: finished sends (cheap, and they free the request buffer), fault
             // events, urgent replies, bulk.
-            self.completions.sort_unstable_by_key(|c| match c.token.tag {
-                TAG_SEND => 0,
-                TAG_UFFD => 1,
-                TAG_URGENT => 2,
-                _ => 3,
-            });
+            self.completions
+                .sort_unstable_by_key(|c| match c.token.tag {
+                    TAG_SEND => 0,
+                    TAG_UFFD => 1,
+                    TAG_URGENT => 2,
+                    _ => 3,
+                });
             for i in 0..self.completions.len() {
                 let c = self.completions[i];
                 match c.token.tag {
@@ -330,7 +340,9 @@ impl Worker {
         if result < 0 {
             let errno = nix::errno::Errno::from_raw(-result);
             return match errno {
-                nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR | nix::errno::Errno::ECANCELED => Ok(()),
+                nix::errno::Errno::EAGAIN
+                | nix::errno::Errno::EINTR
+                | nix::errno::Errno::ECANCELED => Ok(()),
                 e => Err(crate::sys::uffd::UffdError::Read(e).into()),
             };
         }
@@ -431,7 +443,11 @@ impl Worker {
         if result <= 0 {
             return Err(DestError::Io {
                 context: "send requests on the urgent connection".into(),
-                source: std::io::Error::from_raw_os_error(if result == 0 { libc::EPIPE } else { -result }),
+                source: std::io::Error::from_raw_os_error(if result == 0 {
+                    libc::EPIPE
+                } else {
+                    -result
+                }),
             });
         }
         let (done, total) = self.send_progress;
@@ -439,7 +455,8 @@ impl Worker {
         if done < total {
             self.send_progress = (done, total);
             let fd = self.urgent.stream.as_raw_fd();
-            self.ring.write(fd, self.send, done, total - done, TAG_SEND)?;
+            self.ring
+                .write(fd, self.send, done, total - done, TAG_SEND)?;
             return Ok(());
         }
         self.send_progress = (0, 0);
@@ -460,7 +477,9 @@ impl Worker {
     fn on_recv(&mut self, bulk: bool, result: i32) -> Result<(), DestError> {
         let missing = self.missing;
         let conn = if bulk {
-            self.bulk.as_mut().expect("bulk completion without a bulk connection")
+            self.bulk
+                .as_mut()
+                .expect("bulk completion without a bulk connection")
         } else {
             &mut self.urgent
         };

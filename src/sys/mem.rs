@@ -77,7 +77,11 @@ impl Mapping {
 
     /// Private anonymous memory backed by reserved 2 MiB huge pages (hugetlbfs).
     pub fn anonymous_huge_2m(len_bytes: usize, what: &'static str) -> Result<Mapping, MemError> {
-        Self::map_anon(len_bytes, MapFlags::MAP_HUGETLB | MapFlags::MAP_HUGE_2MB, what)
+        Self::map_anon(
+            len_bytes,
+            MapFlags::MAP_HUGETLB | MapFlags::MAP_HUGE_2MB,
+            what,
+        )
     }
 
     /// Shared anonymous memory (shmem), as a VMM with a memfd would have.
@@ -106,7 +110,11 @@ impl Mapping {
         })
     }
 
-    fn map_anon(len_bytes: usize, extra: MapFlags, what: &'static str) -> Result<Mapping, MemError> {
+    fn map_anon(
+        len_bytes: usize,
+        extra: MapFlags,
+        what: &'static str,
+    ) -> Result<Mapping, MemError> {
         if len_bytes == 0 {
             return Err(MemError::Invalid(format!("{what}: zero length")));
         }
@@ -283,17 +291,32 @@ impl Mapping {
 
     /// `MADV_DONTNEED`: drops the pages; anonymous memory reads as missing (or zero) again.
     pub fn dontneed(&self, offset_bytes: usize, len_bytes: usize) -> Result<(), MemError> {
-        self.advise(offset_bytes, len_bytes, MmapAdvise::MADV_DONTNEED, "MADV_DONTNEED")
+        self.advise(
+            offset_bytes,
+            len_bytes,
+            MmapAdvise::MADV_DONTNEED,
+            "MADV_DONTNEED",
+        )
     }
 
     /// `MADV_NOHUGEPAGE`: 4 KiB faults and discards only.
     pub fn no_huge_pages(&self) -> Result<(), MemError> {
-        self.advise(0, self.len_bytes, MmapAdvise::MADV_NOHUGEPAGE, "MADV_NOHUGEPAGE")
+        self.advise(
+            0,
+            self.len_bytes,
+            MmapAdvise::MADV_NOHUGEPAGE,
+            "MADV_NOHUGEPAGE",
+        )
     }
 
     /// `MADV_HUGEPAGE`.
     pub fn huge_pages(&self) -> Result<(), MemError> {
-        self.advise(0, self.len_bytes, MmapAdvise::MADV_HUGEPAGE, "MADV_HUGEPAGE")
+        self.advise(
+            0,
+            self.len_bytes,
+            MmapAdvise::MADV_HUGEPAGE,
+            "MADV_HUGEPAGE",
+        )
     }
 
     /// Touches every page once (writes a zero), so first-touch costs are paid up front.
@@ -324,8 +347,7 @@ pub fn prewarm(len_bytes: usize) -> Result<(), MemError> {
 
 /// Current and maximum locked-memory limit (`RLIMIT_MEMLOCK`) in bytes; `u64::MAX` = unlimited.
 pub fn memlock_limit() -> (u64, u64) {
-    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK)
-        .unwrap_or((0, 0))
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK).unwrap_or((0, 0))
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use super::mem::{MemError, Mapping};
+use super::mem::{Mapping, MemError};
 
 /// Errors of the io_uring layer.
 #[derive(Debug, thiserror::Error)]
@@ -241,7 +241,10 @@ impl Ring {
     /// The bytes of an idle slot, writable.
     pub fn slot_mut(&mut self, slot: SlotId) -> &mut [u8] {
         let s = &self.slots[slot.0 as usize];
-        assert!(!s.busy, "slot {slot:?} written while an operation targets it");
+        assert!(
+            !s.busy,
+            "slot {slot:?} written while an operation targets it"
+        );
         let len = s.len_bytes;
         // SAFETY: as `slot`, and `&mut self` makes this the only access.
         unsafe { std::slice::from_raw_parts_mut(self.slot_ptr_unchecked(slot), len) }
@@ -275,7 +278,9 @@ impl Ring {
         let s = &self.slots[slot.0 as usize];
         assert!(!s.busy, "two operations on slot {slot:?}");
         assert!(
-            offset_bytes + len_bytes <= s.len_bytes && len_bytes > 0 && len_bytes <= u32::MAX as usize,
+            offset_bytes + len_bytes <= s.len_bytes
+                && len_bytes > 0
+                && len_bytes <= u32::MAX as usize,
             "I/O [{offset_bytes}, +{len_bytes}) outside slot {slot:?} of {} bytes",
             s.len_bytes
         );
@@ -306,7 +311,8 @@ impl Ring {
             .offset(u64::MAX) // -1: the current position, as read(2); streams ignore it
             .build()
             .user_data(token.encode());
-        self.push(entry).inspect_err(|_| self.slots[slot.0 as usize].busy = false)
+        self.push(entry)
+            .inspect_err(|_| self.slots[slot.0 as usize].busy = false)
     }
 
     /// Queues a write of `len_bytes` from the slot at `offset_bytes` to `fd` (a socket send).
@@ -328,7 +334,8 @@ impl Ring {
             .offset(u64::MAX)
             .build()
             .user_data(token.encode());
-        self.push(entry).inspect_err(|_| self.slots[slot.0 as usize].busy = false)
+        self.push(entry)
+            .inspect_err(|_| self.slots[slot.0 as usize].busy = false)
     }
 
     /// Submits what is queued without waiting.
@@ -473,21 +480,26 @@ mod tests {
         ring.read(right.as_raw_fd(), a, 10, 100, 3).unwrap();
         assert!(ring.is_busy(a));
         left.write_all(b"hello ring").unwrap();
-        let done = ring.submit_and_reap(1, Some(Duration::from_secs(5))).unwrap();
+        let done = ring
+            .submit_and_reap(1, Some(Duration::from_secs(5)))
+            .unwrap();
         assert_eq!(done.len(), 1);
         assert_eq!(done[0].result, 10);
         assert_eq!(done[0].token.tag, 3);
         assert_eq!(&ring.slot(a)[10..20], b"hello ring");
         ring.slot_mut(b)[..4].copy_from_slice(b"pong");
         ring.write(right.as_raw_fd(), b, 0, 4, 9).unwrap();
-        let done = ring.submit_and_reap(1, Some(Duration::from_secs(5))).unwrap();
+        let done = ring
+            .submit_and_reap(1, Some(Duration::from_secs(5)))
+            .unwrap();
         assert_eq!(done[0].result, 4);
         let mut got = [0u8; 4];
         std::io::Read::read_exact(&mut left, &mut got).unwrap();
         assert_eq!(&got, b"pong");
         // A pending read is cancelled and drained on drop without touching freed memory.
         ring.read(right.as_raw_fd(), a, 0, 16, 0).unwrap();
-        ring.submit_and_reap(0, Some(Duration::from_millis(1))).unwrap();
+        ring.submit_and_reap(0, Some(Duration::from_millis(1)))
+            .unwrap();
     }
 
     #[test]

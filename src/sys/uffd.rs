@@ -430,7 +430,8 @@ fn errno_of(ret: libc::c_long) -> Option<Errno> {
 impl Uffd {
     /// Opens a userfaultfd with `O_CLOEXEC | O_NONBLOCK` (so it can be read through io_uring
     /// and polled) and, when `user_mode_only`, `UFFD_USER_MODE_ONLY`. Tries `/dev/userfaultfd`
-    /// first, then the system call.
+    /// first, then the system call, then (unprivileged, `vm.unprivileged_userfaultfd=0`) the
+    /// system call with `UFFD_USER_MODE_ONLY`, which suffices for faults taken in user mode.
     pub fn open(user_mode_only: bool) -> Result<Uffd, UffdError> {
         let mut flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         if user_mode_only {
@@ -445,7 +446,14 @@ impl Uffd {
             }
             Err(e) => e,
         };
-        match Self::open_syscall(flags) {
+        let user_only = flags | k::UFFD_USER_MODE_ONLY as i32;
+        match Self::open_syscall(flags).or_else(|e| {
+            if e == Errno::EPERM && flags != user_only {
+                Self::open_syscall(user_only)
+            } else {
+                Err(e)
+            }
+        }) {
             Ok(fd) => Ok(Uffd {
                 fd,
                 opened_by: OpenedBy::Syscall,
@@ -529,10 +537,11 @@ impl Uffd {
             features,
             ioctls: 0,
         };
-        self.ioctl(UFFDIO_API, &mut api).map_err(|errno| UffdError::Api {
-            requested: features,
-            errno,
-        })?;
+        self.ioctl(UFFDIO_API, &mut api)
+            .map_err(|errno| UffdError::Api {
+                requested: features,
+                errno,
+            })?;
         if api.features & features != features {
             return Err(UffdError::MissingFeatures {
                 missing: features & !api.features,
@@ -709,7 +718,10 @@ impl Uffd {
     /// Reads as many whole events as fit in `buf` without blocking. Returns the bytes read
     /// (a multiple of [`MSG_BYTES`]); 0 when none is pending.
     pub fn read_events(&self, buf: &mut [u8]) -> Result<usize, UffdError> {
-        assert!(buf.len() >= MSG_BYTES, "event buffer smaller than one uffd_msg");
+        assert!(
+            buf.len() >= MSG_BYTES,
+            "event buffer smaller than one uffd_msg"
+        );
         match nix::unistd::read(&self.fd, buf) {
             Ok(n) => Ok(n),
             Err(Errno::EAGAIN) => Ok(0),
