@@ -83,6 +83,8 @@ pub struct SourceConfig {
     pub handshake_timeout: Duration,
     /// Most sessions served at once.
     pub max_sessions: usize,
+    /// A write that blocks this long (the destination stopped reading) ends its session.
+    pub write_timeout: Duration,
     /// Test hook: delay before answering each urgent request (forces stream/request races).
     pub urgent_delay: Duration,
     /// Print a line per session to stderr.
@@ -95,6 +97,7 @@ impl Default for SourceConfig {
             once: false,
             handshake_timeout: Duration::from_secs(10),
             max_sessions: 64,
+            write_timeout: Duration::from_secs(60),
             urgent_delay: Duration::ZERO,
             verbose: true,
         }
@@ -322,6 +325,7 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(shared.config.handshake_timeout));
+    let _ = stream.set_write_timeout(Some(shared.config.write_timeout));
     let mut body = Vec::new();
     let hello = match read_frame(&mut stream, peer, &mut body) {
         Ok(Some(h)) if h.kind == Kind::Hello => h,

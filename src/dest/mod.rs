@@ -142,24 +142,28 @@ fn read_welcome(stream: &mut TcpStream, context: &str) -> Result<Welcome, DestEr
         context: context.into(),
         source,
     })?;
+    if !matches!(h.kind, Kind::Welcome | Kind::Error) {
+        // Checked before reading (or allocating) the body the header announces.
+        return Err(DestError::Protocol {
+            context: context.into(),
+            source: CodecError::Unexpected {
+                got: h.kind,
+                expected: "Welcome",
+            },
+        });
+    }
+    // decode() bounded the body: at most MAX_CONTROL_BODY for these kinds.
     let mut body = vec![0u8; h.body_len as usize];
     stream
         .read_exact(&mut body)
         .map_err(io_err(format!("{context}: read handshake body")))?;
-    match h.kind {
-        Kind::Welcome => Welcome::decode_body(&h, &body).map_err(|source| DestError::Protocol {
-            context: context.into(),
-            source,
-        }),
-        Kind::Error => Err(DestError::Remote(codec::decode_error(&body))),
-        other => Err(DestError::Protocol {
-            context: context.into(),
-            source: CodecError::Unexpected {
-                got: other,
-                expected: "Welcome",
-            },
-        }),
+    if h.kind == Kind::Error {
+        return Err(DestError::Remote(codec::decode_error(&body)));
     }
+    Welcome::decode_body(&h, &body).map_err(|source| DestError::Protocol {
+        context: context.into(),
+        source,
+    })
 }
 
 /// Opens a connection of `role` for `worker` and exchanges `Hello`/`Welcome`.

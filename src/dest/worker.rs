@@ -115,7 +115,9 @@ struct Worker {
     /// Bulk completions reaped in the middle of a bulk batch, handled next loop.
     deferred: Vec<Completion>,
     last_progress: Instant,
-    awaiting_reply: bool,
+    /// Pages requested (or queued to be) and not placed yet: the engine is waiting on the
+    /// source while this is non-zero.
+    outstanding: u64,
     stats: WorkerStats,
 }
 
@@ -235,7 +237,7 @@ impl Worker {
             side: Vec::with_capacity(256),
             deferred: Vec::with_capacity(4),
             last_progress: Instant::now(),
-            awaiting_reply: false,
+            outstanding: 0,
             stats: WorkerStats::default(),
             ram,
             shared,
@@ -297,7 +299,7 @@ impl Worker {
     }
 
     fn check_stall(&self) -> Result<(), DestError> {
-        let waiting = self.awaiting_reply || (self.bulk.is_some() && !self.bulk_ended);
+        let waiting = self.outstanding > 0 || (self.bulk.is_some() && !self.bulk_ended);
         let idle = self.last_progress.elapsed();
         if waiting && self.missing > 0 && idle > self.config.stall_timeout {
             return Err(DestError::Stalled {
@@ -370,6 +372,7 @@ impl Worker {
             let addr = self.ram.regions[b].addr() + page as usize * ps;
             self.uffd.wake(addr, ps)?;
         } else if self.requested[b].set(page) {
+            self.outstanding += 1;
             self.pending.push((b as u32, page));
         } else {
             self.stats.fault_deduplicated += 1;
@@ -435,7 +438,6 @@ impl Worker {
         let fd = self.urgent.stream.as_raw_fd();
         self.ring.write(fd, self.send, 0, len, TAG_SEND)?;
         self.ring.submit()?;
-        self.awaiting_reply = true;
         Ok(())
     }
 
@@ -495,9 +497,6 @@ impl Worker {
         let n = result as usize;
         self.stats.bytes_received += n as u64;
         self.last_progress = Instant::now();
-        if !bulk {
-            self.awaiting_reply = false;
-        }
         let (header_slot, body_slot, name) = (conn.header, conn.body, conn.name);
         match conn.state {
             Recv::Header { got } => {
@@ -717,6 +716,8 @@ impl Worker {
         let new = self.ram.received[b].set_range(first, n);
         debug_assert_eq!(new, n, "a page was placed twice");
         self.missing -= new;
+        // Requests these pages answered (whichever path delivered them) are no longer awaited.
+        self.outstanding -= self.requested[b].clear_range(first, n);
         match origin {
             Origin::Fault => self.stats.pages_by_fault += new,
             Origin::Stream => self.stats.pages_by_stream += new,

@@ -1,0 +1,620 @@
+//! Helpers shared by the integration tests: an in-process source server, a bounded destination
+//! run (engine + verifying workload), an independent per-page checksum verifier, and the pieces
+//! of a scripted fake peer speaking `postcopy::codec` over real sockets.
+//!
+//! Every wait is bounded: a bug fails a test instead of hanging it. A destination runs on its own
+//! thread and reports through a channel read with `recv_timeout`; if the engine does not finish
+//! in time it is stopped (its userfaultfds close, so blocked touches resume) and the test fails.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use postcopy::codec::{self, Frame, Header, ImageInfo, HEADER_BYTES};
+use postcopy::dest::{self, DestError, DestRam, Engine, EngineConfig, EngineReport};
+use postcopy::image::{page_checksum, Image, Synthetic};
+use postcopy::layout::Layout;
+use postcopy::source::{SessionReport, SourceConfig, SourceError, SourceServer, StopHandle};
+use postcopy::workload::{self, Pattern, WorkloadConfig, WorkloadResult, WRITE_MARK};
+
+/// Base page size of the test layouts.
+pub const PAGE: u64 = 4096;
+/// One MiB.
+pub const MIB: u64 = 1 << 20;
+/// Bound on one whole end-to-end migration.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on one socket read of a fake peer.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A one-block layout of `size_bytes` in 4 KiB pages.
+pub fn layout(size_bytes: u64) -> Layout {
+    Layout::single("pc.ram", size_bytes, PAGE).expect("valid test layout")
+}
+
+/// Polls `done` every few milliseconds until it holds or `timeout` passes; returns whether it
+/// held.
+pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// Joins a thread, failing the test if it does not end within `timeout` (the thread is then
+/// leaked, but the test fails instead of hanging).
+pub fn join_within<T>(t: JoinHandle<T>, timeout: Duration, what: &str) -> T {
+    assert!(
+        wait_until(timeout, || t.is_finished()),
+        "{what} did not end within {timeout:?}"
+    );
+    match t.join() {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-process source server.
+
+/// How to start a source.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    /// Image size.
+    pub size_bytes: u64,
+    /// Image seed.
+    pub seed: u64,
+    /// Share of zero pages.
+    pub zero_percent: u8,
+    /// Serve one session then return.
+    pub once: bool,
+    /// Delay before each urgent reply.
+    pub urgent_delay: Duration,
+}
+
+impl Default for SourceOptions {
+    fn default() -> Self {
+        SourceOptions {
+            size_bytes: 16 * MIB,
+            seed: 0x00c0_ffee,
+            zero_percent: 20,
+            once: true,
+            urgent_delay: Duration::ZERO,
+        }
+    }
+}
+
+/// A running in-process [`SourceServer`] on 127.0.0.1.
+pub struct Source {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// What it serves.
+    pub image: Synthetic,
+    stop: StopHandle,
+    thread: Option<JoinHandle<Result<Vec<SessionReport>, SourceError>>>,
+}
+
+impl Source {
+    /// Binds a server on an ephemeral port and runs it on a thread.
+    pub fn start(opts: &SourceOptions) -> Source {
+        let image = Synthetic::new(layout(opts.size_bytes), opts.seed, opts.zero_percent);
+        let server = SourceServer::bind(
+            "127.0.0.1:0",
+            Arc::new(image.clone()),
+            SourceConfig {
+                once: opts.once,
+                verbose: false,
+                urgent_delay: opts.urgent_delay,
+                ..Default::default()
+            },
+        )
+        .expect("bind source");
+        let addr = server.local_addr();
+        let stop = server.stop_handle();
+        let thread = std::thread::Builder::new()
+            .name("test-source".into())
+            .spawn(move || server.run())
+            .expect("spawn source");
+        Source {
+            addr,
+            image,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The server's stop handle.
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    /// Waits (bounded) for `run` to return by itself (with `once`, after the first session),
+    /// and returns the session reports.
+    pub fn finish(mut self, timeout: Duration) -> Vec<SessionReport> {
+        let t = self.thread.take().expect("source thread");
+        let ended = wait_until(timeout, || t.is_finished());
+        self.stop.stop();
+        let reports = t.join().expect("source thread panicked");
+        assert!(
+            ended,
+            "source server did not end by itself within {timeout:?}"
+        );
+        reports.expect("source server failed")
+    }
+
+    /// Stops the server with its [`StopHandle`] and returns the reports of the ended sessions.
+    pub fn stop_and_join(self) -> Vec<SessionReport> {
+        self.stop.stop();
+        self.finish(Duration::from_secs(10))
+    }
+}
+
+impl Drop for Source {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            // `run` polls its stop flag every few milliseconds.
+            if wait_until(Duration::from_secs(5), || t.is_finished()) {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// How many of `reports` say the destination confirmed every page.
+pub fn complete_sessions(reports: &[SessionReport]) -> usize {
+    reports.iter().filter(|r| r.complete).count()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Destination: engine + workload, bounded.
+
+/// How to run a destination.
+#[derive(Clone, Debug)]
+pub struct DestOptions {
+    /// Engine workers.
+    pub workers: usize,
+    /// Background stream.
+    pub stream: bool,
+    /// Pin workers.
+    pub pin: bool,
+    /// Workload threads.
+    pub threads: usize,
+    /// Workload pattern.
+    pub pattern: Pattern,
+    /// Workload seed.
+    pub seed: u64,
+}
+
+impl Default for DestOptions {
+    fn default() -> Self {
+        DestOptions {
+            workers: 2,
+            stream: true,
+            pin: false,
+            threads: 4,
+            pattern: Pattern::Random,
+            seed: 42,
+        }
+    }
+}
+
+/// Everything a test may assert about one destination run.
+pub struct DestOutcome {
+    /// The memory (engine ended: no page can still fault into it).
+    pub ram: Arc<DestRam>,
+    /// The image the source said it serves (recomputed here).
+    pub image: Synthetic,
+    /// What the workload saw.
+    pub workload: WorkloadResult,
+    /// The engine's result.
+    pub engine: Result<EngineReport, DestError>,
+    /// `workload::final_check`: (pages checked, mismatches, first mismatch).
+    pub final_check: (u64, u64, Option<String>),
+    /// The engine had to be stopped because the run exceeded [`TIMEOUT`].
+    pub timed_out: bool,
+    /// Wall time from connect to the engine's end.
+    pub seconds: f64,
+}
+
+impl DestOutcome {
+    /// The engine report, or a test failure naming the engine's error.
+    pub fn report(&self) -> &EngineReport {
+        match &self.engine {
+            Ok(r) => r,
+            Err(e) => panic!("engine failed: {e}"),
+        }
+    }
+
+    /// Asserts the migration completed and every page verified, by the workload (first touch),
+    /// by `workload::final_check`, and by this file's own per-page checksum pass.
+    pub fn assert_verified(&self) {
+        assert!(
+            !self.timed_out,
+            "destination did not finish within {TIMEOUT:?}"
+        );
+        let r = self.report();
+        let total = self.ram.layout.total_pages();
+        assert_eq!(
+            self.workload.mismatches, 0,
+            "workload: {:?}",
+            self.workload.first_mismatch
+        );
+        assert_eq!(
+            self.workload.touches, total,
+            "every page claimed once by the workload"
+        );
+        assert_eq!(self.final_check.0, total);
+        assert_eq!(
+            self.final_check.1, 0,
+            "final_check: {:?}",
+            self.final_check.2
+        );
+        assert!(self.ram.complete(), "received bitmaps not full");
+        assert_eq!(
+            r.totals.pages_by_fault + r.totals.pages_by_stream,
+            total,
+            "each page placed exactly once: {:?}",
+            r.totals
+        );
+        let bad = verify_pages(&self.ram, &self.image, true);
+        assert!(
+            bad.is_empty(),
+            "{} pages differ, first {:?}",
+            bad.len(),
+            bad.first()
+        );
+    }
+}
+
+/// Expected contents of a page: the image's, with the workload's write applied if `written`.
+pub fn expected_page(image: &Synthetic, block: u32, page: u64, written: bool, out: &mut [u8]) {
+    image.fill(block, page, out);
+    if written {
+        let w = u64::from_ne_bytes(out[..8].try_into().expect("8 bytes"));
+        out[..8].copy_from_slice(&(w ^ WRITE_MARK).to_ne_bytes());
+    }
+}
+
+/// Reads every page of every block (only after the engine ended, or for placed pages) and
+/// compares its checksum with the expected one. Returns the (block, page) that differ.
+pub fn verify_pages(ram: &DestRam, image: &Synthetic, written: bool) -> Vec<(u32, u64)> {
+    let mut bad = Vec::new();
+    for (b, block) in ram.layout.blocks.iter().enumerate() {
+        let ps = block.page_size as usize;
+        let mut got = vec![0u8; ps];
+        let mut want = vec![0u8; ps];
+        for p in 0..block.pages() {
+            ram.regions[b].read_into(p as usize * ps, &mut got);
+            expected_page(image, b as u32, p, written, &mut want);
+            if page_checksum(&got) != page_checksum(&want) {
+                bad.push((b as u32, p));
+            }
+        }
+    }
+    bad
+}
+
+/// Checksum of page `page` of block 0 as the image has it (no workload write).
+pub fn image_checksum(image: &Synthetic, page: u64) -> u64 {
+    let mut buf = vec![0u8; PAGE as usize];
+    image.fill(0, page, &mut buf);
+    page_checksum(&buf)
+}
+
+/// Runs a destination against `addr`: see [`run_dest_with`].
+pub fn run_dest(addr: SocketAddr, opts: &DestOptions) -> DestOutcome {
+    run_dest_with(addr, opts, |_, _| ()).0
+}
+
+/// Runs a destination against `addr` on its own thread: `dest::connect`, `DestRam::new`,
+/// `Engine::start`, then `before` (a test's own phase of touches, which may block on faults),
+/// then `workload::run`, `EngineHandle::wait` and `workload::final_check`. Bounded by
+/// [`TIMEOUT`]: past it the engine is stopped and the outcome says `timed_out`.
+pub fn run_dest_with<R, F>(addr: SocketAddr, opts: &DestOptions, before: F) -> (DestOutcome, R)
+where
+    R: Send + 'static,
+    F: FnOnce(&Arc<DestRam>, &Synthetic) -> R + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel();
+    let opts = opts.clone();
+    let t = std::thread::Builder::new()
+        .name("test-dest".into())
+        .spawn(move || {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                dest_session(addr, &opts, before)
+            }));
+            let _ = tx.send(r.and_then(|r| r));
+        })
+        .expect("spawn destination");
+    match rx.recv_timeout(TIMEOUT + Duration::from_secs(20)) {
+        Ok(Ok(out)) => {
+            let _ = t.join();
+            out
+        }
+        Ok(Err(panic)) => {
+            let _ = t.join();
+            std::panic::resume_unwind(panic)
+        }
+        Err(e) => panic!("destination thread did not report within the bound: {e}"),
+    }
+}
+
+type Panic = Box<dyn std::any::Any + Send + 'static>;
+
+fn dest_session<R, F>(
+    addr: SocketAddr,
+    opts: &DestOptions,
+    before: F,
+) -> Result<(DestOutcome, R), Panic>
+where
+    R: Send + 'static,
+    F: FnOnce(&Arc<DestRam>, &Synthetic) -> R + Send + 'static,
+{
+    let t0 = Instant::now();
+    let config = EngineConfig {
+        source: addr.to_string(),
+        workers: opts.workers,
+        pin: opts.pin,
+        stream: opts.stream,
+        stall_timeout: Duration::from_secs(20),
+        connect_timeout: Duration::from_secs(10),
+    };
+    let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
+    let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {
+        panic!("the test source serves a synthetic image");
+    };
+    let layout = connected.welcome.layout.clone();
+    let image = Synthetic::new(layout.clone(), seed, zero_percent);
+    let ram = Arc::new(DestRam::new(&layout).expect("DestRam::new"));
+    let handle = Engine::start(connected, ram.clone(), &config).expect("Engine::start");
+
+    let wl_config = WorkloadConfig {
+        threads: opts.threads,
+        pattern: opts.pattern,
+        seed: opts.seed,
+    };
+    let (wl_ram, wl_image) = (ram.clone(), image.clone());
+    let wl = std::thread::Builder::new()
+        .name("test-workload".into())
+        .spawn(move || {
+            let r = before(&wl_ram, &wl_image);
+            (r, workload::run(&wl_ram, &wl_image, &wl_config))
+        })
+        .expect("spawn workload");
+
+    // Bounded: the workload and the engine must both end. Once the workload is done the engine
+    // has little left to do (the stream's tail and End/Ack): give it a shorter grace.
+    let deadline = t0 + TIMEOUT;
+    let mut engine_deadline = deadline;
+    let mut timed_out = false;
+    loop {
+        let wl_done = wl.is_finished();
+        if wl_done && handle.is_finished() {
+            break;
+        }
+        if wl_done && engine_deadline == deadline {
+            engine_deadline = deadline.min(Instant::now() + Duration::from_secs(20));
+        }
+        if Instant::now() >= engine_deadline {
+            timed_out = true;
+            handle.stop();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let engine = handle.wait();
+    let seconds = t0.elapsed().as_secs_f64();
+    // The engine has ended: its userfaultfds are closed, so blocked touches have resumed.
+    assert!(
+        wait_until(Duration::from_secs(20), || wl.is_finished()),
+        "workload still blocked after the engine ended"
+    );
+    let (r, workload) = wl.join()?;
+    let final_check = workload::final_check(&ram, &image, 2);
+    Ok((
+        DestOutcome {
+            ram,
+            image,
+            workload,
+            engine,
+            final_check,
+            timed_out,
+            seconds,
+        },
+        r,
+    ))
+}
+
+/// A full migration: source (`once`) + destination; returns the destination's outcome and the
+/// source's report of the session.
+pub fn migrate(src: &SourceOptions, dst: &DestOptions) -> (DestOutcome, SessionReport) {
+    let source = Source::start(&SourceOptions {
+        once: true,
+        ..src.clone()
+    });
+    let out = run_dest(source.addr, dst);
+    let reports = source.finish(Duration::from_secs(20));
+    assert_eq!(reports.len(), 1, "one session: {reports:?}");
+    (out, reports.into_iter().next().expect("one report"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fake peers: raw frames over real sockets.
+
+/// Reads one whole frame (header + body) from `s`. `Ok(None)` on a clean end of stream before a
+/// header. The header must decode (our own codec checks it); the body is read as declared.
+pub fn read_raw_frame(s: &mut impl Read) -> std::io::Result<Option<(Header, Vec<u8>)>> {
+    let mut head = [0u8; HEADER_BYTES];
+    let mut got = 0;
+    while got < HEADER_BYTES {
+        match s.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "end of stream inside a header",
+                ))
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let h = Header::decode(&head)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let mut frame = head.to_vec();
+    frame.resize(HEADER_BYTES + h.body_len as usize, 0);
+    s.read_exact(&mut frame[HEADER_BYTES..])?;
+    Ok(Some((h, frame)))
+}
+
+/// Reads one frame and decodes it with [`Frame::decode`] (checked against `layout` if given).
+pub fn read_frame(s: &mut impl Read, layout: Option<&Layout>) -> std::io::Result<Option<Frame>> {
+    let Some((_, bytes)) = read_raw_frame(s)? else {
+        return Ok(None);
+    };
+    let (f, used) = Frame::decode(&bytes, layout)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    assert_eq!(used, bytes.len());
+    Ok(Some(f))
+}
+
+/// Reads until the peer closes (or resets) the connection, discarding what arrives. Returns
+/// whether it closed within `timeout`.
+pub fn drain_until_closed(s: &mut TcpStream, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let _ = s.set_read_timeout(Some(left.max(Duration::from_millis(1))));
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true, // reset: closed too
+        }
+    }
+}
+
+/// A listening fake source.
+pub struct FakeListener {
+    listener: TcpListener,
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl FakeListener {
+    /// Binds 127.0.0.1 on an ephemeral port.
+    pub fn bind() -> FakeListener {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let addr = listener.local_addr().expect("address");
+        FakeListener { listener, addr }
+    }
+
+    /// Accepts one connection within `timeout` (blocking, read timeout [`IO_TIMEOUT`]).
+    pub fn accept(&self, timeout: Duration) -> std::io::Result<TcpStream> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false)?;
+                    s.set_read_timeout(Some(IO_TIMEOUT))?;
+                    s.set_write_timeout(Some(IO_TIMEOUT))?;
+                    s.set_nodelay(true)?;
+                    return Ok(s);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "no connection to the fake source",
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Encodes a frame.
+pub fn encode(f: &Frame) -> Vec<u8> {
+    let mut out = Vec::new();
+    f.encode_into(&mut out);
+    out
+}
+
+/// A header's 32 bytes.
+pub fn header_bytes(h: &Header) -> Vec<u8> {
+    let mut out = Vec::new();
+    h.encode_into(&mut out);
+    out
+}
+
+/// A legitimate `Pages` frame for `[first, first + count)` of block 0 of `image`.
+pub fn legit_pages(image: &Synthetic, first: u64, count: u64) -> Vec<u8> {
+    let ps = image.layout().blocks[0].page_size as usize;
+    let contents: Vec<Vec<u8>> = (first..first + count)
+        .map(|p| {
+            let mut buf = vec![0u8; ps];
+            image.fill(0, p, &mut buf);
+            buf
+        })
+        .collect();
+    let pages: Vec<Option<&[u8]>> = (first..first + count)
+        .zip(&contents)
+        .map(|(p, c)| (!image.is_zero(0, p)).then_some(&c[..]))
+        .collect();
+    let mut out = Vec::new();
+    codec::encode_pages(0, first, ps as u64, pages.iter().copied(), &mut out);
+    out
+}
+
+/// Asserts a decoded frame is an `Error` frame and returns its message.
+pub fn expect_error_frame(f: Option<Frame>, what: &str) -> String {
+    match f {
+        Some(Frame::Error(m)) => m,
+        other => panic!("{what}: expected an Error frame, got {other:?}"),
+    }
+}
+
+/// Resident set size of this process, bytes (from /proc/self/statm).
+pub fn rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/statm").expect("statm");
+    let pages: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("statm resident");
+    pages * postcopy::sys::mem::base_page_size() as u64
+}
+
+/// Writes all of `bytes`, mapping errors to a message.
+pub fn send(s: &mut TcpStream, bytes: &[u8]) {
+    s.write_all(bytes).expect("fake peer write");
+}

@@ -1,0 +1,313 @@
+//! End-to-end migrations through the real engine: an in-process source, real sockets, real
+//! userfaultfd and io_uring on the destination, and a verifying workload. Every test checks every
+//! page's contents by checksum (the workload on first touch, `workload::final_check`, and
+//! `common::verify_pages`), not just that the run ended.
+
+mod common;
+
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use common::*;
+use postcopy::dest::shard;
+use postcopy::image::page_checksum;
+use postcopy::workload::Pattern;
+
+/// 1. A full 64 MiB migration with the stream on, for each access pattern.
+fn full_migration(pattern: Pattern) {
+    let (out, src) = migrate(
+        &SourceOptions {
+            size_bytes: 64 * MIB,
+            seed: 11,
+            ..Default::default()
+        },
+        &DestOptions {
+            pattern,
+            ..Default::default()
+        },
+    );
+    out.assert_verified();
+    let total = out.ram.layout.total_pages();
+    let t = &out.report().totals;
+    assert_eq!(t.pages_by_fault + t.pages_by_stream, total);
+    assert!(src.complete, "source report: {src:?}");
+    assert!(src.error.is_none(), "source report: {src:?}");
+    // A page can be sent by both paths (a request for a page already streamed), never by none.
+    assert!(
+        src.pages_stream + src.pages_urgent >= total,
+        "source sent every page: {src:?}"
+    );
+}
+
+#[test]
+fn full_migration_random() {
+    full_migration(Pattern::Random);
+}
+
+#[test]
+fn full_migration_sequential() {
+    full_migration(Pattern::Sequential);
+}
+
+#[test]
+fn full_migration_zipf() {
+    full_migration(Pattern::Zipf);
+}
+
+/// 2. Without the stream every page arrives because some thread faulted on it.
+#[test]
+fn no_stream_every_page_by_fault() {
+    let (out, src) = migrate(
+        &SourceOptions {
+            size_bytes: 32 * MIB,
+            seed: 12,
+            ..Default::default()
+        },
+        &DestOptions {
+            stream: false,
+            ..Default::default()
+        },
+    );
+    out.assert_verified();
+    let total = out.ram.layout.total_pages();
+    let t = &out.report().totals;
+    assert_eq!(t.pages_by_fault, total, "{t:?}");
+    assert_eq!(t.pages_by_stream, 0, "{t:?}");
+    assert_eq!(
+        t.pages_requested, total,
+        "each page requested exactly once: {t:?}"
+    );
+    assert!(src.complete, "{src:?}");
+    assert_eq!(src.pages_stream, 0, "{src:?}");
+    assert_eq!(src.pages_urgent, total, "{src:?}");
+}
+
+/// 3. One and two workers; each worker places exactly its own shard.
+#[test]
+fn one_and_two_workers() {
+    for workers in [1, 2] {
+        let (out, src) = migrate(
+            &SourceOptions {
+                size_bytes: 32 * MIB,
+                seed: 13 + workers as u64,
+                ..Default::default()
+            },
+            &DestOptions {
+                workers,
+                pin: workers == 2,
+                ..Default::default()
+            },
+        );
+        out.assert_verified();
+        let r = out.report();
+        assert_eq!(r.workers, workers);
+        assert_eq!(r.per_worker.len(), workers);
+        let pages = out.ram.layout.blocks[0].pages();
+        for (w, s) in r.per_worker.iter().enumerate() {
+            let (start, end) = shard(pages, w, workers);
+            assert_eq!(
+                s.pages_by_fault + s.pages_by_stream,
+                end - start,
+                "worker {w} of {workers} placed its shard: {s:?}"
+            );
+        }
+        assert!(src.complete, "{workers} workers: {src:?}");
+    }
+}
+
+/// 4. Zero pages travel as flags and are placed with UFFDIO_ZEROPAGE.
+#[test]
+fn all_zero_pages() {
+    let (out, src) = migrate(
+        &SourceOptions {
+            size_bytes: 32 * MIB,
+            zero_percent: 100,
+            ..Default::default()
+        },
+        &DestOptions::default(),
+    );
+    out.assert_verified();
+    let total = out.ram.layout.total_pages();
+    let t = &out.report().totals;
+    assert_eq!(t.pages_zero, total, "{t:?}");
+    assert_eq!(
+        src.pages_zero,
+        src.pages_urgent + src.pages_stream,
+        "{src:?}"
+    );
+    // Contents: zero except the workload's mark in the first word.
+    let mut page = vec![0u8; PAGE as usize];
+    for p in (0..total).step_by(97) {
+        out.ram.regions[0].read_into((p * PAGE) as usize, &mut page);
+        assert!(page[8..].iter().all(|b| *b == 0), "page {p} is not zero");
+    }
+}
+
+#[test]
+fn no_zero_pages() {
+    let (out, src) = migrate(
+        &SourceOptions {
+            size_bytes: 16 * MIB,
+            zero_percent: 0,
+            ..Default::default()
+        },
+        &DestOptions::default(),
+    );
+    out.assert_verified();
+    assert_eq!(out.report().totals.pages_zero, 0);
+    assert_eq!(src.pages_zero, 0, "{src:?}");
+}
+
+/// 5. Sixteen threads fault on the same page at once: one request, every thread sees the page.
+#[test]
+fn many_threads_fault_on_one_page() {
+    const THREADS: usize = 16;
+    let source = Source::start(&SourceOptions {
+        size_bytes: 16 * MIB,
+        seed: 15,
+        ..Default::default()
+    });
+    let hot = 16 * MIB / PAGE / 2 + 7;
+    let (out, seen) = run_dest_with(
+        source.addr,
+        &DestOptions {
+            workers: 1,
+            stream: false,
+            // Phase 2: one thread in page order, so each fault is exactly one request.
+            threads: 1,
+            pattern: Pattern::Sequential,
+            ..Default::default()
+        },
+        move |ram, image| {
+            assert!(!ram.received[0].get(hot));
+            let barrier = Arc::new(Barrier::new(THREADS));
+            let threads: Vec<_> = (0..THREADS)
+                .map(|_| {
+                    let (ram, barrier) = (ram.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; PAGE as usize];
+                        barrier.wait();
+                        ram.regions[0].read_into((hot * PAGE) as usize, &mut buf);
+                        page_checksum(&buf)
+                    })
+                })
+                .collect();
+            let sums: Vec<u64> = threads
+                .into_iter()
+                .map(|t| join_within(t, Duration::from_secs(30), "faulting thread"))
+                .collect();
+            let want = image_checksum(image, hot);
+            // Only the hot page may have been placed so far.
+            (
+                sums.iter().filter(|s| **s == want).count(),
+                ram.pages_received(),
+                want,
+            )
+        },
+    );
+    let (right, placed_in_phase1, _) = seen;
+    assert_eq!(
+        right, THREADS,
+        "every faulting thread saw the page's contents"
+    );
+    assert_eq!(placed_in_phase1, 1, "phase 1 placed only the hot page");
+    out.assert_verified();
+    let total = out.ram.layout.total_pages();
+    let t = &out.report().totals;
+    // Phase 2 (one thread, page order) faulted on every page but the hot one, one request each.
+    assert_eq!(out.workload.faults, total - 1, "{t:?}");
+    assert_eq!(
+        t.requests,
+        1 + out.workload.faults,
+        "phase 1 sent one request: {t:?}"
+    );
+    assert_eq!(t.pages_requested, total, "{t:?}");
+    assert_eq!(t.pages_by_fault, total, "{t:?}");
+    // Every fault event beyond the first for a page was deduplicated or found placed.
+    assert_eq!(
+        t.fault_deduplicated + t.fault_already_placed,
+        t.fault_events - t.requests,
+        "{t:?}"
+    );
+    let src = source.finish(Duration::from_secs(20));
+    assert!(src[0].complete, "{src:?}");
+    assert_eq!(src[0].requests, t.requests, "{src:?}");
+    eprintln!(
+        "16 threads on one page: {} fault events, {} deduplicated, {} found placed",
+        t.fault_events - out.workload.faults,
+        t.fault_deduplicated,
+        t.fault_already_placed
+    );
+}
+
+/// 6. A page arrives by the stream while its request is in flight: the reply's placement sees
+/// EEXIST, and the faulting thread (woken by the stream's placement) still runs.
+#[test]
+fn stream_races_request_eexist() {
+    const TOUCHERS: u64 = 6;
+    let source = Source::start(&SourceOptions {
+        size_bytes: 64 * MIB,
+        seed: 16,
+        urgent_delay: Duration::from_millis(200),
+        ..Default::default()
+    });
+    let (out, touched) = run_dest_with(
+        source.addr,
+        &DestOptions {
+            workers: 1,
+            stream: true,
+            ..Default::default()
+        },
+        move |ram, image| {
+            let total = ram.layout.total_pages();
+            // Pages well ahead of the stream (which starts at page 0 of the shard): they fault,
+            // their requests wait 200 ms at the source, and the stream places them first.
+            let pages: Vec<u64> = (0..TOUCHERS)
+                .map(|k| total / 2 + k * (total / 2 / TOUCHERS) + 3)
+                .collect();
+            let barrier = Arc::new(Barrier::new(pages.len()));
+            let threads: Vec<_> = pages
+                .iter()
+                .map(|&p| {
+                    let (ram, barrier) = (ram.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; PAGE as usize];
+                        barrier.wait();
+                        let was_missing = !ram.received[0].get(p);
+                        let t0 = Instant::now();
+                        ram.regions[0].read_into((p * PAGE) as usize, &mut buf);
+                        (p, was_missing, t0.elapsed(), page_checksum(&buf))
+                    })
+                })
+                .collect();
+            let results: Vec<_> = threads
+                .into_iter()
+                .map(|t| join_within(t, Duration::from_secs(30), "faulting thread"))
+                .collect();
+            for (p, _, _, sum) in &results {
+                assert_eq!(*sum, image_checksum(image, *p), "page {p}");
+            }
+            // Let the stream finish before the workload, so that the workload does not queue
+            // more delayed requests.
+            assert!(
+                wait_until(Duration::from_secs(30), || ram.complete()),
+                "stream did not complete"
+            );
+            results
+        },
+    );
+    out.assert_verified();
+    let t = &out.report().totals;
+    let faulted = touched.iter().filter(|r| r.1).count();
+    assert!(faulted > 0, "no toucher faulted: {touched:?}");
+    assert!(
+        t.eexist > 0,
+        "no EEXIST race observed: {t:?}; touches {touched:?}"
+    );
+    let src = source.finish(Duration::from_secs(20));
+    assert!(src[0].complete, "{src:?}");
+    eprintln!(
+        "EEXIST race: {} eexist, {} requests; touches {:?}",
+        t.eexist, t.requests, touched
+    );
+}
