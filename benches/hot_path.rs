@@ -124,23 +124,20 @@ fn placement_benches(c: &mut Criterion) {
     let drop_pages = || r.region.dontneed(0, BATCH * PAGE).expect("MADV_DONTNEED");
     let mut g = c.benchmark_group("placement_64_pages");
     g.throughput(Throughput::Bytes((BATCH * PAGE) as u64));
+    let copy_each = |dontwake: bool| {
+        for i in 0..BATCH {
+            r.uffd
+                .copy(
+                    r.region.addr() + i * PAGE,
+                    r.src[i * PAGE..].as_ptr(),
+                    PAGE,
+                    dontwake,
+                )
+                .expect("copy");
+        }
+    };
     g.bench_function("copy_per_page", |b| {
-        b.iter_batched(
-            drop_pages,
-            |()| {
-                for i in 0..BATCH {
-                    r.uffd
-                        .copy(
-                            r.region.addr() + i * PAGE,
-                            r.src[i * PAGE..].as_ptr(),
-                            PAGE,
-                            false,
-                        )
-                        .expect("copy");
-                }
-            },
-            BatchSize::PerIteration,
-        )
+        b.iter_batched(drop_pages, |()| copy_each(false), BatchSize::PerIteration)
     });
     g.bench_function("copy_one_run", |b| {
         b.iter_batched(
@@ -157,16 +154,7 @@ fn placement_benches(c: &mut Criterion) {
         b.iter_batched(
             drop_pages,
             |()| {
-                for i in 0..BATCH {
-                    r.uffd
-                        .copy(
-                            r.region.addr() + i * PAGE,
-                            r.src[i * PAGE..].as_ptr(),
-                            PAGE,
-                            true,
-                        )
-                        .expect("copy");
-                }
+                copy_each(true);
                 r.uffd.wake(r.region.addr(), BATCH * PAGE).expect("wake")
             },
             BatchSize::PerIteration,

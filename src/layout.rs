@@ -144,6 +144,15 @@ impl Layout {
         self.blocks.iter().map(Block::pages).sum()
     }
 
+    /// The largest page size of any block (the size of a scratch page that fits every block).
+    pub fn max_page_size(&self) -> u64 {
+        self.blocks
+            .iter()
+            .map(|b| b.page_size)
+            .max()
+            .unwrap_or(4096)
+    }
+
     /// Total bytes over all blocks.
     pub fn total_bytes(&self) -> u64 {
         self.blocks.iter().map(|b| b.size_bytes).sum()

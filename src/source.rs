@@ -524,12 +524,7 @@ fn serve_urgent(
     // (root or CAP_SYS_NICE); best effort otherwise.
     let _ = crate::sys::set_thread_nice(-10);
     let layout = shared.image.layout();
-    let max_page = layout
-        .blocks
-        .iter()
-        .map(|b| b.page_size)
-        .max()
-        .unwrap_or(4096) as usize;
+    let max_page = layout.max_page_size() as usize;
     let mut scratch = vec![0u8; max_page];
     let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut reader = BufReader::with_capacity(
@@ -620,12 +615,7 @@ fn serve_bulk(
     // The stream yields the CPU to urgent replies (best effort).
     let _ = crate::sys::set_thread_nice(5);
     let layout = shared.image.layout();
-    let max_page = layout
-        .blocks
-        .iter()
-        .map(|b| b.page_size)
-        .max()
-        .unwrap_or(4096) as usize;
+    let max_page = layout.max_page_size() as usize;
     let mut scratch = vec![0u8; max_page];
     const FLUSH_BYTES: usize = 1 << 20;
     let mut out: Vec<u8> = Vec::with_capacity(FLUSH_BYTES + 64 * 4096 + 4096);

@@ -168,13 +168,7 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
         Pattern::Zipf => permutation(total, &mut rng),
         _ => Vec::new(),
     };
-    let max_page = ram
-        .layout
-        .blocks
-        .iter()
-        .map(|b| b.page_size)
-        .max()
-        .unwrap_or(4096) as usize;
+    let max_page = ram.layout.max_page_size() as usize;
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
@@ -271,13 +265,7 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
 pub fn final_check(ram: &DestRam, image: &Synthetic, threads: usize) -> (u64, u64, Option<String>) {
     let total = ram.layout.total_pages();
     let threads = threads.max(1);
-    let max_page = ram
-        .layout
-        .blocks
-        .iter()
-        .map(|b| b.page_size)
-        .max()
-        .unwrap_or(4096) as usize;
+    let max_page = ram.layout.max_page_size() as usize;
     let parts: Vec<(u64, Option<String>)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {

@@ -72,7 +72,11 @@ unsafe impl Sync for Mapping {}
 impl Mapping {
     /// Private anonymous read-write memory, not yet backed (every page missing).
     pub fn anonymous(len_bytes: usize, what: &'static str) -> Result<Mapping, MemError> {
-        Self::map_anon(len_bytes, MapFlags::empty(), what)
+        Self::map_anon(
+            len_bytes,
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE,
+            what,
+        )
     }
 
     /// Private anonymous memory backed by reserved 2 MiB huge pages (hugetlbfs).
@@ -86,52 +90,32 @@ impl Mapping {
 
     /// Shared anonymous memory (shmem), as a VMM with a memfd would have.
     pub fn shared_anonymous(len_bytes: usize, what: &'static str) -> Result<Mapping, MemError> {
-        if len_bytes == 0 {
-            return Err(MemError::Invalid(format!("{what}: zero length")));
-        }
-        // SAFETY: a fresh shared anonymous mapping chosen by the kernel aliases nothing we own.
-        let ptr = unsafe {
-            mman::mmap_anonymous(
-                None,
-                std::num::NonZeroUsize::new(len_bytes).expect("checked non-zero"),
-                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_SHARED,
-            )
-        }
-        .map_err(|errno| MemError::Map {
-            what,
-            len_bytes,
-            errno,
-            hint: "",
-        })?;
-        Ok(Mapping {
-            ptr: ptr.cast(),
-            len_bytes,
-        })
+        Self::map_anon(len_bytes, MapFlags::MAP_SHARED, what)
     }
 
     fn map_anon(
         len_bytes: usize,
-        extra: MapFlags,
+        flags: MapFlags,
         what: &'static str,
     ) -> Result<Mapping, MemError> {
         if len_bytes == 0 {
             return Err(MemError::Invalid(format!("{what}: zero length")));
         }
-        // SAFETY: a fresh private anonymous mapping chosen by the kernel aliases nothing we own.
+        // SAFETY: a fresh anonymous mapping at an address the kernel chooses aliases nothing we
+        // own.
         let ptr = unsafe {
             mman::mmap_anonymous(
                 None,
                 std::num::NonZeroUsize::new(len_bytes).expect("checked non-zero"),
                 ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
-                MapFlags::MAP_PRIVATE | MapFlags::MAP_NORESERVE | extra,
+                flags,
             )
         }
         .map_err(|errno| MemError::Map {
             what,
             len_bytes,
             errno,
-            hint: if extra.contains(MapFlags::MAP_HUGETLB) {
+            hint: if flags.contains(MapFlags::MAP_HUGETLB) {
                 " (reserve huge pages: echo N > /proc/sys/vm/nr_hugepages)"
             } else {
                 " (not enough address space or memory; check ulimit -v and overcommit settings)"

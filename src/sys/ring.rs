@@ -301,18 +301,7 @@ impl Ring {
         len_bytes: usize,
         tag: u16,
     ) -> Result<(), RingError> {
-        let (ptr, arena) = self.io_range(slot, offset_bytes, len_bytes);
-        let token = Token {
-            kind: OpKind::Read,
-            slot,
-            tag,
-        };
-        let entry = opcode::ReadFixed::new(types::Fd(fd), ptr, len_bytes as u32, arena)
-            .offset(u64::MAX) // -1: the current position, as read(2); streams ignore it
-            .build()
-            .user_data(token.encode());
-        self.push(entry)
-            .inspect_err(|_| self.slots[slot.0 as usize].busy = false)
+        self.push_fixed(OpKind::Read, fd, slot, offset_bytes, len_bytes, tag)
     }
 
     /// Queues a write of `len_bytes` from the slot at `offset_bytes` to `fd` (a socket send).
@@ -324,17 +313,32 @@ impl Ring {
         len_bytes: usize,
         tag: u16,
     ) -> Result<(), RingError> {
+        self.push_fixed(OpKind::Write, fd, slot, offset_bytes, len_bytes, tag)
+    }
+
+    fn push_fixed(
+        &mut self,
+        kind: OpKind,
+        fd: RawFd,
+        slot: SlotId,
+        offset_bytes: usize,
+        len_bytes: usize,
+        tag: u16,
+    ) -> Result<(), RingError> {
         let (ptr, arena) = self.io_range(slot, offset_bytes, len_bytes);
-        let token = Token {
-            kind: OpKind::Write,
-            slot,
-            tag,
+        let user_data = Token { kind, slot, tag }.encode();
+        let (fd, len) = (types::Fd(fd), len_bytes as u32);
+        // Offset -1: the current position, as read(2)/write(2); sockets ignore it.
+        let entry = match kind {
+            OpKind::Read => opcode::ReadFixed::new(fd, ptr, len, arena)
+                .offset(u64::MAX)
+                .build(),
+            OpKind::Write => opcode::WriteFixed::new(fd, ptr, len, arena)
+                .offset(u64::MAX)
+                .build(),
+            OpKind::Cancel => unreachable!("cancel has no buffer"),
         };
-        let entry = opcode::WriteFixed::new(types::Fd(fd), ptr, len_bytes as u32, arena)
-            .offset(u64::MAX)
-            .build()
-            .user_data(token.encode());
-        self.push(entry)
+        self.push(entry.user_data(user_data))
             .inspect_err(|_| self.slots[slot.0 as usize].busy = false)
     }
 
