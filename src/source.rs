@@ -135,7 +135,10 @@ struct Session {
     ends_seen: AtomicUsize,
     failed: Mutex<Option<String>>,
     finished: AtomicBool,
+    /// Connections open now; changed only under the sessions lock.
     connections: AtomicUsize,
+    /// Milliseconds after `started` when the last connection closed (0 while any is open).
+    idle_since_ms: AtomicU64,
     pages_urgent: AtomicU64,
     pages_stream: AtomicU64,
     pages_zero: AtomicU64,
@@ -247,9 +250,14 @@ impl SourceServer {
     /// Accepts and serves connections until stopped, or (with `once`) until the first session
     /// ends. Returns the reports of the sessions that ended.
     pub fn run(&self) -> Result<Vec<SessionReport>, SourceError> {
+        let mut last_reap = Instant::now();
         loop {
             if self.stop.load(Ordering::Acquire) {
                 break;
+            }
+            if last_reap.elapsed() > Duration::from_millis(500) {
+                reap_idle(&self.shared);
+                last_reap = Instant::now();
             }
             if self.shared.config.once && !self.shared.finished.lock().expect("poisoned").is_empty()
             {
@@ -350,7 +358,7 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
     let worker = hello.count;
     let session = {
         let mut sessions = shared.sessions.lock().expect("poisoned");
-        if hello.page == 0 {
+        let session = if hello.page == 0 {
             if role != Role::Urgent || worker != 0 {
                 drop(sessions);
                 send_error(
@@ -380,6 +388,7 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
                 failed: Mutex::new(None),
                 finished: AtomicBool::new(false),
                 connections: AtomicUsize::new(0),
+                idle_since_ms: AtomicU64::new(0),
                 pages_urgent: AtomicU64::new(0),
                 pages_stream: AtomicU64::new(0),
                 pages_zero: AtomicU64::new(0),
@@ -408,16 +417,19 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
                     return;
                 }
             }
+        };
+        if session.connections.load(Ordering::Acquire) >= 2 * usize::from(workers) {
+            drop(sessions);
+            send_error(
+                &mut stream,
+                "handshake: too many connections for this session",
+            );
+            return;
         }
+        session.connections.fetch_add(1, Ordering::AcqRel);
+        session.idle_since_ms.store(0, Ordering::Release);
+        session
     };
-    if session.connections.fetch_add(1, Ordering::AcqRel) >= 2 * usize::from(workers) {
-        session.connections.fetch_sub(1, Ordering::AcqRel);
-        send_error(
-            &mut stream,
-            "handshake: too many connections for this session",
-        );
-        return;
-    }
     let mut out = Vec::with_capacity(64 * 1024);
     Welcome {
         session: session.id,
@@ -447,34 +459,75 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
             session.fail(e.to_string());
         }
     }
-    if session.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
-        // Last connection of the session: it is over.
-        session.finished.store(true, Ordering::Release);
-        if shared
-            .sessions
-            .lock()
-            .expect("poisoned")
-            .remove(&session.id)
-            .is_some()
-        {
-            let r = session.report();
-            log(
-                &shared,
-                format_args!(
-                    "session {:#x} {}: {} pages urgent, {} streamed ({} zero), {} requests, {:.1} MiB in {:.2} s{}",
-                    r.session,
-                    if r.complete { "complete" } else { "ended" },
-                    r.pages_urgent,
-                    r.pages_stream,
-                    r.pages_zero,
-                    r.requests,
-                    r.bytes_sent as f64 / (1 << 20) as f64,
-                    r.seconds,
-                    r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
-                ),
-            );
-            shared.finished.lock().expect("poisoned").push(r);
+    // The session ends when its last connection closes after it completed or failed. A
+    // session whose connections all closed early (a fast worker finished before a slow one
+    // connected) waits for the others; `reap_idle` ends it if they never come.
+    let ended = {
+        let mut sessions = shared.sessions.lock().expect("poisoned");
+        if session.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if session.finished.load(Ordering::Acquire) {
+                sessions.remove(&session.id).is_some()
+            } else {
+                let ms = (session.started.elapsed().as_millis() as u64).max(1);
+                session.idle_since_ms.store(ms, Ordering::Release);
+                false
+            }
+        } else {
+            false
         }
+    };
+    if ended {
+        record_end(&shared, &session);
+    }
+}
+
+fn record_end(shared: &Shared, session: &Session) {
+    let r = session.report();
+    log(
+        shared,
+        format_args!(
+            "session {:#x} {}: {} pages urgent, {} streamed ({} zero), {} requests, {:.1} MiB in {:.2} s{}",
+            r.session,
+            if r.complete { "complete" } else { "ended" },
+            r.pages_urgent,
+            r.pages_stream,
+            r.pages_zero,
+            r.requests,
+            r.bytes_sent as f64 / (1 << 20) as f64,
+            r.seconds,
+            r.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default()
+        ),
+    );
+    shared.finished.lock().expect("poisoned").push(r);
+}
+
+/// Ends sessions that have had no connection for longer than the handshake timeout without
+/// completing (a destination that connected some workers and went away).
+fn reap_idle(shared: &Shared) {
+    let limit_ms = shared.config.handshake_timeout.as_millis() as u64;
+    let mut reaped = Vec::new();
+    {
+        let mut sessions = shared.sessions.lock().expect("poisoned");
+        sessions.retain(|_, s| {
+            let idle = s.idle_since_ms.load(Ordering::Acquire);
+            let now = s.started.elapsed().as_millis() as u64;
+            let stale = s.connections.load(Ordering::Acquire) == 0
+                && idle > 0
+                && now.saturating_sub(idle) > limit_ms;
+            if stale {
+                s.fail(format!(
+                    "no connection for {} s and {} of {} workers ended: the destination went away",
+                    limit_ms / 1000,
+                    s.ends_seen.load(Ordering::Acquire),
+                    s.workers
+                ));
+                reaped.push(s.clone());
+            }
+            !stale
+        });
+    }
+    for s in reaped {
+        record_end(shared, &s);
     }
 }
 

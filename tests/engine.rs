@@ -311,3 +311,46 @@ fn stream_races_request_eexist() {
         t.eexist, t.requests, touched
     );
 }
+
+/// A fast worker that finishes (End, Ack, close) before a slow worker has connected must not
+/// end the session: the slow worker still joins it, and the session completes when both ended.
+#[test]
+fn session_outlives_a_worker_that_ends_before_another_connects() {
+    use postcopy::codec::{Frame, Role};
+    use std::net::TcpStream;
+    let src = Source::start(&SourceOptions::default());
+    let join = |session: u64, worker: u16| -> (TcpStream, u64) {
+        let mut s = TcpStream::connect(src.addr).expect("connect");
+        s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        send(
+            &mut s,
+            &encode(&Frame::Hello {
+                session,
+                role: Role::Urgent,
+                worker,
+                workers: 2,
+            }),
+        );
+        match read_frame(&mut s, None).expect("read Welcome") {
+            Some(Frame::Welcome(w)) => (s, w.session),
+            other => panic!("worker {worker}: expected Welcome, got {other:?}"),
+        }
+    };
+    let end = |s: &mut TcpStream, worker: u64| {
+        send(s, &encode(&Frame::End(worker)));
+        match read_frame(s, None).expect("read Ack") {
+            Some(Frame::Ack(v)) => assert_eq!(v, worker),
+            other => panic!("expected Ack, got {other:?}"),
+        }
+    };
+    let (mut first, session) = join(0, 0);
+    end(&mut first, 0);
+    drop(first);
+    std::thread::sleep(Duration::from_millis(200)); // the session now has no connection
+    let (mut late, joined) = join(session, 1);
+    assert_eq!(joined, session);
+    end(&mut late, 1);
+    drop(late);
+    let reports = src.finish(TIMEOUT);
+    assert_eq!(complete_sessions(&reports), 1, "{reports:?}");
+}
