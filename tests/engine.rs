@@ -240,8 +240,8 @@ fn many_threads_fault_on_one_page() {
     );
 }
 
-/// 6. A page arrives by the stream while its request is in flight: the reply's placement sees
-/// EEXIST, and the faulting thread (woken by the stream's placement) still runs.
+/// Case 6: a page arrives by the stream while its request is in flight. The reply's placement
+/// sees EEXIST, and the faulting thread (woken by the stream's placement) still runs.
 #[test]
 fn stream_races_request_eexist() {
     const TOUCHERS: u64 = 6;
