@@ -63,79 +63,152 @@ pub struct DemoConfig {
     pub warmup: bool,
 }
 
-struct ChildGuard(Child);
+/// A `postcopy serve --synthetic` child process on 127.0.0.1, killed on drop.
+pub struct SourceProcess {
+    child: Child,
+    /// Its address.
+    pub addr: String,
+}
 
-impl Drop for ChildGuard {
+impl Drop for SourceProcess {
     fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
         }
-        let _ = self.0.wait();
+        let _ = self.child.wait();
     }
 }
 
-fn start_source(cfg: &DemoConfig) -> Result<(ChildGuard, String), DemoError> {
-    let exe = cfg.exe.display().to_string();
-    let fail = |detail: String| DemoError::SourceStart {
-        exe: exe.clone(),
-        detail,
-    };
-    let mut child = Command::new(&cfg.exe)
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--synthetic",
-            &cfg.size_bytes.to_string(),
-            "--page-size",
-            &cfg.page_size.to_string(),
-            "--seed",
-            &cfg.seed.to_string(),
-            "--zero-percent",
-            &cfg.zero_percent.to_string(),
-            "--once",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(if cfg.quiet {
-            Stdio::null()
-        } else {
-            Stdio::inherit()
-        })
-        .spawn()
-        .map_err(|e| fail(e.to_string()))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let guard = ChildGuard(child);
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .map_err(|e| fail(e.to_string()))?;
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .ok_or_else(|| fail(format!("unexpected first line {line:?}")))?
-        .to_string();
-    Ok((guard, addr))
+impl SourceProcess {
+    /// Starts `exe serve --synthetic` with the demo's image parameters (`--once` if `once`).
+    pub fn start(cfg: &DemoConfig, once: bool) -> Result<SourceProcess, DemoError> {
+        let exe = cfg.exe.display().to_string();
+        let fail = |detail: String| DemoError::SourceStart {
+            exe: exe.clone(),
+            detail,
+        };
+        let mut cmd = Command::new(&cfg.exe);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--synthetic"])
+            .arg(cfg.size_bytes.to_string())
+            .arg("--page-size")
+            .arg(cfg.page_size.to_string())
+            .arg("--seed")
+            .arg(cfg.seed.to_string())
+            .arg("--zero-percent")
+            .arg(cfg.zero_percent.to_string());
+        if once {
+            cmd.arg("--once");
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(if cfg.quiet {
+                Stdio::null()
+            } else {
+                Stdio::inherit()
+            })
+            .spawn()
+            .map_err(|e| fail(e.to_string()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut proc = SourceProcess {
+            child,
+            addr: String::new(),
+        };
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| fail(e.to_string()))?;
+        proc.addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .ok_or_else(|| fail(format!("unexpected first line {line:?}")))?
+            .to_string();
+        Ok(proc)
+    }
+
+    /// Waits up to `timeout` for a `--once` source to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
-/// Runs the demo: returns the report (check `verified`) or an error before any report exists.
-pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
-    let t0 = Instant::now();
-    if cfg.warmup {
-        crate::sys::mem::prewarm(cfg.size_bytes as usize).map_err(DestError::from)?;
-    }
-    let (child, addr) = match &cfg.source {
-        Some(a) => (None, a.clone()),
-        None => {
-            let (c, a) = start_source(cfg)?;
-            (Some(c), a)
+/// Which destination handler serves the faults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Handler {
+    /// The thread-per-core io_uring engine ([`crate::dest`]).
+    Engine,
+    /// The simple one-request-per-fault handler ([`crate::baseline`]).
+    Baseline,
+}
+
+/// One migration into this process.
+#[derive(Clone, Debug)]
+pub struct RunSpec {
+    /// Which handler.
+    pub handler: Handler,
+    /// Engine workers (the baseline has one fault thread).
+    pub workers: usize,
+    /// Pin workers.
+    pub pin: bool,
+    /// Background stream on.
+    pub stream: bool,
+    /// The workload, or none (the stream alone fills the memory).
+    pub workload: Option<WorkloadConfig>,
+    /// Progress on stderr.
+    pub progress: bool,
+}
+
+/// What one migration did.
+pub struct RunOutcome {
+    /// The layout migrated.
+    pub layout: crate::layout::Layout,
+    /// The image's zero-page share.
+    pub zero_percent: u8,
+    /// The workload's view (latency, faults, first-touch mismatches).
+    pub workload: Option<workload::WorkloadResult>,
+    /// The handler's report or its error.
+    pub engine: Result<crate::dest::EngineReport, DestError>,
+    /// Mismatches of the final check, and the first.
+    pub final_mismatches: (u64, Option<String>),
+    /// Every page placed.
+    pub complete: bool,
+}
+
+impl RunOutcome {
+    /// Every page placed once and verified, no error.
+    pub fn verified(&self) -> bool {
+        let wl_bad = self.workload.as_ref().map_or(0, |w| w.mismatches);
+        match &self.engine {
+            Ok(e) => {
+                self.complete
+                    && wl_bad == 0
+                    && self.final_mismatches.0 == 0
+                    && e.totals.pages_by_fault + e.totals.pages_by_stream
+                        == self.layout.total_pages()
+            }
+            Err(_) => false,
         }
-    };
+    }
+}
+
+/// Connects to `addr`, migrates its synthetic image into this process with `spec.handler`,
+/// runs the workload, and checks every page.
+pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoError> {
     let engine_cfg = EngineConfig {
-        source: addr,
-        workers: cfg.workers,
-        pin: cfg.pin,
-        stream: cfg.stream,
+        source: addr.to_string(),
+        workers: match spec.handler {
+            Handler::Engine => spec.workers,
+            Handler::Baseline => 1,
+        },
+        pin: spec.pin,
+        stream: spec.stream,
         ..EngineConfig::default()
     };
     let connected = dest::connect(&engine_cfg)?;
@@ -145,10 +218,13 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
     let layout = connected.welcome.layout.clone();
     let image = Synthetic::new(layout.clone(), seed, zero_percent);
     let ram = Arc::new(DestRam::new(&layout)?);
-    let handle = Engine::start(connected, ram.clone(), &engine_cfg)?;
+    let handle = match spec.handler {
+        Handler::Engine => Engine::start(connected, ram.clone(), &engine_cfg)?,
+        Handler::Baseline => crate::baseline::start(connected, ram.clone(), &engine_cfg)?,
+    };
 
     let (done, done_rx) = crossbeam_channel::bounded::<()>(1);
-    let progress = (!cfg.quiet && std::io::stderr().is_terminal()).then(|| {
+    let progress = spec.progress.then(|| {
         let ram = ram.clone();
         std::thread::spawn(move || {
             let total = ram.layout.total_pages();
@@ -167,51 +243,81 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             eprint!("\r{:60}\r", "");
         })
     });
-
-    let wl = workload::run(
-        &ram,
-        &image,
-        &WorkloadConfig {
-            threads: cfg.threads,
-            pattern: cfg.pattern,
-            seed: cfg.seed ^ 0xa5a5,
-        },
-    );
+    let wl = spec
+        .workload
+        .as_ref()
+        .map(|w| workload::run(&ram, &image, w));
     let engine = handle.wait();
     let _ = done.send(());
     if let Some(p) = progress {
         let _ = p.join();
     }
-    let (_, final_bad, final_first) = workload::final_check(&ram, &image, cfg.threads.max(2));
-    if let Some(mut c) = child {
-        // The source exits by itself after its session (--once); give it a moment.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = c.0.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        drop(c);
-    }
+    let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
+    let (_, bad, first) = workload::final_check(&ram, &image, threads, wl.is_some());
+    Ok(RunOutcome {
+        complete: ram.complete(),
+        layout,
+        zero_percent,
+        workload: wl,
+        engine,
+        final_mismatches: (bad, first),
+    })
+}
 
-    let mismatches = wl.mismatches + final_bad;
+/// Runs the demo: returns the report (check `verified`) or an error before any report exists.
+pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
+    let t0 = Instant::now();
+    if cfg.warmup {
+        crate::sys::mem::prewarm(cfg.size_bytes as usize).map_err(DestError::from)?;
+    }
+    let mut child = match &cfg.source {
+        Some(_) => None,
+        None => Some(SourceProcess::start(cfg, true)?),
+    };
+    let addr = match (&cfg.source, &child) {
+        (Some(a), _) => a.clone(),
+        (None, Some(c)) => c.addr.clone(),
+        (None, None) => unreachable!("a source is started when none is given"),
+    };
+    let out = run_destination(
+        &addr,
+        &RunSpec {
+            handler: Handler::Engine,
+            workers: cfg.workers,
+            pin: cfg.pin,
+            stream: cfg.stream,
+            workload: Some(WorkloadConfig {
+                threads: cfg.threads,
+                pattern: cfg.pattern,
+                seed: cfg.seed ^ 0xa5a5,
+            }),
+            progress: !cfg.quiet && std::io::stderr().is_terminal(),
+        },
+    )?;
+    if let Some(c) = child.as_mut() {
+        // The source exits by itself after its session (--once); give it a moment.
+        c.wait_exit(Duration::from_secs(5));
+    }
+    let verified = out.verified();
+    let layout = &out.layout;
+    let wl = out.workload.expect("the demo runs a workload");
     let mut report = DemoReport {
+        verified,
         page_size: layout.blocks[0].page_size,
         pages_total: layout.total_pages(),
         faults: wl.faults,
         fault_latency_us: LatencyUs::from_ns(&wl.latency_ns),
-        mismatches,
-        first_mismatch: wl.first_mismatch.or(final_first),
+        mismatches: wl.mismatches + out.final_mismatches.0,
+        first_mismatch: wl.first_mismatch.or(out.final_mismatches.1),
         pattern: format!("{:?}", cfg.pattern).to_lowercase(),
         threads: cfg.threads,
         workers: cfg.workers,
         stream: cfg.stream,
-        zero_percent,
+        zero_percent: out.zero_percent,
         size_bytes: layout.total_bytes(),
         ..Default::default()
     };
-    match engine {
+    match out.engine {
         Ok(e) => {
             report.pages_zero = e.totals.pages_zero;
             report.pages_by_fault = e.totals.pages_by_fault;
@@ -224,10 +330,6 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         }
         Err(e) => report.error = Some(e.to_string()),
     }
-    report.verified = report.error.is_none()
-        && mismatches == 0
-        && report.pages_by_fault + report.pages_by_stream == report.pages_total
-        && ram.complete();
     report.total_seconds = t0.elapsed().as_secs_f64();
     Ok(report)
 }

@@ -19,6 +19,8 @@
 //! - [`probe`]: can this host do postcopy.
 #![deny(missing_docs)]
 
+pub mod baseline;
+pub mod bench;
 pub mod codec;
 pub mod demo;
 pub mod dest;

@@ -107,6 +107,50 @@ enum Cmd {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Measure the engine against a simple baseline handler in one run: time to all pages,
+    /// stream-only throughput, fault latency with and without the stream; medians and ratios.
+    Bench {
+        /// Image size of the full and stream-only runs.
+        #[arg(long, default_value = "1G", value_parser = parse_size)]
+        size: u64,
+        /// Image size of the demand-only runs (every page by a fault).
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        demand_size: u64,
+        /// Runs per handler and mode (alternating).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// How the workload touches pages.
+        #[arg(long, value_enum, default_value_t = Pattern::Random)]
+        pattern: Pattern,
+        /// Workload threads.
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+        /// Engine workers (default: one per CPU).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Do not pin workers to CPUs.
+        #[arg(long)]
+        no_pin: bool,
+        /// Share of zero pages in the image, percent.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        zero_percent: u8,
+        /// Seed of the image and the pattern.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Write the JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Print the JSON report instead of the table.
+        #[arg(long)]
+        json: bool,
+        /// Exit non-zero if ours is slower than the baseline to all pages present or worse on
+        /// p99 fault latency with the stream on (the CI gate).
+        #[arg(long)]
+        check: bool,
+        /// No per-run progress lines.
+        #[arg(long, short)]
+        quiet: bool,
+    },
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -246,7 +290,97 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+        Cmd::Bench {
+            size,
+            demand_size,
+            runs,
+            pattern,
+            threads,
+            workers,
+            no_pin,
+            zero_percent,
+            seed,
+            report,
+            json,
+            check,
+            quiet,
+        } => {
+            let r = match bench(
+                size,
+                demand_size,
+                runs,
+                pattern,
+                threads,
+                workers,
+                !no_pin,
+                zero_percent,
+                seed,
+                quiet,
+            ) {
+                Ok(r) => r,
+                Err(e) => return fail(&e),
+            };
+            let json_text = serde_json::to_string_pretty(&r).expect("report serialises");
+            if json {
+                println!("{json_text}");
+            } else {
+                print!("{}", r.render());
+            }
+            if let Some(path) = report {
+                if let Err(e) = std::fs::write(&path, &json_text) {
+                    eprintln!("postcopy: cannot write report {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+            if !r.all_verified {
+                eprintln!("postcopy bench: a run did not verify");
+                return ExitCode::FAILURE;
+            }
+            if check {
+                if let Err(why) = r.gate() {
+                    eprintln!("postcopy bench --check: ours is worse than the baseline: {why}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        }
     }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn bench(
+    size: u64,
+    demand_size: u64,
+    runs: usize,
+    pattern: Pattern,
+    threads: usize,
+    workers: Option<usize>,
+    pin: bool,
+    zero_percent: u8,
+    seed: u64,
+    quiet: bool,
+) -> Result<postcopy::bench::BenchReport, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let cfg = postcopy::bench::BenchConfig {
+        demo: DemoConfig {
+            size_bytes: size,
+            page_size: 4096,
+            pattern,
+            threads,
+            workers: workers.unwrap_or_else(postcopy::sys::online_cpus),
+            pin,
+            stream: true,
+            zero_percent,
+            seed,
+            source: None,
+            exe,
+            quiet,
+            warmup: true,
+        },
+        demand_size_bytes: demand_size,
+        runs: runs.max(1),
+    };
+    postcopy::bench::run(&cfg).map_err(|e| e.to_string())
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {

@@ -260,9 +260,15 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
     out
 }
 
-/// After the migration: every page holds the image's content with the workload's write
-/// applied. Returns (pages checked, mismatches, first mismatch). Runs on `threads` threads.
-pub fn final_check(ram: &DestRam, image: &Synthetic, threads: usize) -> (u64, u64, Option<String>) {
+/// After the migration: every page holds the image's content, with the workload's write
+/// applied when `written`. Returns (pages checked, mismatches, first mismatch). Runs on
+/// `threads` threads.
+pub fn final_check(
+    ram: &DestRam,
+    image: &Synthetic,
+    threads: usize,
+    written: bool,
+) -> (u64, u64, Option<String>) {
     let total = ram.layout.total_pages();
     let threads = threads.max(1);
     let max_page = ram.layout.max_page_size() as usize;
@@ -280,8 +286,10 @@ pub fn final_check(ram: &DestRam, image: &Synthetic, threads: usize) -> (u64, u6
                         let ps = ram.layout.blocks[b].page_size as usize;
                         ram.regions[b].read_into(p as usize * ps, &mut page[..ps]);
                         image.fill(b as u32, p, &mut expect[..ps]);
-                        let w = u64::from_ne_bytes(expect[..8].try_into().expect("8 bytes"));
-                        expect[..8].copy_from_slice(&(w ^ WRITE_MARK).to_ne_bytes());
+                        if written {
+                            let w = u64::from_ne_bytes(expect[..8].try_into().expect("8 bytes"));
+                            expect[..8].copy_from_slice(&(w ^ WRITE_MARK).to_ne_bytes());
+                        }
                         let (got, want) = (page_checksum(&page[..ps]), page_checksum(&expect[..ps]));
                         if got != want {
                             bad += 1;

@@ -129,7 +129,7 @@ impl Default for EngineConfig {
 pub struct Connected {
     /// The source's `Welcome`.
     pub welcome: Welcome,
-    control: TcpStream,
+    pub(crate) control: TcpStream,
 }
 
 fn read_welcome(stream: &mut TcpStream, context: &str) -> Result<Welcome, DestError> {
@@ -167,7 +167,7 @@ fn read_welcome(stream: &mut TcpStream, context: &str) -> Result<Welcome, DestEr
 }
 
 /// Opens a connection of `role` for `worker` and exchanges `Hello`/`Welcome`.
-fn open_connection(
+pub(crate) fn open_connection(
     config: &EngineConfig,
     session: u64,
     role: Role,
@@ -379,6 +379,80 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     /// Nanoseconds after `started` at which some worker placed its shard's last page.
     pub(crate) last_placed_ns: Arc<AtomicU64>,
+    /// Pages placed by all threads (used by handlers without per-shard counts).
+    pub(crate) placed: AtomicU64,
+}
+
+/// A userfaultfd (with `UFFDIO_API` done) registered MISSING on pages `[start, end)` of every
+/// block where `shard(block)` gives that range.
+pub(crate) fn register_shard(
+    ram: &DestRam,
+    shard_of: impl Fn(u64) -> (u64, u64),
+) -> Result<Uffd, DestError> {
+    let u = Uffd::open(false)?;
+    u.api(uffd::feature::THREAD_ID)?;
+    for (b, block) in ram.layout.blocks.iter().enumerate() {
+        let (start, end) = shard_of(block.pages());
+        if start == end {
+            continue;
+        }
+        let ps = block.page_size as usize;
+        let ioctls = u.register(
+            ram.regions[b].addr() + start as usize * ps,
+            (end - start) as usize * ps,
+            uffd::mode::MISSING,
+        )?;
+        if ioctls & uffd::ioctl_bit::COPY == 0 {
+            return Err(DestError::Unsupported(format!(
+                "block {:?}: UFFDIO_COPY not offered on this memory",
+                block.name
+            )));
+        }
+    }
+    Ok(u)
+}
+
+/// A thread body of an engine: returns its counters or the error that ended it.
+pub(crate) type Job = Box<dyn FnOnce(Arc<Shared>) -> Result<WorkerStats, DestError> + Send>;
+
+impl EngineHandle {
+    /// Starts `jobs` (name, body) on their own threads with shared control-plane state.
+    pub(crate) fn spawn(ram: Arc<DestRam>, jobs: Vec<(String, Job)>) -> Result<EngineHandle, DestError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let shared = Arc::new(Shared {
+            stop: stop.clone(),
+            started,
+            last_placed_ns: Arc::new(AtomicU64::new(0)),
+            placed: AtomicU64::new(0),
+        });
+        let (exit_tx, exits) = crossbeam_channel::bounded::<WorkerExit>(jobs.len());
+        let mut threads = Vec::with_capacity(jobs.len());
+        for (w, (name, job)) in jobs.into_iter().enumerate() {
+            let (exit_tx, shared) = (exit_tx.clone(), shared.clone());
+            let t = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || {
+                    let stop = shared.stop.clone();
+                    let result = job(shared);
+                    if result.is_err() {
+                        // One thread failing ends the migration: stop the others.
+                        stop.store(true, Ordering::Release);
+                    }
+                    let _ = exit_tx.send((w, result));
+                })
+                .map_err(io_err("spawn engine thread"))?;
+            threads.push(t);
+        }
+        Ok(EngineHandle {
+            threads,
+            exits,
+            stop,
+            started,
+            last_placed_ns: shared.last_placed_ns.clone(),
+            ram,
+        })
+    }
 }
 
 impl Engine {
@@ -394,69 +468,30 @@ impl Engine {
                 "the destination RAM was built for another layout".into(),
             ));
         }
-        let features = uffd::feature::THREAD_ID;
-        let mut uffds = Vec::with_capacity(config.workers);
-        for w in 0..config.workers {
-            let u = Uffd::open(false)?;
-            u.api(features)?;
-            for (b, block) in ram.layout.blocks.iter().enumerate() {
-                let (start, end) = shard(block.pages(), w, config.workers);
-                if start == end {
-                    continue;
-                }
-                let ps = block.page_size as usize;
-                let ioctls = u.register(
-                    ram.regions[b].addr() + start as usize * ps,
-                    (end - start) as usize * ps,
-                    uffd::mode::MISSING,
-                )?;
-                if ioctls & uffd::ioctl_bit::COPY == 0 {
-                    return Err(DestError::Unsupported(format!(
-                        "block {:?}: UFFDIO_COPY not offered on this memory",
-                        block.name
-                    )));
-                }
-            }
-            uffds.push(u);
+        let workers = config.workers;
+        let mut uffds = Vec::with_capacity(workers);
+        for w in 0..workers {
+            uffds.push(register_shard(&ram, |pages| shard(pages, w, workers))?);
         }
-        let stop = Arc::new(AtomicBool::new(false));
-        let started = Instant::now();
-        let shared = Arc::new(Shared {
-            stop: stop.clone(),
-            started,
-            last_placed_ns: Arc::new(AtomicU64::new(0)),
-        });
         let mut control = Some(connected.control);
         let session = connected.welcome.session;
-        let mut threads = Vec::with_capacity(config.workers);
-        let (exit_tx, exits) = crossbeam_channel::bounded::<WorkerExit>(config.workers);
-        for (w, u) in uffds.into_iter().enumerate() {
-            let setup = worker::Setup {
-                id: w,
-                config: config.clone(),
-                session,
-                uffd: u,
-                ram: ram.clone(),
-                control: control.take(),
-                shared: shared.clone(),
-            };
-            let exit_tx = exit_tx.clone();
-            let t = std::thread::Builder::new()
-                .name(format!("pc-worker-{w}"))
-                .spawn(move || {
-                    let _ = exit_tx.send((w, worker::run(setup)));
-                })
-                .map_err(io_err("spawn worker"))?;
-            threads.push(t);
-        }
-        Ok(EngineHandle {
-            threads,
-            exits,
-            stop,
-            started,
-            last_placed_ns: shared.last_placed_ns.clone(),
-            ram,
-        })
+        let jobs = uffds
+            .into_iter()
+            .enumerate()
+            .map(|(w, uffd)| {
+                let setup = worker::Setup {
+                    id: w,
+                    config: config.clone(),
+                    session,
+                    uffd,
+                    ram: ram.clone(),
+                    control: control.take(),
+                };
+                let job: Job = Box::new(move |shared| worker::run(setup, shared));
+                (format!("pc-worker-{w}"), job)
+            })
+            .collect();
+        EngineHandle::spawn(ram, jobs)
     }
 }
 

@@ -48,7 +48,6 @@ pub(crate) struct Setup {
     pub(crate) uffd: Uffd,
     pub(crate) ram: Arc<DestRam>,
     pub(crate) control: Option<TcpStream>,
-    pub(crate) shared: Arc<Shared>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -121,21 +120,14 @@ struct Worker {
     stats: WorkerStats,
 }
 
-pub(crate) fn run(setup: Setup) -> Result<WorkerStats, DestError> {
-    let stop = setup.shared.stop.clone();
-    let result = Worker::new(setup).and_then(|mut w| {
-        w.run()?;
-        Ok(w.stats)
-    });
-    if result.is_err() {
-        // One worker failing ends the migration: stop the others.
-        stop.store(true, Ordering::Release);
-    }
-    result
+pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> Result<WorkerStats, DestError> {
+    let mut w = Worker::new(setup, shared)?;
+    w.run()?;
+    Ok(w.stats)
 }
 
 impl Worker {
-    fn new(setup: Setup) -> Result<Worker, DestError> {
+    fn new(setup: Setup, shared: Arc<Shared>) -> Result<Worker, DestError> {
         let Setup {
             id,
             config,
@@ -143,7 +135,6 @@ impl Worker {
             uffd,
             ram,
             control,
-            shared,
         } = setup;
         if config.pin {
             // Best effort: a cpuset may forbid the CPU; the engine still works unpinned.

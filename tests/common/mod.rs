@@ -420,7 +420,7 @@ where
         "workload still blocked after the engine ended"
     );
     let (r, workload) = wl.join()?;
-    let final_check = workload::final_check(&ram, &image, 2);
+    let final_check = workload::final_check(&ram, &image, 2, true);
     Ok((
         DestOutcome {
             ram,

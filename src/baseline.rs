@@ -1,0 +1,206 @@
+//! The deliberately simple handler that `postcopy bench` measures the engine against.
+//!
+//! What a first implementation would do: one thread waits for a fault (poll + read of one
+//! message), sends one request for that page, waits for the reply on the same connection and
+//! places it with `UFFDIO_COPY`; a second thread receives the background stream in order and
+//! places it page by page. One userfaultfd for the whole region, blocking sockets, no batching,
+//! no io_uring. It speaks the same protocol (as one "worker") to the same source.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
+use crate::codec::{self, CodecError, Header, Kind, Role, HEADER_BYTES};
+use crate::dest::{
+    open_connection, register_shard, Connected, DestError, DestRam, EngineConfig, EngineHandle,
+    Job, Shared, WorkerStats,
+};
+use crate::sys::uffd::{Event, PlaceErrorKind, Uffd, MSG_BYTES};
+
+fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> DestError {
+    move |source| DestError::Io {
+        context: context.into(),
+        source,
+    }
+}
+
+/// Starts the baseline on `ram`: a fault thread on the control connection, and (with
+/// `config.stream`) a receiver thread on a bulk connection. `config.workers` is ignored (1).
+pub fn start(
+    connected: Connected,
+    ram: Arc<DestRam>,
+    config: &EngineConfig,
+) -> Result<EngineHandle, DestError> {
+    let uffd = Arc::new(register_shard(&ram, |pages| (0, pages))?);
+    let session = connected.welcome.session;
+    let mut jobs: Vec<(String, Job)> = Vec::new();
+    let (u, r, control) = (uffd.clone(), ram.clone(), connected.control);
+    jobs.push((
+        "baseline-fault".into(),
+        Box::new(move |shared| fault_thread(&u, &r, control, &shared)),
+    ));
+    if config.stream {
+        let cfg = EngineConfig {
+            workers: 1,
+            ..config.clone()
+        };
+        let (stream, _) = open_connection(&cfg, session, Role::Bulk, 0)?;
+        let (u, r) = (uffd, ram.clone());
+        jobs.push((
+            "baseline-stream".into(),
+            Box::new(move |shared| stream_thread(&u, &r, stream, &shared)),
+        ));
+    }
+    EngineHandle::spawn(ram, jobs)
+}
+
+/// Reads one frame's header and body (into `body`), checked against the layout.
+fn read_frame(s: &mut TcpStream, ram: &DestRam, body: &mut Vec<u8>) -> Result<Header, DestError> {
+    let mut head = [0u8; HEADER_BYTES];
+    s.read_exact(&mut head).map_err(io("baseline: read frame"))?;
+    let protocol = |source| DestError::Protocol {
+        context: "baseline".into(),
+        source,
+    };
+    let h = Header::decode(&head).map_err(protocol)?;
+    match h.kind {
+        Kind::Pages => {
+            h.check(&ram.layout).map_err(protocol)?;
+        }
+        Kind::End | Kind::Ack => {}
+        Kind::Error => {}
+        other => {
+            return Err(protocol(CodecError::Unexpected {
+                got: other,
+                expected: "Pages, End or Ack",
+            }))
+        }
+    }
+    body.resize(h.body_len as usize, 0);
+    s.read_exact(body).map_err(io("baseline: read frame body"))?;
+    if h.kind == Kind::Error {
+        return Err(DestError::Remote(codec::decode_error(body)));
+    }
+    Ok(h)
+}
+
+/// Places a batch page by page; returns pages newly placed.
+fn place(uffd: &Uffd, ram: &DestRam, h: &Header, body: &[u8], stats: &mut WorkerStats, shared: &Shared) -> Result<u64, DestError> {
+    let b = h.block as usize;
+    let ps = ram.layout.blocks[b].page_size as usize;
+    let mut data = 0;
+    let mut placed = 0;
+    for i in 0..u64::from(h.count) {
+        let page = h.page + i;
+        let dst = ram.regions[b].addr() + page as usize * ps;
+        let result = if h.mask >> i & 1 == 1 {
+            uffd.zeropage(dst, ps, false)
+        } else {
+            data += 1;
+            uffd.copy(dst, body[(data - 1) * ps..].as_ptr(), ps, false)
+        };
+        stats.place_ioctls += 1;
+        match result {
+            Ok(()) => {
+                if ram.received[b].set(page) {
+                    placed += 1;
+                    if h.mask >> i & 1 == 1 {
+                        stats.pages_zero += 1;
+                    }
+                    let total = shared.placed.fetch_add(1, Ordering::AcqRel) + 1;
+                    if total == ram.layout.total_pages() {
+                        let ns = shared.started.elapsed().as_nanos() as u64;
+                        shared.last_placed_ns.fetch_max(ns, Ordering::AcqRel);
+                    }
+                }
+            }
+            Err(e) if e.kind == PlaceErrorKind::Exists => {
+                stats.eexist += 1;
+                uffd.wake(dst, ps)?;
+            }
+            Err(e) => return Err(crate::sys::uffd::UffdError::Place(e).into()),
+        }
+    }
+    Ok(placed)
+}
+
+fn fault_thread(uffd: &Uffd, ram: &DestRam, mut s: TcpStream, shared: &Shared) -> Result<WorkerStats, DestError> {
+    let mut stats = WorkerStats::default();
+    let mut body = Vec::new();
+    let mut msg = [0u8; MSG_BYTES];
+    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(io("set timeout"))?;
+    let total = ram.layout.total_pages();
+    while shared.placed.load(Ordering::Acquire) < total {
+        if shared.stop.load(Ordering::Acquire) {
+            return Err(DestError::Stopped);
+        }
+        let mut fds = [PollFd::new(uffd.as_fd(), PollFlags::POLLIN)];
+        if nix::poll::poll(&mut fds, PollTimeout::from(100u16)).unwrap_or(0) == 0 {
+            continue;
+        }
+        if uffd.read_events(&mut msg)? < MSG_BYTES {
+            continue;
+        }
+        stats.fault_events += 1;
+        let Event::PageFault { address, .. } = Event::decode(&msg) else {
+            continue;
+        };
+        let Some((b, page)) = ram.regions.iter().enumerate().find_map(|(b, m)| {
+            let off = (address as usize).checked_sub(m.addr())?;
+            (off < m.len_bytes()).then(|| (b, (off / ram.layout.blocks[b].page_size as usize) as u64))
+        }) else {
+            continue;
+        };
+        let ps = ram.layout.blocks[b].page_size as usize;
+        if ram.received[b].get(page) {
+            stats.fault_already_placed += 1;
+            uffd.wake(ram.regions[b].addr() + page as usize * ps, ps)?;
+            continue;
+        }
+        let mut req = [0u8; HEADER_BYTES];
+        Header::request(b as u32, page, 1).encode(&mut req);
+        s.write_all(&req).map_err(io("baseline: send request"))?;
+        stats.requests += 1;
+        stats.pages_requested += 1;
+        let h = read_frame(&mut s, ram, &mut body)?;
+        if h.kind != Kind::Pages {
+            return Err(DestError::Protocol {
+                context: "baseline".into(),
+                source: CodecError::Unexpected { got: h.kind, expected: "Pages" },
+            });
+        }
+        stats.pages_by_fault += place(uffd, ram, &h, &body, &mut stats, shared)?;
+    }
+    let mut end = [0u8; HEADER_BYTES];
+    Header::control(Kind::End, 0).encode(&mut end);
+    s.write_all(&end).map_err(io("baseline: send End"))?;
+    while read_frame(&mut s, ram, &mut body)?.kind != Kind::Ack {}
+    Ok(stats)
+}
+
+fn stream_thread(uffd: &Uffd, ram: &DestRam, mut s: TcpStream, shared: &Shared) -> Result<WorkerStats, DestError> {
+    let mut stats = WorkerStats::default();
+    let mut body = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(io("set timeout"))?;
+    loop {
+        if shared.stop.load(Ordering::Acquire) {
+            return Err(DestError::Stopped);
+        }
+        let h = read_frame(&mut s, ram, &mut body)?;
+        match h.kind {
+            Kind::Pages => stats.pages_by_stream += place(uffd, ram, &h, &body, &mut stats, shared)?,
+            Kind::End => return Ok(stats),
+            other => {
+                return Err(DestError::Protocol {
+                    context: "baseline stream".into(),
+                    source: CodecError::Unexpected { got: other, expected: "Pages or End" },
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,283 @@
+//! `postcopy bench`: the engine against the simple baseline handler, same image, same workload,
+//! same source process, runs alternating, medians and ratios.
+//!
+//! Three measurements per handler and run:
+//! - **full**: stream on, the workload running: time to all pages present, fault latency;
+//! - **stream-only**: no workload, the stream alone fills the memory: throughput;
+//! - **demand-only**: no stream, every page by a fault: fault latency of a lone fault.
+
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::demo::{run_destination, DemoConfig, DemoError, Handler, RunOutcome, RunSpec, SourceProcess};
+use crate::report::LatencyUs;
+use crate::workload::WorkloadConfig;
+
+/// Bench parameters.
+#[derive(Clone, Debug)]
+pub struct BenchConfig {
+    /// Image, source executable, zero share, seed, workers, pinning (from the demo's config).
+    pub demo: DemoConfig,
+    /// Size of the demand-only runs (every page by a fault is slow for large images).
+    pub demand_size_bytes: u64,
+    /// Runs per handler.
+    pub runs: usize,
+}
+
+/// One measurement.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Measurement {
+    /// Which handler.
+    pub handler: String,
+    /// Which mode (`full`, `stream_only`, `demand_only`).
+    pub mode: String,
+    /// Every page verified.
+    pub verified: bool,
+    /// Time to all pages present.
+    pub seconds: f64,
+    /// Image bytes / seconds.
+    pub throughput_mib_s: f64,
+    /// Fault latency measured by the workload (empty for stream-only).
+    pub fault_latency_us: LatencyUs,
+    /// Error, if the run failed.
+    pub error: Option<String>,
+}
+
+/// A metric's medians.
+#[derive(Clone, Debug, Serialize)]
+pub struct Row {
+    /// Metric name.
+    pub metric: String,
+    /// Median for the engine.
+    pub ours: f64,
+    /// Median for the baseline.
+    pub baseline: f64,
+    /// ours / baseline.
+    pub ratio: f64,
+    /// Whether smaller is better.
+    pub lower_is_better: bool,
+}
+
+/// The bench's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    /// Image size (full and stream-only runs).
+    pub size_bytes: u64,
+    /// Image size of demand-only runs.
+    pub demand_size_bytes: u64,
+    /// Runs per handler and mode.
+    pub runs: usize,
+    /// Engine workers.
+    pub workers: usize,
+    /// Workload threads.
+    pub threads: usize,
+    /// Pattern.
+    pub pattern: String,
+    /// Zero-page share, percent.
+    pub zero_percent: u8,
+    /// Medians and ratios.
+    pub table: Vec<Row>,
+    /// Every measurement, in the order run.
+    pub measurements: Vec<Measurement>,
+    /// Every run verified.
+    pub all_verified: bool,
+}
+
+fn measure(addr: &str, handler: Handler, mode: &str, cfg: &BenchConfig) -> Measurement {
+    let d = &cfg.demo;
+    let workload = (mode != "stream_only").then(|| WorkloadConfig {
+        threads: d.threads,
+        pattern: d.pattern,
+        seed: d.seed ^ 0xa5a5,
+    });
+    let spec = RunSpec {
+        handler,
+        workers: d.workers,
+        pin: d.pin,
+        stream: mode != "demand_only",
+        workload,
+        progress: false,
+    };
+    let mut m = Measurement {
+        handler: format!("{handler:?}").to_lowercase(),
+        mode: mode.into(),
+        ..Default::default()
+    };
+    match run_destination(addr, &spec) {
+        Ok(out) => fill(&mut m, &out),
+        Err(e) => m.error = Some(e.to_string()),
+    }
+    m
+}
+
+fn fill(m: &mut Measurement, out: &RunOutcome) {
+    m.verified = out.verified();
+    if let Some(w) = &out.workload {
+        m.fault_latency_us = LatencyUs::from_ns(&w.latency_ns);
+    }
+    match &out.engine {
+        Ok(e) => {
+            m.seconds = e.postcopy_seconds;
+            m.throughput_mib_s =
+                out.layout.total_bytes() as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
+        }
+        Err(e) => m.error = Some(e.to_string()),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Runs the bench. Progress lines go to stderr unless `quiet`.
+pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
+    let d = &cfg.demo;
+    crate::sys::mem::prewarm(d.size_bytes.max(cfg.demand_size_bytes) as usize)
+        .map_err(crate::dest::DestError::from)?;
+    let big = SourceProcess::start(d, false)?;
+    let small = SourceProcess::start(
+        &DemoConfig {
+            size_bytes: cfg.demand_size_bytes,
+            ..d.clone()
+        },
+        false,
+    )?;
+    let mut measurements = Vec::new();
+    let started = Instant::now();
+    for run in 0..cfg.runs {
+        let order = if run % 2 == 0 {
+            [Handler::Engine, Handler::Baseline]
+        } else {
+            [Handler::Baseline, Handler::Engine]
+        };
+        for mode in ["full", "stream_only", "demand_only"] {
+            for handler in order {
+                let addr = if mode == "demand_only" { &small.addr } else { &big.addr };
+                let m = measure(addr, handler, mode, cfg);
+                if !d.quiet {
+                    eprintln!(
+                        "  run {}/{} {:<8} {:<11} {:>7.3} s {:>6.0} MiB/s  p50 {:>7.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us{}  [{:.0} s]",
+                        run + 1,
+                        cfg.runs,
+                        m.handler,
+                        m.mode,
+                        m.seconds,
+                        m.throughput_mib_s,
+                        m.fault_latency_us.p50,
+                        m.fault_latency_us.p99,
+                        m.fault_latency_us.p999,
+                        if m.verified { "" } else { "  NOT VERIFIED" },
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                measurements.push(m);
+            }
+        }
+    }
+    drop((big, small));
+    let pick = |handler: &str, mode: &str, f: &dyn Fn(&Measurement) -> f64| -> f64 {
+        median(
+            measurements
+                .iter()
+                .filter(|m| m.handler == handler && m.mode == mode && m.error.is_none())
+                .map(f)
+                .collect(),
+        )
+    };
+    let mut table = Vec::new();
+    let mut row = |metric: &str, mode: &str, lower: bool, f: &dyn Fn(&Measurement) -> f64| {
+        let (ours, baseline) = (pick("engine", mode, f), pick("baseline", mode, f));
+        table.push(Row {
+            metric: metric.into(),
+            ours,
+            baseline,
+            ratio: ours / baseline,
+            lower_is_better: lower,
+        });
+    };
+    row("time to all pages, workload running (s)", "full", true, &|m| m.seconds);
+    row("stream-only throughput (MiB/s)", "stream_only", false, &|m| m.throughput_mib_s);
+    row("fault p50 with stream (us)", "full", true, &|m| m.fault_latency_us.p50);
+    row("fault p99 with stream (us)", "full", true, &|m| m.fault_latency_us.p99);
+    row("fault p99.9 with stream (us)", "full", true, &|m| m.fault_latency_us.p999);
+    row("fault p50 demand-only (us)", "demand_only", true, &|m| m.fault_latency_us.p50);
+    row("fault p99 demand-only (us)", "demand_only", true, &|m| m.fault_latency_us.p99);
+    row("fault p99.9 demand-only (us)", "demand_only", true, &|m| m.fault_latency_us.p999);
+    Ok(BenchReport {
+        size_bytes: d.size_bytes,
+        demand_size_bytes: cfg.demand_size_bytes,
+        runs: cfg.runs,
+        workers: d.workers,
+        threads: d.threads,
+        pattern: format!("{:?}", d.pattern).to_lowercase(),
+        zero_percent: d.zero_percent,
+        all_verified: measurements.iter().all(|m| m.verified),
+        table,
+        measurements,
+    })
+}
+
+impl BenchReport {
+    /// The table as text.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "postcopy bench: {} MiB ({} MiB demand-only), {}% zero, pattern {}, {} workload threads, {} workers, median of {} runs each",
+            self.size_bytes >> 20,
+            self.demand_size_bytes >> 20,
+            self.zero_percent,
+            self.pattern,
+            self.threads,
+            self.workers,
+            self.runs
+        );
+        let _ = writeln!(s, "  {:<42} {:>10} {:>10} {:>15}", "metric", "ours", "baseline", "ours/baseline");
+        for r in &self.table {
+            let _ = writeln!(
+                s,
+                "  {:<42} {:>10.2} {:>10.2} {:>14.2}x{}",
+                r.metric,
+                r.ours,
+                r.baseline,
+                r.ratio,
+                if (r.lower_is_better && r.ratio <= 1.0) || (!r.lower_is_better && r.ratio >= 1.0) {
+                    ""
+                } else {
+                    "  (worse)"
+                }
+            );
+        }
+        let _ = writeln!(s, "  every run verified: {}", if self.all_verified { "yes" } else { "NO" });
+        s
+    }
+
+    /// The CI gate: ours must not be slower than the baseline to all pages present, nor worse
+    /// on p99 fault latency with the stream on, and every run must verify.
+    pub fn gate(&self) -> Result<(), String> {
+        if !self.all_verified {
+            return Err("a run did not verify".into());
+        }
+        for r in &self.table {
+            let gated = r.metric.starts_with("time to all pages") || r.metric.starts_with("fault p99 with");
+            if gated && !(r.ratio <= 1.0) {
+                return Err(format!(
+                    "{}: ours {:.2} vs baseline {:.2} (ratio {:.2})",
+                    r.metric, r.ours, r.baseline, r.ratio
+                ));
+            }
+        }
+        Ok(())
+    }
+}
