@@ -38,10 +38,11 @@ pub fn start(
 ) -> Result<EngineHandle, DestError> {
     let uffd = Arc::new(register_shard(&ram, |pages| (0, pages))?);
     let session = connected.welcome.session;
-    let mut jobs: Vec<(String, Job)> = Vec::new();
+    let mut jobs: Vec<(String, usize, Job)> = Vec::new();
     let (u, r, control) = (uffd.clone(), ram.clone(), connected.control);
     jobs.push((
         "baseline-fault".into(),
+        0,
         Box::new(move |shared| fault_thread(&u, &r, control, &shared)),
     ));
     if config.stream {
@@ -53,10 +54,11 @@ pub fn start(
         let (u, r) = (uffd, ram.clone());
         jobs.push((
             "baseline-stream".into(),
+            0,
             Box::new(move |shared| stream_thread(&u, &r, stream, &shared)),
         ));
     }
-    EngineHandle::spawn(ram, jobs)
+    EngineHandle::spawn(ram, 1, jobs)
 }
 
 /// Reads one frame's header and body (into `body`), checked against the layout.

@@ -666,7 +666,7 @@ fn serve_bulk(
     worker: u16,
 ) -> Result<(), SourceError> {
     // The stream yields the CPU to urgent replies (best effort).
-    let _ = crate::sys::set_thread_nice(5);
+    let _ = crate::sys::set_thread_nice(19);
     let layout = shared.image.layout();
     let max_page = layout.max_page_size() as usize;
     let mut scratch = vec![0u8; max_page];

@@ -17,6 +17,8 @@
 
 mod worker;
 
+pub use worker::coalesce_requests;
+
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -364,6 +366,9 @@ type WorkerExit = (usize, Result<WorkerStats, DestError>);
 
 /// A running engine.
 pub struct EngineHandle {
+    workers: usize,
+    /// The worker each thread serves (a worker may have several threads).
+    worker_of: Vec<usize>,
     threads: Vec<std::thread::JoinHandle<()>>,
     exits: crossbeam_channel::Receiver<WorkerExit>,
     stop: Arc<AtomicBool>,
@@ -417,7 +422,11 @@ pub(crate) type Job = Box<dyn FnOnce(Arc<Shared>) -> Result<WorkerStats, DestErr
 
 impl EngineHandle {
     /// Starts `jobs` (name, body) on their own threads with shared control-plane state.
-    pub(crate) fn spawn(ram: Arc<DestRam>, jobs: Vec<(String, Job)>) -> Result<EngineHandle, DestError> {
+    pub(crate) fn spawn(
+        ram: Arc<DestRam>,
+        workers: usize,
+        jobs: Vec<(String, usize, Job)>,
+    ) -> Result<EngineHandle, DestError> {
         let stop = Arc::new(AtomicBool::new(false));
         let started = Instant::now();
         let shared = Arc::new(Shared {
@@ -428,7 +437,8 @@ impl EngineHandle {
         });
         let (exit_tx, exits) = crossbeam_channel::bounded::<WorkerExit>(jobs.len());
         let mut threads = Vec::with_capacity(jobs.len());
-        for (w, (name, job)) in jobs.into_iter().enumerate() {
+        let worker_of: Vec<usize> = jobs.iter().map(|j| j.1).collect();
+        for (w, (name, _, job)) in jobs.into_iter().enumerate() {
             let (exit_tx, shared) = (exit_tx.clone(), shared.clone());
             let t = std::thread::Builder::new()
                 .name(name)
@@ -445,6 +455,8 @@ impl EngineHandle {
             threads.push(t);
         }
         Ok(EngineHandle {
+            workers,
+            worker_of,
             threads,
             exits,
             stop,
@@ -475,23 +487,36 @@ impl Engine {
         }
         let mut control = Some(connected.control);
         let session = connected.welcome.session;
-        let jobs = uffds
-            .into_iter()
-            .enumerate()
-            .map(|(w, uffd)| {
+        let mut jobs: Vec<(String, usize, Job)> = Vec::with_capacity(2 * workers);
+        for (w, uffd) in uffds.into_iter().enumerate() {
+            let state = Arc::new(worker::ShardState::new(w, uffd, &ram, workers, config.stream));
+            let halves: &[worker::Half] = if config.stream {
+                &[worker::Half::Urgent, worker::Half::Bulk]
+            } else {
+                &[worker::Half::Urgent]
+            };
+            for &half in halves {
                 let setup = worker::Setup {
-                    id: w,
+                    half,
+                    state: state.clone(),
                     config: config.clone(),
                     session,
-                    uffd,
                     ram: ram.clone(),
-                    control: control.take(),
+                    control: if half == worker::Half::Urgent {
+                        control.take()
+                    } else {
+                        None
+                    },
+                };
+                let name = match half {
+                    worker::Half::Urgent => format!("pc-urgent-{w}"),
+                    worker::Half::Bulk => format!("pc-bulk-{w}"),
                 };
                 let job: Job = Box::new(move |shared| worker::run(setup, shared));
-                (format!("pc-worker-{w}"), job)
-            })
-            .collect();
-        EngineHandle::spawn(ram, jobs)
+                jobs.push((name, w, job));
+            }
+        }
+        EngineHandle::spawn(ram, workers, jobs)
     }
 }
 
@@ -510,7 +535,7 @@ impl EngineHandle {
     pub fn wait(self) -> Result<EngineReport, DestError> {
         let workers = self.threads.len();
         let mut report = EngineReport {
-            workers,
+            workers: self.workers,
             ..Default::default()
         };
         let mut stats: Vec<Option<WorkerStats>> = vec![None; workers];
@@ -545,9 +570,12 @@ impl EngineHandle {
         if let Some(e) = first_err {
             return Err(e);
         }
-        for s in stats.into_iter().flatten() {
-            report.totals.merge(&s);
-            report.per_worker.push(s);
+        report.per_worker = vec![WorkerStats::default(); self.workers];
+        for (thread, s) in stats.into_iter().enumerate() {
+            if let Some(s) = s {
+                report.totals.merge(&s);
+                report.per_worker[self.worker_of[thread]].merge(&s);
+            }
         }
         let last = self.last_placed_ns.load(Ordering::Acquire);
         report.postcopy_seconds = if last > 0 {

@@ -32,3 +32,4 @@ pub fn set_thread_nice(nice: i32) -> nix::Result<()> {
         Ok(())
     }
 }
+
