@@ -64,7 +64,8 @@ pub fn start(
 /// Reads one frame's header and body (into `body`), checked against the layout.
 fn read_frame(s: &mut TcpStream, ram: &DestRam, body: &mut Vec<u8>) -> Result<Header, DestError> {
     let mut head = [0u8; HEADER_BYTES];
-    s.read_exact(&mut head).map_err(io("baseline: read frame"))?;
+    s.read_exact(&mut head)
+        .map_err(io("baseline: read frame"))?;
     let protocol = |source| DestError::Protocol {
         context: "baseline".into(),
         source,
@@ -84,7 +85,8 @@ fn read_frame(s: &mut TcpStream, ram: &DestRam, body: &mut Vec<u8>) -> Result<He
         }
     }
     body.resize(h.body_len as usize, 0);
-    s.read_exact(body).map_err(io("baseline: read frame body"))?;
+    s.read_exact(body)
+        .map_err(io("baseline: read frame body"))?;
     if h.kind == Kind::Error {
         return Err(DestError::Remote(codec::decode_error(body)));
     }
@@ -92,7 +94,14 @@ fn read_frame(s: &mut TcpStream, ram: &DestRam, body: &mut Vec<u8>) -> Result<He
 }
 
 /// Places a batch page by page; returns pages newly placed.
-fn place(uffd: &Uffd, ram: &DestRam, h: &Header, body: &[u8], stats: &mut WorkerStats, shared: &Shared) -> Result<u64, DestError> {
+fn place(
+    uffd: &Uffd,
+    ram: &DestRam,
+    h: &Header,
+    body: &[u8],
+    stats: &mut WorkerStats,
+    shared: &Shared,
+) -> Result<u64, DestError> {
     let b = h.block as usize;
     let ps = ram.layout.blocks[b].page_size as usize;
     let mut data = 0;
@@ -131,11 +140,17 @@ fn place(uffd: &Uffd, ram: &DestRam, h: &Header, body: &[u8], stats: &mut Worker
     Ok(placed)
 }
 
-fn fault_thread(uffd: &Uffd, ram: &DestRam, mut s: TcpStream, shared: &Shared) -> Result<WorkerStats, DestError> {
+fn fault_thread(
+    uffd: &Uffd,
+    ram: &DestRam,
+    mut s: TcpStream,
+    shared: &Shared,
+) -> Result<WorkerStats, DestError> {
     let mut stats = WorkerStats::default();
     let mut body = Vec::new();
     let mut msg = [0u8; MSG_BYTES];
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(io("set timeout"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io("set timeout"))?;
     let total = ram.layout.total_pages();
     while shared.placed.load(Ordering::Acquire) < total {
         if shared.stop.load(Ordering::Acquire) {
@@ -154,7 +169,8 @@ fn fault_thread(uffd: &Uffd, ram: &DestRam, mut s: TcpStream, shared: &Shared) -
         };
         let Some((b, page)) = ram.regions.iter().enumerate().find_map(|(b, m)| {
             let off = (address as usize).checked_sub(m.addr())?;
-            (off < m.len_bytes()).then(|| (b, (off / ram.layout.blocks[b].page_size as usize) as u64))
+            (off < m.len_bytes())
+                .then(|| (b, (off / ram.layout.blocks[b].page_size as usize) as u64))
         }) else {
             continue;
         };
@@ -173,7 +189,10 @@ fn fault_thread(uffd: &Uffd, ram: &DestRam, mut s: TcpStream, shared: &Shared) -
         if h.kind != Kind::Pages {
             return Err(DestError::Protocol {
                 context: "baseline".into(),
-                source: CodecError::Unexpected { got: h.kind, expected: "Pages" },
+                source: CodecError::Unexpected {
+                    got: h.kind,
+                    expected: "Pages",
+                },
             });
         }
         stats.pages_by_fault += place(uffd, ram, &h, &body, &mut stats, shared)?;
@@ -185,22 +204,33 @@ fn fault_thread(uffd: &Uffd, ram: &DestRam, mut s: TcpStream, shared: &Shared) -
     Ok(stats)
 }
 
-fn stream_thread(uffd: &Uffd, ram: &DestRam, mut s: TcpStream, shared: &Shared) -> Result<WorkerStats, DestError> {
+fn stream_thread(
+    uffd: &Uffd,
+    ram: &DestRam,
+    mut s: TcpStream,
+    shared: &Shared,
+) -> Result<WorkerStats, DestError> {
     let mut stats = WorkerStats::default();
     let mut body = Vec::new();
-    s.set_read_timeout(Some(Duration::from_secs(30))).map_err(io("set timeout"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io("set timeout"))?;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return Err(DestError::Stopped);
         }
         let h = read_frame(&mut s, ram, &mut body)?;
         match h.kind {
-            Kind::Pages => stats.pages_by_stream += place(uffd, ram, &h, &body, &mut stats, shared)?,
+            Kind::Pages => {
+                stats.pages_by_stream += place(uffd, ram, &h, &body, &mut stats, shared)?
+            }
             Kind::End => return Ok(stats),
             other => {
                 return Err(DestError::Protocol {
                     context: "baseline stream".into(),
-                    source: CodecError::Unexpected { got: other, expected: "Pages or End" },
+                    source: CodecError::Unexpected {
+                        got: other,
+                        expected: "Pages or End",
+                    },
                 })
             }
         }

@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::demo::{run_destination, DemoConfig, DemoError, Handler, RunOutcome, RunSpec, SourceProcess};
+use crate::demo::{
+    run_destination, DemoConfig, DemoError, Handler, RunOutcome, RunSpec, SourceProcess,
+};
 use crate::report::LatencyUs;
 use crate::workload::WorkloadConfig;
 
@@ -86,7 +88,7 @@ pub struct BenchReport {
 
 fn measure(addr: &str, handler: Handler, mode: &str, cfg: &BenchConfig) -> Measurement {
     let d = &cfg.demo;
-    let workload = (mode != "stream_only").then(|| WorkloadConfig {
+    let workload = (mode != "stream_only").then_some(WorkloadConfig {
         threads: d.threads,
         pattern: d.pattern,
         seed: d.seed ^ 0xa5a5,
@@ -162,7 +164,11 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
         };
         for mode in ["full", "stream_only", "demand_only"] {
             for handler in order {
-                let addr = if mode == "demand_only" { &small.addr } else { &big.addr };
+                let addr = if mode == "demand_only" {
+                    &small.addr
+                } else {
+                    &big.addr
+                };
                 let m = measure(addr, handler, mode, cfg);
                 if !d.quiet {
                     eprintln!(
@@ -205,14 +211,36 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
             lower_is_better: lower,
         });
     };
-    row("time to all pages, workload running (s)", "full", true, &|m| m.seconds);
-    row("stream-only throughput (MiB/s)", "stream_only", false, &|m| m.throughput_mib_s);
-    row("fault p50 with stream (us)", "full", true, &|m| m.fault_latency_us.p50);
-    row("fault p99 with stream (us)", "full", true, &|m| m.fault_latency_us.p99);
-    row("fault p99.9 with stream (us)", "full", true, &|m| m.fault_latency_us.p999);
-    row("fault p50 demand-only (us)", "demand_only", true, &|m| m.fault_latency_us.p50);
-    row("fault p99 demand-only (us)", "demand_only", true, &|m| m.fault_latency_us.p99);
-    row("fault p99.9 demand-only (us)", "demand_only", true, &|m| m.fault_latency_us.p999);
+    row(
+        "time to all pages, workload running (s)",
+        "full",
+        true,
+        &|m| m.seconds,
+    );
+    row(
+        "stream-only throughput (MiB/s)",
+        "stream_only",
+        false,
+        &|m| m.throughput_mib_s,
+    );
+    row("fault p50 with stream (us)", "full", true, &|m| {
+        m.fault_latency_us.p50
+    });
+    row("fault p99 with stream (us)", "full", true, &|m| {
+        m.fault_latency_us.p99
+    });
+    row("fault p99.9 with stream (us)", "full", true, &|m| {
+        m.fault_latency_us.p999
+    });
+    row("fault p50 demand-only (us)", "demand_only", true, &|m| {
+        m.fault_latency_us.p50
+    });
+    row("fault p99 demand-only (us)", "demand_only", true, &|m| {
+        m.fault_latency_us.p99
+    });
+    row("fault p99.9 demand-only (us)", "demand_only", true, &|m| {
+        m.fault_latency_us.p999
+    });
     Ok(BenchReport {
         size_bytes: d.size_bytes,
         demand_size_bytes: cfg.demand_size_bytes,
@@ -243,7 +271,11 @@ impl BenchReport {
             self.workers,
             self.runs
         );
-        let _ = writeln!(s, "  {:<42} {:>10} {:>10} {:>15}", "metric", "ours", "baseline", "ours/baseline");
+        let _ = writeln!(
+            s,
+            "  {:<42} {:>10} {:>10} {:>15}",
+            "metric", "ours", "baseline", "ours/baseline"
+        );
         for r in &self.table {
             let _ = writeln!(
                 s,
@@ -259,7 +291,11 @@ impl BenchReport {
                 }
             );
         }
-        let _ = writeln!(s, "  every run verified: {}", if self.all_verified { "yes" } else { "NO" });
+        let _ = writeln!(
+            s,
+            "  every run verified: {}",
+            if self.all_verified { "yes" } else { "NO" }
+        );
         s
     }
 
@@ -270,8 +306,13 @@ impl BenchReport {
             return Err("a run did not verify".into());
         }
         for r in &self.table {
-            let gated = r.metric.starts_with("time to all pages") || r.metric.starts_with("fault p99 with");
-            if gated && !(r.ratio <= 1.0) {
+            let gated =
+                r.metric.starts_with("time to all pages") || r.metric.starts_with("fault p99 with");
+            // A NaN ratio (no measurement) fails the gate too.
+            if gated
+                && r.ratio.partial_cmp(&1.0) != Some(std::cmp::Ordering::Less)
+                && r.ratio != 1.0
+            {
                 return Err(format!(
                     "{}: ours {:.2} vs baseline {:.2} (ratio {:.2})",
                     r.metric, r.ours, r.baseline, r.ratio

@@ -489,7 +489,13 @@ impl Engine {
         let session = connected.welcome.session;
         let mut jobs: Vec<(String, usize, Job)> = Vec::with_capacity(2 * workers);
         for (w, uffd) in uffds.into_iter().enumerate() {
-            let state = Arc::new(worker::ShardState::new(w, uffd, &ram, workers, config.stream));
+            let state = Arc::new(worker::ShardState::new(
+                w,
+                uffd,
+                &ram,
+                workers,
+                config.stream,
+            ));
             let halves: &[worker::Half] = if config.stream {
                 &[worker::Half::Urgent, worker::Half::Bulk]
             } else {

@@ -72,7 +72,13 @@ pub(crate) struct ShardState {
 }
 
 impl ShardState {
-    pub(crate) fn new(id: usize, uffd: Uffd, ram: &DestRam, workers: usize, stream: bool) -> ShardState {
+    pub(crate) fn new(
+        id: usize,
+        uffd: Uffd,
+        ram: &DestRam,
+        workers: usize,
+        stream: bool,
+    ) -> ShardState {
         let shard: Vec<(u64, u64)> = ram
             .layout
             .blocks
@@ -84,7 +90,12 @@ impl ShardState {
             uffd,
             missing: AtomicU64::new(shard.iter().map(|(s, e)| e - s).sum()),
             shard,
-            requested: ram.layout.blocks.iter().map(|b| PageBitmap::new(b.pages())).collect(),
+            requested: ram
+                .layout
+                .blocks
+                .iter()
+                .map(|b| PageBitmap::new(b.pages()))
+                .collect(),
             outstanding: AtomicU64::new(0),
             bulk_done: AtomicBool::new(!stream),
         }
@@ -103,8 +114,13 @@ pub(crate) struct Setup {
 
 #[derive(Clone, Copy, Debug)]
 enum Recv {
-    Header { got: usize },
-    Body { h: Header, got: usize },
+    Header {
+        got: usize,
+    },
+    Body {
+        h: Header,
+        got: usize,
+    },
     /// Nothing more is expected on this connection.
     Idle,
 }
@@ -273,11 +289,12 @@ impl Worker {
             self.stats.completions += self.completions.len() as u64;
             // Finished sends first (they free the request buffer), then fault events, then
             // received bytes.
-            self.completions.sort_unstable_by_key(|c| match c.token.tag {
-                TAG_SEND => 0,
-                TAG_UFFD => 1,
-                _ => 2,
-            });
+            self.completions
+                .sort_unstable_by_key(|c| match c.token.tag {
+                    TAG_SEND => 0,
+                    TAG_UFFD => 1,
+                    _ => 2,
+                });
             for i in 0..self.completions.len() {
                 let c = self.completions[i];
                 match c.token.tag {
@@ -390,8 +407,7 @@ impl Worker {
         if self.pending.is_empty() || self.sending() || self.end_sent {
             return Ok(());
         }
-        let (used, len, frames) =
-            coalesce_requests(&mut self.pending, self.ring.slot_mut(send));
+        let (used, len, frames) = coalesce_requests(&mut self.pending, self.ring.slot_mut(send));
         self.pending.drain(..used);
         self.stats.requests += frames;
         self.stats.pages_requested += used as u64;
@@ -582,13 +598,7 @@ impl Worker {
         }
         Ok(())
     }
-    fn place_run(
-        &mut self,
-        b: usize,
-        first: u64,
-        n: usize,
-        fill: Fill,
-    ) -> Result<(), DestError> {
+    fn place_run(&mut self, b: usize, first: u64, n: usize, fill: Fill) -> Result<(), DestError> {
         let ps = self.ram.layout.blocks[b].page_size as usize;
         let base = self.ram.regions[b].addr() + first as usize * ps;
         let mut off = 0;
@@ -599,7 +609,11 @@ impl Worker {
             self.stats.place_ioctls += 1;
             let result = match fill {
                 // `src` points into a ring-owned temp page arena that no operation targets now.
-                Fill::Copy(src) => self.state.uffd.copy(dst, src.wrapping_add(off * ps), len, false),
+                Fill::Copy(src) => {
+                    self.state
+                        .uffd
+                        .copy(dst, src.wrapping_add(off * ps), len, false)
+                }
                 Fill::Zero => self.state.uffd.zeropage(dst, len, false),
             };
             let (placed, err) = match result {
@@ -696,6 +710,10 @@ mod tests {
         assert_eq!(decoded, vec![(0, 5, 3), (0, 9, 1), (1, 0, 2)]);
         let mut many: Vec<(u32, u64)> = (0..10).map(|p| (0, p * 2)).collect();
         let (used, len, frames) = coalesce_requests(&mut many, &mut buf);
-        assert_eq!((used, len, frames), (4, 4 * HEADER_BYTES, 4), "stops when the buffer is full");
+        assert_eq!(
+            (used, len, frames),
+            (4, 4 * HEADER_BYTES, 4),
+            "stops when the buffer is full"
+        );
     }
 }

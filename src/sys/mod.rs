@@ -32,4 +32,3 @@ pub fn set_thread_nice(nice: i32) -> nix::Result<()> {
         Ok(())
     }
 }
-
