@@ -309,10 +309,7 @@ impl BenchReport {
             let gated =
                 r.metric.starts_with("time to all pages") || r.metric.starts_with("fault p99 with");
             // A NaN ratio (no measurement) fails the gate too.
-            if gated
-                && r.ratio.partial_cmp(&1.0) != Some(std::cmp::Ordering::Less)
-                && r.ratio != 1.0
-            {
+            if gated && (r.ratio > 1.0 || r.ratio.is_nan()) {
                 return Err(format!(
                     "{}: ours {:.2} vs baseline {:.2} (ratio {:.2})",
                     r.metric, r.ours, r.baseline, r.ratio
