@@ -98,6 +98,63 @@ fn fault_read_benches(c: &mut Criterion) {
     g.finish();
 }
 
+fn request_benches(c: &mut Criterion) {
+    // 64 faults: 16 runs of 4 adjacent pages, in a scrambled order.
+    let faults: Vec<(u32, u64)> = (0..BATCH as u64)
+        .map(|i| (0, (i * 37 % 16) * 100 + i % 4))
+        .collect();
+    let mut pending = faults.clone();
+    let mut buf = vec![0u8; 1024 * HEADER_BYTES];
+    let mut g = c.benchmark_group("requests");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.bench_function("coalesce_64_faults", |b| {
+        b.iter(|| {
+            pending.copy_from_slice(&faults);
+            black_box(postcopy::dest::coalesce_requests(&mut pending, &mut buf))
+        })
+    });
+    g.finish();
+}
+
+fn receive_benches(c: &mut Criterion) {
+    use postcopy::sys::ring::{Ring, RingConfig};
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    // A 64-page batch received from a socket into registered temp pages with READ_FIXED.
+    let mut ring = Ring::new(&RingConfig {
+        entries: 8,
+        arena_bytes: vec![BATCH * PAGE],
+    })
+    .expect("io_uring");
+    let slot = ring.add_slot(0, 0, BATCH * PAGE);
+    let (mut tx, rx) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    let payload = vec![0x3cu8; BATCH * PAGE];
+    let sender = std::thread::spawn(move || {
+        // Feeds the receiver forever; ends when the receiver's end closes.
+        while tx.write_all(&payload).is_ok() {}
+    });
+    let mut g = c.benchmark_group("receive");
+    g.throughput(Throughput::Bytes((BATCH * PAGE) as u64));
+    g.bench_function("read_fixed_64_pages_into_temp_pages", |b| {
+        b.iter(|| {
+            let mut got = 0;
+            while got < BATCH * PAGE {
+                ring.read(rx.as_raw_fd(), slot, got, BATCH * PAGE - got, 0)
+                    .expect("queue read");
+                let done = ring.submit_and_reap(1, None).expect("reap");
+                let n = done.first().map(|c| c.result).unwrap_or(0);
+                assert!(n > 0, "receive failed: {n}");
+                got += n as usize;
+            }
+            black_box(got)
+        })
+    });
+    g.finish();
+    drop(ring);
+    drop(rx);
+    let _ = sender.join();
+}
+
 struct Registered {
     uffd: Uffd,
     region: Mapping,
@@ -179,6 +236,8 @@ criterion_group!(
     codec_benches,
     bitmap_benches,
     fault_read_benches,
+    request_benches,
+    receive_benches,
     placement_benches
 );
 criterion_main!(benches);
