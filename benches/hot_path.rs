@@ -217,6 +217,36 @@ fn placement_benches(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // UFFDIO_MOVE (6.8+) from a recycled temp-page pool: the pages move instead of being
+    // copied, but the pool must be refilled (a fresh page fault + memcpy per page) before the
+    // next move; the timed part includes that refill, as a receive into it would pay it.
+    let pool = Mapping::anonymous(BATCH * PAGE, "bench move pool").expect("mmap");
+    pool.no_huge_pages().expect("madvise");
+    let move_uffd = Uffd::open(false).expect("userfaultfd");
+    move_uffd
+        .api(postcopy::sys::uffd::feature::MOVE)
+        .expect("UFFDIO_API with MOVE (Linux 6.8+)");
+    let move_region = Mapping::anonymous(BATCH * PAGE, "bench move region").expect("mmap");
+    move_region.no_huge_pages().expect("madvise");
+    move_uffd
+        .register(move_region.addr(), BATCH * PAGE, mode::MISSING)
+        .expect("register");
+    g.bench_function("move_one_run_with_pool_refill", |b| {
+        b.iter_batched(
+            || {
+                move_region
+                    .dontneed(0, BATCH * PAGE)
+                    .expect("MADV_DONTNEED")
+            },
+            |()| {
+                pool.write_from(0, &r.src);
+                move_uffd
+                    .move_pages(move_region.addr(), pool.addr(), BATCH * PAGE, 0)
+                    .expect("move")
+            },
+            BatchSize::PerIteration,
+        )
+    });
     g.bench_function("zeropage_one_run", |b| {
         b.iter_batched(
             drop_pages,
