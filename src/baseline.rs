@@ -50,7 +50,7 @@ pub fn start(
             workers: 1,
             ..config.clone()
         };
-        let (stream, _) = open_connection(&cfg, session, Role::Bulk, 0)?;
+        let (stream, _, _) = open_connection(&cfg, session, Role::Bulk, 0)?;
         let (u, r) = (uffd, ram.clone());
         jobs.push((
             "baseline-stream".into(),

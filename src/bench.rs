@@ -100,6 +100,8 @@ fn measure(addr: &str, handler: Handler, mode: &str, cfg: &BenchConfig) -> Measu
         stream: mode != "demand_only",
         workload,
         progress: false,
+        zero_map: d.zero_map,
+        zero_fill: d.zero_fill,
     };
     let mut m = Measurement {
         handler: format!("{handler:?}").to_lowercase(),

@@ -11,7 +11,7 @@
 //! | 8      | 4    | `body_len` | bytes that follow the header                               |
 //! | 12     | 4    | `block`    | block index; the role in `Hello`                           |
 //! | 16     | 8    | `page`     | first page; the session id in `Hello`/`Welcome`            |
-//! | 24     | 8    | `mask`     | zero-page mask in `Pages` (bit i: page i is zero, no payload) |
+//! | 24     | 8    | `mask`     | zero-page mask in `Pages` (bit i: page i is zero, no payload); worker count and flags in `Hello`; pages covered in `ZeroMap` |
 //!
 //! A `Pages` frame's body is the payloads of its non-zero pages, in page order, each exactly one
 //! page: a receiver reads the header, then the body straight into page-aligned temp pages, and
@@ -40,6 +40,10 @@ pub const MAX_REQUEST_PAGES: u16 = 1024;
 pub const MAX_CONTROL_BODY: u32 = 256 * 1024;
 /// Longest error message carried in an `Error` frame.
 pub const MAX_ERROR_BYTES: usize = 4096;
+/// `Hello` flag, in `mask` above the worker count: after `Welcome`, send the zero-page map.
+pub const HELLO_ZERO_MAP: u64 = 1 << 32;
+/// Largest `ZeroMap` body: the bits of 512 Ki pages (2 GiB of 4 KiB pages).
+pub const MAX_ZERO_MAP_BYTES: u32 = 64 * 1024;
 
 /// Frame kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,6 +66,9 @@ pub enum Kind {
     Ack = 7,
     /// either way: a fatal error with a message; the session ends.
     Error = 8,
+    /// source → destination, after `Welcome` when asked: which pages of a block are zero
+    /// (`mask` = pages covered, body = one bit per page, LSB first), ended by `Run`.
+    ZeroMap = 9,
 }
 
 impl Kind {
@@ -75,6 +82,7 @@ impl Kind {
             6 => Kind::End,
             7 => Kind::Ack,
             8 => Kind::Error,
+            9 => Kind::ZeroMap,
             _ => return None,
         })
     }
@@ -231,6 +239,40 @@ impl Header {
         }
     }
 
+    /// Asks (in a `Hello`) for the zero-page map after `Welcome`.
+    pub fn with_zero_map(mut self) -> Header {
+        debug_assert_eq!(self.kind, Kind::Hello);
+        self.mask |= HELLO_ZERO_MAP;
+        self
+    }
+
+    /// The worker count of a `Hello`.
+    pub fn workers(&self) -> u64 {
+        self.mask & 0xffff_ffff
+    }
+
+    /// Whether a `Hello` asks for the zero-page map.
+    pub fn wants_zero_map(&self) -> bool {
+        self.mask & HELLO_ZERO_MAP != 0
+    }
+
+    /// `ZeroMap` header for `pages` pages of `block` from `page` (the body is their bits).
+    pub fn zero_map(block: u32, page: u64, pages: u64) -> Header {
+        Header {
+            body_len: pages.div_ceil(8) as u32,
+            block,
+            page,
+            mask: pages,
+            ..Header::bare(Kind::ZeroMap)
+        }
+    }
+
+    /// Checks a `ZeroMap` header against the layout: the pages it covers exist.
+    pub fn check_zero_map(&self, layout: &Layout) -> Result<(), CodecError> {
+        layout.check_range(self.block, self.page, self.mask)?;
+        Ok(())
+    }
+
     /// `Request` for pages `[page, page + count)` of `block`.
     pub fn request(block: u32, page: u64, count: u16) -> Header {
         Header {
@@ -313,6 +355,7 @@ impl Header {
             Kind::Hello | Kind::Request | Kind::Run | Kind::End | Kind::Ack => 0,
             Kind::Welcome => u64::from(MAX_CONTROL_BODY),
             Kind::Error => MAX_ERROR_BYTES as u64,
+            Kind::ZeroMap => u64::from(MAX_ZERO_MAP_BYTES),
             // Checked exactly against the page size in `check`.
             Kind::Pages => (1 << 30) + 1,
         };
@@ -348,13 +391,27 @@ impl Header {
             }
             Kind::Hello
                 if h.role().is_none()
-                    || h.mask == 0
-                    || h.mask > 1024
-                    || u64::from(h.count) >= h.mask =>
+                    || h.workers() == 0
+                    || h.workers() > 1024
+                    || u64::from(h.count) >= h.workers()
+                    || h.mask >> 33 != 0 =>
             {
                 return Err(CodecError::BadBody {
                     kind,
-                    detail: format!("role {} worker {} of {} workers", h.block, h.count, h.mask),
+                    detail: format!(
+                        "role {} worker {} of {} workers, flags {:#x}",
+                        h.block,
+                        h.count,
+                        h.workers(),
+                        h.mask >> 32
+                    ),
+                })
+            }
+            Kind::ZeroMap if h.mask == 0 || u64::from(h.body_len) != h.mask.div_ceil(8) => {
+                return Err(CodecError::BodyLength {
+                    kind,
+                    len: h.body_len,
+                    max: h.mask.div_ceil(8),
                 })
             }
             _ => {}
@@ -601,6 +658,17 @@ pub enum Frame {
     Ack(u64),
     /// Error with a message.
     Error(String),
+    /// Zero-page bits of `pages` pages of `block` from `page`.
+    ZeroMap {
+        /// Block.
+        block: u32,
+        /// First page.
+        page: u64,
+        /// Pages covered.
+        pages: u64,
+        /// One bit per page, LSB first.
+        bits: Vec<u8>,
+    },
 }
 
 impl Frame {
@@ -639,6 +707,15 @@ impl Frame {
             Frame::End(v) => Header::control(Kind::End, *v).encode_into(out),
             Frame::Ack(v) => Header::control(Kind::Ack, *v).encode_into(out),
             Frame::Error(m) => encode_error(m, out),
+            Frame::ZeroMap {
+                block,
+                page,
+                pages,
+                bits,
+            } => {
+                Header::zero_map(*block, *page, *pages).encode_into(out);
+                out.extend_from_slice(bits);
+            }
         }
     }
 
@@ -653,8 +730,12 @@ impl Frame {
             have: bytes.len(),
         })?;
         let h = Header::decode(head)?;
-        if let (Some(l), Kind::Request | Kind::Pages) = (layout, h.kind) {
-            h.check(l)?;
+        match (layout, h.kind) {
+            (Some(l), Kind::Request | Kind::Pages) => {
+                h.check(l)?;
+            }
+            (Some(l), Kind::ZeroMap) => h.check_zero_map(l)?,
+            _ => {}
         }
         let total = HEADER_BYTES + h.body_len as usize;
         let body = bytes
@@ -668,7 +749,7 @@ impl Frame {
                 session: h.page,
                 role: h.role().expect("checked in decode"),
                 worker: h.count,
-                workers: h.mask as u16,
+                workers: h.workers() as u16,
             },
             Kind::Welcome => Frame::Welcome(Welcome::decode_body(&h, body)?),
             Kind::Request => Frame::Request {
@@ -687,6 +768,12 @@ impl Frame {
             Kind::End => Frame::End(h.page),
             Kind::Ack => Frame::Ack(h.page),
             Kind::Error => Frame::Error(decode_error(body)),
+            Kind::ZeroMap => Frame::ZeroMap {
+                block: h.block,
+                page: h.page,
+                pages: h.mask,
+                bits: body.to_vec(),
+            },
         };
         Ok((frame, total))
     }
@@ -768,6 +855,18 @@ mod tests {
             any::<u64>().prop_map(Frame::End),
             any::<u64>().prop_map(Frame::Ack),
             "[a-zA-Z0-9 é✓]{0,200}".prop_map(Frame::Error),
+            (0u64..256, 1u64..=256).prop_flat_map(|(page, pages)| {
+                let pages = pages.min(256 - page).max(1);
+                let page = page.min(256 - pages);
+                proptest::collection::vec(any::<u8>(), pages.div_ceil(8) as usize).prop_map(
+                    move |bits| Frame::ZeroMap {
+                        block: 0,
+                        page,
+                        pages,
+                        bits,
+                    },
+                )
+            }),
         ]
     }
 
@@ -854,6 +953,28 @@ mod tests {
         assert!(matches!(
             Frame::decode(&buf, Some(&l)),
             Err(CodecError::Truncated { .. })
+        ));
+        // A zero map past the block, or with a body that does not match its page count.
+        Header::zero_map(0, 200, 100).encode(&mut h);
+        assert!(matches!(
+            Header::decode(&h).unwrap().check_zero_map(&l),
+            Err(CodecError::Range(_))
+        ));
+        let mut z = Header::zero_map(0, 0, 100);
+        z.body_len = 3;
+        z.encode(&mut h);
+        assert!(matches!(
+            Header::decode(&h),
+            Err(CodecError::BodyLength { .. })
+        ));
+        // Unknown Hello flags are refused.
+        let mut hello = Header::hello(0, Role::Urgent, 0, 2).with_zero_map();
+        assert!(hello.wants_zero_map() && hello.workers() == 2);
+        hello.mask |= 1 << 40;
+        hello.encode(&mut h);
+        assert!(matches!(
+            Header::decode(&h),
+            Err(CodecError::BadBody { .. })
         ));
     }
 

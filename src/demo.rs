@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::codec::ImageInfo;
-use crate::dest::{self, DestError, DestRam, Engine, EngineConfig};
+use crate::dest::{self, DestError, DestRam, Engine, EngineConfig, ZeroFill};
 use crate::image::Synthetic;
 use crate::report::{DemoReport, LatencyUs};
 use crate::workload::{self, Pattern, WorkloadConfig};
@@ -61,6 +61,10 @@ pub struct DemoConfig {
     pub quiet: bool,
     /// Touch and free memory of the image's size before timing (see [`crate::sys::mem::prewarm`]).
     pub warmup: bool,
+    /// Ask the source for its zero-page map (engine only).
+    pub zero_map: bool,
+    /// How the engine places zero pages.
+    pub zero_fill: ZeroFill,
 }
 
 /// A `postcopy serve --synthetic` child process on 127.0.0.1, killed on drop.
@@ -163,6 +167,10 @@ pub struct RunSpec {
     pub workload: Option<WorkloadConfig>,
     /// Progress on stderr.
     pub progress: bool,
+    /// Zero-page map (engine only).
+    pub zero_map: bool,
+    /// How the engine places zero pages.
+    pub zero_fill: ZeroFill,
 }
 
 /// What one migration did.
@@ -190,7 +198,9 @@ impl RunOutcome {
                 self.complete
                     && wl_bad == 0
                     && self.final_mismatches.0 == 0
-                    && e.totals.pages_by_fault + e.totals.pages_by_stream
+                    && e.totals.pages_by_fault
+                        + e.totals.pages_by_stream
+                        + e.totals.pages_by_zero_map
                         == self.layout.total_pages()
             }
             Err(_) => false,
@@ -209,6 +219,9 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         },
         pin: spec.pin,
         stream: spec.stream,
+        // The baseline is deliberately simple: no zero-page map.
+        zero_map: spec.zero_map && spec.handler == Handler::Engine,
+        zero_fill: spec.zero_fill,
         ..EngineConfig::default()
     };
     let connected = dest::connect(&engine_cfg)?;
@@ -292,6 +305,8 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
                 seed: cfg.seed ^ 0xa5a5,
             }),
             progress: !cfg.quiet && std::io::stderr().is_terminal(),
+            zero_map: cfg.zero_map,
+            zero_fill: cfg.zero_fill,
         },
     )?;
     if let Some(c) = child.as_mut() {
@@ -322,6 +337,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             report.pages_zero = e.totals.pages_zero;
             report.pages_by_fault = e.totals.pages_by_fault;
             report.pages_by_stream = e.totals.pages_by_stream;
+            report.pages_by_zero_map = e.totals.pages_by_zero_map;
             report.eexist = e.totals.eexist;
             report.postcopy_seconds = e.postcopy_seconds;
             report.throughput_mib_s =

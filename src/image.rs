@@ -59,6 +59,10 @@ pub trait Image: Send + Sync {
     /// Page `page` of `block`: borrowed from the image, or generated into `scratch` (one page).
     /// The caller has checked the range against the layout.
     fn page<'a>(&'a self, block: u32, page: u64, scratch: &'a mut [u8]) -> PageData<'a>;
+    /// Whether the page is all zero (for the zero-page map). `scratch` is one page.
+    fn is_zero(&self, block: u32, page: u64, scratch: &mut [u8]) -> bool {
+        matches!(self.page(block, page, scratch), PageData::Zero)
+    }
 }
 
 /// Whether a page is all zero (word at a time).
@@ -178,6 +182,9 @@ impl Synthetic {
 }
 
 impl Image for Synthetic {
+    fn is_zero(&self, block: u32, page: u64, _scratch: &mut [u8]) -> bool {
+        Synthetic::is_zero(self, block, page)
+    }
     fn layout(&self) -> &Layout {
         &self.layout
     }
@@ -188,7 +195,7 @@ impl Image for Synthetic {
         }
     }
     fn page<'a>(&'a self, block: u32, page: u64, scratch: &'a mut [u8]) -> PageData<'a> {
-        if self.is_zero(block, page) {
+        if Synthetic::is_zero(self, block, page) {
             return PageData::Zero;
         }
         self.fill(block, page, scratch);

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use postcopy::demo::{self, DemoConfig};
+use postcopy::dest::ZeroFill;
 use postcopy::image::{FileImage, Image, Synthetic};
 use postcopy::layout::Layout;
 use postcopy::source::{SourceConfig, SourceServer};
@@ -103,6 +104,12 @@ enum Cmd {
         /// so the hypervisor's first-touch cost is not measured as migration time).
         #[arg(long)]
         no_warmup: bool,
+        /// Ask the source for its zero-page map and place zero pages locally at start-up.
+        #[arg(long)]
+        zero_map: bool,
+        /// How zero pages are placed.
+        #[arg(long, value_enum, default_value_t = ZeroFill::Zeropage)]
+        zero_fill: ZeroFill,
         /// No progress output.
         #[arg(long, short)]
         quiet: bool,
@@ -147,6 +154,12 @@ enum Cmd {
         /// `time` = time to all pages present, `p99` = p99 fault latency with the stream on).
         #[arg(long, value_delimiter = ',', value_parser = ["time", "p99"])]
         check: Vec<String>,
+        /// Engine: ask the source for its zero-page map.
+        #[arg(long)]
+        zero_map: bool,
+        /// Engine: how zero pages are placed.
+        #[arg(long, value_enum, default_value_t = ZeroFill::Zeropage)]
+        zero_fill: ZeroFill,
         /// No per-run progress lines.
         #[arg(long, short)]
         quiet: bool,
@@ -252,6 +265,8 @@ fn main() -> ExitCode {
             source,
             report,
             no_warmup,
+            zero_map,
+            zero_fill,
             quiet,
         } => {
             let exe = match std::env::current_exe() {
@@ -272,6 +287,8 @@ fn main() -> ExitCode {
                 exe,
                 quiet,
                 warmup: !no_warmup,
+                zero_map,
+                zero_fill,
             };
             let r = match demo::run(&cfg) {
                 Ok(r) => r,
@@ -303,6 +320,8 @@ fn main() -> ExitCode {
             report,
             json,
             check,
+            zero_map,
+            zero_fill,
             quiet,
         } => {
             let r = match bench(
@@ -315,6 +334,7 @@ fn main() -> ExitCode {
                 !no_pin,
                 zero_percent,
                 seed,
+                (zero_map, zero_fill),
                 quiet,
             ) {
                 Ok(r) => r,
@@ -358,6 +378,7 @@ fn bench(
     pin: bool,
     zero_percent: u8,
     seed: u64,
+    (zero_map, zero_fill): (bool, ZeroFill),
     quiet: bool,
 ) -> Result<postcopy::bench::BenchReport, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -376,6 +397,8 @@ fn bench(
             exe,
             quiet,
             warmup: true,
+            zero_map,
+            zero_fill,
         },
         demand_size_bytes: demand_size,
         runs: runs.max(1),

@@ -55,6 +55,8 @@ pub struct DemoReport {
     pub pages_by_fault: u64,
     /// Pages placed from the background stream.
     pub pages_by_stream: u64,
+    /// Pages placed from the source's zero-page map (`--zero-map`), without fault or stream.
+    pub pages_by_zero_map: u64,
     /// Pages that arrived when already placed (stream raced a request).
     pub eexist: u64,
     /// Touches that found their page missing (measured in the workload).
@@ -133,8 +135,12 @@ impl DemoReport {
         );
         let _ = writeln!(
             s,
-            "  pages           {} by fault, {} by stream, {} zero, {} eexist races",
-            self.pages_by_fault, self.pages_by_stream, self.pages_zero, self.eexist
+            "  pages           {} by fault, {} by stream, {} by zero map, {} zero, {} eexist races",
+            self.pages_by_fault,
+            self.pages_by_stream,
+            self.pages_by_zero_map,
+            self.pages_zero,
+            self.eexist
         );
         let _ = writeln!(
             s,

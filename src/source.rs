@@ -437,6 +437,11 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         image: shared.image.info(),
     }
     .encode_into(&mut out);
+    if hello.wants_zero_map() && hello.page == 0 {
+        // The zero-page map: the destination places these pages itself, so neither a request
+        // nor the stream needs to carry them.
+        encode_zero_map(shared.image.as_ref(), &session, &mut out);
+    }
     let result = stream
         .write_all(&out)
         .map_err(io_err(format!("send Welcome to {peer}")))
@@ -529,6 +534,29 @@ fn reap_idle(shared: &Shared) {
     for s in reaped {
         record_end(shared, &s);
     }
+}
+
+/// Appends `ZeroMap` frames for every block, then `Run`, and marks the zero pages sent.
+fn encode_zero_map(image: &dyn Image, session: &Session, out: &mut Vec<u8>) {
+    let per_frame = u64::from(codec::MAX_ZERO_MAP_BYTES) * 8;
+    let mut scratch = vec![0u8; image.layout().max_page_size() as usize];
+    for (b, block) in image.layout().blocks.iter().enumerate() {
+        let mut first = 0;
+        while first < block.pages() {
+            let pages = (block.pages() - first).min(per_frame);
+            Header::zero_map(b as u32, first, pages).encode_into(out);
+            let at = out.len();
+            out.resize(at + pages.div_ceil(8) as usize, 0);
+            for i in 0..pages {
+                if image.is_zero(b as u32, first + i, &mut scratch) {
+                    out[at + (i / 8) as usize] |= 1 << (i % 8);
+                    session.sent[b].set(first + i);
+                }
+            }
+            first += pages;
+        }
+    }
+    Header::control(Kind::Run, 0).encode_into(out);
 }
 
 /// Appends `Pages` frames for `[page, page + count)` of `block` to `out`, marking them sent.

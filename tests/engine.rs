@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use postcopy::dest::shard;
+use postcopy::dest::ZeroFill;
 use postcopy::image::page_checksum;
 use postcopy::workload::Pattern;
 
@@ -29,7 +30,10 @@ fn full_migration(pattern: Pattern) {
     out.assert_verified();
     let total = out.ram.layout.total_pages();
     let t = &out.report().totals;
-    assert_eq!(t.pages_by_fault + t.pages_by_stream, total);
+    assert_eq!(
+        t.pages_by_fault + t.pages_by_stream + t.pages_by_zero_map,
+        total
+    );
     assert!(src.complete, "source report: {src:?}");
     assert!(src.error.is_none(), "source report: {src:?}");
     // A page can be sent by both paths (a request for a page already streamed), never by none.
@@ -353,4 +357,37 @@ fn session_outlives_a_worker_that_ends_before_another_connects() {
     drop(late);
     let reports = src.finish(TIMEOUT);
     assert_eq!(complete_sessions(&reports), 1, "{reports:?}");
+}
+
+/// The zero-page map: the source sends which pages are zero, the destination places them at
+/// start-up (no fault, no request, no stream for them), with either placement ioctl; every page
+/// still verifies (the workload writes every page, so zero pages also take their later writes).
+#[test]
+fn zero_map_places_zero_pages_locally() {
+    for zero_fill in [ZeroFill::Zeropage, ZeroFill::Copy] {
+        let (out, src) = migrate(
+            &SourceOptions {
+                size_bytes: 32 * MIB,
+                seed: 21,
+                zero_percent: 30,
+                ..Default::default()
+            },
+            &DestOptions {
+                zero_map: true,
+                zero_fill,
+                ..Default::default()
+            },
+        );
+        out.assert_verified();
+        let zeros = out.image.zero_pages(0);
+        let t = &out.report().totals;
+        assert!(zeros > 0);
+        assert_eq!(t.pages_by_zero_map, zeros, "{zero_fill:?}: {t:?}");
+        assert_eq!(t.pages_zero, zeros, "{zero_fill:?}: {t:?}");
+        assert_eq!(
+            src.pages_zero, 0,
+            "the source sends no zero page by request or stream: {src:?}"
+        );
+        assert!(src.complete, "{src:?}");
+    }
 }

@@ -271,6 +271,7 @@ fn engine_vs_fake_spec(
         stream,
         stall_timeout: stall,
         connect_timeout: Duration::from_secs(5),
+        ..EngineConfig::default()
     };
     let t0 = Instant::now();
     let connected = dest::connect(&config).expect("handshake with the fake source");
@@ -329,6 +330,13 @@ fn legit_then(bad: Vec<u8>) -> impl FnOnce(&mut FakeConns) + Send + 'static {
 /// The fake answers the Hello with `reply`, then holds the connection until the destination
 /// closes it. Returns connect's result and how long it took.
 fn handshake_vs(reply: Vec<u8>) -> (Result<dest::Connected, DestError>, Duration) {
+    handshake_vs_with(reply, false)
+}
+
+fn handshake_vs_with(
+    reply: Vec<u8>,
+    zero_map: bool,
+) -> (Result<dest::Connected, DestError>, Duration) {
     let fake = FakeListener::bind();
     let addr = fake.addr;
     let t = std::thread::spawn(move || {
@@ -353,6 +361,7 @@ fn handshake_vs(reply: Vec<u8>) -> (Result<dest::Connected, DestError>, Duration
         source: addr.to_string(),
         workers: 1,
         connect_timeout: Duration::from_secs(5),
+        zero_map,
         ..EngineConfig::default()
     };
     let t0 = Instant::now();
@@ -986,4 +995,46 @@ fn source_survives_request_flood() {
         assert!(growth < 256 * MIB, "RSS grew by {} MiB", growth / MIB);
         drop(s);
     });
+}
+
+/// A zero-page map is input like any other: a map past the block end, or another frame where
+/// the map should be, ends the handshake with an error naming it.
+#[test]
+fn hostile_zero_map() {
+    let image = fake_image();
+    let pages = image.layout().blocks[0].pages();
+    for (tail, needle) in [
+        (
+            encode(&Frame::ZeroMap {
+                block: 0,
+                page: pages - 4,
+                pages: 8,
+                bits: vec![0xff],
+            }),
+            "outside the layout",
+        ),
+        (
+            encode(&Frame::ZeroMap {
+                block: 3,
+                page: 0,
+                pages: 8,
+                bits: vec![0xff],
+            }),
+            "outside the layout",
+        ),
+        (junk_pages(0, 0, 1), "unexpected Pages"),
+    ] {
+        let mut reply = welcome_for(&image, SESSION);
+        reply.extend_from_slice(&tail);
+        let (r, elapsed) = handshake_vs_with(reply, true);
+        let msg = match r {
+            Ok(_) => panic!("a bad zero-page map was accepted ({needle})"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            msg.contains(needle),
+            "error {msg:?} does not name {needle:?}"
+        );
+        assert!(elapsed < Duration::from_secs(2), "took {elapsed:?} ({msg})");
+    }
 }

@@ -111,6 +111,23 @@ pub struct EngineConfig {
     pub stall_timeout: Duration,
     /// Connect/handshake timeout.
     pub connect_timeout: Duration,
+    /// Ask the source for its zero-page map and place those pages locally at start-up (no
+    /// fault, request or stream for them).
+    pub zero_map: bool,
+    /// How zero pages are placed.
+    pub zero_fill: ZeroFill,
+}
+
+/// How the engine places a zero page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroFill {
+    /// `UFFDIO_ZEROPAGE`: maps the shared zero page (cheap now, and no memory until written;
+    /// the first write then takes a copy-on-write fault and, with threads on several CPUs, a
+    /// TLB shootdown).
+    Zeropage,
+    /// `UFFDIO_COPY` from a zeroed buffer: a private page at once, no later copy-on-write.
+    Copy,
 }
 
 impl Default for EngineConfig {
@@ -122,6 +139,8 @@ impl Default for EngineConfig {
             stream: true,
             stall_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            zero_map: false,
+            zero_fill: ZeroFill::Zeropage,
         }
     }
 }
@@ -132,6 +151,8 @@ pub struct Connected {
     /// The source's `Welcome`.
     pub welcome: Welcome,
     pub(crate) control: TcpStream,
+    /// The zero-page map (per block, bit set = zero page), when asked for.
+    pub zero_map: Option<Vec<PageBitmap>>,
 }
 
 fn read_welcome(stream: &mut TcpStream, context: &str) -> Result<Welcome, DestError> {
@@ -174,7 +195,7 @@ pub(crate) fn open_connection(
     session: u64,
     role: Role,
     worker: u16,
-) -> Result<(TcpStream, Welcome), DestError> {
+) -> Result<(TcpStream, Welcome, Option<Vec<PageBitmap>>), DestError> {
     use std::io::Write;
     use std::net::ToSocketAddrs;
     let addr = config
@@ -203,16 +224,72 @@ pub(crate) fn open_connection(
         .set_read_timeout(Some(config.connect_timeout))
         .map_err(io_err("set handshake timeout"))?;
     let mut hello = [0u8; HEADER_BYTES];
-    Header::hello(session, role, worker, config.workers as u16).encode(&mut hello);
+    let mut h = Header::hello(session, role, worker, config.workers as u16);
+    let want_zero_map = config.zero_map && session == 0;
+    if want_zero_map {
+        h = h.with_zero_map();
+    }
+    h.encode(&mut hello);
     stream.write_all(&hello).map_err(io_err("send Hello"))?;
-    let welcome = read_welcome(
-        &mut stream,
-        &format!("{role:?} connection of worker {worker}"),
-    )?;
+    let context = format!("{role:?} connection of worker {worker}");
+    let welcome = read_welcome(&mut stream, &context)?;
+    let zero_map = if want_zero_map {
+        Some(read_zero_map(&mut stream, &welcome.layout, &context)?)
+    } else {
+        None
+    };
     stream
         .set_read_timeout(None)
         .map_err(io_err("clear timeout"))?;
-    Ok((stream, welcome))
+    Ok((stream, welcome, zero_map))
+}
+
+/// Reads `ZeroMap` frames until `Run`: one bitmap per block, bit set = zero page.
+fn read_zero_map(
+    stream: &mut TcpStream,
+    layout: &Layout,
+    context: &str,
+) -> Result<Vec<PageBitmap>, DestError> {
+    use std::io::Read;
+    let protocol = |source| DestError::Protocol {
+        context: context.into(),
+        source,
+    };
+    let map: Vec<PageBitmap> = layout
+        .blocks
+        .iter()
+        .map(|b| PageBitmap::new(b.pages()))
+        .collect();
+    let mut bits = Vec::new();
+    loop {
+        let mut head = [0u8; HEADER_BYTES];
+        stream
+            .read_exact(&mut head)
+            .map_err(io_err(format!("{context}: read zero-page map")))?;
+        let h = Header::decode(&head).map_err(protocol)?;
+        match h.kind {
+            Kind::Run => return Ok(map),
+            Kind::ZeroMap => {
+                // decode() bounded the body (MAX_ZERO_MAP_BYTES) and matched it to the pages.
+                h.check_zero_map(layout).map_err(protocol)?;
+                bits.resize(h.body_len as usize, 0);
+                stream
+                    .read_exact(&mut bits)
+                    .map_err(io_err(format!("{context}: read zero-page map")))?;
+                for i in 0..h.mask {
+                    if bits[(i / 8) as usize] >> (i % 8) & 1 == 1 {
+                        map[h.block as usize].set(h.page + i);
+                    }
+                }
+            }
+            other => {
+                return Err(protocol(CodecError::Unexpected {
+                    got: other,
+                    expected: "ZeroMap or Run",
+                }))
+            }
+        }
+    }
 }
 
 /// Handshakes with the source: returns the session and its layout.
@@ -223,8 +300,12 @@ pub fn connect(config: &EngineConfig) -> Result<Connected, DestError> {
             config.workers
         )));
     }
-    let (control, welcome) = open_connection(config, 0, Role::Urgent, 0)?;
-    Ok(Connected { welcome, control })
+    let (control, welcome, zero_map) = open_connection(config, 0, Role::Urgent, 0)?;
+    Ok(Connected {
+        welcome,
+        control,
+        zero_map,
+    })
 }
 
 /// The destination's memory: one mapping per block plus the received bitmaps.
@@ -313,6 +394,8 @@ pub struct WorkerStats {
     pub pages_by_fault: u64,
     /// Pages placed from the stream.
     pub pages_by_stream: u64,
+    /// Pages placed from the source's zero-page map, without a fault or the stream.
+    pub pages_by_zero_map: u64,
     /// Of the placed pages, zero pages (`UFFDIO_ZEROPAGE`).
     pub pages_zero: u64,
     /// Pages that arrived already placed (`EEXIST`: a stream page raced a request).
@@ -336,6 +419,7 @@ impl WorkerStats {
         self.pages_requested += o.pages_requested;
         self.pages_by_fault += o.pages_by_fault;
         self.pages_by_stream += o.pages_by_stream;
+        self.pages_by_zero_map += o.pages_by_zero_map;
         self.pages_zero += o.pages_zero;
         self.eexist += o.eexist;
         self.place_ioctls += o.place_ioctls;
@@ -487,6 +571,7 @@ impl Engine {
         }
         let mut control = Some(connected.control);
         let session = connected.welcome.session;
+        let zero_map = connected.zero_map.map(Arc::new);
         let mut jobs: Vec<(String, usize, Job)> = Vec::with_capacity(2 * workers);
         for (w, uffd) in uffds.into_iter().enumerate() {
             let state = Arc::new(worker::ShardState::new(
@@ -495,6 +580,7 @@ impl Engine {
                 &ram,
                 workers,
                 config.stream,
+                zero_map.clone(),
             ));
             let halves: &[worker::Half] = if config.stream {
                 &[worker::Half::Urgent, worker::Half::Bulk]

@@ -25,9 +25,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{open_connection, DestError, DestRam, EngineConfig, Shared, WorkerStats};
+use super::{open_connection, DestError, DestRam, EngineConfig, Shared, WorkerStats, ZeroFill};
 use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::layout::PageBitmap;
+use crate::sys::mem::Mapping;
 use crate::sys::ring::{Completion, Ring, RingConfig, SlotId};
 use crate::sys::uffd::{Event, PlaceErrorKind, Uffd, MSG_BYTES};
 
@@ -69,6 +70,8 @@ pub(crate) struct ShardState {
     outstanding: AtomicU64,
     /// The bulk half is done (its stream ended, or there is none).
     bulk_done: AtomicBool,
+    /// The source's zero-page map, if it sent one: the urgent half places those pages itself.
+    zero_map: Option<Arc<Vec<PageBitmap>>>,
 }
 
 impl ShardState {
@@ -78,6 +81,7 @@ impl ShardState {
         ram: &DestRam,
         workers: usize,
         stream: bool,
+        zero_map: Option<Arc<Vec<PageBitmap>>>,
     ) -> ShardState {
         let shard: Vec<(u64, u64)> = ram
             .layout
@@ -98,6 +102,7 @@ impl ShardState {
                 .collect(),
             outstanding: AtomicU64::new(0),
             bulk_done: AtomicBool::new(!stream),
+            zero_map,
         }
     }
 }
@@ -123,6 +128,17 @@ enum Recv {
     },
     /// Nothing more is expected on this connection.
     Idle,
+}
+
+/// Where a placed page came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A reply to a request (urgent half).
+    Reply,
+    /// The background stream (bulk half).
+    Stream,
+    /// The source's zero-page map (urgent half, at start-up).
+    ZeroMap,
 }
 
 #[derive(Clone, Copy)]
@@ -153,6 +169,8 @@ struct Worker {
     /// Urgent half: the source acknowledged our End. Bulk half: the stream's End arrived.
     finished: bool,
     completions: Vec<Completion>,
+    /// Zeros to copy from when zero pages are placed with `UFFDIO_COPY` (never written).
+    zeros: Option<Mapping>,
     last_progress: Instant,
     stats: WorkerStats,
 }
@@ -197,7 +215,7 @@ impl Worker {
         let stream = match control {
             Some(s) => s,
             None => {
-                let (stream, welcome) = open_connection(&config, session, role, id as u16)?;
+                let (stream, welcome, _) = open_connection(&config, session, role, id as u16)?;
                 if welcome.session != session || welcome.layout != ram.layout {
                     return Err(DestError::Protocol {
                         context: format!("{role:?} connection of worker {id}"),
@@ -211,6 +229,7 @@ impl Worker {
                 stream
             }
         };
+        let zero_fill = config.zero_fill;
         let batch_bytes = ram
             .layout
             .blocks
@@ -252,6 +271,10 @@ impl Worker {
             end_sent: false,
             finished: false,
             completions: Vec::with_capacity(256),
+            zeros: match zero_fill {
+                ZeroFill::Copy => Some(Mapping::anonymous(batch_bytes, "zero page source")?),
+                ZeroFill::Zeropage => None,
+            },
             last_progress: Instant::now(),
             stats: WorkerStats::default(),
         })
@@ -262,6 +285,9 @@ impl Worker {
     }
 
     fn run(&mut self) -> Result<(), DestError> {
+        if self.half == Half::Urgent {
+            self.place_zero_map()?;
+        }
         loop {
             if self.shared.stop.load(Ordering::Acquire) {
                 return Err(DestError::Stopped);
@@ -303,6 +329,39 @@ impl Worker {
                     _ => self.on_recv(c.result)?,
                 }
             }
+        }
+    }
+
+    /// Places every page of the shard that the source's zero-page map marks zero, in runs
+    /// (before serving faults: faults meanwhile wait in the userfaultfd and are then served).
+    fn place_zero_map(&mut self) -> Result<(), DestError> {
+        let Some(map) = self.state.zero_map.clone() else {
+            return Ok(());
+        };
+        let max_run = self.zeros.as_ref().map_or(1 << 16, |z| {
+            z.len_bytes() / self.ram.layout.max_page_size() as usize
+        }) as u64;
+        for (b, zeros) in map.iter().enumerate() {
+            let (start, end) = self.state.shard[b];
+            let mut p = start;
+            while p < end {
+                if !zeros.get(p) {
+                    p += 1;
+                    continue;
+                }
+                let n = zeros.run_of_set(p, end, max_run);
+                let fill = self.zero_fill();
+                self.place_run(b, p, n as usize, fill, true, Origin::ZeroMap)?;
+                p += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn zero_fill(&self) -> Fill {
+        match &self.zeros {
+            Some(z) => Fill::Copy(z.as_ptr()),
+            None => Fill::Zero,
         }
     }
 
@@ -587,18 +646,30 @@ impl Worker {
                 n += 1;
             }
             let fill = if zero {
-                Fill::Zero
+                self.zero_fill()
             } else {
                 let src = self.ring.slot_addr(self.body, data_pages * ps);
                 data_pages += n;
                 Fill::Copy(src)
             };
-            self.place_run(h.block as usize, h.page + i as u64, n, fill)?;
+            let origin = match self.half {
+                Half::Urgent => Origin::Reply,
+                Half::Bulk => Origin::Stream,
+            };
+            self.place_run(h.block as usize, h.page + i as u64, n, fill, zero, origin)?;
             i += n;
         }
         Ok(())
     }
-    fn place_run(&mut self, b: usize, first: u64, n: usize, fill: Fill) -> Result<(), DestError> {
+    fn place_run(
+        &mut self,
+        b: usize,
+        first: u64,
+        n: usize,
+        fill: Fill,
+        zero: bool,
+        origin: Origin,
+    ) -> Result<(), DestError> {
         let ps = self.ram.layout.blocks[b].page_size as usize;
         let base = self.ram.regions[b].addr() + first as usize * ps;
         let mut off = 0;
@@ -620,7 +691,7 @@ impl Worker {
                 Ok(()) => (n - off, None),
                 Err(e) => (e.done_bytes / ps, Some(e)),
             };
-            self.mark_placed(b, first + off as u64, placed as u64, fill);
+            self.mark_placed(b, first + off as u64, placed as u64, zero, origin);
             off += placed;
             let Some(e) = err else { break };
             match e.kind {
@@ -641,7 +712,7 @@ impl Worker {
         Ok(())
     }
 
-    fn mark_placed(&mut self, b: usize, first: u64, n: u64, fill: Fill) {
+    fn mark_placed(&mut self, b: usize, first: u64, n: u64, zero: bool, origin: Origin) {
         if n == 0 {
             return;
         }
@@ -653,11 +724,12 @@ impl Worker {
         if answered > 0 {
             self.state.outstanding.fetch_sub(answered, Ordering::AcqRel);
         }
-        match self.half {
-            Half::Urgent => self.stats.pages_by_fault += new,
-            Half::Bulk => self.stats.pages_by_stream += new,
+        match origin {
+            Origin::Reply => self.stats.pages_by_fault += new,
+            Origin::Stream => self.stats.pages_by_stream += new,
+            Origin::ZeroMap => self.stats.pages_by_zero_map += new,
         }
-        if matches!(fill, Fill::Zero) {
+        if zero {
             self.stats.pages_zero += new;
         }
         if left == 0 {

@@ -15,7 +15,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use postcopy::codec::{self, Frame, Header, ImageInfo, HEADER_BYTES};
-use postcopy::dest::{self, DestError, DestRam, Engine, EngineConfig, EngineReport};
+use postcopy::dest::{self, DestError, DestRam, Engine, EngineConfig, EngineReport, ZeroFill};
 use postcopy::image::{page_checksum, Image, Synthetic};
 use postcopy::layout::Layout;
 use postcopy::source::{SessionReport, SourceConfig, SourceError, SourceServer, StopHandle};
@@ -193,6 +193,10 @@ pub struct DestOptions {
     pub pattern: Pattern,
     /// Workload seed.
     pub seed: u64,
+    /// Ask for the source's zero-page map.
+    pub zero_map: bool,
+    /// How zero pages are placed.
+    pub zero_fill: ZeroFill,
 }
 
 impl Default for DestOptions {
@@ -204,6 +208,8 @@ impl Default for DestOptions {
             threads: 4,
             pattern: Pattern::Random,
             seed: 42,
+            zero_map: false,
+            zero_fill: ZeroFill::Zeropage,
         }
     }
 }
@@ -261,7 +267,7 @@ impl DestOutcome {
         );
         assert!(self.ram.complete(), "received bitmaps not full");
         assert_eq!(
-            r.totals.pages_by_fault + r.totals.pages_by_stream,
+            r.totals.pages_by_fault + r.totals.pages_by_stream + r.totals.pages_by_zero_map,
             total,
             "each page placed exactly once: {:?}",
             r.totals
@@ -368,6 +374,8 @@ where
         stream: opts.stream,
         stall_timeout: Duration::from_secs(20),
         connect_timeout: Duration::from_secs(10),
+        zero_map: opts.zero_map,
+        zero_fill: opts.zero_fill,
     };
     let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
     let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {
