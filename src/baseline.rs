@@ -58,7 +58,7 @@ pub fn start(
             Box::new(move |shared| stream_thread(&u, &r, stream, &shared)),
         ));
     }
-    EngineHandle::spawn(ram, 1, jobs)
+    EngineHandle::spawn(ram, 1, 1, jobs)
 }
 
 /// Reads one frame's header and body (into `body`), checked against the layout.

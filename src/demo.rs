@@ -65,6 +65,8 @@ pub struct DemoConfig {
     pub zero_map: bool,
     /// How the engine places zero pages.
     pub zero_fill: ZeroFill,
+    /// Most bulk streams at once (0: one per worker).
+    pub max_streams: usize,
 }
 
 /// A `postcopy serve --synthetic` child process on 127.0.0.1, killed on drop.
@@ -171,6 +173,8 @@ pub struct RunSpec {
     pub zero_map: bool,
     /// How the engine places zero pages.
     pub zero_fill: ZeroFill,
+    /// Most bulk streams at once (0: one per worker).
+    pub max_streams: usize,
 }
 
 /// What one migration did.
@@ -222,6 +226,7 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         // The baseline is deliberately simple: no zero-page map.
         zero_map: spec.zero_map && spec.handler == Handler::Engine,
         zero_fill: spec.zero_fill,
+        max_streams: spec.max_streams,
         ..EngineConfig::default()
     };
     let connected = dest::connect(&engine_cfg)?;
@@ -307,6 +312,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             progress: !cfg.quiet && std::io::stderr().is_terminal(),
             zero_map: cfg.zero_map,
             zero_fill: cfg.zero_fill,
+            max_streams: cfg.max_streams,
         },
     )?;
     if let Some(c) = child.as_mut() {

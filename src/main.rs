@@ -110,6 +110,9 @@ enum Cmd {
         /// How zero pages are placed.
         #[arg(long, value_enum, default_value_t = ZeroFill::Zeropage)]
         zero_fill: ZeroFill,
+        /// Most bulk streams placing at once (0: one per worker).
+        #[arg(long, default_value_t = 0)]
+        streams: usize,
         /// No progress output.
         #[arg(long, short)]
         quiet: bool,
@@ -160,6 +163,9 @@ enum Cmd {
         /// Engine: how zero pages are placed.
         #[arg(long, value_enum, default_value_t = ZeroFill::Zeropage)]
         zero_fill: ZeroFill,
+        /// Engine: most bulk streams placing at once (0: one per worker).
+        #[arg(long, default_value_t = 0)]
+        streams: usize,
         /// No per-run progress lines.
         #[arg(long, short)]
         quiet: bool,
@@ -267,6 +273,7 @@ fn main() -> ExitCode {
             no_warmup,
             zero_map,
             zero_fill,
+            streams,
             quiet,
         } => {
             let exe = match std::env::current_exe() {
@@ -289,6 +296,7 @@ fn main() -> ExitCode {
                 warmup: !no_warmup,
                 zero_map,
                 zero_fill,
+                max_streams: streams,
             };
             let r = match demo::run(&cfg) {
                 Ok(r) => r,
@@ -322,6 +330,7 @@ fn main() -> ExitCode {
             check,
             zero_map,
             zero_fill,
+            streams,
             quiet,
         } => {
             let r = match bench(
@@ -334,7 +343,7 @@ fn main() -> ExitCode {
                 !no_pin,
                 zero_percent,
                 seed,
-                (zero_map, zero_fill),
+                (zero_map, zero_fill, streams),
                 quiet,
             ) {
                 Ok(r) => r,
@@ -378,7 +387,7 @@ fn bench(
     pin: bool,
     zero_percent: u8,
     seed: u64,
-    (zero_map, zero_fill): (bool, ZeroFill),
+    (zero_map, zero_fill, max_streams): (bool, ZeroFill, usize),
     quiet: bool,
 ) -> Result<postcopy::bench::BenchReport, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
@@ -399,6 +408,7 @@ fn bench(
             warmup: true,
             zero_map,
             zero_fill,
+            max_streams,
         },
         demand_size_bytes: demand_size,
         runs: runs.max(1),

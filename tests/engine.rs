@@ -391,3 +391,24 @@ fn zero_map_places_zero_pages_locally() {
         assert!(src.complete, "{src:?}");
     }
 }
+
+/// With fewer stream slots than workers, the streams take turns and every page still arrives.
+#[test]
+fn streams_take_turns_when_limited() {
+    let (out, src) = migrate(
+        &SourceOptions {
+            size_bytes: 32 * MIB,
+            seed: 23,
+            ..Default::default()
+        },
+        &DestOptions {
+            workers: 2,
+            max_streams: 1,
+            ..Default::default()
+        },
+    );
+    out.assert_verified();
+    let t = &out.report().totals;
+    assert!(t.pages_by_stream > 0, "{t:?}");
+    assert!(src.complete, "{src:?}");
+}

@@ -116,6 +116,9 @@ pub struct EngineConfig {
     pub zero_map: bool,
     /// How zero pages are placed.
     pub zero_fill: ZeroFill,
+    /// Most bulk streams placing at once (0: one per worker). Fewer streams leave CPU to the
+    /// workload and the fault path on a small machine, at the cost of stream throughput.
+    pub max_streams: usize,
 }
 
 /// How the engine places a zero page.
@@ -141,6 +144,7 @@ impl Default for EngineConfig {
             connect_timeout: Duration::from_secs(10),
             zero_map: false,
             zero_fill: ZeroFill::Zeropage,
+            max_streams: 0,
         }
     }
 }
@@ -470,6 +474,9 @@ pub(crate) struct Shared {
     pub(crate) last_placed_ns: Arc<AtomicU64>,
     /// Pages placed by all threads (used by handlers without per-shard counts).
     pub(crate) placed: AtomicU64,
+    /// Streams that may run at once; a bulk half takes one before its first read and gives
+    /// it back when its stream ends.
+    pub(crate) stream_slots: std::sync::atomic::AtomicUsize,
 }
 
 /// A userfaultfd (with `UFFDIO_API` done) registered MISSING on pages `[start, end)` of every
@@ -509,6 +516,7 @@ impl EngineHandle {
     pub(crate) fn spawn(
         ram: Arc<DestRam>,
         workers: usize,
+        stream_slots: usize,
         jobs: Vec<(String, usize, Job)>,
     ) -> Result<EngineHandle, DestError> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -518,6 +526,7 @@ impl EngineHandle {
             started,
             last_placed_ns: Arc::new(AtomicU64::new(0)),
             placed: AtomicU64::new(0),
+            stream_slots: std::sync::atomic::AtomicUsize::new(stream_slots),
         });
         let (exit_tx, exits) = crossbeam_channel::bounded::<WorkerExit>(jobs.len());
         let mut threads = Vec::with_capacity(jobs.len());
@@ -608,7 +617,11 @@ impl Engine {
                 jobs.push((name, w, job));
             }
         }
-        EngineHandle::spawn(ram, workers, jobs)
+        let streams = match config.max_streams {
+            0 => workers,
+            n => n,
+        };
+        EngineHandle::spawn(ram, workers, streams, jobs)
     }
 }
 

@@ -168,6 +168,8 @@ struct Worker {
     end_sent: bool,
     /// Urgent half: the source acknowledged our End. Bulk half: the stream's End arrived.
     finished: bool,
+    /// Bulk half: holds one of the engine's stream slots.
+    has_stream_slot: bool,
     completions: Vec<Completion>,
     /// Zeros to copy from when zero pages are placed with `UFFDIO_COPY` (never written).
     zeros: Option<Mapping>,
@@ -270,6 +272,7 @@ impl Worker {
             pending: Vec::with_capacity(16 * 1024),
             end_sent: false,
             finished: false,
+            has_stream_slot: false,
             completions: Vec::with_capacity(256),
             zeros: match zero_fill {
                 ZeroFill::Copy => Some(Mapping::anonymous(batch_bytes, "zero page source")?),
@@ -300,8 +303,15 @@ impl Worker {
                 self.send_end()?;
             }
             if self.finished {
+                self.release_stream_slot();
                 self.ring.cancel_all();
                 return Ok(());
+            }
+            if self.half == Half::Bulk && !self.take_stream_slot() {
+                // Not this stream's turn: the CPU is left to the streams running and to faults.
+                self.last_progress = Instant::now();
+                std::thread::sleep(Duration::from_millis(1));
+                continue;
             }
             self.arm()?;
             self.stats.loops += 1;
@@ -362,6 +372,23 @@ impl Worker {
         match &self.zeros {
             Some(z) => Fill::Copy(z.as_ptr()),
             None => Fill::Zero,
+        }
+    }
+
+    fn take_stream_slot(&mut self) -> bool {
+        if !self.has_stream_slot {
+            self.has_stream_slot = self
+                .shared
+                .stream_slots
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok();
+        }
+        self.has_stream_slot
+    }
+
+    fn release_stream_slot(&mut self) {
+        if std::mem::take(&mut self.has_stream_slot) {
+            self.shared.stream_slots.fetch_add(1, Ordering::AcqRel);
         }
     }
 

@@ -197,6 +197,8 @@ pub struct DestOptions {
     pub zero_map: bool,
     /// How zero pages are placed.
     pub zero_fill: ZeroFill,
+    /// Most bulk streams at once (0: one per worker).
+    pub max_streams: usize,
 }
 
 impl Default for DestOptions {
@@ -210,6 +212,7 @@ impl Default for DestOptions {
             seed: 42,
             zero_map: false,
             zero_fill: ZeroFill::Zeropage,
+            max_streams: 0,
         }
     }
 }
@@ -376,6 +379,7 @@ where
         connect_timeout: Duration::from_secs(10),
         zero_map: opts.zero_map,
         zero_fill: opts.zero_fill,
+        max_streams: opts.max_streams,
     };
     let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
     let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {
