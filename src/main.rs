@@ -60,6 +60,9 @@ enum Cmd {
         /// Exit after the first session ends (non-zero if it did not complete).
         #[arg(long)]
         once: bool,
+        /// Most pages sent ahead of a sequential reader's fault, with the reply (0: none).
+        #[arg(long, default_value_t = 64)]
+        prefetch_max: u64,
         /// Test hook: delay each urgent reply by this many milliseconds.
         #[arg(long, default_value_t = 0, hide = true)]
         debug_urgent_delay_ms: u64,
@@ -222,6 +225,7 @@ fn main() -> ExitCode {
             seed,
             zero_percent,
             once,
+            prefetch_max,
             debug_urgent_delay_ms,
             quiet,
         } => {
@@ -238,6 +242,7 @@ fn main() -> ExitCode {
             };
             let config = SourceConfig {
                 once,
+                prefetch_max,
                 urgent_delay: Duration::from_millis(debug_urgent_delay_ms),
                 verbose: !quiet,
                 ..SourceConfig::default()

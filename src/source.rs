@@ -85,6 +85,8 @@ pub struct SourceConfig {
     pub max_sessions: usize,
     /// A write that blocks this long (the destination stopped reading) ends its session.
     pub write_timeout: Duration,
+    /// Most pages sent ahead of a sequential reader's fault with the reply (0: no prefetch).
+    pub prefetch_max: u64,
     /// Test hook: delay before answering each urgent request (forces stream/request races).
     pub urgent_delay: Duration,
     /// Print a line per session to stderr.
@@ -98,6 +100,7 @@ impl Default for SourceConfig {
             handshake_timeout: Duration::from_secs(10),
             max_sessions: 64,
             write_timeout: Duration::from_secs(60),
+            prefetch_max: 64,
             urgent_delay: Duration::ZERO,
             verbose: true,
         }
@@ -117,6 +120,8 @@ pub struct SessionReport {
     pub pages_stream: u64,
     /// Of those, zero pages (sent as flags).
     pub pages_zero: u64,
+    /// Of the urgent pages, those sent ahead of a sequential reader (prefetch).
+    pub pages_prefetched: u64,
     /// Requests received.
     pub requests: u64,
     /// Bytes written.
@@ -142,6 +147,7 @@ struct Session {
     pages_urgent: AtomicU64,
     pages_stream: AtomicU64,
     pages_zero: AtomicU64,
+    pages_prefetched: AtomicU64,
     requests: AtomicU64,
     bytes_sent: AtomicU64,
 }
@@ -156,6 +162,7 @@ impl Session {
             pages_urgent: self.pages_urgent.load(Ordering::Relaxed),
             pages_stream: self.pages_stream.load(Ordering::Relaxed),
             pages_zero: self.pages_zero.load(Ordering::Relaxed),
+            pages_prefetched: self.pages_prefetched.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             seconds: self.started.elapsed().as_secs_f64(),
@@ -392,6 +399,7 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
                 pages_urgent: AtomicU64::new(0),
                 pages_stream: AtomicU64::new(0),
                 pages_zero: AtomicU64::new(0),
+                pages_prefetched: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 bytes_sent: AtomicU64::new(0),
             });
@@ -613,6 +621,8 @@ fn serve_urgent(
         stream.try_clone().map_err(io_err("clone socket"))?,
     );
     let mut body = Vec::new();
+    let mut prefetch = 0u64;
+    let mut prefetch_next: Option<(u32, u64)> = None;
     loop {
         let Some(h) = read_frame(&mut reader, peer, &mut body)? else {
             return Err(SourceError::Incomplete {
@@ -630,8 +640,32 @@ fn serve_urgent(
                     std::thread::sleep(shared.config.urgent_delay);
                 }
                 let count = u64::from(h.count);
-                session.sent[h.block as usize].set_range(h.page, count);
-                let (pages, zeros) = encode_run(
+                let sent = &session.sent[h.block as usize];
+                sent.set_range(h.page, count);
+                // Prefetch: a fault right where the last reply ended means a sequential
+                // reader; send the next unsent pages of its shard with the reply, doubling
+                // the window while the pattern holds and dropping it when it breaks.
+                let (_, shard_end) = crate::dest::shard(
+                    block.pages(),
+                    usize::from(worker),
+                    usize::from(session.workers),
+                );
+                let mut extra = 0;
+                if shared.config.prefetch_max > 0 {
+                    prefetch = if prefetch_next == Some((h.block, h.page)) {
+                        (prefetch * 2).clamp(4, shared.config.prefetch_max)
+                    } else {
+                        0
+                    };
+                    let end = (h.page + count).min(shard_end);
+                    while extra < prefetch && end + extra < shard_end && sent.set(end + extra) {
+                        extra += 1;
+                    }
+                    prefetch_next = Some((h.block, end + extra));
+                }
+                // The requested pages go first, in frames of their own, so the faulting
+                // thread is woken before the prefetched pages are placed.
+                let (mut pages, mut zeros) = encode_run(
                     shared.image.as_ref(),
                     h.block,
                     h.page,
@@ -640,7 +674,21 @@ fn serve_urgent(
                     &mut scratch,
                     &mut out,
                 );
+                if extra > 0 {
+                    let (p, z) = encode_run(
+                        shared.image.as_ref(),
+                        h.block,
+                        (h.page + count).min(shard_end),
+                        extra,
+                        block.page_size,
+                        &mut scratch,
+                        &mut out,
+                    );
+                    pages += p;
+                    zeros += z;
+                }
                 session.pages_urgent.fetch_add(pages, Ordering::Relaxed);
+                session.pages_prefetched.fetch_add(extra, Ordering::Relaxed);
                 session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
             }
             Kind::End => {

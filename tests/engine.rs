@@ -65,6 +65,8 @@ fn no_stream_every_page_by_fault() {
         &SourceOptions {
             size_bytes: 32 * MIB,
             seed: 12,
+            // Each page requested exactly once: no pages sent ahead.
+            prefetch_max: 0,
             ..Default::default()
         },
         &DestOptions {
@@ -169,6 +171,8 @@ fn many_threads_fault_on_one_page() {
     let source = Source::start(&SourceOptions {
         size_bytes: 16 * MIB,
         seed: 15,
+        // Phase 2 counts one request per fault: no pages sent ahead.
+        prefetch_max: 0,
         ..Default::default()
     });
     let hot = 16 * MIB / PAGE / 2 + 7;
@@ -411,4 +415,47 @@ fn streams_take_turns_when_limited() {
     let t = &out.report().totals;
     assert!(t.pages_by_stream > 0, "{t:?}");
     assert!(src.complete, "{src:?}");
+}
+
+/// Prefetch: a sequential reader's faults bring the next pages of its shard with each reply
+/// (far fewer requests than pages); a random reader's do not (the window stays closed).
+#[test]
+fn prefetch_follows_sequential_readers_only() {
+    let (seq, seq_src) = migrate(
+        &SourceOptions {
+            size_bytes: 32 * MIB,
+            seed: 31,
+            ..Default::default()
+        },
+        &DestOptions {
+            stream: false,
+            threads: 2,
+            pattern: Pattern::Sequential,
+            ..Default::default()
+        },
+    );
+    seq.assert_verified();
+    let total = seq.ram.layout.total_pages();
+    let t = &seq.report().totals;
+    assert_eq!(t.pages_by_fault, total, "{t:?}");
+    assert!(
+        seq_src.pages_prefetched > total / 2 && t.requests < total / 4,
+        "sequential: {seq_src:?} {t:?}"
+    );
+    let (rnd, rnd_src) = migrate(
+        &SourceOptions {
+            size_bytes: 32 * MIB,
+            seed: 32,
+            ..Default::default()
+        },
+        &DestOptions {
+            stream: false,
+            ..Default::default()
+        },
+    );
+    rnd.assert_verified();
+    assert!(
+        rnd_src.pages_prefetched < total / 100,
+        "random readers get (almost) no prefetch: {rnd_src:?}"
+    );
 }

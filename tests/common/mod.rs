@@ -79,6 +79,8 @@ pub struct SourceOptions {
     pub once: bool,
     /// Delay before each urgent reply.
     pub urgent_delay: Duration,
+    /// Prefetch window limit (0: none).
+    pub prefetch_max: u64,
 }
 
 impl Default for SourceOptions {
@@ -89,6 +91,7 @@ impl Default for SourceOptions {
             zero_percent: 20,
             once: true,
             urgent_delay: Duration::ZERO,
+            prefetch_max: SourceConfig::default().prefetch_max,
         }
     }
 }
@@ -114,6 +117,7 @@ impl Source {
                 once: opts.once,
                 verbose: false,
                 urgent_delay: opts.urgent_delay,
+                prefetch_max: opts.prefetch_max,
                 ..Default::default()
             },
         )
