@@ -185,17 +185,21 @@ fn fault_thread(
         s.write_all(&req).map_err(io("baseline: send request"))?;
         stats.requests += 1;
         stats.pages_requested += 1;
-        let h = read_frame(&mut s, ram, &mut body)?;
-        if h.kind != Kind::Pages {
-            return Err(DestError::Protocol {
-                context: "baseline".into(),
-                source: CodecError::Unexpected {
-                    got: h.kind,
-                    expected: "Pages",
-                },
-            });
+        // Read replies until the page is placed: the source may send more than asked for
+        // (a prefetch after the reply), and those frames come first on the next read.
+        while !ram.received[b].get(page) {
+            let h = read_frame(&mut s, ram, &mut body)?;
+            if h.kind != Kind::Pages {
+                return Err(DestError::Protocol {
+                    context: "baseline".into(),
+                    source: CodecError::Unexpected {
+                        got: h.kind,
+                        expected: "Pages",
+                    },
+                });
+            }
+            stats.pages_by_fault += place(uffd, ram, &h, &body, &mut stats, shared)?;
         }
-        stats.pages_by_fault += place(uffd, ram, &h, &body, &mut stats, shared)?;
     }
     let mut end = [0u8; HEADER_BYTES];
     Header::control(Kind::End, 0).encode(&mut end);

@@ -459,3 +459,43 @@ fn prefetch_follows_sequential_readers_only() {
         "random readers get (almost) no prefetch: {rnd_src:?}"
     );
 }
+
+/// The bench's baseline handler migrates and verifies too, with and without the stream, also
+/// when the source sends more than it asked for (prefetch to a sequential reader).
+#[test]
+fn baseline_handler_verifies() {
+    use postcopy::demo::{run_destination, Handler, RunSpec};
+    use postcopy::workload::WorkloadConfig;
+    for (stream, pattern) in [(false, Pattern::Sequential), (true, Pattern::Random)] {
+        let src = Source::start(&SourceOptions {
+            size_bytes: 16 * MIB,
+            seed: 41,
+            ..Default::default()
+        });
+        let addr = src.addr.to_string();
+        let t = std::thread::spawn(move || {
+            run_destination(
+                &addr,
+                &RunSpec {
+                    handler: Handler::Baseline,
+                    workers: 1,
+                    pin: false,
+                    stream,
+                    workload: Some(WorkloadConfig {
+                        threads: 2,
+                        pattern,
+                        seed: 5,
+                    }),
+                    progress: false,
+                    zero_map: false,
+                    zero_fill: ZeroFill::Zeropage,
+                    max_streams: 0,
+                },
+            )
+        });
+        let out = join_within(t, TIMEOUT, "baseline run").expect("baseline run");
+        assert!(out.verified(), "stream {stream}: not verified");
+        let reports = src.finish(TIMEOUT);
+        assert_eq!(complete_sessions(&reports), 1, "{reports:?}");
+    }
+}
