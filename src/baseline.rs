@@ -185,9 +185,10 @@ fn fault_thread(
         s.write_all(&req).map_err(io("baseline: send request"))?;
         stats.requests += 1;
         stats.pages_requested += 1;
-        // Read replies until the page is placed: the source may send more than asked for
-        // (a prefetch after the reply), and those frames come first on the next read.
-        while !ram.received[b].get(page) {
+        // Read replies until the one carrying this page: the source may have sent more than
+        // asked for (a prefetch after an earlier reply), and those frames come first. (Its
+        // placement may find the page already there, placed by the stream thread.)
+        loop {
             let h = read_frame(&mut s, ram, &mut body)?;
             if h.kind != Kind::Pages {
                 return Err(DestError::Protocol {
@@ -199,6 +200,9 @@ fn fault_thread(
                 });
             }
             stats.pages_by_fault += place(uffd, ram, &h, &body, &mut stats, shared)?;
+            if h.block as usize == b && (h.page..h.page + u64::from(h.count)).contains(&page) {
+                break;
+            }
         }
     }
     let mut end = [0u8; HEADER_BYTES];

@@ -109,12 +109,33 @@ fn measure(addr: &str, handler: Handler, mode: &str, cfg: &BenchConfig) -> Measu
         mode: mode.into(),
         ..Default::default()
     };
-    match run_destination(addr, &spec) {
-        Ok(out) => fill(&mut m, &out),
-        Err(e) => m.error = Some(e.to_string()),
+    // A watchdog, so a stuck run fails the bench instead of hanging it (the stuck thread is
+    // left behind; the caller stops the bench).
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let _ = tx.send(run_destination(&addr, &spec).map(|out| {
+            let mut m = Measurement::default();
+            fill(&mut m, &out);
+            m
+        }));
+    });
+    match rx.recv_timeout(RUN_TIMEOUT) {
+        Ok(Ok(done)) => {
+            m.verified = done.verified;
+            m.seconds = done.seconds;
+            m.throughput_mib_s = done.throughput_mib_s;
+            m.fault_latency_us = done.fault_latency_us;
+            m.error = done.error;
+        }
+        Ok(Err(e)) => m.error = Some(e.to_string()),
+        Err(_) => m.error = Some(format!("did not finish within {} s", RUN_TIMEOUT.as_secs())),
     }
     m
 }
+
+/// Longest a single measurement may take.
+const RUN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn fill(m: &mut Measurement, out: &RunOutcome) {
     m.verified = out.verified();
@@ -189,7 +210,18 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
                         started.elapsed().as_secs_f64()
                     );
                 }
+                let stuck = m
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.starts_with("did not finish"));
                 measurements.push(m);
+                if stuck {
+                    return Err(DemoError::Stuck(format!(
+                        "{handler:?} {mode} run {}: did not finish within {} s",
+                        run + 1,
+                        RUN_TIMEOUT.as_secs()
+                    )));
+                }
             }
         }
     }

@@ -27,6 +27,9 @@ pub enum DemoError {
     /// The destination failed.
     #[error(transparent)]
     Dest(#[from] DestError),
+    /// A run did not finish in time.
+    #[error("{0}")]
+    Stuck(String),
     /// The source's image cannot be verified.
     #[error("the source serves an opaque image (a file); the demo verifies a synthetic image: start it with `postcopy serve --synthetic SIZE`")]
     OpaqueImage,
