@@ -494,7 +494,16 @@ fn baseline_handler_verifies() {
             )
         });
         let out = join_within(t, TIMEOUT, "baseline run").expect("baseline run");
-        assert!(out.verified(), "stream {stream}: not verified");
+        assert!(
+            out.verified(),
+            "stream {stream}: not verified: engine {:?}, final {:?}, first touch {:?}, complete {}",
+            out.engine.as_ref().map(|e| &e.totals),
+            out.final_mismatches,
+            out.workload
+                .as_ref()
+                .map(|w| (w.mismatches, w.first_mismatch.clone())),
+            out.complete
+        );
         let reports = src.finish(TIMEOUT);
         assert_eq!(complete_sessions(&reports), 1, "{reports:?}");
     }
