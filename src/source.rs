@@ -170,6 +170,23 @@ impl Session {
         }
     }
 
+    /// Writes `out` to the destination, counts it, and empties it.
+    fn flush(
+        &self,
+        stream: &mut TcpStream,
+        out: &mut Vec<u8>,
+        what: &str,
+        peer: SocketAddr,
+    ) -> Result<(), SourceError> {
+        stream
+            .write_all(out)
+            .map_err(io_err(format!("{what} to {peer}")))?;
+        self.bytes_sent
+            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        out.clear();
+        Ok(())
+    }
+
     fn fail(&self, why: String) {
         let mut f = self.failed.lock().expect("poisoned");
         if f.is_none() {
@@ -694,12 +711,7 @@ fn serve_urgent(
             Kind::End => {
                 session.ends_seen.fetch_add(1, Ordering::AcqRel);
                 Header::control(Kind::Ack, h.page).encode_into(&mut out);
-                stream
-                    .write_all(&out)
-                    .map_err(io_err(format!("send Ack to {peer}")))?;
-                session
-                    .bytes_sent
-                    .fetch_add(out.len() as u64, Ordering::Relaxed);
+                session.flush(stream, &mut out, "send Ack", peer)?;
                 if session.ends_seen.load(Ordering::Acquire) >= usize::from(session.workers) {
                     session.finished.store(true, Ordering::Release);
                 }
@@ -723,13 +735,7 @@ fn serve_urgent(
         }
         // Answer everything that arrived together in one write; never sit on a reply.
         if reader.buffer().is_empty() || out.len() >= (1 << 20) {
-            stream
-                .write_all(&out)
-                .map_err(io_err(format!("send pages to {peer}")))?;
-            session
-                .bytes_sent
-                .fetch_add(out.len() as u64, Ordering::Relaxed);
-            out.clear();
+            session.flush(stream, &mut out, "send pages", peer)?;
         }
     }
 }
@@ -791,23 +797,12 @@ fn serve_bulk(
             session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
             p = first + n;
             if out.len() >= FLUSH_BYTES {
-                stream
-                    .write_all(&out)
-                    .map_err(io_err(format!("stream pages to {peer}")))?;
-                session
-                    .bytes_sent
-                    .fetch_add(out.len() as u64, Ordering::Relaxed);
-                out.clear();
+                session.flush(stream, &mut out, "stream pages", peer)?;
             }
         }
     }
     Header::control(Kind::End, streamed).encode_into(&mut out);
-    stream
-        .write_all(&out)
-        .map_err(io_err(format!("stream pages to {peer}")))?;
-    session
-        .bytes_sent
-        .fetch_add(out.len() as u64, Ordering::Relaxed);
+    session.flush(stream, &mut out, "stream pages", peer)?;
     // Hold the connection until the destination closes it (it may still be placing pages).
     let mut sink = [0u8; 64];
     let _ = stream.read(&mut sink);
