@@ -25,6 +25,64 @@ struct Cli {
     command: Cmd,
 }
 
+/// The destination side of a run: workload and engine options shared by `demo` and `bench`.
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Image size (e.g. 1G, 4G, 256M).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// How the workload touches pages.
+    #[arg(long, value_enum, default_value_t = Pattern::Random)]
+    pattern: Pattern,
+    /// Workload threads on the destination.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    /// Engine workers (default: one per CPU).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Do not pin workers to CPUs.
+    #[arg(long)]
+    no_pin: bool,
+    /// Seed of the image and the pattern.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Engine: ask the source for its zero-page map and place zero pages at start-up.
+    #[arg(long)]
+    zero_map: bool,
+    /// Engine: how zero pages are placed.
+    #[arg(long, value_enum, default_value_t = ZeroFill::Zeropage)]
+    zero_fill: ZeroFill,
+    /// Engine: most bulk streams placing at once (0: one per worker).
+    #[arg(long, default_value_t = 0)]
+    streams: usize,
+    /// No progress output.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+impl RunArgs {
+    fn demo_config(&self, zero_percent: u8) -> Result<DemoConfig, std::io::Error> {
+        Ok(DemoConfig {
+            size_bytes: self.size,
+            page_size: 4096,
+            pattern: self.pattern,
+            threads: self.threads,
+            workers: self.workers.unwrap_or_else(postcopy::sys::online_cpus),
+            pin: !self.no_pin,
+            stream: true,
+            zero_percent,
+            seed: self.seed,
+            source: None,
+            exe: std::env::current_exe()?,
+            quiet: self.quiet,
+            warmup: true,
+            zero_map: self.zero_map,
+            zero_fill: self.zero_fill,
+            max_streams: self.streams,
+        })
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Check whether this host can do postcopy (userfaultfd, io_uring, page sizes, THP, mlock).
@@ -73,30 +131,14 @@ enum Cmd {
     /// The embedded default: migrate a synthetic image in postcopy from a source process to
     /// this one, with a workload that verifies every page, and print a report.
     Demo {
-        /// Image size (e.g. 1G, 4G, 256M).
-        #[arg(long, default_value = "1G", value_parser = parse_size)]
-        size: u64,
-        /// How the workload touches pages.
-        #[arg(long, value_enum, default_value_t = Pattern::Random)]
-        pattern: Pattern,
-        /// Workload threads on the destination.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        /// Engine workers (default: one per CPU).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Do not pin workers to CPUs.
-        #[arg(long)]
-        no_pin: bool,
+        #[command(flatten)]
+        run: RunArgs,
         /// No background stream: every page arrives by a fault.
         #[arg(long)]
         no_stream: bool,
         /// Share of zero pages in the image, percent.
         #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
         zero_percent: u8,
-        /// Seed of the image and the pattern.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
         /// Use a running `postcopy serve --synthetic` at HOST:PORT instead of a local source.
         #[arg(long)]
         source: Option<String>,
@@ -107,49 +149,21 @@ enum Cmd {
         /// so the hypervisor's first-touch cost is not measured as migration time).
         #[arg(long)]
         no_warmup: bool,
-        /// Ask the source for its zero-page map and place zero pages locally at start-up.
-        #[arg(long)]
-        zero_map: bool,
-        /// How zero pages are placed.
-        #[arg(long, value_enum, default_value_t = ZeroFill::Zeropage)]
-        zero_fill: ZeroFill,
-        /// Most bulk streams placing at once (0: one per worker).
-        #[arg(long, default_value_t = 0)]
-        streams: usize,
-        /// No progress output.
-        #[arg(long, short)]
-        quiet: bool,
     },
     /// Measure the engine against a simple baseline handler in one run: time to all pages,
     /// stream-only throughput, fault latency with and without the stream; medians and ratios.
     Bench {
-        /// Image size of the full and stream-only runs.
-        #[arg(long, default_value = "1G", value_parser = parse_size)]
-        size: u64,
+        #[command(flatten)]
+        run: RunArgs,
         /// Image size of the demand-only runs (every page by a fault).
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         demand_size: u64,
         /// Runs per handler and mode (alternating).
         #[arg(long, default_value_t = 5)]
         runs: usize,
-        /// How the workload touches pages.
-        #[arg(long, value_enum, default_value_t = Pattern::Random)]
-        pattern: Pattern,
-        /// Workload threads.
-        #[arg(long, default_value_t = 2)]
-        threads: usize,
-        /// Engine workers (default: one per CPU).
-        #[arg(long)]
-        workers: Option<usize>,
-        /// Do not pin workers to CPUs.
-        #[arg(long)]
-        no_pin: bool,
         /// Share of zero pages in the image, percent.
         #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
         zero_percent: u8,
-        /// Seed of the image and the pattern.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
         /// Write the JSON report here.
         #[arg(long)]
         report: Option<PathBuf>,
@@ -160,18 +174,6 @@ enum Cmd {
         /// `time` = time to all pages present, `p99` = p99 fault latency with the stream on).
         #[arg(long, value_delimiter = ',', value_parser = ["time", "p99"])]
         check: Vec<String>,
-        /// Engine: ask the source for its zero-page map.
-        #[arg(long)]
-        zero_map: bool,
-        /// Engine: how zero pages are placed.
-        #[arg(long, value_enum, default_value_t = ZeroFill::Zeropage)]
-        zero_fill: ZeroFill,
-        /// Engine: most bulk streams placing at once (0: one per worker).
-        #[arg(long, default_value_t = 0)]
-        streams: usize,
-        /// No per-run progress lines.
-        #[arg(long, short)]
-        quiet: bool,
     },
 }
 
@@ -265,44 +267,20 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Demo {
-            size,
-            pattern,
-            threads,
-            workers,
-            no_pin,
+            run,
             no_stream,
             zero_percent,
-            seed,
             source,
             report,
             no_warmup,
-            zero_map,
-            zero_fill,
-            streams,
-            quiet,
         } => {
-            let exe = match std::env::current_exe() {
-                Ok(e) => e,
+            let mut cfg = match run.demo_config(zero_percent) {
+                Ok(c) => c,
                 Err(e) => return fail(&e),
             };
-            let cfg = DemoConfig {
-                size_bytes: size,
-                page_size: 4096,
-                pattern,
-                threads,
-                workers: workers.unwrap_or_else(postcopy::sys::online_cpus),
-                pin: !no_pin,
-                stream: !no_stream,
-                zero_percent,
-                seed,
-                source,
-                exe,
-                quiet,
-                warmup: !no_warmup,
-                zero_map,
-                zero_fill,
-                max_streams: streams,
-            };
+            cfg.stream = !no_stream;
+            cfg.source = source;
+            cfg.warmup = !no_warmup;
             let r = match demo::run(&cfg) {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
@@ -321,36 +299,23 @@ fn main() -> ExitCode {
             }
         }
         Cmd::Bench {
-            size,
+            run,
             demand_size,
             runs,
-            pattern,
-            threads,
-            workers,
-            no_pin,
             zero_percent,
-            seed,
             report,
             json,
             check,
-            zero_map,
-            zero_fill,
-            streams,
-            quiet,
         } => {
-            let r = match bench(
-                size,
-                demand_size,
-                runs,
-                pattern,
-                threads,
-                workers,
-                !no_pin,
-                zero_percent,
-                seed,
-                (zero_map, zero_fill, streams),
-                quiet,
-            ) {
+            let cfg = match run.demo_config(zero_percent) {
+                Ok(demo) => postcopy::bench::BenchConfig {
+                    demo,
+                    demand_size_bytes: demand_size,
+                    runs: runs.max(1),
+                },
+                Err(e) => return fail(&e),
+            };
+            let r = match postcopy::bench::run(&cfg) {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };
@@ -379,46 +344,6 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
-}
-
-#[allow(clippy::too_many_arguments)]
-fn bench(
-    size: u64,
-    demand_size: u64,
-    runs: usize,
-    pattern: Pattern,
-    threads: usize,
-    workers: Option<usize>,
-    pin: bool,
-    zero_percent: u8,
-    seed: u64,
-    (zero_map, zero_fill, max_streams): (bool, ZeroFill, usize),
-    quiet: bool,
-) -> Result<postcopy::bench::BenchReport, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let cfg = postcopy::bench::BenchConfig {
-        demo: DemoConfig {
-            size_bytes: size,
-            page_size: 4096,
-            pattern,
-            threads,
-            workers: workers.unwrap_or_else(postcopy::sys::online_cpus),
-            pin,
-            stream: true,
-            zero_percent,
-            seed,
-            source: None,
-            exe,
-            quiet,
-            warmup: true,
-            zero_map,
-            zero_fill,
-            max_streams,
-        },
-        demand_size_bytes: demand_size,
-        runs: runs.max(1),
-    };
-    postcopy::bench::run(&cfg).map_err(|e| e.to_string())
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
