@@ -151,9 +151,8 @@ impl Ring {
     /// registers the arenas as fixed buffers `0..n`.
     pub fn new(config: &RingConfig) -> Result<Ring, RingError> {
         let entries = config.entries;
-        // COOP_TASKRUN rather than DEFER_TASKRUN: completions are posted whenever this thread
-        // enters the kernel for any reason (every placement ioctl), so the engine can peek at
-        // new fault events between placements without a syscall of its own.
+        // COOP_TASKRUN: the kernel posts completions when this thread next enters it (no
+        // interrupt to a busy thread); each loop enters it anyway in `submit_and_reap`.
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
@@ -381,12 +380,6 @@ impl Ring {
         }
         self.reap();
         Ok(&self.reaped)
-    }
-
-    /// Reaps the completions already posted, without entering the kernel.
-    pub fn reap_ready(&mut self) -> &[Completion] {
-        self.reap();
-        &self.reaped
     }
 
     fn reap(&mut self) {
