@@ -103,6 +103,7 @@ fn measure(addr: &str, handler: Handler, mode: &str, cfg: &BenchConfig) -> Measu
         zero_map: d.zero_map,
         zero_fill: d.zero_fill,
         max_streams: d.max_streams,
+        precopy: false,
     };
     let mut m = Measurement {
         handler: format!("{handler:?}").to_lowercase(),

@@ -44,6 +44,16 @@ pub const MAX_ERROR_BYTES: usize = 4096;
 pub const HELLO_ZERO_MAP: u64 = 1 << 32;
 /// Largest `ZeroMap` body: the bits of 512 Ki pages (2 GiB of 4 KiB pages).
 pub const MAX_ZERO_MAP_BYTES: u32 = 64 * 1024;
+/// `Hello` flag: the destination's memory is not registered yet and takes a precopy phase
+/// (`Round`, `Pages`, `Discard` frames, ended by `Run`) after `Welcome`.
+pub const HELLO_PRECOPY: u64 = 1 << 33;
+/// Most ranges in one `Discard` frame. QEMU sends 12 per command; ours is a 4 KiB body (256
+/// ranges of 16 bytes): few frames for a scattered dirty set, and a bounded read per frame.
+pub const MAX_DISCARD_RANGES: u16 = 256;
+/// Bytes per discard range on the wire: first page and page count, u64 each.
+pub const DISCARD_RANGE_BYTES: usize = 16;
+/// Most page checksums in one `Checksums` frame (64 KiB of body).
+pub const MAX_CHECKSUMS: u64 = 8192;
 
 /// Frame kinds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +79,15 @@ pub enum Kind {
     /// source → destination, after `Welcome` when asked: which pages of a block are zero
     /// (`mask` = pages covered, body = one bit per page, LSB first), ended by `Run`.
     ZeroMap = 9,
+    /// source → destination in the precopy phase: the pages of a block dirtied after precopy
+    /// sent them (`count` ranges of (first page, pages), 16 bytes each); the destination drops
+    /// them and fetches them again in postcopy.
+    Discard = 10,
+    /// source → destination in the precopy phase: round `page` sent `mask` pages.
+    Round = 11,
+    /// source → destination on a verify connection: xxh3 checksums of `mask` pages of `block`
+    /// from `page`, 8 bytes each (the content at switchover).
+    Checksums = 12,
 }
 
 impl Kind {
@@ -83,6 +102,9 @@ impl Kind {
             7 => Kind::Ack,
             8 => Kind::Error,
             9 => Kind::ZeroMap,
+            10 => Kind::Discard,
+            11 => Kind::Round,
+            12 => Kind::Checksums,
             _ => return None,
         })
     }
@@ -95,6 +117,9 @@ pub enum Role {
     Urgent,
     /// Bulk: the background stream of one worker's shard.
     Bulk,
+    /// Verify: after `Run` from the destination, the source sends the checksums of every page
+    /// as they were at switchover (end-to-end verification of a migration).
+    Verify,
 }
 
 /// What the source's image is, so a verifier can recompute expected contents.
@@ -232,6 +257,7 @@ impl Header {
             block: match role {
                 Role::Urgent => 0,
                 Role::Bulk => 1,
+                Role::Verify => 2,
             },
             page: session,
             mask: u64::from(workers),
@@ -244,6 +270,48 @@ impl Header {
         debug_assert_eq!(self.kind, Kind::Hello);
         self.mask |= HELLO_ZERO_MAP;
         self
+    }
+
+    /// Offers (in a `Hello`) a precopy phase after `Welcome`.
+    pub fn with_precopy(mut self) -> Header {
+        debug_assert_eq!(self.kind, Kind::Hello);
+        self.mask |= HELLO_PRECOPY;
+        self
+    }
+
+    /// Whether a `Hello` offers a precopy phase.
+    pub fn wants_precopy(&self) -> bool {
+        self.mask & HELLO_PRECOPY != 0
+    }
+
+    /// `Discard` header for `ranges` ranges of `block` (the body is the ranges).
+    pub fn discard(block: u32, ranges: u16) -> Header {
+        Header {
+            count: ranges,
+            body_len: (usize::from(ranges) * DISCARD_RANGE_BYTES) as u32,
+            block,
+            ..Header::bare(Kind::Discard)
+        }
+    }
+
+    /// `Round` header: precopy round `round` sent `pages` pages.
+    pub fn round(round: u64, pages: u64) -> Header {
+        Header {
+            page: round,
+            mask: pages,
+            ..Header::bare(Kind::Round)
+        }
+    }
+
+    /// `Checksums` header for `pages` pages of `block` from `page`.
+    pub fn checksums(block: u32, page: u64, pages: u64) -> Header {
+        Header {
+            body_len: (pages * 8) as u32,
+            block,
+            page,
+            mask: pages,
+            ..Header::bare(Kind::Checksums)
+        }
     }
 
     /// The worker count of a `Hello`.
@@ -267,7 +335,7 @@ impl Header {
         }
     }
 
-    /// Checks a `ZeroMap` header against the layout: the pages it covers exist.
+    /// Checks a `ZeroMap` or `Checksums` header against the layout: the pages it covers exist.
     pub fn check_zero_map(&self, layout: &Layout) -> Result<(), CodecError> {
         layout.check_range(self.block, self.page, self.mask)?;
         Ok(())
@@ -296,6 +364,16 @@ impl Header {
         }
     }
 
+    /// The `Run` that ends a precopy phase: `dirty_pages` were dirty at switchover, the
+    /// source's workload stopped at `stopped_unix_us` (wall clock, µs).
+    pub fn run(dirty_pages: u64, stopped_unix_us: u64) -> Header {
+        Header {
+            page: dirty_pages,
+            mask: stopped_unix_us,
+            ..Header::bare(Kind::Run)
+        }
+    }
+
     /// A control frame without a body (`Run`, `End`, `Ack`); `value` rides in `page`.
     pub fn control(kind: Kind, value: u64) -> Header {
         debug_assert!(matches!(kind, Kind::Run | Kind::End | Kind::Ack));
@@ -310,6 +388,7 @@ impl Header {
         match self.block {
             0 => Some(Role::Urgent),
             1 => Some(Role::Bulk),
+            2 => Some(Role::Verify),
             _ => None,
         }
     }
@@ -352,7 +431,9 @@ impl Header {
             mask: le64(b, 24),
         };
         let body_max: u64 = match kind {
-            Kind::Hello | Kind::Request | Kind::Run | Kind::End | Kind::Ack => 0,
+            Kind::Hello | Kind::Request | Kind::Run | Kind::End | Kind::Ack | Kind::Round => 0,
+            Kind::Discard => (usize::from(MAX_DISCARD_RANGES) * DISCARD_RANGE_BYTES) as u64,
+            Kind::Checksums => MAX_CHECKSUMS * 8,
             Kind::Welcome => u64::from(MAX_CONTROL_BODY),
             Kind::Error => MAX_ERROR_BYTES as u64,
             Kind::ZeroMap => u64::from(MAX_ZERO_MAP_BYTES),
@@ -394,7 +475,7 @@ impl Header {
                     || h.workers() == 0
                     || h.workers() > 1024
                     || u64::from(h.count) >= h.workers()
-                    || h.mask >> 33 != 0 =>
+                    || h.mask >> 34 != 0 =>
             {
                 return Err(CodecError::BadBody {
                     kind,
@@ -412,6 +493,26 @@ impl Header {
                     kind,
                     len: h.body_len,
                     max: h.mask.div_ceil(8),
+                })
+            }
+            Kind::Discard
+                if h.count == 0
+                    || h.count > MAX_DISCARD_RANGES
+                    || h.body_len as usize != usize::from(h.count) * DISCARD_RANGE_BYTES =>
+            {
+                return Err(CodecError::BadCount {
+                    kind,
+                    count: h.count,
+                    max: MAX_DISCARD_RANGES,
+                })
+            }
+            Kind::Checksums
+                if h.mask == 0 || h.mask > MAX_CHECKSUMS || u64::from(h.body_len) != h.mask * 8 =>
+            {
+                return Err(CodecError::BodyLength {
+                    kind,
+                    len: h.body_len,
+                    max: h.mask.min(MAX_CHECKSUMS) * 8,
                 })
             }
             _ => {}
@@ -456,6 +557,9 @@ pub struct Welcome {
     pub layout: Layout,
     /// What the image is.
     pub image: ImageInfo,
+    /// When a live source's workload stopped (wall clock, µs since the epoch), if it stopped
+    /// before this `Welcome` (pure postcopy); 0 otherwise. Carried in the header's `mask`.
+    pub stopped_unix_us: u64,
 }
 
 impl Welcome {
@@ -480,6 +584,7 @@ impl Welcome {
         Header {
             body_len: body.len() as u32,
             page: self.session,
+            mask: self.stopped_unix_us,
             ..Header::bare(Kind::Welcome)
         }
         .encode_into(out);
@@ -539,6 +644,7 @@ impl Welcome {
             session: h.page,
             layout,
             image,
+            stopped_unix_us: h.mask,
         })
     }
 }
@@ -611,6 +717,100 @@ pub fn encode_pages<'p>(
     }
 }
 
+/// Decodes a `Discard` body (its header already decoded, so the body is `count` ranges) and
+/// calls `each(first, pages)` per range. With a layout, every range must be non-empty and
+/// inside the block: a discard never reaches outside a block.
+pub fn decode_discard(
+    h: &Header,
+    body: &[u8],
+    layout: Option<&Layout>,
+    mut each: impl FnMut(u64, u64),
+) -> Result<(), CodecError> {
+    debug_assert_eq!(h.kind, Kind::Discard);
+    if body.len() != usize::from(h.count) * DISCARD_RANGE_BYTES {
+        return Err(CodecError::BodyLength {
+            kind: Kind::Discard,
+            len: body.len() as u32,
+            max: (usize::from(h.count) * DISCARD_RANGE_BYTES) as u64,
+        });
+    }
+    for r in body.chunks_exact(DISCARD_RANGE_BYTES) {
+        let (first, pages) = (le64(r, 0), le64(r, 8));
+        if let Some(l) = layout {
+            if pages == 0 {
+                return Err(CodecError::BadBody {
+                    kind: Kind::Discard,
+                    detail: format!("empty range at page {first}"),
+                });
+            }
+            l.check_range(h.block, first, pages)?;
+        }
+        each(first, pages);
+    }
+    Ok(())
+}
+
+/// The source side of discards for one block (the seed's `discard_send_init/range/finish`):
+/// collects ranges, merges a range that starts where the previous one ended, and appends a
+/// `Discard` frame to the output whenever [`MAX_DISCARD_RANGES`] ranges are pending and at
+/// [`DiscardSender::finish`]. Allocates nothing after `init`.
+#[derive(Debug)]
+pub struct DiscardSender {
+    block: u32,
+    ranges: Vec<(u64, u64)>,
+    frames: u64,
+    pages: u64,
+}
+
+impl DiscardSender {
+    /// Starts the discards of `block`.
+    pub fn init(block: u32) -> DiscardSender {
+        DiscardSender {
+            block,
+            ranges: Vec::with_capacity(usize::from(MAX_DISCARD_RANGES)),
+            frames: 0,
+            pages: 0,
+        }
+    }
+
+    /// Adds pages `[first, first + pages)`; may append a full frame to `out`.
+    pub fn range(&mut self, first: u64, pages: u64, out: &mut Vec<u8>) {
+        if pages == 0 {
+            return;
+        }
+        self.pages += pages;
+        if let Some(last) = self.ranges.last_mut() {
+            if last.0 + last.1 == first {
+                last.1 += pages;
+                return;
+            }
+        }
+        if self.ranges.len() == usize::from(MAX_DISCARD_RANGES) {
+            self.flush(out);
+        }
+        self.ranges.push((first, pages));
+    }
+
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        if self.ranges.is_empty() {
+            return;
+        }
+        Header::discard(self.block, self.ranges.len() as u16).encode_into(out);
+        for &(first, pages) in &self.ranges {
+            out.extend_from_slice(&first.to_le_bytes());
+            out.extend_from_slice(&pages.to_le_bytes());
+        }
+        self.ranges.clear();
+        self.frames += 1;
+    }
+
+    /// Appends what is pending; returns (frames written, pages discarded) for this block.
+    pub fn finish(mut self, out: &mut Vec<u8>) -> (u64, u64) {
+        self.flush(out);
+        (self.frames, self.pages)
+    }
+}
+
 /// A whole frame, owned: for control paths, tests and fuzzing (the data path uses [`Header`]
 /// and receives bodies in place).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -669,6 +869,29 @@ pub enum Frame {
         /// One bit per page, LSB first.
         bits: Vec<u8>,
     },
+    /// Ranges (first page, pages) of `block` to drop.
+    Discard {
+        /// Block.
+        block: u32,
+        /// The ranges.
+        ranges: Vec<(u64, u64)>,
+    },
+    /// Precopy round `round` sent `pages` pages.
+    Round {
+        /// Round number (1: the full pass).
+        round: u64,
+        /// Pages sent in it.
+        pages: u64,
+    },
+    /// Checksums of `sums.len()` pages of `block` from `page`.
+    Checksums {
+        /// Block.
+        block: u32,
+        /// First page.
+        page: u64,
+        /// One xxh3 per page.
+        sums: Vec<u64>,
+    },
 }
 
 impl Frame {
@@ -716,6 +939,20 @@ impl Frame {
                 Header::zero_map(*block, *page, *pages).encode_into(out);
                 out.extend_from_slice(bits);
             }
+            Frame::Discard { block, ranges } => {
+                Header::discard(*block, ranges.len() as u16).encode_into(out);
+                for &(first, pages) in ranges {
+                    out.extend_from_slice(&first.to_le_bytes());
+                    out.extend_from_slice(&pages.to_le_bytes());
+                }
+            }
+            Frame::Round { round, pages } => Header::round(*round, *pages).encode_into(out),
+            Frame::Checksums { block, page, sums } => {
+                Header::checksums(*block, *page, sums.len() as u64).encode_into(out);
+                for s in sums {
+                    out.extend_from_slice(&s.to_le_bytes());
+                }
+            }
         }
     }
 
@@ -735,6 +972,7 @@ impl Frame {
                 h.check(l)?;
             }
             (Some(l), Kind::ZeroMap) => h.check_zero_map(l)?,
+            (Some(l), Kind::Checksums) => h.check_zero_map(l)?,
             _ => {}
         }
         let total = HEADER_BYTES + h.body_len as usize;
@@ -773,6 +1011,26 @@ impl Frame {
                 page: h.page,
                 pages: h.mask,
                 bits: body.to_vec(),
+            },
+            Kind::Discard => {
+                let mut ranges = Vec::with_capacity(usize::from(h.count));
+                decode_discard(&h, body, layout, |first, pages| ranges.push((first, pages)))?;
+                Frame::Discard {
+                    block: h.block,
+                    ranges,
+                }
+            }
+            Kind::Round => Frame::Round {
+                round: h.page,
+                pages: h.mask,
+            },
+            Kind::Checksums => Frame::Checksums {
+                block: h.block,
+                page: h.page,
+                sums: body
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect(),
             },
         };
         Ok((frame, total))
@@ -833,6 +1091,7 @@ mod tests {
                 |(s, seed, z, synth)| {
                     Frame::Welcome(Welcome {
                         session: s,
+                        stopped_unix_us: seed >> 3,
                         layout: layout(),
                         image: if synth {
                             ImageInfo::Synthetic {
@@ -867,7 +1126,37 @@ mod tests {
                     },
                 )
             }),
+            proptest::collection::vec((0u64..255, 1u64..=16), 1..=256).prop_map(|rs| {
+                Frame::Discard {
+                    block: 0,
+                    ranges: rs
+                        .into_iter()
+                        .map(|(f, n)| (f, n.min(256 - f)))
+                        .collect(),
+                }
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(round, pages)| Frame::Round { round, pages }),
+            (0u64..256, proptest::collection::vec(any::<u64>(), 1..=64)).prop_map(|(page, sums)| {
+                let page = page.min(256 - sums.len() as u64);
+                Frame::Checksums {
+                    block: 0,
+                    page,
+                    sums,
+                }
+            }),
         ]
+    }
+
+    /// A random set of pages of a 4096-page block as a sorted list of (first, pages) runs.
+    fn runs_of(pages: &std::collections::BTreeSet<u64>) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &p in pages {
+            match runs.last_mut() {
+                Some(last) if last.0 + last.1 == p => last.1 += 1,
+                _ => runs.push((p, 1)),
+            }
+        }
+        runs
     }
 
     proptest! {
@@ -883,6 +1172,48 @@ mod tests {
                 at += used;
             }
             prop_assert_eq!(at, buf.len());
+        }
+
+        #[test]
+        fn discard_batches_round_trip_bounded(
+            pages in proptest::collection::btree_set(0u64..4096, 0..3000),
+            split in any::<bool>(),
+        ) {
+            let l = Layout {
+                blocks: vec![Block { name: "ram".into(), size_bytes: 4096 * 4096, page_size: 4096 }],
+            };
+            let runs = runs_of(&pages);
+            let mut out = Vec::new();
+            let mut tx = DiscardSender::init(0);
+            for &(first, n) in &runs {
+                if split && n > 1 {
+                    // Adjacent ranges given separately are merged again.
+                    tx.range(first, 1, &mut out);
+                    tx.range(first + 1, n - 1, &mut out);
+                } else {
+                    tx.range(first, n, &mut out);
+                }
+            }
+            let (frames, total) = tx.finish(&mut out);
+            prop_assert_eq!(total, pages.len() as u64);
+            let mut got = std::collections::BTreeSet::new();
+            let mut at = 0;
+            let mut seen_frames = 0;
+            while at < out.len() {
+                let (f, used) = Frame::decode(&out[at..], Some(&l)).unwrap();
+                prop_assert!(used <= HEADER_BYTES + usize::from(MAX_DISCARD_RANGES) * DISCARD_RANGE_BYTES);
+                let Frame::Discard { block, ranges } = f else { panic!("not a Discard") };
+                prop_assert_eq!(block, 0);
+                prop_assert!(ranges.len() <= usize::from(MAX_DISCARD_RANGES));
+                for (first, n) in ranges {
+                    for p in first..first + n { prop_assert!(got.insert(p), "page {} twice", p); }
+                }
+                at += used;
+                seen_frames += 1;
+            }
+            prop_assert_eq!(seen_frames, frames);
+            prop_assert_eq!(frames, (runs.len() as u64).div_ceil(u64::from(MAX_DISCARD_RANGES)));
+            prop_assert_eq!(got, pages);
         }
 
         #[test]
@@ -904,6 +1235,23 @@ mod tests {
                 prop_assert!(l.check_range(block, page, u64::from(count)).is_ok());
             }
         }
+    }
+
+    #[test]
+    fn discard_outside_a_block_is_rejected() {
+        let l = layout();
+        for ranges in [vec![(250u64, 7u64)], vec![(0, 0)], vec![(256, 1)], vec![(u64::MAX, 2)]] {
+            let mut buf = Vec::new();
+            Frame::Discard { block: 0, ranges }.encode_into(&mut buf);
+            assert!(Frame::decode(&buf, Some(&l)).is_err());
+        }
+        let mut buf = Vec::new();
+        Frame::Discard { block: 9, ranges: vec![(0, 1)] }.encode_into(&mut buf);
+        assert!(matches!(Frame::decode(&buf, Some(&l)), Err(CodecError::Range(_))));
+        // A count past the limit is refused from the header alone.
+        let mut h = [0u8; HEADER_BYTES];
+        Header::discard(0, MAX_DISCARD_RANGES + 1).encode(&mut h);
+        assert!(matches!(Header::decode(&h), Err(CodecError::BodyLength { .. } | CodecError::BadCount { .. })));
     }
 
     #[test]

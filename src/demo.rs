@@ -1,5 +1,9 @@
 //! The embedded default: a source and a destination as two processes over loopback, a
 //! verifying workload on the destination, and a report.
+//!
+//! By default the source is live: a workload keeps writing its memory during precopy, stops at
+//! switchover, and the destination verifies every page against the checksums the source
+//! computes of its final memory (a verify connection).
 
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::PathBuf;
@@ -8,7 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::codec::ImageInfo;
-use crate::dest::{self, DestError, DestRam, Engine, EngineConfig, ZeroFill};
+use crate::dest::{
+    self, DestError, DestRam, Engine, EngineConfig, PrecopyReport, VerifyConnection, ZeroFill,
+};
+use crate::source::PrecopyLimits;
 use crate::image::Synthetic;
 use crate::report::{DemoReport, LatencyUs};
 use crate::workload::{self, Pattern, WorkloadConfig};
@@ -30,9 +37,9 @@ pub enum DemoError {
     /// A run did not finish in time.
     #[error("{0}")]
     Stuck(String),
-    /// The source's image cannot be verified.
-    #[error("the source serves an opaque image (a file); the demo verifies a synthetic image: start it with `postcopy serve --synthetic SIZE`")]
-    OpaqueImage,
+    /// A combination the demo cannot run.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// Demo parameters.
@@ -70,6 +77,14 @@ pub struct DemoConfig {
     pub zero_fill: ZeroFill,
     /// Most bulk streams at once (0: one per worker).
     pub max_streams: usize,
+    /// The local source is live: its memory is written at `dirty_rate` until switchover.
+    pub live: bool,
+    /// Precopy before postcopy.
+    pub precopy: bool,
+    /// Pages per second the live source's workload writes.
+    pub dirty_rate: u64,
+    /// When precopy switches over (passed to the local source).
+    pub precopy_limits: PrecopyLimits,
 }
 
 /// A `postcopy serve --synthetic` child process on 127.0.0.1, killed on drop.
@@ -107,6 +122,17 @@ impl SourceProcess {
             .arg(cfg.zero_percent.to_string());
         if once {
             cmd.arg("--once");
+        }
+        if cfg.live {
+            cmd.arg("--live")
+                .arg("--dirty-rate")
+                .arg(cfg.dirty_rate.to_string())
+                .arg("--precopy-max-rounds")
+                .arg(cfg.precopy_limits.max_rounds.to_string())
+                .arg("--precopy-max-dirty")
+                .arg(cfg.precopy_limits.max_dirty_pages.to_string())
+                .arg("--precopy-max-seconds")
+                .arg(cfg.precopy_limits.max_duration.as_secs_f64().to_string());
         }
         let mut child = cmd
             .stdin(Stdio::null())
@@ -178,6 +204,8 @@ pub struct RunSpec {
     pub zero_fill: ZeroFill,
     /// Most bulk streams at once (0: one per worker).
     pub max_streams: usize,
+    /// Offer the source a precopy phase (engine only).
+    pub precopy: bool,
 }
 
 /// What one migration did.
@@ -194,6 +222,10 @@ pub struct RunOutcome {
     pub final_mismatches: (u64, Option<String>),
     /// Every page placed.
     pub complete: bool,
+    /// The precopy phase, when one ran.
+    pub precopy: Option<PrecopyReport>,
+    /// Source workload stopped → destination workload running, when the source reported a stop.
+    pub downtime_ms: Option<f64>,
 }
 
 impl RunOutcome {
@@ -208,6 +240,7 @@ impl RunOutcome {
                     && e.totals.pages_by_fault
                         + e.totals.pages_by_stream
                         + e.totals.pages_by_zero_map
+                        + self.precopy.as_ref().map_or(0, |p| p.pages_by_precopy)
                         == self.layout.total_pages()
             }
             Err(_) => false,
@@ -215,9 +248,15 @@ impl RunOutcome {
     }
 }
 
-/// Connects to `addr`, migrates its synthetic image into this process with `spec.handler`,
-/// runs the workload, and checks every page.
+/// Connects to `addr`, migrates its image into this process with `spec.handler` (after a
+/// precopy phase if `spec.precopy`), runs the workload, and checks every page: against the
+/// synthetic image when the source serves one, else against the source's own checksums.
 pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoError> {
+    if spec.precopy && spec.handler == Handler::Baseline {
+        return Err(DemoError::Unsupported(
+            "the baseline handler does pure postcopy only".into(),
+        ));
+    }
     let engine_cfg = EngineConfig {
         source: addr.to_string(),
         workers: match spec.handler {
@@ -230,19 +269,44 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         zero_map: spec.zero_map && spec.handler == Handler::Engine,
         zero_fill: spec.zero_fill,
         max_streams: spec.max_streams,
+        precopy: spec.precopy,
         ..EngineConfig::default()
     };
-    let connected = dest::connect(&engine_cfg)?;
-    let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {
-        return Err(DemoError::OpaqueImage);
-    };
+    let mut connected = dest::connect(&engine_cfg)?;
     let layout = connected.welcome.layout.clone();
-    let image = Synthetic::new(layout.clone(), seed, zero_percent);
+    let (image, zero_percent) = match connected.welcome.image {
+        ImageInfo::Synthetic { seed, zero_percent } => (
+            Some(Synthetic::new(layout.clone(), seed, zero_percent)),
+            zero_percent,
+        ),
+        ImageInfo::Opaque => (None, 0),
+    };
     let ram = Arc::new(DestRam::new(&layout)?);
+    let precopy = if connected.precopy {
+        Some(dest::receive_precopy(&mut connected, &ram, &engine_cfg)?)
+    } else {
+        None
+    };
+    let stopped_unix_us = precopy
+        .as_ref()
+        .map_or(connected.welcome.stopped_unix_us, |p| {
+            p.source_stopped_unix_us
+        });
+    // Contents known only to the source: ask it for checksums (the connection is opened now,
+    // while the session certainly exists, and used after the migration).
+    let verify = match image {
+        Some(_) => None,
+        None => Some(VerifyConnection::open(
+            &engine_cfg,
+            connected.welcome.session,
+        )?),
+    };
     let handle = match spec.handler {
         Handler::Engine => Engine::start(connected, ram.clone(), &engine_cfg)?,
         Handler::Baseline => crate::baseline::start(connected, ram.clone(), &engine_cfg)?,
     };
+    let downtime_ms = (stopped_unix_us > 0)
+        .then(|| crate::source::unix_us().saturating_sub(stopped_unix_us) as f64 / 1000.0);
 
     let (done, done_rx) = crossbeam_channel::bounded::<()>(1);
     let progress = spec.progress.then(|| {
@@ -267,14 +331,27 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
     let wl = spec
         .workload
         .as_ref()
-        .map(|w| workload::run(&ram, &image, w));
+        .map(|w| workload::run(&ram, image.as_ref(), w));
     let engine = handle.wait();
     let _ = done.send(());
     if let Some(p) = progress {
         let _ = p.join();
     }
     let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
-    let (_, bad, first) = workload::final_check(&ram, &image, threads, wl.is_some());
+    let (_, bad, first) = match (&image, verify) {
+        (Some(image), _) => workload::final_check(&ram, image, threads, wl.is_some()),
+        (None, Some(v)) => {
+            let sums = v.fetch()?;
+            workload::check_checksums(
+                &ram,
+                &sums,
+                wl.as_ref().map(|w| &w.first_touch[..]),
+                threads,
+                wl.is_some(),
+            )
+        }
+        (None, None) => unreachable!("a verify connection is opened for opaque images"),
+    };
     Ok(RunOutcome {
         complete: ram.complete(),
         layout,
@@ -282,6 +359,8 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         workload: wl,
         engine,
         final_mismatches: (bad, first),
+        precopy,
+        downtime_ms,
     })
 }
 
@@ -316,6 +395,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             zero_map: cfg.zero_map,
             zero_fill: cfg.zero_fill,
             max_streams: cfg.max_streams,
+            precopy: cfg.precopy,
         },
     )?;
     if let Some(c) = child.as_mut() {
@@ -339,14 +419,30 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         stream: cfg.stream,
         zero_percent: out.zero_percent,
         size_bytes: layout.total_bytes(),
+        downtime_ms: out.downtime_ms,
+        dirty_rate: if cfg.live && cfg.source.is_none() {
+            cfg.dirty_rate
+        } else {
+            0
+        },
         ..Default::default()
     };
+    if let Some(p) = &out.precopy {
+        report.precopy = true;
+        report.precopy_rounds = p.round_pages.len() as u64;
+        report.precopy_round_pages = p.round_pages.clone();
+        report.pages_by_precopy = p.pages_by_precopy;
+        report.pages_dirty_at_switchover = p.pages_dirty_at_switchover;
+        report.pages_discarded = p.pages_discarded;
+        report.precopy_seconds = p.seconds;
+    }
     match out.engine {
         Ok(e) => {
             report.pages_zero = e.totals.pages_zero;
             report.pages_by_fault = e.totals.pages_by_fault;
             report.pages_by_stream = e.totals.pages_by_stream;
             report.pages_by_zero_map = e.totals.pages_by_zero_map;
+            report.pages_after_switchover = e.totals.pages_by_fault + e.totals.pages_by_stream;
             report.eexist = e.totals.eexist;
             report.postcopy_seconds = e.postcopy_seconds;
             report.throughput_mib_s =

@@ -269,6 +269,16 @@ impl PageBitmap {
         done
     }
 
+    /// Number of set bits in `[start, end)`.
+    pub fn count_range(&self, start: u64, end: u64) -> u64 {
+        if end <= start {
+            return 0;
+        }
+        self.apply_range(start, end - start, |w, mask| {
+            (w.load(Ordering::Acquire) & mask).count_ones() as u64
+        })
+    }
+
     /// Number of set bits.
     pub fn count_ones(&self) -> u64 {
         self.words
@@ -377,6 +387,10 @@ mod tests {
             }
             let first = model.iter().position(|m| !m).map(|p| p as u64);
             prop_assert_eq!(b.next_clear(0, 300), first);
+            for (lo, hi) in [(0u64, 300u64), (7, 7), (13, 200), (64, 128), (299, 300)] {
+                let want = model[lo as usize..hi as usize].iter().filter(|m| **m).count() as u64;
+                prop_assert_eq!(b.count_range(lo, hi), want);
+            }
         }
     }
 }

@@ -13,7 +13,8 @@
 //! - [`layout`]: RAM blocks and the atomic received bitmap.
 //! - [`codec`]: wire protocol v1, a pure codec.
 //! - [`image`]: what a source serves (a file or a synthetic image).
-//! - [`source`]: the source page server.
+//! - [`source`]: the source page server; [`live`]: a live source's memory and workload;
+//!   [`dirty`]: dirty-page tracking for precopy.
 //! - [`dest`]: the destination engine (thread-per-core workers).
 //! - [`workload`], [`report`], [`demo`]: the embedded default and its report.
 //! - [`probe`]: can this host do postcopy.
@@ -24,8 +25,10 @@ pub mod bench;
 pub mod codec;
 pub mod demo;
 pub mod dest;
+pub mod dirty;
 pub mod image;
 pub mod layout;
+pub mod live;
 pub mod probe;
 pub mod report;
 pub mod source;

@@ -11,7 +11,7 @@ use postcopy::demo::{self, DemoConfig};
 use postcopy::dest::ZeroFill;
 use postcopy::image::{FileImage, Image, Synthetic};
 use postcopy::layout::Layout;
-use postcopy::source::{SourceConfig, SourceServer};
+use postcopy::source::{LiveParts, PrecopyLimits, SourceConfig, SourceServer};
 use postcopy::workload::Pattern;
 
 #[global_allocator]
@@ -79,8 +79,45 @@ impl RunArgs {
             zero_map: self.zero_map,
             zero_fill: self.zero_fill,
             max_streams: self.streams,
+            live: false,
+            precopy: false,
+            dirty_rate: 0,
+            precopy_limits: PrecopyLimits::default(),
         })
     }
+}
+
+/// When precopy switches over to postcopy (source side).
+#[derive(clap::Args, Debug)]
+struct PrecopyArgs {
+    /// Precopy: most rounds, the full pass included.
+    #[arg(long, default_value_t = PrecopyLimits::default().max_rounds)]
+    precopy_max_rounds: u32,
+    /// Precopy: switch over once at most this many pages are dirty.
+    #[arg(long, default_value_t = PrecopyLimits::default().max_dirty_pages)]
+    precopy_max_dirty: u64,
+    /// Precopy: switch over after this many seconds.
+    #[arg(long, default_value_t = PrecopyLimits::default().max_duration.as_secs_f64())]
+    precopy_max_seconds: f64,
+}
+
+impl PrecopyArgs {
+    fn limits(&self) -> PrecopyLimits {
+        PrecopyLimits {
+            max_rounds: self.precopy_max_rounds.max(1),
+            max_dirty_pages: self.precopy_max_dirty,
+            max_duration: Duration::from_secs_f64(self.precopy_max_seconds.max(0.0)),
+        }
+    }
+}
+
+/// Precopy on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,6 +164,16 @@ enum Cmd {
         /// No per-session log lines.
         #[arg(long, short)]
         quiet: bool,
+        /// Live source (with --synthetic): hold the image in memory and run a workload that
+        /// writes it at --dirty-rate until the switchover of the one migration served; dirty
+        /// pages are tracked with userfaultfd write-protect + PAGEMAP_SCAN (Linux 6.7+).
+        #[arg(long, requires = "synthetic")]
+        live: bool,
+        /// Live source: pages per second its workload writes (random pages).
+        #[arg(long, default_value_t = 0, requires = "live")]
+        dirty_rate: u64,
+        #[command(flatten)]
+        precopy: PrecopyArgs,
     },
     /// The embedded default: migrate a synthetic image in postcopy from a source process to
     /// this one, with a workload that verifies every page, and print a report.
@@ -149,6 +196,15 @@ enum Cmd {
         /// so the hypervisor's first-touch cost is not measured as migration time).
         #[arg(long)]
         no_warmup: bool,
+        /// Precopy before postcopy (`off`: pure postcopy, the source's workload stops at the
+        /// handshake).
+        #[arg(long, value_enum, default_value_t = OnOff::On)]
+        precopy: OnOff,
+        /// Pages per second the local live source's workload writes during precopy.
+        #[arg(long, default_value_t = 10_000)]
+        dirty_rate: u64,
+        #[command(flatten)]
+        precopy_limits: PrecopyArgs,
     },
     /// Measure the engine against a simple baseline handler in one run: time to all pages,
     /// stream-only throughput, fault latency with and without the stream; medians and ratios.
@@ -230,6 +286,9 @@ fn main() -> ExitCode {
             prefetch_max,
             debug_urgent_delay_ms,
             quiet,
+            live,
+            dirty_rate,
+            precopy,
         } => {
             let img: Arc<dyn Image> = match (image, synthetic) {
                 (Some(path), _) => match FileImage::open(&path, page_size) {
@@ -243,13 +302,23 @@ fn main() -> ExitCode {
                 (None, None) => unreachable!("clap requires --image or --synthetic"),
             };
             let config = SourceConfig {
-                once,
+                // A live source's memory migrates once.
+                once: once || live,
                 prefetch_max,
                 urgent_delay: Duration::from_millis(debug_urgent_delay_ms),
                 verbose: !quiet,
+                precopy: precopy.limits(),
                 ..SourceConfig::default()
             };
-            let server = match SourceServer::bind(&listen, img, config) {
+            let bound = if live {
+                match start_live(img.layout(), seed, zero_percent, dirty_rate) {
+                    Ok((image, parts)) => SourceServer::bind_live(&listen, image, parts, config),
+                    Err(e) => return fail(&e),
+                }
+            } else {
+                SourceServer::bind(&listen, img, config)
+            };
+            let server = match bound {
                 Ok(s) => s,
                 Err(e) => return fail(&e),
             };
@@ -257,7 +326,7 @@ fn main() -> ExitCode {
             let _ = std::io::stdout().flush();
             match server.run() {
                 Ok(sessions) => {
-                    if once && !sessions.iter().any(|s| s.complete) {
+                    if (once || live) && !sessions.iter().any(|s| s.complete) {
                         eprintln!("postcopy serve: the session did not complete");
                         return ExitCode::FAILURE;
                     }
@@ -273,6 +342,9 @@ fn main() -> ExitCode {
             source,
             report,
             no_warmup,
+            precopy,
+            dirty_rate,
+            precopy_limits,
         } => {
             let mut cfg = match run.demo_config(zero_percent) {
                 Ok(c) => c,
@@ -281,6 +353,10 @@ fn main() -> ExitCode {
             cfg.stream = !no_stream;
             cfg.source = source;
             cfg.warmup = !no_warmup;
+            cfg.live = true;
+            cfg.precopy = precopy == OnOff::On;
+            cfg.dirty_rate = dirty_rate;
+            cfg.precopy_limits = precopy_limits.limits();
             let r = match demo::run(&cfg) {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
@@ -344,6 +420,41 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// A live source: the synthetic image loaded into memory, a dirty tracker per block, and the
+/// writer that dirties it.
+fn start_live(
+    layout: &Layout,
+    seed: u64,
+    zero_percent: u8,
+    dirty_rate: u64,
+) -> Result<(Arc<dyn Image>, LiveParts), String> {
+    use postcopy::dirty::{DirtyTracker, UffdWpTracker};
+    use postcopy::live::{DirtyWriter, LiveImage};
+    UffdWpTracker::available().map_err(|why| {
+        format!("--live needs dirty-page tracking, which this host lacks: {why}")
+    })?;
+    let synthetic = Synthetic::new(layout.clone(), seed, zero_percent);
+    let live = Arc::new(
+        LiveImage::from_synthetic(&synthetic, postcopy::sys::online_cpus())
+            .map_err(|e| e.to_string())?,
+    );
+    let mut trackers: Vec<Box<dyn DirtyTracker>> = Vec::new();
+    for (b, block) in layout.blocks.iter().enumerate() {
+        let region = live.region(b);
+        let t = UffdWpTracker::new(region.addr(), block.size_bytes as usize)
+            .map_err(|e| e.to_string())?;
+        trackers.push(Box::new(t));
+    }
+    let writer = DirtyWriter::start(live.clone(), dirty_rate, seed ^ 0xd1e7);
+    Ok((
+        live,
+        LiveParts {
+            trackers,
+            workload: Box::new(writer),
+        },
+    ))
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {

@@ -85,6 +85,27 @@ pub struct DemoReport {
     pub zero_percent: u8,
     /// Image bytes.
     pub size_bytes: u64,
+    /// Whether a precopy phase ran before postcopy.
+    pub precopy: bool,
+    /// Precopy rounds (round 1 sends every page).
+    pub precopy_rounds: u64,
+    /// Pages sent in each precopy round.
+    pub precopy_round_pages: Vec<u64>,
+    /// Pages present at switchover thanks to precopy (no fault, no stream needed).
+    pub pages_by_precopy: u64,
+    /// Pages the source's workload had dirtied at switchover.
+    pub pages_dirty_at_switchover: u64,
+    /// Pages dropped on the destination by discard ranges (refetched in postcopy).
+    pub pages_discarded: u64,
+    /// Pages fetched after switchover (by fault or by the stream).
+    pub pages_after_switchover: u64,
+    /// Precopy phase, from the handshake to `Run`.
+    pub precopy_seconds: f64,
+    /// Source workload stopped → destination workload running (wall clocks of both sides;
+    /// exact on one host). `None` for a source that never ran a workload.
+    pub downtime_ms: Option<f64>,
+    /// Source writes per second during precopy (the demo's live source).
+    pub dirty_rate: u64,
     /// The engine's own counters.
     pub engine: EngineReport,
     /// Error that ended the run, if any.
@@ -133,6 +154,24 @@ impl DemoReport {
             "  postcopy        {:.3} s  ({:.0} MiB/s)   total {:.3} s",
             self.postcopy_seconds, self.throughput_mib_s, self.total_seconds
         );
+        if self.precopy {
+            let _ = writeln!(
+                s,
+                "  precopy         {} rounds {:?} pages in {:.3} s; {} dirty at switchover, {} discarded; {} pages present at switchover",
+                self.precopy_rounds,
+                self.precopy_round_pages,
+                self.precopy_seconds,
+                self.pages_dirty_at_switchover,
+                self.pages_discarded,
+                self.pages_by_precopy
+            );
+        }
+        if let Some(d) = self.downtime_ms {
+            let _ = writeln!(
+                s,
+                "  downtime        {d:.1} ms (source workload stopped -> destination workload running)"
+            );
+        }
         let _ = writeln!(
             s,
             "  pages           {} by fault, {} by stream, {} by zero map, {} zero, {} eexist races",

@@ -13,6 +13,15 @@
 //! request is answered even if the stream already sent the page (the destination places each
 //! page once and counts the duplicate).
 //!
+//! Precopy (when the destination's `Hello` offers it): before `Run`, worker 0's urgent
+//! connection carries a full pass over every page (round 1), then rounds of the pages the live
+//! workload dirtied meanwhile ([`crate::dirty::DirtyTracker`]), until the dirty set is small
+//! enough or a limit is hit ([`PrecopyLimits`]); then the switchover: the workload stops, the
+//! final dirty set goes out as `Discard` ranges (those pages become unsent again, so requests and
+//! the stream carry their new content), and `Run`. Without precopy, a live source stops its
+//! workload at the handshake. A verify connection (`Role::Verify`) gets the checksums of every
+//! page as it was at switchover.
+//!
 //! Everything the destination sends is checked (magic, version, kind, ranges against the
 //! layout) before it is used; a bad frame gets an `Error` frame back and ends its session.
 
@@ -23,9 +32,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, Welcome, HEADER_BYTES};
-use crate::image::{Image, PageData};
+use crate::codec::{
+    self, max_batch_pages, CodecError, DiscardSender, Header, Kind, Role, Welcome, HEADER_BYTES,
+};
+use crate::dirty::{DirtyError, DirtyTracker};
+use crate::image::{page_checksum, Image, PageData};
 use crate::layout::PageBitmap;
+use crate::live::SourceWorkload;
 
 /// Errors of the source server.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +75,12 @@ pub enum SourceError {
         /// Its message.
         message: String,
     },
+    /// Dirty tracking failed during precopy.
+    #[error("precopy: {0}")]
+    Dirty(#[from] DirtyError),
+    /// A live source serves one migration of its memory.
+    #[error("this live source already migrated its memory (its workload is stopped); start a new source for another migration")]
+    LiveUsed,
     /// The session ended without the destination confirming every page.
     #[error(
         "session {session:#x} ended before the destination confirmed it had every page ({reason})"
@@ -91,6 +110,41 @@ pub struct SourceConfig {
     pub urgent_delay: Duration,
     /// Print a line per session to stderr.
     pub verbose: bool,
+    /// When precopy (offered by the destination) switches over.
+    pub precopy: PrecopyLimits,
+}
+
+/// When precopy stops sending rounds and switches over to postcopy. The first round (every
+/// page) always runs; after each round the dirty set is read, and the source switches over as
+/// soon as any limit holds. Pages still dirty are discarded on the destination and fetched in
+/// postcopy.
+#[derive(Clone, Debug)]
+pub struct PrecopyLimits {
+    /// Most rounds, the full pass included.
+    pub max_rounds: u32,
+    /// Switch over once at most this many pages are dirty.
+    pub max_dirty_pages: u64,
+    /// Switch over after this long in precopy.
+    pub max_duration: Duration,
+}
+
+impl Default for PrecopyLimits {
+    fn default() -> Self {
+        PrecopyLimits {
+            max_rounds: 8,
+            max_dirty_pages: 1024,
+            max_duration: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A live source's moving parts: a dirty tracker per block and the workload to stop at
+/// switchover.
+pub struct LiveParts {
+    /// One tracker per block of the image's layout, in block order.
+    pub trackers: Vec<Box<dyn DirtyTracker>>,
+    /// The workload writing the memory.
+    pub workload: Box<dyn SourceWorkload>,
 }
 
 impl Default for SourceConfig {
@@ -103,6 +157,7 @@ impl Default for SourceConfig {
             prefetch_max: 64,
             urgent_delay: Duration::ZERO,
             verbose: true,
+            precopy: PrecopyLimits::default(),
         }
     }
 }
@@ -128,6 +183,12 @@ pub struct SessionReport {
     pub bytes_sent: u64,
     /// Wall time of the session.
     pub seconds: f64,
+    /// Pages sent per precopy round (empty without precopy).
+    pub precopy_round_pages: Vec<u64>,
+    /// Pages dirty at switchover (discarded on the destination if precopy had sent them).
+    pub pages_dirty_at_switchover: u64,
+    /// Pages in `Discard` frames.
+    pub pages_discarded: u64,
     /// Error that ended it, if any.
     pub error: Option<String>,
 }
@@ -150,6 +211,16 @@ struct Session {
     pages_prefetched: AtomicU64,
     requests: AtomicU64,
     bytes_sent: AtomicU64,
+    /// The workload is stopped: the memory is what the destination must end up with.
+    switched_over: AtomicBool,
+    precopy: Mutex<PrecopyStats>,
+}
+
+#[derive(Default)]
+struct PrecopyStats {
+    round_pages: Vec<u64>,
+    dirty_at_switchover: u64,
+    discarded: u64,
 }
 
 impl Session {
@@ -167,6 +238,9 @@ impl Session {
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             seconds: self.started.elapsed().as_secs_f64(),
             error,
+            precopy_round_pages: self.precopy.lock().expect("poisoned").round_pages.clone(),
+            pages_dirty_at_switchover: self.precopy.lock().expect("poisoned").dirty_at_switchover,
+            pages_discarded: self.precopy.lock().expect("poisoned").discarded,
         }
     }
 
@@ -198,6 +272,9 @@ impl Session {
 
 struct Shared {
     image: Arc<dyn Image>,
+    /// A live source's tracker and workload, taken by its one session.
+    live: Mutex<Option<LiveParts>>,
+    is_live: bool,
     config: SourceConfig,
     sessions: Mutex<HashMap<u64, Arc<Session>>>,
     finished: Mutex<Vec<SessionReport>>,
@@ -234,6 +311,32 @@ impl SourceServer {
         image: Arc<dyn Image>,
         config: SourceConfig,
     ) -> Result<SourceServer, SourceError> {
+        Self::bind_with(addr, image, None, config)
+    }
+
+    /// Binds `addr` to serve the memory of a live workload: `image` reads that memory, `live`
+    /// tracks its writes and stops it. One session migrates it (with precopy if the destination
+    /// offers it); the workload is stopped at that session's switchover.
+    pub fn bind_live(
+        addr: &str,
+        image: Arc<dyn Image>,
+        live: LiveParts,
+        config: SourceConfig,
+    ) -> Result<SourceServer, SourceError> {
+        assert_eq!(
+            live.trackers.len(),
+            image.layout().blocks.len(),
+            "one dirty tracker per block"
+        );
+        Self::bind_with(addr, image, Some(live), config)
+    }
+
+    fn bind_with(
+        addr: &str,
+        image: Arc<dyn Image>,
+        live: Option<LiveParts>,
+        config: SourceConfig,
+    ) -> Result<SourceServer, SourceError> {
         let listener = TcpListener::bind(addr).map_err(|source| SourceError::Bind {
             addr: addr.to_string(),
             source,
@@ -250,6 +353,8 @@ impl SourceServer {
             listener,
             shared: Arc::new(Shared {
                 image,
+                is_live: live.is_some(),
+                live: Mutex::new(live),
                 config,
                 sessions: Mutex::new(HashMap::new()),
                 finished: Mutex::new(Vec::new()),
@@ -419,6 +524,8 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
                 pages_prefetched: AtomicU64::new(0),
                 requests: AtomicU64::new(0),
                 bytes_sent: AtomicU64::new(0),
+                switched_over: AtomicBool::new(!shared.is_live),
+                precopy: Mutex::new(PrecopyStats::default()),
             });
             sessions.insert(id, s.clone());
             s
@@ -443,7 +550,8 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
                 }
             }
         };
-        if session.connections.load(Ordering::Acquire) >= 2 * usize::from(workers) {
+        // Two per worker, plus one verify connection.
+        if session.connections.load(Ordering::Acquire) > 2 * usize::from(workers) {
             drop(sessions);
             send_error(
                 &mut stream,
@@ -455,14 +563,38 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         session.idle_since_ms.store(0, Ordering::Release);
         session
     };
+    // A new session of a live source takes its tracker and workload; without precopy the
+    // workload stops now (pure postcopy).
+    let precopy = hello.page == 0 && hello.wants_precopy();
+    let mut live = None;
+    if hello.page == 0 && shared.is_live {
+        live = shared.live.lock().expect("poisoned").take();
+        if live.is_none() {
+            let e = SourceError::LiveUsed;
+            log(&shared, format_args!("{peer}: {e}"));
+            send_error(&mut stream, &e.to_string());
+            session.fail(e.to_string());
+            finish_connection(&shared, &session);
+            return;
+        }
+    }
+    let mut stopped_unix_us = 0;
+    if !precopy {
+        if let Some(l) = live.as_mut() {
+            l.workload.stop();
+            stopped_unix_us = unix_us();
+            session.switched_over.store(true, Ordering::Release);
+        }
+    }
     let mut out = Vec::with_capacity(64 * 1024);
     Welcome {
         session: session.id,
         layout: shared.image.layout().clone(),
         image: shared.image.info(),
+        stopped_unix_us,
     }
     .encode_into(&mut out);
-    if hello.wants_zero_map() && hello.page == 0 {
+    if hello.wants_zero_map() && hello.page == 0 && !precopy {
         // The zero-page map: the destination places these pages itself, so neither a request
         // nor the stream needs to carry them.
         encode_zero_map(shared.image.as_ref(), &session, &mut out);
@@ -472,9 +604,15 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         .map_err(io_err(format!("send Welcome to {peer}")))
         .and_then(|()| {
             let _ = stream.set_read_timeout(None);
+            if precopy {
+                out.clear();
+                run_precopy(&shared, &session, &mut stream, peer, live.as_mut())?;
+            }
+            drop(live.take());
             match role {
                 Role::Urgent => serve_urgent(&shared, &session, &mut stream, peer, worker),
                 Role::Bulk => serve_bulk(&shared, &session, &mut stream, peer, worker),
+                Role::Verify => serve_verify(&shared, &session, &mut stream, peer),
             }
         });
     if let Err(e) = result {
@@ -489,6 +627,20 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
             session.fail(e.to_string());
         }
     }
+    finish_connection(&shared, &session);
+}
+
+/// Microseconds since the Unix epoch (wall clock: comparable across processes on one host, and
+/// across hosts as far as their clocks agree).
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Counts a connection of `session` closed; ends the session when it was the last one.
+fn finish_connection(shared: &Shared, session: &Arc<Session>) {
     // The session ends when its last connection closes after it completed or failed. A
     // session whose connections all closed early (a fast worker finished before a slow one
     // connected) waits for the others; `reap_idle` ends it if they never come.
@@ -507,8 +659,220 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         }
     };
     if ended {
-        record_end(&shared, &session);
+        record_end(shared, session);
     }
+}
+
+/// Sorts ranges and merges overlapping or adjacent ones.
+fn merge_ranges(ranges: &mut Vec<(u64, u64)>) {
+    ranges.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for &(first, n) in ranges.iter() {
+        match merged.last_mut() {
+            Some(last) if first <= last.0 + last.1 => {
+                last.1 = last.1.max(first + n - last.0);
+            }
+            _ => merged.push((first, n)),
+        }
+    }
+    *ranges = merged;
+}
+
+/// Appends `Pages` frames for the ranges of `block` to `out`, writing whenever 1 MiB is queued.
+/// Returns the pages sent.
+#[allow(clippy::too_many_arguments)]
+fn send_ranges(
+    shared: &Shared,
+    session: &Session,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    block: u32,
+    ranges: &[(u64, u64)],
+    scratch: &mut [u8],
+    out: &mut Vec<u8>,
+) -> Result<u64, SourceError> {
+    const CHUNK_PAGES: u64 = 256;
+    let page_size = shared.image.layout().blocks[block as usize].page_size;
+    let mut sent = 0;
+    for &(first, n) in ranges {
+        let mut p = first;
+        while p < first + n {
+            let k = (first + n - p).min(CHUNK_PAGES);
+            let (pages, zeros) =
+                encode_run(shared.image.as_ref(), block, p, k, page_size, scratch, out);
+            session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
+            sent += pages;
+            p += k;
+            if out.len() >= 1 << 20 {
+                session.flush(stream, out, "send precopy pages", peer)?;
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// The precopy phase on worker 0's urgent connection, right after `Welcome`: rounds, then the
+/// switchover (stop the workload, discards, `Run`). A static image has no tracker: one full
+/// round, then `Run`.
+fn run_precopy(
+    shared: &Shared,
+    session: &Session,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    mut live: Option<&mut LiveParts>,
+) -> Result<(), SourceError> {
+    let layout = shared.image.layout();
+    let limits = &shared.config.precopy;
+    let started = Instant::now();
+    let mut scratch = vec![0u8; layout.max_page_size() as usize];
+    let mut out: Vec<u8> = Vec::with_capacity((1 << 20) + (256 << 12) + 4096);
+    // Tracking starts before the full pass reads anything: a write during the pass is caught.
+    if let Some(l) = live.as_mut() {
+        for t in l.trackers.iter_mut() {
+            t.start()?;
+        }
+    }
+    let mut round_pages = Vec::new();
+    let mut total = 0;
+    for (b, block) in layout.blocks.iter().enumerate() {
+        total += send_ranges(
+            shared,
+            session,
+            stream,
+            peer,
+            b as u32,
+            &[(0, block.pages())],
+            &mut scratch,
+            &mut out,
+        )?;
+        session.sent[b].set_range(0, block.pages());
+    }
+    Header::round(1, total).encode_into(&mut out);
+    session.flush(stream, &mut out, "send precopy round", peer)?;
+    round_pages.push(total);
+    let mut dirty: Vec<Vec<(u64, u64)>> = vec![Vec::new(); layout.blocks.len()];
+    if let Some(l) = live.as_mut() {
+        loop {
+            for (b, t) in l.trackers.iter_mut().enumerate() {
+                t.collect(&mut dirty[b])?;
+                merge_ranges(&mut dirty[b]);
+            }
+            let pages: u64 = dirty.iter().flatten().map(|r| r.1).sum();
+            if pages <= limits.max_dirty_pages
+                || round_pages.len() >= limits.max_rounds as usize
+                || started.elapsed() >= limits.max_duration
+            {
+                break; // these pages are discarded and fetched in postcopy
+            }
+            for (b, ranges) in dirty.iter_mut().enumerate() {
+                send_ranges(
+                    shared,
+                    session,
+                    stream,
+                    peer,
+                    b as u32,
+                    ranges,
+                    &mut scratch,
+                    &mut out,
+                )?;
+                ranges.clear();
+            }
+            round_pages.push(pages);
+            Header::round(round_pages.len() as u64, pages).encode_into(&mut out);
+            session.flush(stream, &mut out, "send precopy round", peer)?;
+        }
+    }
+    // Switchover: from here the memory no longer changes.
+    let mut stopped_unix_us = unix_us();
+    if let Some(l) = live.as_mut() {
+        l.workload.stop();
+        stopped_unix_us = unix_us();
+        for (b, t) in l.trackers.iter_mut().enumerate() {
+            t.collect(&mut dirty[b])?;
+            merge_ranges(&mut dirty[b]);
+            t.stop()?;
+        }
+    }
+    session.switched_over.store(true, Ordering::Release);
+    let mut dirty_pages = 0;
+    let mut discarded = 0;
+    for (b, ranges) in dirty.iter().enumerate() {
+        let mut tx = DiscardSender::init(b as u32);
+        for &(first, n) in ranges {
+            // Every page was sent by the full pass: all of these are stale on the destination.
+            session.sent[b].clear_range(first, n);
+            tx.range(first, n, &mut out);
+            dirty_pages += n;
+        }
+        discarded += tx.finish(&mut out).1;
+    }
+    {
+        let mut stats = session.precopy.lock().expect("poisoned");
+        stats.round_pages = round_pages;
+        stats.dirty_at_switchover = dirty_pages;
+        stats.discarded = discarded;
+    }
+    Header::run(dirty_pages, stopped_unix_us).encode_into(&mut out);
+    session.flush(stream, &mut out, "send discards and Run", peer)
+}
+
+/// A verify connection: after `Run` from the destination (sent once its migration is done),
+/// the checksum of every page as it was at switchover, then `End`.
+fn serve_verify(
+    shared: &Shared,
+    session: &Session,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+) -> Result<(), SourceError> {
+    let mut body = Vec::new();
+    match read_frame(stream, peer, &mut body)? {
+        Some(h) if h.kind == Kind::Run => {}
+        None => return Ok(()),
+        Some(h) => {
+            return Err(SourceError::Protocol {
+                peer,
+                source: CodecError::Unexpected {
+                    got: h.kind,
+                    expected: "Run (start of verification)",
+                },
+            })
+        }
+    }
+    if !session.switched_over.load(Ordering::Acquire) {
+        return Err(SourceError::Protocol {
+            peer,
+            source: CodecError::BadBody {
+                kind: Kind::Run,
+                detail: "verification asked before the switchover: the memory still changes"
+                    .into(),
+            },
+        });
+    }
+    let layout = shared.image.layout();
+    let mut scratch = vec![0u8; layout.max_page_size() as usize];
+    let mut out = Vec::with_capacity((codec::MAX_CHECKSUMS as usize) * 8 + 64);
+    for (b, block) in layout.blocks.iter().enumerate() {
+        let zero = page_checksum(&vec![0u8; block.page_size as usize]);
+        let mut first = 0;
+        while first < block.pages() {
+            let n = (block.pages() - first).min(codec::MAX_CHECKSUMS);
+            Header::checksums(b as u32, first, n).encode_into(&mut out);
+            for p in first..first + n {
+                let sum = match shared.image.page(b as u32, p, &mut scratch) {
+                    PageData::Zero => zero,
+                    PageData::Data(d) => page_checksum(d),
+                };
+                out.extend_from_slice(&sum.to_le_bytes());
+            }
+            session.flush(stream, &mut out, "send checksums", peer)?;
+            first += n;
+        }
+    }
+    Header::control(Kind::End, layout.total_pages()).encode_into(&mut out);
+    session.flush(stream, &mut out, "send checksums", peer)?;
+    let mut sink = [0u8; 64];
+    let _ = stream.read(&mut sink);
+    Ok(())
 }
 
 fn record_end(shared: &Shared, session: &Session) {

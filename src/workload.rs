@@ -4,6 +4,11 @@
 //! Every page is claimed by exactly one thread (an atomic bitmap), which verifies and writes it;
 //! other threads touching a claimed page only read it. After the migration [`final_check`]
 //! verifies every page once more, including the workload's own write.
+//!
+//! When the expected contents are not known up front (a live source: they are fixed only at
+//! its switchover), the workload records each page's checksum at first touch
+//! ([`WorkloadResult::first_touch`]) and [`check_checksums`] compares both the first-touch and
+//! the final contents with the source's checksums afterwards.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -11,7 +16,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 
 use crate::dest::DestRam;
-use crate::image::{page_checksum, Synthetic};
+use crate::image::{page_checksum, Image, Synthetic};
 use crate::layout::PageBitmap;
 
 /// The value the workload XORs into the first word of every page it claims.
@@ -53,6 +58,9 @@ pub struct WorkloadResult {
     pub mismatches: u64,
     /// The first mismatch, described.
     pub first_mismatch: Option<String>,
+    /// Checksum of every page at its first touch (before the workload's write), by global
+    /// page index.
+    pub first_touch: Vec<u64>,
 }
 
 /// splitmix64: a small, good PRNG for patterns (not for anything secret).
@@ -105,7 +113,8 @@ fn locate(ram: &DestRam, mut global: u64) -> (usize, u64) {
 
 struct Toucher<'a> {
     ram: &'a DestRam,
-    image: &'a Synthetic,
+    image: Option<&'a Synthetic>,
+    first_touch: &'a [AtomicU64],
     claimed: &'a PageBitmap,
     page: Vec<u8>,
     expect: Vec<u8>,
@@ -136,9 +145,15 @@ impl Toucher<'_> {
         }
         self.touches += 1;
         region.read_into(offset, &mut self.page[..ps]);
-        self.image.fill(b as u32, page, &mut self.expect[..ps]);
         let got = page_checksum(&self.page[..ps]);
-        let want = page_checksum(&self.expect[..ps]);
+        self.first_touch[global as usize].store(got, Ordering::Relaxed);
+        let want = match self.image {
+            Some(image) => {
+                image.fill(b as u32, page, &mut self.expect[..ps]);
+                page_checksum(&self.expect[..ps])
+            }
+            None => got, // checked later against the source's checksums
+        };
         if got != want {
             self.mismatches += 1;
             self.mismatch_count.fetch_add(1, Ordering::Relaxed);
@@ -152,11 +167,13 @@ impl Toucher<'_> {
     }
 }
 
-/// Runs the workload to completion: every page is touched (claimed) once.
-pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> WorkloadResult {
+/// Runs the workload to completion: every page is touched (claimed) once, and checked at once
+/// against `image` when given.
+pub fn run(ram: &DestRam, image: Option<&Synthetic>, config: &WorkloadConfig) -> WorkloadResult {
     let total = ram.layout.total_pages();
     let threads = config.threads.max(1);
     let claimed = PageBitmap::new(total);
+    let first_touch: Vec<AtomicU64> = (0..total).map(|_| AtomicU64::new(0)).collect();
     let mismatch_count = AtomicU64::new(0);
     let mut rng = Rng::new(config.seed);
     let order: Vec<u64> = match config.pattern {
@@ -172,8 +189,8 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
     let results: Vec<_> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (claimed, order, ranking, mismatch_count) =
-                    (&claimed, &order, &ranking, &mismatch_count);
+                let (claimed, order, ranking, mismatch_count, first_touch) =
+                    (&claimed, &order, &ranking, &mismatch_count, &first_touch);
                 let pattern = config.pattern;
                 let seed = config.seed;
                 std::thread::Builder::new()
@@ -182,6 +199,7 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
                         let mut w = Toucher {
                             ram,
                             image,
+                            first_touch,
                             claimed,
                             page: vec![0u8; max_page],
                             expect: vec![0u8; max_page],
@@ -239,6 +257,7 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
         latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
         mismatches: 0,
         first_mismatch: None,
+        first_touch: Vec::new(),
     };
     for w in results {
         out.touches += w.touches;
@@ -251,6 +270,7 @@ pub fn run(ram: &DestRam, image: &Synthetic, config: &WorkloadConfig) -> Workloa
     }
     // Any page no thread claimed (cannot happen: every pattern sweeps every page) would
     // escape verification: count it as a mismatch rather than trust it.
+    out.first_touch = first_touch.into_iter().map(AtomicU64::into_inner).collect();
     let unclaimed = total - claimed.count_ones();
     if unclaimed > 0 {
         out.mismatches += unclaimed;
@@ -295,6 +315,96 @@ pub fn final_check(
                             bad += 1;
                             first.get_or_insert_with(|| {
                                 format!("block {b} page {p}: checksum {got:#018x}, expected {want:#018x} (final check)")
+                            });
+                        }
+                    }
+                    (bad, first)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("check thread panicked"))
+            .collect()
+    });
+    let bad = parts.iter().map(|p| p.0).sum();
+    let first = parts.into_iter().find_map(|p| p.1);
+    (total, bad, first)
+}
+
+/// The checksum of every page of `image`, by global page index (on `threads` threads).
+pub fn expected_checksums(image: &Synthetic, threads: usize) -> Vec<u64> {
+    let layout = image.layout();
+    let mut out = Vec::with_capacity(layout.total_pages() as usize);
+    for (b, block) in layout.blocks.iter().enumerate() {
+        let ps = block.page_size as usize;
+        let parts: Vec<Vec<u64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..threads.max(1))
+                .map(|t| {
+                    s.spawn(move || {
+                        let mut page = vec![0u8; ps];
+                        let (start, end) = crate::dest::shard(block.pages(), t, threads.max(1));
+                        (start..end)
+                            .map(|p| {
+                                image.fill(b as u32, p, &mut page);
+                                page_checksum(&page)
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().expect("checksum thread panicked"))
+                .collect()
+        });
+        out.extend(parts.into_iter().flatten());
+    }
+    out
+}
+
+/// After the migration, against checksums from the source (`expected`, by global page): the
+/// first-touch checksums (when given) and every page's content now, with the workload's write
+/// undone when `written`. Returns (pages checked, mismatches, first mismatch).
+pub fn check_checksums(
+    ram: &DestRam,
+    expected: &[u64],
+    first_touch: Option<&[u64]>,
+    threads: usize,
+    written: bool,
+) -> (u64, u64, Option<String>) {
+    let total = ram.layout.total_pages();
+    assert_eq!(expected.len() as u64, total, "one checksum per page");
+    let threads = threads.max(1);
+    let max_page = ram.layout.max_page_size() as usize;
+    let parts: Vec<(u64, Option<String>)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut page = vec![0u8; max_page];
+                    let (start, end) = crate::dest::shard(total, t, threads);
+                    let (mut bad, mut first) = (0, None);
+                    for g in start..end {
+                        let want = expected[g as usize];
+                        let (b, p) = locate(ram, g);
+                        if let Some(ft) = first_touch {
+                            if ft[g as usize] != want {
+                                bad += 1;
+                                first.get_or_insert_with(|| {
+                                    format!("block {b} page {p}: checksum {:#018x} at first touch, source had {want:#018x}", ft[g as usize])
+                                });
+                                continue;
+                            }
+                        }
+                        let ps = ram.layout.blocks[b].page_size as usize;
+                        ram.regions[b].read_into(p as usize * ps, &mut page[..ps]);
+                        if written {
+                            let w = u64::from_ne_bytes(page[..8].try_into().expect("8 bytes"));
+                            page[..8].copy_from_slice(&(w ^ WRITE_MARK).to_ne_bytes());
+                        }
+                        let got = page_checksum(&page[..ps]);
+                        if got != want {
+                            bad += 1;
+                            first.get_or_insert_with(|| {
+                                format!("block {b} page {p}: checksum {got:#018x}, source had {want:#018x} (final check)")
                             });
                         }
                     }

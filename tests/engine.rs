@@ -490,6 +490,7 @@ fn baseline_handler_verifies() {
                     zero_map: false,
                     zero_fill: ZeroFill::Zeropage,
                     max_streams: 0,
+                    precopy: false,
                 },
             )
         });

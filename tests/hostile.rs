@@ -43,6 +43,7 @@ fn fake_image() -> Synthetic {
 
 fn welcome_for(image: &Synthetic, session: u64) -> Vec<u8> {
     encode(&Frame::Welcome(Welcome {
+        stopped_unix_us: 0,
         session,
         layout: image.layout().clone(),
         image: image.info(),
@@ -247,6 +248,7 @@ fn engine_vs_fake_spec(
             let slot = match role {
                 Role::Urgent => &mut urgent[usize::from(worker)],
                 Role::Bulk => &mut bulk[usize::from(worker)],
+                Role::Verify => panic!("the engine opened a verify connection"),
             };
             assert!(
                 slot.replace(s).is_none(),
@@ -427,6 +429,7 @@ fn handshake_welcome_with_invalid_layout() {
         }],
     };
     let reply = encode(&Frame::Welcome(Welcome {
+        stopped_unix_us: 0,
         session: SESSION,
         layout: bad,
         image: ImageInfo::Opaque,

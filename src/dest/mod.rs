@@ -4,18 +4,27 @@
 //! Lifecycle (the seed's names in brackets):
 //! 1. [`connect`]: handshake with the source on worker 0's urgent connection; learn the session
 //!    id and the layout.
-//! 2. [`DestRam::new`] [`postcopy_ram_incoming_init`]: map every block (every page missing),
-//!    `MADV_NOHUGEPAGE` [`prepare_discard`], and the received bitmaps.
-//! 3. [`Engine::start`] [`enable_notify`]: each worker gets its own userfaultfd registered
+//! 2. [`DestRam::new`] / [`DestRam::with_thp`] [`postcopy_ram_incoming_init`]: map every block
+//!    (every page missing) and the received bitmaps.
+//! 3. Optional precopy ([`receive_precopy`], when [`EngineConfig::precopy`] offered it): pages
+//!    written straight into the still-unregistered blocks ([`DestRam::write_page`]);
+//!    [`DestRam::prepare_discard`] [`prepare_discard`] (`MADV_NOHUGEPAGE` on every block) before
+//!    the first [`DestRam::discard_range`] [`discard_range`] (drop the pages, clear their bits);
+//!    ends at the source's `Run`.
+//! 4. [`Engine::start`] [`enable_notify`]: each worker gets its own userfaultfd registered
 //!    (MISSING) on its shard of every block, its own io_uring, temp pages and connections.
-//! 4. [`EngineHandle::wait`] [`incoming_cleanup`]: workers end when their shard is complete;
-//!    the report merges their counters.
+//! 5. [`EngineHandle::wait`] [`incoming_cleanup`]: workers end when their shard is complete
+//!    (their userfaultfds close, which unregisters; their temp pages are freed); THP goes back
+//!    as it was; the report merges their counters.
 //!
 //! Shards: worker `w` of `W` owns pages `[n*w/W, n*(w+1)/W)` of each block of `n` pages, the
 //! same split the source uses for its streams, so every page has exactly one placer and the
 //! workers share nothing but the (atomic) received bitmaps.
 
+mod precopy;
 mod worker;
+
+pub use precopy::{receive_precopy, PrecopyReport, VerifyConnection};
 
 pub use worker::coalesce_requests;
 
@@ -119,6 +128,9 @@ pub struct EngineConfig {
     /// Most bulk streams placing at once (0: one per worker). Fewer streams leave CPU to the
     /// workload and the fault path on a small machine, at the cost of stream throughput.
     pub max_streams: usize,
+    /// Offer the source a precopy phase (then call [`receive_precopy`] before
+    /// [`Engine::start`]). Off: pure postcopy.
+    pub precopy: bool,
 }
 
 /// How the engine places a zero page.
@@ -145,6 +157,7 @@ impl Default for EngineConfig {
             zero_map: false,
             zero_fill: ZeroFill::Zeropage,
             max_streams: 0,
+            precopy: false,
         }
     }
 }
@@ -155,8 +168,11 @@ pub struct Connected {
     /// The source's `Welcome`.
     pub welcome: Welcome,
     pub(crate) control: TcpStream,
-    /// The zero-page map (per block, bit set = zero page), when asked for.
+    /// The zero-page map (per block, bit set = zero page), when asked for; after precopy, the
+    /// zero pages precopy announced for pages not yet present.
     pub zero_map: Option<Vec<PageBitmap>>,
+    /// Whether a precopy phase follows (the `Hello` offered it): call [`receive_precopy`].
+    pub precopy: bool,
 }
 
 fn read_welcome(stream: &mut TcpStream, context: &str) -> Result<Welcome, DestError> {
@@ -229,9 +245,13 @@ pub(crate) fn open_connection(
         .map_err(io_err("set handshake timeout"))?;
     let mut hello = [0u8; HEADER_BYTES];
     let mut h = Header::hello(session, role, worker, config.workers as u16);
-    let want_zero_map = config.zero_map && session == 0;
+    // With precopy, zero pages travel as flags in the precopy rounds instead of a map.
+    let want_zero_map = config.zero_map && session == 0 && !config.precopy;
     if want_zero_map {
         h = h.with_zero_map();
+    }
+    if config.precopy && session == 0 {
+        h = h.with_precopy();
     }
     h.encode(&mut hello);
     stream.write_all(&hello).map_err(io_err("send Hello"))?;
@@ -309,6 +329,7 @@ pub fn connect(config: &EngineConfig) -> Result<Connected, DestError> {
         welcome,
         control,
         zero_map,
+        precopy: config.precopy,
     })
 }
 
@@ -324,12 +345,30 @@ pub struct DestRam {
     pub regions: Vec<Mapping>,
     /// One received bitmap per block.
     pub received: Vec<PageBitmap>,
+    /// THP was requested at init (and is restored at cleanup).
+    thp: bool,
+    /// `prepare_discard` has run (THP off).
+    discard_ready: AtomicBool,
 }
 
 impl DestRam {
     /// `postcopy_ram_incoming_init` + `prepare_discard`: maps every block, all pages missing,
-    /// THP off (4 KiB faults and placements).
+    /// THP off from the start (4 KiB precopy writes, faults and placements).
     pub fn new(layout: &Layout) -> Result<DestRam, DestError> {
+        let ram = Self::map(layout, false)?;
+        ram.prepare_discard()?;
+        Ok(ram)
+    }
+
+    /// `postcopy_ram_incoming_init` for memory that wants transparent huge pages (as a VMM's
+    /// guest RAM usually does): `MADV_HUGEPAGE` on the 4 KiB-page blocks, so precopy fills
+    /// them a huge page at a time; [`prepare_discard`](Self::prepare_discard) turns THP off
+    /// before discards and faults, and [`EngineHandle::wait`] turns it back on.
+    pub fn with_thp(layout: &Layout) -> Result<DestRam, DestError> {
+        Self::map(layout, true)
+    }
+
+    fn map(layout: &Layout, thp: bool) -> Result<DestRam, DestError> {
         let base = crate::sys::mem::base_page_size() as u64;
         let mut regions = Vec::with_capacity(layout.blocks.len());
         for b in &layout.blocks {
@@ -346,8 +385,8 @@ impl DestRam {
                     )))
                 }
             };
-            if b.page_size == base {
-                m.no_huge_pages()?;
+            if b.page_size == base && thp {
+                m.huge_pages()?;
             }
             regions.push(m);
         }
@@ -359,7 +398,92 @@ impl DestRam {
                 .iter()
                 .map(|b| PageBitmap::new(b.pages()))
                 .collect(),
+            thp,
+            discard_ready: AtomicBool::new(false),
         })
+    }
+
+    fn small_page_blocks(&self) -> impl Iterator<Item = usize> + '_ {
+        let base = crate::sys::mem::base_page_size() as u64;
+        (0..self.layout.blocks.len()).filter(move |&b| self.layout.blocks[b].page_size == base)
+    }
+
+    /// `postcopy_ram_prepare_discard`: `MADV_NOHUGEPAGE` on every 4 KiB-page block, so that
+    /// discards and faults work page by page. Idempotent; [`Engine::start`] calls it too.
+    pub fn prepare_discard(&self) -> Result<(), DestError> {
+        if self.discard_ready.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        for b in self.small_page_blocks() {
+            self.regions[b].no_huge_pages()?;
+        }
+        Ok(())
+    }
+
+    /// Writes one page received in precopy (the block is not registered yet) and marks it
+    /// received. `data` is exactly one page. Checks the range: never writes outside a block.
+    pub fn write_page(&self, block: u32, page: u64, data: &[u8]) -> Result<(), DestError> {
+        let b = self.layout.check_range(block, page, 1).map_err(|e| DestError::Protocol {
+            context: "precopy page".into(),
+            source: e.into(),
+        })?;
+        assert_eq!(data.len() as u64, b.page_size, "one page of data");
+        self.regions[block as usize].write_from((page * b.page_size) as usize, data);
+        self.received[block as usize].set(page);
+        Ok(())
+    }
+
+    /// `postcopy_ram_discard_range`: drops pages `[first, first + pages)` of `block`
+    /// (`MADV_DONTNEED`: they are missing again and will fault) and clears their received
+    /// bits. A range outside the block is rejected. Calls [`prepare_discard`](Self::prepare_discard)
+    /// first if nobody did.
+    pub fn discard_range(&self, block: u32, first: u64, pages: u64) -> Result<(), DestError> {
+        let b = self
+            .layout
+            .check_range(block, first, pages)
+            .map_err(|e| DestError::Protocol {
+                context: "discard".into(),
+                source: e.into(),
+            })?;
+        self.prepare_discard()?;
+        let ps = b.page_size as usize;
+        self.regions[block as usize].dontneed(first as usize * ps, pages as usize * ps)?;
+        self.received[block as usize].clear_range(first, pages);
+        Ok(())
+    }
+
+    /// Makes sure every page not received is really missing before userfaultfd is armed:
+    /// with THP on during precopy, a huge page may have backed (with zeros) pages precopy never
+    /// wrote. Only needed after [`with_thp`](Self::with_thp).
+    fn drop_unreceived(&self) -> Result<(), DestError> {
+        if !self.thp {
+            return Ok(());
+        }
+        for b in self.small_page_blocks() {
+            let (received, ps) = (&self.received[b], self.layout.blocks[b].page_size as usize);
+            let end = self.layout.blocks[b].pages();
+            let mut p = 0;
+            while let Some(first) = received.next_clear(p, end) {
+                let mut n = 1;
+                while first + n < end && !received.get(first + n) {
+                    n += 1;
+                }
+                self.regions[b].dontneed(first as usize * ps, n as usize * ps)?;
+                p = first + n;
+            }
+        }
+        Ok(())
+    }
+
+    /// `incoming_cleanup`'s THP part: huge pages back on where [`with_thp`](Self::with_thp)
+    /// asked for them.
+    pub fn restore_thp(&self) -> Result<(), DestError> {
+        if self.thp {
+            for b in self.small_page_blocks() {
+                self.regions[b].huge_pages()?;
+            }
+        }
+        Ok(())
     }
 
     /// Pages placed so far, over all blocks.
@@ -574,6 +698,8 @@ impl Engine {
             ));
         }
         let workers = config.workers;
+        ram.prepare_discard()?;
+        ram.drop_unreceived()?;
         let mut uffds = Vec::with_capacity(workers);
         for w in 0..workers {
             uffds.push(register_shard(&ram, |pages| shard(pages, w, workers))?);
@@ -675,6 +801,9 @@ impl EngineHandle {
         if let Some(e) = first_err {
             return Err(e);
         }
+        // incoming_cleanup: the workers' userfaultfds are closed (unregistered) and their
+        // temp pages freed; huge pages go back on where they were wanted.
+        self.ram.restore_thp()?;
         report.per_worker = vec![WorkerStats::default(); self.workers];
         for (thread, s) in stats.into_iter().enumerate() {
             if let Some(s) = s {

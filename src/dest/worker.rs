@@ -92,7 +92,14 @@ impl ShardState {
         ShardState {
             id,
             uffd,
-            missing: AtomicU64::new(shard.iter().map(|(s, e)| e - s).sum()),
+            // Pages precopy left in place are not missing.
+            missing: AtomicU64::new(
+                shard
+                    .iter()
+                    .enumerate()
+                    .map(|(b, &(s, e))| e - s - ram.received[b].count_range(s, e))
+                    .sum(),
+            ),
             shard,
             requested: ram
                 .layout

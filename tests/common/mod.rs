@@ -384,6 +384,7 @@ where
         zero_map: opts.zero_map,
         zero_fill: opts.zero_fill,
         max_streams: opts.max_streams,
+        precopy: false,
     };
     let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
     let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {
@@ -404,7 +405,7 @@ where
         .name("test-workload".into())
         .spawn(move || {
             let r = before(&wl_ram, &wl_image);
-            (r, workload::run(&wl_ram, &wl_image, &wl_config))
+            (r, workload::run(&wl_ram, Some(&wl_image), &wl_config))
         })
         .expect("spawn workload");
 
