@@ -24,6 +24,7 @@ pub mod bench;
 pub mod codec;
 pub mod demo;
 pub mod dest;
+pub mod dirty;
 pub mod image;
 pub mod layout;
 pub mod probe;
