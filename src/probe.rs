@@ -1,8 +1,8 @@
 //! `postcopy probe`: can this host do postcopy (the seed's `postcopy_ram_supported_by_host`).
 //!
 //! [`run`] performs every check for real (it opens userfaultfds, registers and fills pages,
-//! creates an io_uring) and returns a [`ProbeReport`]; nothing is inferred from the kernel
-//! version alone except where no safe test exists (`PAGEMAP_SCAN`). A check is
+//! creates an io_uring, tracks dirty pages) and returns a [`ProbeReport`]; nothing is inferred
+//! from the kernel version alone. A check is
 //! [`Status::Fail`] only when postcopy cannot work at all; missing optional pieces
 //! (hugetlbfs, `UFFDIO_MOVE`, shmem) are [`Status::Warn`] with the fix.
 
@@ -12,6 +12,7 @@ use std::path::Path;
 
 use nix::errno::Errno;
 
+use crate::sys::dirty::{DirtyError, UffdWpTracker};
 use crate::sys::mem::{base_page_size, memlock_limit, Mapping, MemError};
 use crate::sys::uffd::{feature, ioctl_bit, mode, ApiInfo, Uffd, UffdError};
 
@@ -760,29 +761,41 @@ fn check_mlock() -> Check {
     }
 }
 
+/// Tries dirty tracking without KVM for real: a scratch region tracked with userfaultfd async
+/// write-protect and `PAGEMAP_SCAN` must report exactly the pages written to it
+/// ([`UffdWpTracker::self_test`]).
 fn check_pagemap_scan(api: &Result<ApiInfo, UffdError>, release: &str) -> Check {
     const NAME: &str = "pagemap scan";
-    let wp_async = matches!(api, Ok(info) if info.features & feature::WP_ASYNC != 0);
-    let kernel_ok = parse_release(release).is_some_and(|v| v >= (6, 7));
-    let pagemap = Path::new("/proc/self/pagemap").exists();
-    let detail = format!(
-        "UFFD_FEATURE_WP_ASYNC {}; PAGEMAP_SCAN {} (kernel {release}, inferred: 6.7+); /proc/self/pagemap {}",
-        if wp_async { "offered" } else { "absent" },
-        if kernel_ok { "expected" } else { "absent" },
-        if pagemap { "present" } else { "absent" },
-    );
-    if wp_async && kernel_ok && pagemap {
-        pass(
+    let wp_async = match api {
+        Ok(info) if info.features & feature::WP_ASYNC != 0 => "offered",
+        Ok(_) => "absent",
+        Err(_) => "unknown",
+    };
+    match UffdWpTracker::self_test() {
+        Ok(detail) => pass(
             NAME,
             format!("{detail}: a dirty log without KVM is possible"),
-        )
-    } else {
-        check(
-            NAME,
-            Status::Warn,
-            format!("{detail}: no dirty log without KVM (informational; postcopy itself does not need it)"),
-            Some("run on Linux 6.7 or newer".into()),
-        )
+        ),
+        Err(e) => {
+            let fix = match &e {
+                DirtyError::Pagemap(_) => "mount /proc (procfs) in this container",
+                DirtyError::Uffd(_) => "fix the userfaultfd checks above",
+                DirtyError::NoWriteProtect { .. } => {
+                    "use a kernel built with userfaultfd write-protect (CONFIG_HAVE_ARCH_USERFAULTFD_WP)"
+                }
+                DirtyError::SelfTest(_) => "report this together with `uname -a`",
+                _ => "run on Linux 6.7 or newer",
+            };
+            check(
+                NAME,
+                Status::Warn,
+                format!(
+                    "UFFD_FEATURE_WP_ASYNC {wp_async} (kernel {release}); {e}: no dirty log without KVM \
+                     (informational; postcopy itself does not need it)"
+                ),
+                Some(fix.into()),
+            )
+        }
     }
 }
 

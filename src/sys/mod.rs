@@ -1,6 +1,7 @@
 //! Kernel interfaces. The only modules of the crate allowed to use `unsafe`; each wraps one
 //! kernel concept and names things as the kernel does.
 
+pub mod dirty;
 pub mod mem;
 pub mod ring;
 pub mod uffd;

@@ -1,0 +1,180 @@
+//! Dirty-page tracking on the source: which pages of a live region were written since the last
+//! look, for the precopy passes that run before postcopy takes over.
+//!
+//! A [`DirtyTracker`] reports the pages of one memory region written since `start` or its
+//! previous `collect`, as runs of page indices relative to the region, and resets them in the
+//! same step. Two implementations:
+//!
+//! - [`UffdWpTracker`]: the kernel does it, no hypervisor needed. It write-protects the region
+//!   with userfaultfd in async mode (a write clears the protection instead of raising an event)
+//!   and collects with one `PAGEMAP_SCAN` ioctl on `/proc/self/pagemap`, which returns the
+//!   written ranges and protects them again atomically. Needs **Linux 6.7+**
+//!   (`UFFD_FEATURE_WP_ASYNC`, `PAGEMAP_SCAN`) and private anonymous memory of the calling
+//!   process; `postcopy probe` tries it (`pagemap scan`). The mechanism is in `sys::dirty`.
+//! - [`ManualTracker`]: an atomic bitmap the embedder fills itself.
+//!
+//! ## An embedder with KVM's dirty log
+//!
+//! A VMM already has KVM's dirty log for guest memory, and should use it: vCPUs write guest
+//! pages through KVM's second-level page tables, and each `UffdWpTracker` collect re-protects
+//! through an MMU-notifier invalidation of the whole scanned range, which would drop those
+//! mappings for every guest page each time (not measured here). Either:
+//!
+//! - implement [`DirtyTracker`] directly: `start` sets `KVM_MEM_LOG_DIRTY_PAGES` on the
+//!   memslot, `collect` calls `KVM_GET_DIRTY_LOG` (with `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`,
+//!   followed by `KVM_CLEAR_DIRTY_LOG` of what it returned) and turns the bitmap into runs,
+//!   `stop` clears the flag; or
+//! - keep a [`ManualTracker`] clone in the VMM and push each harvested bitmap with
+//!   [`ManualTracker::mark_words`] (or dirty-ring entries with [`ManualTracker::mark`]); hand
+//!   the other clone to the migration as its tracker.
+//!
+//! Whatever the source of the bits, the contract is the one of [`DirtyTracker::collect`]: a
+//! write is reported by the collect that follows it or by the next one, never lost; reporting a
+//! page that was not written costs one page sent, nothing more.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use crate::sys::dirty::{DirtyError, UffdWpTracker};
+
+/// A source of dirty-page information for one memory region of the source.
+pub trait DirtyTracker: Send {
+    /// Starts tracking: from now on every write to the region is recorded. Called once before
+    /// the first precopy pass.
+    fn start(&mut self) -> Result<(), DirtyError>;
+
+    /// Appends the pages written since `start` or the previous `collect` as `(first_page,
+    /// pages)` runs (page indices relative to the region, ascending, not overlapping) and
+    /// resets them, atomically with respect to concurrent writers: a write racing the call
+    /// shows up either now or in the next call, never lost. Read the contents of a reported
+    /// page after this returns.
+    fn collect(&mut self, out: &mut Vec<(u64, u64)>) -> Result<(), DirtyError>;
+
+    /// Stops tracking (unregisters); also done on drop.
+    fn stop(&mut self) -> Result<(), DirtyError>;
+}
+
+impl DirtyTracker for UffdWpTracker {
+    fn start(&mut self) -> Result<(), DirtyError> {
+        UffdWpTracker::start(self)
+    }
+
+    fn collect(&mut self, out: &mut Vec<(u64, u64)>) -> Result<(), DirtyError> {
+        UffdWpTracker::collect(self, out)
+    }
+
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        UffdWpTracker::stop(self)
+    }
+}
+
+/// A tracker the embedder feeds: one bit per page, set by [`mark`](Self::mark) (or
+/// [`mark_words`](Self::mark_words) for a whole bitmap such as KVM's dirty log) from any thread,
+/// taken and cleared word by word by `collect` (an atomic swap, so a mark racing a collect is
+/// reported by this collect or the next).
+///
+/// Clones share the bits: keep one where the dirty information arrives, hand another to the
+/// migration. `start` and `stop` do nothing: the embedder enables and disables its own log, and
+/// marks made before `start` are kept (an extra page sent is harmless, a lost one is not).
+#[derive(Clone, Debug)]
+pub struct ManualTracker {
+    words: Arc<[AtomicU64]>,
+    pages: u64,
+}
+
+impl ManualTracker {
+    /// A tracker of a region of `pages` pages, none marked.
+    pub fn new(pages: u64) -> ManualTracker {
+        ManualTracker {
+            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            pages,
+        }
+    }
+
+    /// Pages in the region.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Marks pages `[first, first + count)` written. Panics if the run leaves the region.
+    pub fn mark(&self, first: u64, count: u64) {
+        let end = first.checked_add(count).expect("page run overflows");
+        assert!(
+            end <= self.pages,
+            "pages [{first}, {end}) outside a region of {} pages",
+            self.pages
+        );
+        let mut i = first;
+        while i < end {
+            let bit = i % 64;
+            let n = (64 - bit).min(end - i);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            self.words[(i / 64) as usize].fetch_or(mask, Ordering::Release);
+            i += n;
+        }
+    }
+
+    /// Marks every page written (e.g. when the embedder's own log was lost).
+    pub fn mark_all(&self) {
+        self.mark(0, self.pages);
+    }
+
+    /// ORs in a dirty bitmap whose bit `i` (bit `i % 64` of `words[i / 64]`, the layout of
+    /// `KVM_GET_DIRTY_LOG`) stands for page `first + i`. Bits beyond the region are ignored.
+    pub fn mark_words(&self, first: u64, words: &[u64]) {
+        for (w, &word) in words.iter().enumerate() {
+            let mut rest = word;
+            while rest != 0 {
+                let lo = u64::from(rest.trailing_zeros());
+                let ones = u64::from((rest >> lo).trailing_ones());
+                let start = first + w as u64 * 64 + lo;
+                if start >= self.pages {
+                    return;
+                }
+                self.mark(start, ones.min(self.pages - start));
+                rest = if lo + ones >= 64 {
+                    0
+                } else {
+                    rest & (u64::MAX << (lo + ones))
+                };
+            }
+        }
+    }
+}
+
+impl DirtyTracker for ManualTracker {
+    fn start(&mut self) -> Result<(), DirtyError> {
+        Ok(())
+    }
+
+    fn collect(&mut self, out: &mut Vec<(u64, u64)>) -> Result<(), DirtyError> {
+        let first_new = out.len();
+        for (w, word) in self.words.iter().enumerate() {
+            if word.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            // Acquire pairs with the marks' Release: whatever the marker did before marking is
+            // visible to the caller of collect.
+            let mut rest = word.swap(0, Ordering::AcqRel);
+            while rest != 0 {
+                let lo = u64::from(rest.trailing_zeros());
+                let ones = u64::from((rest >> lo).trailing_ones());
+                crate::sys::dirty::push_run(out, first_new, w as u64 * 64 + lo, ones);
+                rest = if lo + ones >= 64 {
+                    0
+                } else {
+                    rest & (u64::MAX << (lo + ones))
+                };
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), DirtyError> {
+        Ok(())
+    }
+}
