@@ -1129,21 +1129,20 @@ mod tests {
             proptest::collection::vec((0u64..255, 1u64..=16), 1..=256).prop_map(|rs| {
                 Frame::Discard {
                     block: 0,
-                    ranges: rs
-                        .into_iter()
-                        .map(|(f, n)| (f, n.min(256 - f)))
-                        .collect(),
+                    ranges: rs.into_iter().map(|(f, n)| (f, n.min(256 - f))).collect(),
                 }
             }),
             (any::<u64>(), any::<u64>()).prop_map(|(round, pages)| Frame::Round { round, pages }),
-            (0u64..256, proptest::collection::vec(any::<u64>(), 1..=64)).prop_map(|(page, sums)| {
-                let page = page.min(256 - sums.len() as u64);
-                Frame::Checksums {
-                    block: 0,
-                    page,
-                    sums,
+            (0u64..256, proptest::collection::vec(any::<u64>(), 1..=64)).prop_map(
+                |(page, sums)| {
+                    let page = page.min(256 - sums.len() as u64);
+                    Frame::Checksums {
+                        block: 0,
+                        page,
+                        sums,
+                    }
                 }
-            }),
+            ),
         ]
     }
 
@@ -1240,18 +1239,33 @@ mod tests {
     #[test]
     fn discard_outside_a_block_is_rejected() {
         let l = layout();
-        for ranges in [vec![(250u64, 7u64)], vec![(0, 0)], vec![(256, 1)], vec![(u64::MAX, 2)]] {
+        for ranges in [
+            vec![(250u64, 7u64)],
+            vec![(0, 0)],
+            vec![(256, 1)],
+            vec![(u64::MAX, 2)],
+        ] {
             let mut buf = Vec::new();
             Frame::Discard { block: 0, ranges }.encode_into(&mut buf);
             assert!(Frame::decode(&buf, Some(&l)).is_err());
         }
         let mut buf = Vec::new();
-        Frame::Discard { block: 9, ranges: vec![(0, 1)] }.encode_into(&mut buf);
-        assert!(matches!(Frame::decode(&buf, Some(&l)), Err(CodecError::Range(_))));
+        Frame::Discard {
+            block: 9,
+            ranges: vec![(0, 1)],
+        }
+        .encode_into(&mut buf);
+        assert!(matches!(
+            Frame::decode(&buf, Some(&l)),
+            Err(CodecError::Range(_))
+        ));
         // A count past the limit is refused from the header alone.
         let mut h = [0u8; HEADER_BYTES];
         Header::discard(0, MAX_DISCARD_RANGES + 1).encode(&mut h);
-        assert!(matches!(Header::decode(&h), Err(CodecError::BodyLength { .. } | CodecError::BadCount { .. })));
+        assert!(matches!(
+            Header::decode(&h),
+            Err(CodecError::BodyLength { .. } | CodecError::BadCount { .. })
+        ));
     }
 
     #[test]

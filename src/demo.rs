@@ -15,9 +15,9 @@ use crate::codec::ImageInfo;
 use crate::dest::{
     self, DestError, DestRam, Engine, EngineConfig, PrecopyReport, VerifyConnection, ZeroFill,
 };
-use crate::source::PrecopyLimits;
 use crate::image::Synthetic;
 use crate::report::{DemoReport, LatencyUs};
+use crate::source::PrecopyLimits;
 use crate::workload::{self, Pattern, WorkloadConfig};
 
 /// Errors of the demo.
@@ -282,18 +282,9 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         ImageInfo::Opaque => (None, 0),
     };
     let ram = Arc::new(DestRam::new(&layout)?);
-    let precopy = if connected.precopy {
-        Some(dest::receive_precopy(&mut connected, &ram, &engine_cfg)?)
-    } else {
-        None
-    };
-    let stopped_unix_us = precopy
-        .as_ref()
-        .map_or(connected.welcome.stopped_unix_us, |p| {
-            p.source_stopped_unix_us
-        });
-    // Contents known only to the source: ask it for checksums (the connection is opened now,
-    // while the session certainly exists, and used after the migration).
+    // Contents known only to the source: ask it for checksums. The connection is opened now,
+    // while the session certainly exists (and not in the downtime), and used after the
+    // migration.
     let verify = match image {
         Some(_) => None,
         None => Some(VerifyConnection::open(
@@ -301,9 +292,26 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
             connected.welcome.session,
         )?),
     };
-    let handle = match spec.handler {
-        Handler::Engine => Engine::start(connected, ram.clone(), &engine_cfg)?,
-        Handler::Baseline => crate::baseline::start(connected, ram.clone(), &engine_cfg)?,
+    // Engine threads connect and set up during precopy; only registration is left for the
+    // downtime.
+    let prepared = match spec.handler {
+        Handler::Engine => Some(Engine::prepare(&connected, ram.clone(), &engine_cfg)?),
+        Handler::Baseline => None,
+    };
+    let precopy = if connected.precopy {
+        Some(dest::receive_precopy(&mut connected, &ram, &engine_cfg)?)
+    } else {
+        None
+    };
+
+    let stopped_unix_us = precopy
+        .as_ref()
+        .map_or(connected.welcome.stopped_unix_us, |p| {
+            p.source_stopped_unix_us
+        });
+    let handle = match prepared {
+        Some(p) => p.enable_notify(connected)?,
+        None => crate::baseline::start(connected, ram.clone(), &engine_cfg)?,
     };
     let downtime_ms = (stopped_unix_us > 0)
         .then(|| crate::source::unix_us().saturating_sub(stopped_unix_us) as f64 / 1000.0);
@@ -417,7 +425,12 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         threads: cfg.threads,
         workers: cfg.workers,
         stream: cfg.stream,
-        zero_percent: out.zero_percent,
+        // A live source's image is opaque on the wire; the local one was made with ours.
+        zero_percent: if cfg.source.is_none() {
+            cfg.zero_percent
+        } else {
+            out.zero_percent
+        },
         size_bytes: layout.total_bytes(),
         downtime_ms: out.downtime_ms,
         dirty_rate: if cfg.live && cfg.source.is_none() {
@@ -445,8 +458,13 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             report.pages_after_switchover = e.totals.pages_by_fault + e.totals.pages_by_stream;
             report.eexist = e.totals.eexist;
             report.postcopy_seconds = e.postcopy_seconds;
+            // What postcopy moved: everything without precopy, else what was left at switchover.
+            let moved_bytes = match &out.precopy {
+                None => layout.total_bytes(),
+                Some(_) => report.pages_after_switchover * layout.blocks[0].page_size,
+            };
             report.throughput_mib_s =
-                layout.total_bytes() as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
+                moved_bytes as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
             report.engine = e;
         }
         Err(e) => report.error = Some(e.to_string()),

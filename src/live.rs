@@ -130,7 +130,13 @@ impl DirtyWriter {
     }
 }
 
-fn write_loop(image: &LiveImage, pages_per_s: u64, seed: u64, stop: &AtomicBool, writes: &AtomicU64) {
+fn write_loop(
+    image: &LiveImage,
+    pages_per_s: u64,
+    seed: u64,
+    stop: &AtomicBool,
+    writes: &AtomicU64,
+) {
     let total = image.layout.total_pages();
     let mut rng = crate::workload::Rng::new(seed);
     let started = Instant::now();

@@ -432,9 +432,8 @@ fn start_live(
 ) -> Result<(Arc<dyn Image>, LiveParts), String> {
     use postcopy::dirty::{DirtyTracker, UffdWpTracker};
     use postcopy::live::{DirtyWriter, LiveImage};
-    UffdWpTracker::available().map_err(|why| {
-        format!("--live needs dirty-page tracking, which this host lacks: {why}")
-    })?;
+    UffdWpTracker::available()
+        .map_err(|why| format!("--live needs dirty-page tracking, which this host lacks: {why}"))?;
     let synthetic = Synthetic::new(layout.clone(), seed, zero_percent);
     let live = Arc::new(
         LiveImage::from_synthetic(&synthetic, postcopy::sys::online_cpus())

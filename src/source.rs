@@ -226,6 +226,7 @@ struct PrecopyStats {
 impl Session {
     fn report(&self) -> SessionReport {
         let error = self.failed.lock().expect("poisoned").clone();
+        let precopy = self.precopy.lock().expect("poisoned");
         SessionReport {
             session: self.id,
             complete: error.is_none()
@@ -238,9 +239,9 @@ impl Session {
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             seconds: self.started.elapsed().as_secs_f64(),
             error,
-            precopy_round_pages: self.precopy.lock().expect("poisoned").round_pages.clone(),
-            pages_dirty_at_switchover: self.precopy.lock().expect("poisoned").dirty_at_switchover,
-            pages_discarded: self.precopy.lock().expect("poisoned").discarded,
+            precopy_round_pages: precopy.round_pages.clone(),
+            pages_dirty_at_switchover: precopy.dirty_at_switchover,
+            pages_discarded: precopy.discarded,
         }
     }
 
@@ -782,6 +783,15 @@ fn run_precopy(
             session.flush(stream, &mut out, "send precopy round", peer)?;
         }
     }
+    // Before stopping the workload, wait until the destination has taken in everything sent
+    // (it acknowledges each round): bytes still in socket buffers (tens of MiB on loopback)
+    // would otherwise be drained during the downtime. Writes meanwhile land in the final set.
+    wait_round_ack(
+        stream,
+        peer,
+        round_pages.len() as u64,
+        shared.config.write_timeout,
+    )?;
     // Switchover: from here the memory no longer changes.
     let mut stopped_unix_us = unix_us();
     if let Some(l) = live.as_mut() {
@@ -790,7 +800,6 @@ fn run_precopy(
         for (b, t) in l.trackers.iter_mut().enumerate() {
             t.collect(&mut dirty[b])?;
             merge_ranges(&mut dirty[b]);
-            t.stop()?;
         }
     }
     session.switched_over.store(true, Ordering::Release);
@@ -813,7 +822,55 @@ fn run_precopy(
         stats.discarded = discarded;
     }
     Header::run(dirty_pages, stopped_unix_us).encode_into(&mut out);
-    session.flush(stream, &mut out, "send discards and Run", peer)
+    session.flush(stream, &mut out, "send discards and Run", peer)?;
+    // Unregistering write-protection walks the whole range (~25 ms per GiB here): after Run,
+    // outside the downtime.
+    if let Some(l) = live.as_mut() {
+        for t in l.trackers.iter_mut() {
+            t.stop()?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads the destination's `Ack`s of precopy rounds until the one for `round`.
+fn wait_round_ack(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    round: u64,
+    timeout: Duration,
+) -> Result<(), SourceError> {
+    let _ = stream.set_read_timeout(Some(timeout));
+    let mut body = Vec::new();
+    loop {
+        match read_frame(stream, peer, &mut body)? {
+            Some(h) if h.kind == Kind::Ack && h.page == round => break,
+            Some(h) if h.kind == Kind::Ack && h.page < round => {}
+            Some(h) if h.kind == Kind::Error => {
+                return Err(SourceError::Remote {
+                    peer,
+                    message: codec::decode_error(&body),
+                })
+            }
+            Some(h) => {
+                return Err(SourceError::Protocol {
+                    peer,
+                    source: CodecError::Unexpected {
+                        got: h.kind,
+                        expected: "Ack of a precopy round",
+                    },
+                })
+            }
+            None => {
+                return Err(SourceError::Io {
+                    context: format!("wait for the precopy Ack from {peer}"),
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                })
+            }
+        }
+    }
+    let _ = stream.set_read_timeout(None);
+    Ok(())
 }
 
 /// A verify connection: after `Run` from the destination (sent once its migration is done),
@@ -843,8 +900,7 @@ fn serve_verify(
             peer,
             source: CodecError::BadBody {
                 kind: Kind::Run,
-                detail: "verification asked before the switchover: the memory still changes"
-                    .into(),
+                detail: "verification asked before the switchover: the memory still changes".into(),
             },
         });
     }
@@ -1016,6 +1072,16 @@ fn serve_urgent(
                 let block = h
                     .check(layout)
                     .map_err(|source| SourceError::Protocol { peer, source })?;
+                if !session.switched_over.load(Ordering::Acquire) {
+                    // The memory still changes: nothing may be served outside precopy yet.
+                    return Err(SourceError::Protocol {
+                        peer,
+                        source: CodecError::Unexpected {
+                            got: h.kind,
+                            expected: "nothing before the switchover (precopy runs)",
+                        },
+                    });
+                }
                 session.requests.fetch_add(1, Ordering::Relaxed);
                 if !shared.config.urgent_delay.is_zero() {
                     std::thread::sleep(shared.config.urgent_delay);
@@ -1113,6 +1179,14 @@ fn serve_bulk(
 ) -> Result<(), SourceError> {
     // The stream yields the CPU to urgent replies (best effort).
     let _ = crate::sys::set_thread_nice(19);
+    // A destination connects its streams during precopy; they start at the switchover (a page
+    // streamed earlier could be dirtied after it was sent and arrive stale).
+    while !session.switched_over.load(Ordering::Acquire) {
+        if session.finished.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let layout = shared.image.layout();
     let max_page = layout.max_page_size() as usize;
     let mut scratch = vec![0u8; max_page];

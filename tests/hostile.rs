@@ -278,7 +278,22 @@ fn engine_vs_fake_spec(
     let t0 = Instant::now();
     let connected = dest::connect(&config).expect("handshake with the fake source");
     let ram = Arc::new(DestRam::new(&connected.welcome.layout).expect("DestRam"));
-    let handle = Engine::start(connected, ram.clone(), &config).expect("Engine::start");
+    // A bad handshake of a later connection fails `Engine::start` itself (the threads connect
+    // before it returns); anything later ends the engine and comes out of `wait`.
+    let handle = match Engine::start(connected, ram.clone(), &config) {
+        Ok(h) => h,
+        Err(e) => {
+            let elapsed = t0.elapsed();
+            join_within(fake_thread, Duration::from_secs(30), "fake source");
+            return Hostile {
+                result: Err(e),
+                elapsed,
+                ram,
+                image,
+                touched: Vec::new(),
+            };
+        }
+    };
     let touchers: Vec<_> = touches
         .iter()
         .map(|&p| {

@@ -13,7 +13,7 @@ use postcopy::dest::{self, DestRam, Engine, EngineConfig};
 use postcopy::dirty::{DirtyTracker, UffdWpTracker};
 use postcopy::image::{page_checksum, Synthetic};
 use postcopy::live::{DirtyWriter, LiveImage, SourceWorkload};
-use postcopy::source::{LiveParts, PrecopyLimits, SourceConfig, SourceServer, SessionReport};
+use postcopy::source::{LiveParts, PrecopyLimits, SessionReport, SourceConfig, SourceServer};
 use postcopy::workload::{Pattern, WorkloadConfig};
 
 /// Skips (with the reason) when the host cannot track dirty pages.
@@ -35,7 +35,11 @@ struct LiveSource {
 }
 
 impl LiveSource {
-    fn start(size_bytes: u64, workload: impl FnOnce(Arc<LiveImage>) -> Box<dyn SourceWorkload>, limits: PrecopyLimits) -> LiveSource {
+    fn start(
+        size_bytes: u64,
+        workload: impl FnOnce(Arc<LiveImage>) -> Box<dyn SourceWorkload>,
+        limits: PrecopyLimits,
+    ) -> LiveSource {
         let synthetic = Synthetic::new(layout(size_bytes), 0x11fe, 20);
         let image = Arc::new(LiveImage::from_synthetic(&synthetic, 2).expect("live image"));
         let trackers: Vec<Box<dyn DirtyTracker>> = vec![Box::new(
@@ -50,7 +54,7 @@ impl LiveSource {
             },
             SourceConfig {
                 once: true,
-                verbose: false,
+                verbose: std::env::var_os("PC_VERBOSE").is_some(),
                 precopy: limits,
                 ..Default::default()
             },
@@ -99,7 +103,9 @@ struct WriteOnStop {
 impl SourceWorkload for WriteOnStop {
     fn stop(&mut self) {
         for &p in &self.pages {
-            self.image.region(0).xor_u64((p * PAGE) as usize + 64, 0x0bad_5eed_0000_0001 ^ p);
+            self.image
+                .region(0)
+                .xor_u64((p * PAGE) as usize + 64, 0x0bad_5eed_0000_0001 ^ p);
         }
     }
 }
@@ -143,7 +149,10 @@ fn page_written_after_precopy_is_discarded_and_refetched() {
     assert_eq!(pre.round_pages.first(), Some(&(16 * MIB / PAGE)));
     let e = out.engine.as_ref().expect("engine");
     assert_eq!(
-        pre.pages_by_precopy + e.totals.pages_by_fault + e.totals.pages_by_stream + e.totals.pages_by_zero_map,
+        pre.pages_by_precopy
+            + e.totals.pages_by_fault
+            + e.totals.pages_by_stream
+            + e.totals.pages_by_zero_map,
         16 * MIB / PAGE
     );
     assert!(e.totals.pages_by_fault + e.totals.pages_by_stream >= written.len() as u64);
@@ -165,7 +174,10 @@ fn discarded_pages_hold_the_new_content_never_the_stale_one() {
         move |image| Box::new(WriteOnStop { image, pages }),
         PrecopyLimits::default(),
     );
-    let stale: Vec<u64> = written.iter().map(|&p| source_page_checksum(&src.image, p)).collect();
+    let stale: Vec<u64> = written
+        .iter()
+        .map(|&p| source_page_checksum(&src.image, p))
+        .collect();
     let image = src.image.clone();
     let config = EngineConfig {
         source: src.addr.clone(),
@@ -180,7 +192,10 @@ fn discarded_pages_hold_the_new_content_never_the_stale_one() {
         let pre = dest::receive_precopy(&mut connected, &ram, &config).expect("precopy");
         // Discarded pages are missing now: their received bits are clear.
         for &p in &written {
-            assert!(!ram.received[0].get(p), "page {p} still marked received after discard");
+            assert!(
+                !ram.received[0].get(p),
+                "page {p} still marked received after discard"
+            );
         }
         let handle = Engine::start(connected, ram.clone(), &config).expect("start");
         let report = handle.wait().expect("engine");
@@ -193,7 +208,11 @@ fn discarded_pages_hold_the_new_content_never_the_stale_one() {
     for (i, &p) in written.iter().enumerate() {
         ram.regions[0].read_into((p * PAGE) as usize, &mut buf);
         let got = page_checksum(&buf);
-        assert_eq!(got, source_page_checksum(&image, p), "page {p}: not the source's final content");
+        assert_eq!(
+            got,
+            source_page_checksum(&image, p),
+            "page {p}: not the source's final content"
+        );
         assert_ne!(got, stale[i], "page {p}: the stale content arrived");
     }
     assert!(report.totals.pages_by_stream + report.totals.pages_by_fault >= 64);
@@ -221,7 +240,12 @@ fn live_writer_under_load_migrates_and_verifies() {
     let out = join_within(t, TIMEOUT, "destination").expect("destination run");
     assert!(out.verified(), "not verified: {:?}", out.final_mismatches);
     let pre = out.precopy.as_ref().expect("precopy");
-    assert_eq!(pre.round_pages.len(), 4, "switched over at the round limit: {:?}", pre.round_pages);
+    assert_eq!(
+        pre.round_pages.len(),
+        4,
+        "switched over at the round limit: {:?}",
+        pre.round_pages
+    );
     assert!(pre.pages_dirty_at_switchover > 16);
     assert!(out.downtime_ms.is_some());
     src.finish();
@@ -252,7 +276,10 @@ fn pure_postcopy_from_a_live_source_stops_it_at_the_handshake() {
     let out = join_within(t, TIMEOUT, "destination").expect("destination run");
     assert!(out.verified(), "not verified: {:?}", out.final_mismatches);
     assert!(out.precopy.is_none());
-    assert!(writes.load(Ordering::Acquire) > 0, "the writer ran before the handshake");
+    assert!(
+        writes.load(Ordering::Acquire) > 0,
+        "the writer ran before the handshake"
+    );
     assert!(out.downtime_ms.is_some());
     src.finish();
 }
@@ -264,7 +291,9 @@ fn vm_flags(addr: usize) -> String {
     for line in smaps.lines() {
         if let Some((range, _)) = line.split_once(' ') {
             if let Some((lo, hi)) = range.split_once('-') {
-                if let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16)) {
+                if let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+                {
                     inside = lo <= addr && addr < hi;
                     continue;
                 }
@@ -299,12 +328,23 @@ fn thp_is_off_during_postcopy_and_restored_after_cleanup() {
     assert!(has("hg"), "THP wanted at init: {}", vm_flags(addr));
     dest::receive_precopy(&mut connected, &ram, &config).expect("precopy");
     let handle = Engine::start(connected, ram.clone(), &config).expect("start");
-    assert!(has("nh") && !has("hg"), "THP off during postcopy: {}", vm_flags(addr));
+    assert!(
+        has("nh") && !has("hg"),
+        "THP off during postcopy: {}",
+        vm_flags(addr)
+    );
     let report = handle.wait().expect("engine");
-    assert!(has("hg") && !has("nh"), "THP back after cleanup: {}", vm_flags(addr));
+    assert!(
+        has("hg") && !has("nh"),
+        "THP back after cleanup: {}",
+        vm_flags(addr)
+    );
     assert!(ram.complete());
     // Static source: precopy sent every page; the zero pages were placed by the workers.
-    assert_eq!(report.totals.pages_by_fault + report.totals.pages_by_stream, 0);
+    assert_eq!(
+        report.totals.pages_by_fault + report.totals.pages_by_stream,
+        0
+    );
     let bad = common::verify_pages(&ram, &src.image, false);
     assert!(bad.is_empty(), "{} pages differ", bad.len());
 }

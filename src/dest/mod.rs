@@ -423,10 +423,13 @@ impl DestRam {
     /// Writes one page received in precopy (the block is not registered yet) and marks it
     /// received. `data` is exactly one page. Checks the range: never writes outside a block.
     pub fn write_page(&self, block: u32, page: u64, data: &[u8]) -> Result<(), DestError> {
-        let b = self.layout.check_range(block, page, 1).map_err(|e| DestError::Protocol {
-            context: "precopy page".into(),
-            source: e.into(),
-        })?;
+        let b = self
+            .layout
+            .check_range(block, page, 1)
+            .map_err(|e| DestError::Protocol {
+                context: "precopy page".into(),
+                source: e.into(),
+            })?;
         assert_eq!(data.len() as u64, b.page_size, "one page of data");
         self.regions[block as usize].write_from((page * b.page_size) as usize, data);
         self.received[block as usize].set(page);
@@ -586,6 +589,7 @@ pub struct EngineHandle {
     stop: Arc<AtomicBool>,
     started: Instant,
     last_placed_ns: Arc<AtomicU64>,
+    ready: Arc<std::sync::atomic::AtomicUsize>,
     /// The memory being filled.
     pub ram: Arc<DestRam>,
 }
@@ -601,6 +605,8 @@ pub(crate) struct Shared {
     /// Streams that may run at once; a bulk half takes one before its first read and gives
     /// it back when its stream ends.
     pub(crate) stream_slots: std::sync::atomic::AtomicUsize,
+    /// Threads that finished their set-up (connection, ring, temp pages).
+    pub(crate) ready: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// A userfaultfd (with `UFFDIO_API` done) registered MISSING on pages `[start, end)` of every
@@ -651,6 +657,7 @@ impl EngineHandle {
             last_placed_ns: Arc::new(AtomicU64::new(0)),
             placed: AtomicU64::new(0),
             stream_slots: std::sync::atomic::AtomicUsize::new(stream_slots),
+            ready: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         });
         let (exit_tx, exits) = crossbeam_channel::bounded::<WorkerExit>(jobs.len());
         let mut threads = Vec::with_capacity(jobs.len());
@@ -679,61 +686,49 @@ impl EngineHandle {
             stop,
             started,
             last_placed_ns: shared.last_placed_ns.clone(),
+            ready: shared.ready.clone(),
             ram,
         })
     }
 }
 
 impl Engine {
-    /// `enable_notify`: registers every worker's shard with its own userfaultfd and starts the
-    /// workers. When this returns, every missing page of `ram` faults into the engine.
-    pub fn start(
-        connected: Connected,
+    /// Starts the engine's threads before the switchover: each connects to the source (joining
+    /// the session), builds its io_uring and temp pages, and waits. Returns once all are ready
+    /// (or with the first set-up error). Nothing is registered yet: during precopy the
+    /// destination's memory stays plain memory. Then [`PreparedEngine::enable_notify`].
+    pub fn prepare(
+        connected: &Connected,
         ram: Arc<DestRam>,
         config: &EngineConfig,
-    ) -> Result<EngineHandle, DestError> {
+    ) -> Result<PreparedEngine, DestError> {
         if ram.layout != connected.welcome.layout {
             return Err(DestError::Unsupported(
                 "the destination RAM was built for another layout".into(),
             ));
         }
         let workers = config.workers;
-        ram.prepare_discard()?;
-        ram.drop_unreceived()?;
-        let mut uffds = Vec::with_capacity(workers);
-        for w in 0..workers {
-            uffds.push(register_shard(&ram, |pages| shard(pages, w, workers))?);
-        }
-        let mut control = Some(connected.control);
         let session = connected.welcome.session;
-        let zero_map = connected.zero_map.map(Arc::new);
+        let halves: &[worker::Half] = if config.stream {
+            &[worker::Half::Urgent, worker::Half::Bulk]
+        } else {
+            &[worker::Half::Urgent]
+        };
         let mut jobs: Vec<(String, usize, Job)> = Vec::with_capacity(2 * workers);
-        for (w, uffd) in uffds.into_iter().enumerate() {
-            let state = Arc::new(worker::ShardState::new(
-                w,
-                uffd,
-                &ram,
-                workers,
-                config.stream,
-                zero_map.clone(),
-            ));
-            let halves: &[worker::Half] = if config.stream {
-                &[worker::Half::Urgent, worker::Half::Bulk]
-            } else {
-                &[worker::Half::Urgent]
-            };
+        let mut gos = Vec::with_capacity(2 * workers);
+        for w in 0..workers {
             for &half in halves {
+                let (go_tx, go_rx) = crossbeam_channel::bounded(1);
+                let takes_control = w == 0 && half == worker::Half::Urgent;
+                gos.push((w, takes_control, go_tx));
                 let setup = worker::Setup {
                     half,
-                    state: state.clone(),
+                    id: w,
                     config: config.clone(),
                     session,
                     ram: ram.clone(),
-                    control: if half == worker::Half::Urgent {
-                        control.take()
-                    } else {
-                        None
-                    },
+                    takes_control,
+                    go: go_rx,
                 };
                 let name = match half {
                     worker::Half::Urgent => format!("pc-urgent-{w}"),
@@ -747,7 +742,101 @@ impl Engine {
             0 => workers,
             n => n,
         };
-        EngineHandle::spawn(ram, workers, streams, jobs)
+        let handle = EngineHandle::spawn(ram, workers, streams, jobs)?;
+        let deadline = Instant::now() + config.connect_timeout;
+        while handle.ready.load(Ordering::Acquire) < handle.threads.len() {
+            if handle.threads.iter().any(|t| t.is_finished()) || Instant::now() >= deadline {
+                // A thread failed its set-up (or is stuck connecting): report why.
+                handle.stop();
+                drop(gos);
+                return Err(match handle.wait() {
+                    Err(e) => e,
+                    Ok(_) => DestError::Stopped,
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(PreparedEngine {
+            handle,
+            gos,
+            config: config.clone(),
+        })
+    }
+
+    /// [`prepare`](Self::prepare) then [`PreparedEngine::enable_notify`]: for a destination
+    /// without precopy.
+    pub fn start(
+        connected: Connected,
+        ram: Arc<DestRam>,
+        config: &EngineConfig,
+    ) -> Result<EngineHandle, DestError> {
+        Self::prepare(&connected, ram, config)?.enable_notify(connected)
+    }
+}
+
+/// An engine whose threads are connected and set up, waiting for the switchover.
+pub struct PreparedEngine {
+    handle: EngineHandle,
+    /// Per thread: (worker, takes the control connection, its `Go` sender).
+    gos: Vec<(usize, bool, crossbeam_channel::Sender<worker::Go>)>,
+    config: EngineConfig,
+}
+
+impl PreparedEngine {
+    /// `enable_notify`: registers every worker's shard with its own userfaultfd (pages already
+    /// received by precopy are present and never fault) and releases the workers. When this
+    /// returns, every missing page of the memory faults into the engine. Only this runs in the
+    /// downtime: the threads connected and built their rings in [`Engine::prepare`].
+    pub fn enable_notify(self, connected: Connected) -> Result<EngineHandle, DestError> {
+        let PreparedEngine {
+            handle,
+            gos,
+            config,
+        } = self;
+        let ram = handle.ram.clone();
+        let workers = config.workers;
+        let registered = (|| {
+            ram.prepare_discard()?;
+            ram.drop_unreceived()?;
+            let mut uffds = Vec::with_capacity(workers);
+            for w in 0..workers {
+                uffds.push(register_shard(&ram, |pages| shard(pages, w, workers))?);
+            }
+            Ok(uffds)
+        })();
+        let uffds = match registered {
+            Ok(u) => u,
+            Err(e) => {
+                handle.stop();
+                drop(gos);
+                let _ = handle.wait();
+                return Err(e);
+            }
+        };
+        let zero_map = connected.zero_map.map(Arc::new);
+        let mut control = Some(connected.control);
+        let states: Vec<Arc<worker::ShardState>> = uffds
+            .into_iter()
+            .enumerate()
+            .map(|(w, uffd)| {
+                Arc::new(worker::ShardState::new(
+                    w,
+                    uffd,
+                    &ram,
+                    workers,
+                    config.stream,
+                    zero_map.clone(),
+                ))
+            })
+            .collect();
+        for (w, takes_control, go) in gos {
+            // A thread that died since `prepare` has dropped its receiver; `wait` reports it.
+            let _ = go.send(worker::Go {
+                state: states[w].clone(),
+                control: if takes_control { control.take() } else { None },
+            });
+        }
+        Ok(handle)
     }
 }
 

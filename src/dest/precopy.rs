@@ -145,7 +145,16 @@ pub fn receive_precopy(
                 result?;
                 report.discard_frames += 1;
             }
-            Kind::Round => report.round_pages.push(h.mask),
+            Kind::Round => {
+                report.round_pages.push(h.mask);
+                // Everything before it is in place: the source may stop its workload without
+                // leaving bytes in flight for the downtime.
+                let mut ack = [0u8; HEADER_BYTES];
+                Header::control(Kind::Ack, h.page).encode(&mut ack);
+                (&connected.control)
+                    .write_all(&ack)
+                    .map_err(io_err("acknowledge a precopy round"))?;
+            }
             Kind::Run => {
                 report.pages_dirty_at_switchover = h.page;
                 report.source_stopped_unix_us = h.mask;

@@ -114,13 +114,23 @@ impl ShardState {
     }
 }
 
+/// What a worker thread needs to set itself up (before the switchover).
 pub(crate) struct Setup {
     pub(crate) half: Half,
-    pub(crate) state: Arc<ShardState>,
+    pub(crate) id: usize,
     pub(crate) config: EngineConfig,
     pub(crate) session: u64,
     pub(crate) ram: Arc<DestRam>,
-    /// Worker 0's urgent half takes over the handshake connection.
+    /// Worker 0's urgent half gets the handshake connection with `Go` instead of connecting.
+    pub(crate) takes_control: bool,
+    /// `enable_notify` sends `Go` once the shard is registered.
+    pub(crate) go: crossbeam_channel::Receiver<Go>,
+}
+
+/// What `enable_notify` hands each thread: its shard (registered) and, for worker 0's urgent
+/// half, the handshake connection.
+pub(crate) struct Go {
+    pub(crate) state: Arc<ShardState>,
     pub(crate) control: Option<TcpStream>,
 }
 
@@ -156,12 +166,14 @@ enum Fill {
 
 struct Worker {
     half: Half,
-    state: Arc<ShardState>,
+    /// Set by `Go`; the loop runs only after it.
+    state: Option<Arc<ShardState>>,
     ring: Ring,
     ram: Arc<DestRam>,
     shared: Arc<Shared>,
     config: EngineConfig,
-    stream: TcpStream,
+    /// Set at set-up, or by `Go` for worker 0's urgent half.
+    stream: Option<TcpStream>,
     header: SlotId,
     body: SlotId,
     recv: Recv,
@@ -184,13 +196,24 @@ struct Worker {
     stats: WorkerStats,
 }
 
+/// A worker thread: set up (connection, ring, temp pages), report ready, wait for `Go`
+/// (sent by `enable_notify` after the switchover), then serve its shard.
 pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> Result<WorkerStats, DestError> {
-    let state = setup.state.clone();
     let half = setup.half;
-    let result = Worker::new(setup, shared).and_then(|mut w| {
-        w.run()?;
-        Ok(w.stats)
-    });
+    let go = setup.go.clone();
+    let mut w = Worker::new(setup, shared.clone())?;
+    // Connected, ring and temp pages in place: faults can be served as soon as `Go` arrives.
+    shared.ready.fetch_add(1, Ordering::AcqRel);
+    let Ok(go) = go.recv() else {
+        // The engine was dropped before `enable_notify`.
+        return Err(DestError::Stopped);
+    };
+    let state = go.state.clone();
+    w.state = Some(go.state);
+    if let Some(control) = go.control {
+        w.stream = Some(control);
+    }
+    let result = w.run().map(|()| w.stats);
     if half == Half::Bulk {
         // Whatever happened, the urgent half must not wait for this one any longer.
         state.bulk_done.store(true, Ordering::Release);
@@ -202,13 +225,13 @@ impl Worker {
     fn new(setup: Setup, shared: Arc<Shared>) -> Result<Worker, DestError> {
         let Setup {
             half,
-            state,
+            id,
             config,
             session,
             ram,
-            control,
+            takes_control,
+            go: _,
         } = setup;
-        let id = state.id;
         if config.pin {
             // Best effort: a cpuset may forbid the CPU; the engine still works unpinned.
             let _ = crate::sys::pin_to_cpu(id % crate::sys::online_cpus());
@@ -221,9 +244,9 @@ impl Worker {
             Half::Urgent => Role::Urgent,
             Half::Bulk => Role::Bulk,
         };
-        let stream = match control {
-            Some(s) => s,
-            None => {
+        let stream = match takes_control {
+            true => None,
+            false => {
                 let (stream, welcome, _) = open_connection(&config, session, role, id as u16)?;
                 if welcome.session != session || welcome.layout != ram.layout {
                     return Err(DestError::Protocol {
@@ -235,7 +258,7 @@ impl Worker {
                         },
                     });
                 }
-                stream
+                Some(stream)
             }
         };
         let zero_fill = config.zero_fill;
@@ -264,7 +287,7 @@ impl Worker {
         };
         Ok(Worker {
             half,
-            state,
+            state: None,
             ring,
             ram,
             shared,
@@ -290,8 +313,22 @@ impl Worker {
         })
     }
 
+    /// The shard, set by `Go` before the loop runs.
+    fn st(&self) -> &ShardState {
+        self.state
+            .as_deref()
+            .expect("a worker runs its loop only after Go")
+    }
+
+    fn stream_fd(&self) -> std::os::fd::RawFd {
+        self.stream
+            .as_ref()
+            .expect("a worker runs its loop only after it has its connection")
+            .as_raw_fd()
+    }
+
     fn missing(&self) -> u64 {
-        self.state.missing.load(Ordering::Acquire)
+        self.st().missing.load(Ordering::Acquire)
     }
 
     fn run(&mut self) -> Result<(), DestError> {
@@ -305,7 +342,7 @@ impl Worker {
             if self.half == Half::Urgent
                 && !self.end_sent
                 && self.missing() == 0
-                && self.state.bulk_done.load(Ordering::Acquire)
+                && self.st().bulk_done.load(Ordering::Acquire)
             {
                 self.send_end()?;
             }
@@ -352,14 +389,14 @@ impl Worker {
     /// Places every page of the shard that the source's zero-page map marks zero, in runs
     /// (before serving faults: faults meanwhile wait in the userfaultfd and are then served).
     fn place_zero_map(&mut self) -> Result<(), DestError> {
-        let Some(map) = self.state.zero_map.clone() else {
+        let Some(map) = self.st().zero_map.clone() else {
             return Ok(());
         };
         let max_run = self.zeros.as_ref().map_or(1 << 16, |z| {
             z.len_bytes() / self.ram.layout.max_page_size() as usize
         }) as u64;
         for (b, zeros) in map.iter().enumerate() {
-            let (start, end) = self.state.shard[b];
+            let (start, end) = self.st().shard[b];
             let mut p = start;
             while p < end {
                 if !zeros.get(p) {
@@ -401,7 +438,7 @@ impl Worker {
 
     fn check_stall(&self) -> Result<(), DestError> {
         let waiting = match self.half {
-            Half::Urgent => self.state.outstanding.load(Ordering::Acquire) > 0,
+            Half::Urgent => self.st().outstanding.load(Ordering::Acquire) > 0,
             Half::Bulk => true,
         };
         let idle = self.last_progress.elapsed();
@@ -418,12 +455,12 @@ impl Worker {
     fn arm(&mut self) -> Result<(), DestError> {
         if let Some(events) = self.events {
             if self.missing() > 0 && !self.ring.is_busy(events) {
-                let fd = self.state.uffd.as_raw_fd();
+                let fd = self.st().uffd.as_raw_fd();
                 self.ring
                     .read(fd, events, 0, EVENT_BATCH * MSG_BYTES, TAG_UFFD)?;
             }
         }
-        let fd = self.stream.as_raw_fd();
+        let fd = self.stream_fd();
         match self.recv {
             Recv::Header { got } if !self.ring.is_busy(self.header) => {
                 self.ring
@@ -470,9 +507,9 @@ impl Worker {
             // Placed after the thread faulted: the placement's wake may have missed it.
             self.stats.fault_already_placed += 1;
             let addr = self.ram.regions[b].addr() + page as usize * ps;
-            self.state.uffd.wake(addr, ps)?;
-        } else if self.state.requested[b].set(page) {
-            self.state.outstanding.fetch_add(1, Ordering::AcqRel);
+            self.st().uffd.wake(addr, ps)?;
+        } else if self.st().requested[b].set(page) {
+            self.st().outstanding.fetch_add(1, Ordering::AcqRel);
             self.pending.push((b as u32, page));
         } else {
             self.stats.fault_deduplicated += 1;
@@ -487,7 +524,7 @@ impl Worker {
                 return None;
             }
             let page = (off / self.ram.layout.blocks[b].page_size as usize) as u64;
-            let (start, end) = self.state.shard[b];
+            let (start, end) = self.st().shard[b];
             (start..end).contains(&page).then_some((b, page))
         })
     }
@@ -517,8 +554,7 @@ impl Worker {
         debug_assert!(!self.sending());
         let send = self.send.expect("sends only on the urgent half");
         self.send_progress = (0, len);
-        self.ring
-            .write(self.stream.as_raw_fd(), send, 0, len, TAG_SEND)?;
+        self.ring.write(self.stream_fd(), send, 0, len, TAG_SEND)?;
         self.ring.submit()?;
         Ok(())
     }
@@ -540,7 +576,7 @@ impl Worker {
             self.send_progress = (done, total);
             let send = self.send.expect("sends only on the urgent half");
             self.ring
-                .write(self.stream.as_raw_fd(), send, done, total - done, TAG_SEND)?;
+                .write(self.stream_fd(), send, done, total - done, TAG_SEND)?;
             return Ok(());
         }
         self.send_progress = (0, 0);
@@ -553,7 +589,7 @@ impl Worker {
         }
         let send = self.send.expect("End goes out on the urgent half");
         let mut h = [0u8; HEADER_BYTES];
-        Header::control(Kind::End, self.state.id as u64).encode(&mut h);
+        Header::control(Kind::End, self.st().id as u64).encode(&mut h);
         self.ring.slot_mut(send)[..HEADER_BYTES].copy_from_slice(&h);
         self.end_sent = true;
         self.start_send(HEADER_BYTES)
@@ -609,7 +645,7 @@ impl Worker {
                     (Kind::Error, _) => return Err(DestError::Remote(String::new())),
                     (Kind::End, Half::Bulk) => {
                         self.finished = true;
-                        self.state.bulk_done.store(true, Ordering::Release);
+                        self.st().bulk_done.store(true, Ordering::Release);
                         Recv::Idle
                     }
                     (Kind::Ack, Half::Urgent) if self.end_sent => {
@@ -654,13 +690,13 @@ impl Worker {
     /// of another shard is registered with another userfaultfd.
     fn check_pages(&self, h: &Header) -> Result<(), CodecError> {
         h.check(&self.ram.layout)?;
-        let (start, end) = self.state.shard[h.block as usize];
+        let (start, end) = self.st().shard[h.block as usize];
         if h.page < start || h.page + u64::from(h.count) > end {
             return Err(CodecError::Range(crate::layout::LayoutError::OutOfRange {
                 block: h.block,
                 page: h.page,
                 count: u64::from(h.count),
-                detail: format!("worker {} serves pages [{start}, {end})", self.state.id),
+                detail: format!("worker {} serves pages [{start}, {end})", self.st().id),
             }));
         }
         Ok(())
@@ -714,12 +750,11 @@ impl Worker {
             self.stats.place_ioctls += 1;
             let result = match fill {
                 // `src` points into a ring-owned temp page arena that no operation targets now.
-                Fill::Copy(src) => {
-                    self.state
-                        .uffd
-                        .copy(dst, src.wrapping_add(off * ps), len, false)
-                }
-                Fill::Zero => self.state.uffd.zeropage(dst, len, false),
+                Fill::Copy(src) => self
+                    .st()
+                    .uffd
+                    .copy(dst, src.wrapping_add(off * ps), len, false),
+                Fill::Zero => self.st().uffd.zeropage(dst, len, false),
             };
             let (placed, err) = match result {
                 Ok(()) => (n - off, None),
@@ -733,7 +768,7 @@ impl Worker {
                 PlaceErrorKind::Exists => {
                     // Already placed (a stream page raced a request): make sure its waiters run.
                     self.stats.eexist += 1;
-                    self.state.uffd.wake(base + off * ps, ps)?;
+                    self.st().uffd.wake(base + off * ps, ps)?;
                     off += 1;
                 }
                 PlaceErrorKind::MappingChanging if retries < MAPPING_CHANGING_RETRIES => {
@@ -752,11 +787,11 @@ impl Worker {
         }
         let new = self.ram.received[b].set_range(first, n);
         debug_assert_eq!(new, n, "a page was placed twice");
-        let left = self.state.missing.fetch_sub(new, Ordering::AcqRel) - new;
+        let left = self.st().missing.fetch_sub(new, Ordering::AcqRel) - new;
         // Requests these pages answered (whichever half delivered them) are no longer awaited.
-        let answered = self.state.requested[b].clear_range(first, n);
+        let answered = self.st().requested[b].clear_range(first, n);
         if answered > 0 {
-            self.state.outstanding.fetch_sub(answered, Ordering::AcqRel);
+            self.st().outstanding.fetch_sub(answered, Ordering::AcqRel);
         }
         match origin {
             Origin::Reply => self.stats.pages_by_fault += new,
