@@ -378,6 +378,16 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
     if cfg.warmup {
         crate::sys::mem::prewarm(cfg.size_bytes as usize).map_err(DestError::from)?;
     }
+    let mut cfg = cfg.clone();
+    if cfg.live && cfg.source.is_none() {
+        if let Err(why) = crate::dirty::UffdWpTracker::available() {
+            // Still a full migration (precopy of a static image, then postcopy), just without
+            // a workload writing the source.
+            eprintln!("postcopy demo: no dirty-page tracking here ({why}); the source is static");
+            cfg.live = false;
+        }
+    }
+    let cfg = &cfg;
     let mut child = match &cfg.source {
         Some(_) => None,
         None => Some(SourceProcess::start(cfg, true)?),

@@ -569,7 +569,7 @@ pub struct EngineReport {
     pub totals: WorkerStats,
     /// Per-worker counters.
     pub per_worker: Vec<WorkerStats>,
-    /// From `Engine::start` to the last page placed.
+    /// From `enable_notify` (`Engine::start`) to the last page placed.
     pub postcopy_seconds: f64,
 }
 
@@ -590,6 +590,8 @@ pub struct EngineHandle {
     started: Instant,
     last_placed_ns: Arc<AtomicU64>,
     ready: Arc<std::sync::atomic::AtomicUsize>,
+    /// Nanoseconds after `started` at which `enable_notify` released the workers.
+    notified_ns: u64,
     /// The memory being filled.
     pub ram: Arc<DestRam>,
 }
@@ -687,6 +689,7 @@ impl EngineHandle {
             started,
             last_placed_ns: shared.last_placed_ns.clone(),
             ready: shared.ready.clone(),
+            notified_ns: 0,
             ram,
         })
     }
@@ -789,10 +792,11 @@ impl PreparedEngine {
     /// downtime: the threads connected and built their rings in [`Engine::prepare`].
     pub fn enable_notify(self, connected: Connected) -> Result<EngineHandle, DestError> {
         let PreparedEngine {
-            handle,
+            mut handle,
             gos,
             config,
         } = self;
+        handle.notified_ns = handle.started.elapsed().as_nanos() as u64;
         let ram = handle.ram.clone();
         let workers = config.workers;
         let registered = (|| {
@@ -901,11 +905,12 @@ impl EngineHandle {
             }
         }
         let last = self.last_placed_ns.load(Ordering::Acquire);
-        report.postcopy_seconds = if last > 0 {
-            last as f64 / 1e9
+        let end_ns = if last > 0 {
+            last
         } else {
-            self.started.elapsed().as_secs_f64()
+            self.started.elapsed().as_nanos() as u64
         };
+        report.postcopy_seconds = end_ns.saturating_sub(self.notified_ns) as f64 / 1e9;
         Ok(report)
     }
 }
