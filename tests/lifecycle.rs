@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{join_within, layout, MIB, PAGE, TIMEOUT};
 use postcopy::dest::{self, DestRam, Engine, EngineConfig};
 use postcopy::dirty::{DirtyTracker, UffdWpTracker};
-use postcopy::image::{page_checksum, Synthetic};
+use postcopy::image::{page_checksum, Image, Synthetic};
 use postcopy::live::{DirtyWriter, LiveImage, SourceWorkload};
 use postcopy::source::{LiveParts, PrecopyLimits, SessionReport, SourceConfig, SourceServer};
 use postcopy::workload::{Pattern, WorkloadConfig};
@@ -31,7 +31,17 @@ fn tracking_available() -> bool {
 struct LiveSource {
     addr: String,
     image: Arc<LiveImage>,
+    stop: postcopy::source::StopHandle,
     thread: Option<std::thread::JoinHandle<Vec<SessionReport>>>,
+}
+
+impl Drop for LiveSource {
+    fn drop(&mut self) {
+        self.stop.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = join_within(t, Duration::from_secs(10), "live source");
+        }
+    }
 }
 
 impl LiveSource {
@@ -61,10 +71,12 @@ impl LiveSource {
         )
         .expect("bind live source");
         let addr = server.local_addr().to_string();
+        let stop = server.stop_handle();
         let thread = std::thread::spawn(move || server.run().expect("source run"));
         LiveSource {
             addr,
             image,
+            stop,
             thread: Some(thread),
         }
     }
@@ -358,4 +370,243 @@ fn discard_outside_a_block_is_rejected() {
     assert!(ram.discard_range(0, u64::MAX, 2).is_err());
     assert!(ram.discard_range(0, 0, 256).is_ok());
     assert!(ram.write_page(0, 256, &[0u8; 4096]).is_err());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile peers around precopy: a bad frame ends the session with a clear error, and nothing
+// is written outside a block.
+
+use common::{encode, header_bytes, legit_pages, read_frame, send, FakeListener};
+use postcopy::codec::{Frame, Header, Kind, Welcome};
+use postcopy::dest::DestError;
+
+/// A fake source: answers the precopy `Hello` with `Welcome`, then sends `script`'s bytes.
+/// Returns the destination's `receive_precopy` result and its memory.
+fn precopy_against(script: Vec<u8>) -> (Result<dest::PrecopyReport, DestError>, Arc<DestRam>) {
+    let fake = FakeListener::bind();
+    let addr = fake.addr;
+    let image = Synthetic::new(layout(MIB), 3, 0);
+    let fake_thread = std::thread::spawn(move || {
+        let mut s = fake.accept(Duration::from_secs(10)).expect("connect");
+        let hello = common::read_raw_frame(&mut s)
+            .expect("read")
+            .expect("Hello");
+        assert!(hello.0.wants_precopy(), "the Hello offers precopy");
+        send(
+            &mut s,
+            &encode(&Frame::Welcome(Welcome {
+                session: 5,
+                layout: image.layout().clone(),
+                image: postcopy::codec::ImageInfo::Opaque,
+                stopped_unix_us: 0,
+            })),
+        );
+        let _ = std::io::Write::write_all(&mut s, &script);
+        // Hold the connection until the destination closes it.
+        common::drain_until_closed(&mut s, Duration::from_secs(10));
+    });
+    let config = EngineConfig {
+        source: addr.to_string(),
+        workers: 1,
+        pin: false,
+        precopy: true,
+        stall_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let mut connected = dest::connect(&config).expect("connect");
+    let ram = Arc::new(DestRam::new(&connected.welcome.layout).expect("ram"));
+    let r = dest::receive_precopy(&mut connected, &ram, &config);
+    drop(connected);
+    join_within(fake_thread, TIMEOUT, "fake source");
+    (r, ram)
+}
+
+fn image_1m() -> Synthetic {
+    Synthetic::new(layout(MIB), 3, 0)
+}
+
+#[test]
+fn precopy_accepts_pages_discards_and_run() {
+    let img = image_1m();
+    let mut script = legit_pages(&img, 0, 64);
+    script.extend(legit_pages(&img, 64, 64));
+    script.extend(header_bytes(&Header::round(1, 128)));
+    script.extend(encode(&Frame::Discard {
+        block: 0,
+        ranges: vec![(10, 5), (100, 1)],
+    }));
+    script.extend(header_bytes(&Header::run(6, 1234)));
+    let (r, ram) = precopy_against(script);
+    let r = r.expect("precopy");
+    assert_eq!(r.round_pages, vec![128]);
+    assert_eq!(r.pages_discarded, 6);
+    assert_eq!(r.pages_by_precopy, 122);
+    assert_eq!(r.pages_dirty_at_switchover, 6);
+    assert_eq!(r.source_stopped_unix_us, 1234);
+    assert!(!ram.received[0].get(12) && !ram.received[0].get(100) && ram.received[0].get(99));
+}
+
+#[test]
+fn precopy_discard_outside_the_block_ends_the_session() {
+    let img = image_1m();
+    let mut script = legit_pages(&img, 0, 4);
+    script.extend(encode(&Frame::Discard {
+        block: 0,
+        ranges: vec![(250, 10)],
+    }));
+    let (r, ram) = precopy_against(script);
+    let e = r.expect_err("a discard past the block is refused");
+    assert!(matches!(e, DestError::Protocol { .. }), "{e:?}");
+    assert!(e.to_string().contains("precopy"), "{e}");
+    // Nothing past the block was touched; what arrived before stays.
+    assert!(ram.received[0].get(3));
+}
+
+#[test]
+fn precopy_pages_outside_the_block_end_the_session() {
+    let mut script = Vec::new();
+    Header::pages(0, 250, 10, u64::MAX >> 54, 4096).encode_into(&mut script);
+    let (r, _) = precopy_against(script);
+    assert!(matches!(r, Err(DestError::Protocol { .. })), "{r:?}");
+}
+
+#[test]
+fn precopy_unexpected_frame_ends_the_session() {
+    let mut script = Vec::new();
+    Header::request(0, 0, 1).encode_into(&mut script);
+    let (r, _) = precopy_against(script);
+    let e = r.expect_err("a Request from the source is refused");
+    assert!(e.to_string().contains("Request"), "{e}");
+}
+
+#[test]
+fn precopy_truncated_stream_is_reported() {
+    let img = image_1m();
+    let mut script = legit_pages(&img, 0, 8);
+    script.truncate(script.len() - 100);
+    let (r, _) = precopy_against(script);
+    // The fake holds the connection: the destination reports a stall after its timeout.
+    assert!(
+        matches!(r, Err(DestError::Stalled { .. } | DestError::Closed(..))),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn a_live_source_serves_one_migration() {
+    if !tracking_available() {
+        return;
+    }
+    let src = LiveSource::start(
+        16 * MIB,
+        |image| Box::new(DirtyWriter::start(image, 1000, 1)),
+        PrecopyLimits {
+            max_rounds: 8,
+            max_dirty_pages: 0,
+            max_duration: Duration::from_secs(5),
+        },
+    );
+    let mut s = std::net::TcpStream::connect(&src.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Worker 0's urgent connection without precopy: the workload stops at once (switchover).
+    // A second destination cannot join the live source's one migration.
+    send(
+        &mut s,
+        &header_bytes(&Header::hello(0, postcopy::codec::Role::Urgent, 0, 1)),
+    );
+    let f = read_frame(&mut s, None).expect("read").expect("Welcome");
+    assert!(matches!(f, Frame::Welcome(_)));
+    let mut s2 = std::net::TcpStream::connect(&src.addr).expect("connect");
+    s2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    send(
+        &mut s2,
+        &header_bytes(&Header::hello(0, postcopy::codec::Role::Urgent, 0, 1)),
+    );
+    let f = read_frame(&mut s2, None).expect("read");
+    let msg = common::expect_error_frame(f, "second session of a live source");
+    assert!(msg.contains("already migrated"), "{msg}");
+    drop(s);
+    drop(s2);
+    drop(src);
+}
+
+#[test]
+fn verify_before_switchover_is_refused() {
+    if !tracking_available() {
+        return;
+    }
+    let src = LiveSource::start(
+        64 * MIB,
+        |image| Box::new(DirtyWriter::start(image, 200_000, 1)),
+        PrecopyLimits {
+            max_rounds: 1000,
+            max_dirty_pages: 0,
+            max_duration: Duration::from_secs(30),
+        },
+    );
+    // Start a precopy session and leave it running (read nothing more).
+    let mut s = std::net::TcpStream::connect(&src.addr).expect("connect");
+    send(
+        &mut s,
+        &header_bytes(&Header::hello(0, postcopy::codec::Role::Urgent, 0, 1).with_precopy()),
+    );
+    let mut head = [0u8; 32];
+    std::io::Read::read_exact(&mut s, &mut head).expect("Welcome header");
+    let h = Header::decode(&head).expect("decode");
+    assert_eq!(h.kind, Kind::Welcome);
+    let session = h.page;
+    // A verify connection joins and asks at once: the memory still changes.
+    let mut v = std::net::TcpStream::connect(&src.addr).expect("connect");
+    v.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    send(
+        &mut v,
+        &header_bytes(&Header::hello(session, postcopy::codec::Role::Verify, 0, 1)),
+    );
+    let f = read_frame(&mut v, None).expect("read").expect("Welcome");
+    assert!(matches!(f, Frame::Welcome(_)), "{f:?}");
+    send(&mut v, &header_bytes(&Header::control(Kind::Run, 0)));
+    let f = read_frame(&mut v, None).expect("read");
+    let msg = common::expect_error_frame(f, "verify before switchover");
+    assert!(msg.contains("before the switchover"), "{msg}");
+    drop(v);
+    drop(s);
+    drop(src);
+}
+
+#[test]
+fn source_refuses_requests_before_the_switchover() {
+    if !tracking_available() {
+        return;
+    }
+    // A destination that asks for pages while precopy still runs gets an error, not pages
+    // that may still change.
+    let src = LiveSource::start(
+        64 * MIB,
+        |image| Box::new(DirtyWriter::start(image, 200_000, 1)),
+        PrecopyLimits {
+            max_rounds: 1000,
+            max_dirty_pages: 0,
+            max_duration: Duration::from_secs(30),
+        },
+    );
+    let mut s = std::net::TcpStream::connect(&src.addr).expect("connect");
+    send(
+        &mut s,
+        &header_bytes(&Header::hello(0, postcopy::codec::Role::Urgent, 0, 2).with_precopy()),
+    );
+    let mut head = [0u8; 32];
+    std::io::Read::read_exact(&mut s, &mut head).expect("Welcome header");
+    let session = Header::decode(&head).expect("decode").page;
+    let mut u = std::net::TcpStream::connect(&src.addr).expect("connect");
+    u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    send(
+        &mut u,
+        &header_bytes(&Header::hello(session, postcopy::codec::Role::Urgent, 1, 2)),
+    );
+    let f = read_frame(&mut u, None).expect("read").expect("Welcome");
+    assert!(matches!(f, Frame::Welcome(_)), "{f:?}");
+    send(&mut u, &header_bytes(&Header::request(0, 9000, 1)));
+    let f = read_frame(&mut u, None).expect("read");
+    let msg = common::expect_error_frame(f, "request before switchover");
+    assert!(msg.contains("before the switchover"), "{msg}");
 }
