@@ -349,6 +349,23 @@ pub struct DestRam {
     thp: bool,
     /// `prepare_discard` has run (THP off).
     discard_ready: AtomicBool,
+    /// Per block, where its pages live in the target address space, sorted by page: one
+    /// segment (our own mapping) or, for a VMM's memory, one per guest region.
+    segments: Vec<Vec<Segment>>,
+    /// The memory belongs to another process (a VMM): no mapping here, only addresses.
+    foreign: bool,
+}
+
+/// Pages `[first_page, first_page + pages)` of a block live at `host_addr` in the target
+/// address space (ours, or a VMM's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// First page (of the block).
+    pub first_page: u64,
+    /// Pages.
+    pub pages: u64,
+    /// Address of the first page in the target process.
+    pub host_addr: usize,
 }
 
 impl DestRam {
@@ -390,6 +407,18 @@ impl DestRam {
             }
             regions.push(m);
         }
+        let segments = layout
+            .blocks
+            .iter()
+            .zip(&regions)
+            .map(|(b, m)| {
+                vec![Segment {
+                    first_page: 0,
+                    pages: b.pages(),
+                    host_addr: m.addr(),
+                }]
+            })
+            .collect();
         Ok(DestRam {
             layout: layout.clone(),
             regions,
@@ -400,7 +429,106 @@ impl DestRam {
                 .collect(),
             thp,
             discard_ready: AtomicBool::new(false),
+            segments,
+            foreign: false,
         })
+    }
+
+    /// Memory of another process (a VMM that handed over its userfaultfd): per block, the
+    /// segments where its pages live in that process. Pages no segment covers are not wanted
+    /// (they count as received and are never placed). Segments must lie inside their block
+    /// and not overlap, in pages or in addresses.
+    pub fn foreign(layout: &Layout, mut segments: Vec<Vec<Segment>>) -> Result<DestRam, DestError> {
+        if segments.len() != layout.blocks.len() {
+            return Err(DestError::Unsupported(format!(
+                "{} segment lists for {} blocks",
+                segments.len(),
+                layout.blocks.len()
+            )));
+        }
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        for (b, segs) in segments.iter_mut().enumerate() {
+            segs.sort_by_key(|s| s.first_page);
+            let block = &layout.blocks[b];
+            let ps = block.page_size as usize;
+            let mut next = 0;
+            for s in segs.iter() {
+                layout
+                    .check_range(b as u32, s.first_page, s.pages)
+                    .map_err(|e| DestError::Unsupported(format!("guest region: {e}")))?;
+                if s.first_page < next || s.host_addr % ps != 0 {
+                    return Err(DestError::Unsupported(format!(
+                        "guest regions overlap in the image or are not page-aligned (page {}, address {:#x})",
+                        s.first_page, s.host_addr
+                    )));
+                }
+                next = s.first_page + s.pages;
+                spans.push((s.host_addr, s.host_addr + s.pages as usize * ps));
+            }
+        }
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[1].0 < w[0].1) {
+            return Err(DestError::Unsupported(
+                "guest regions overlap in the VMM's address space".into(),
+            ));
+        }
+        let received: Vec<PageBitmap> = layout
+            .blocks
+            .iter()
+            .map(|b| PageBitmap::new(b.pages()))
+            .collect();
+        for (b, segs) in segments.iter().enumerate() {
+            // Everything outside the segments is not wanted: mark it done.
+            received[b].set_range(0, layout.blocks[b].pages());
+            for s in segs {
+                received[b].clear_range(s.first_page, s.pages);
+            }
+        }
+        Ok(DestRam {
+            layout: layout.clone(),
+            regions: Vec::new(),
+            received,
+            thp: false,
+            discard_ready: AtomicBool::new(true),
+            segments,
+            foreign: true,
+        })
+    }
+
+    /// Whether the memory belongs to another process.
+    pub fn is_foreign(&self) -> bool {
+        self.foreign
+    }
+
+    /// The segments of block `b`.
+    pub fn segments(&self, b: usize) -> &[Segment] {
+        &self.segments[b]
+    }
+
+    /// Where page `page` of block `b` lives, and how many pages from it (at most `max`) are
+    /// contiguous there; `None` if no segment covers it.
+    pub fn host_run(&self, b: usize, page: u64, max: u64) -> Option<(usize, u64)> {
+        let segs = &self.segments[b];
+        let i = segs.partition_point(|s| s.first_page + s.pages <= page);
+        let s = segs.get(i).filter(|s| s.first_page <= page)?;
+        let ps = self.layout.blocks[b].page_size as usize;
+        let off = page - s.first_page;
+        Some((s.host_addr + off as usize * ps, (s.pages - off).min(max)))
+    }
+
+    /// The (block, page) at `address` of the target address space, if any.
+    pub fn locate(&self, address: usize) -> Option<(usize, u64)> {
+        for (b, segs) in self.segments.iter().enumerate() {
+            let ps = self.layout.blocks[b].page_size as usize;
+            for s in segs {
+                if let Some(off) = address.checked_sub(s.host_addr) {
+                    if off < s.pages as usize * ps {
+                        return Some((b, s.first_page + (off / ps) as u64));
+                    }
+                }
+            }
+        }
+        None
     }
 
     fn small_page_blocks(&self) -> impl Iterator<Item = usize> + '_ {
@@ -411,6 +539,7 @@ impl DestRam {
     /// `postcopy_ram_prepare_discard`: `MADV_NOHUGEPAGE` on every 4 KiB-page block, so that
     /// discards and faults work page by page. Idempotent; [`Engine::start`] calls it too.
     pub fn prepare_discard(&self) -> Result<(), DestError> {
+        // A foreign process's memory is its own business (`discard_ready` is set for it).
         if self.discard_ready.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
@@ -423,6 +552,7 @@ impl DestRam {
     /// Writes one page received in precopy (the block is not registered yet) and marks it
     /// received. `data` is exactly one page. Checks the range: never writes outside a block.
     pub fn write_page(&self, block: u32, page: u64, data: &[u8]) -> Result<(), DestError> {
+        self.own("precopy")?;
         let b = self
             .layout
             .check_range(block, page, 1)
@@ -441,6 +571,7 @@ impl DestRam {
     /// bits. A range outside the block is rejected. Calls [`prepare_discard`](Self::prepare_discard)
     /// first if nobody did.
     pub fn discard_range(&self, block: u32, first: u64, pages: u64) -> Result<(), DestError> {
+        self.own("discard")?;
         let b = self
             .layout
             .check_range(block, first, pages)
@@ -452,6 +583,15 @@ impl DestRam {
         let ps = b.page_size as usize;
         self.regions[block as usize].dontneed(first as usize * ps, pages as usize * ps)?;
         self.received[block as usize].clear_range(first, pages);
+        Ok(())
+    }
+
+    fn own(&self, what: &str) -> Result<(), DestError> {
+        if self.foreign {
+            return Err(DestError::Unsupported(format!(
+                "{what} into another process's memory (a handed-over userfaultfd)"
+            )));
+        }
         Ok(())
     }
 
@@ -533,6 +673,10 @@ pub struct WorkerStats {
     pub eexist: u64,
     /// Placement ioctls issued (`COPY` + `ZEROPAGE`).
     pub place_ioctls: u64,
+    /// Pages the VMM dropped (`UFFD_EVENT_REMOVE`): zero from then on, never refilled.
+    pub pages_removed: u64,
+    /// Zero pages placed for faults on removed pages.
+    pub pages_zero_after_remove: u64,
     /// Bytes received.
     pub bytes_received: u64,
     /// io_uring completions reaped.
@@ -554,6 +698,8 @@ impl WorkerStats {
         self.pages_zero += o.pages_zero;
         self.eexist += o.eexist;
         self.place_ioctls += o.place_ioctls;
+        self.pages_removed += o.pages_removed;
+        self.pages_zero_after_remove += o.pages_zero_after_remove;
         self.bytes_received += o.bytes_received;
         self.completions += o.completions;
         self.loops += o.loops;

@@ -72,6 +72,14 @@ pub(crate) struct ShardState {
     bulk_done: AtomicBool,
     /// The source's zero-page map, if it sent one: the urgent half places those pages itself.
     zero_map: Option<Arc<Vec<PageBitmap>>>,
+    /// A VMM's memory (handed-over userfaultfd): pages the VMM dropped (`UFFD_EVENT_REMOVE`);
+    /// they read as zero from then on and are never filled from the source.
+    removed: Option<Vec<PageBitmap>>,
+    /// With `removed`: the bulk half places under the read side, the urgent half reads
+    /// userfaultfd events (with `read(2)`) under the write side and marks removed pages before
+    /// releasing it. A REMOVE's range is zapped only after its event is read, so a placement
+    /// that could land after the zap sees the mark and skips those pages.
+    place_lock: std::sync::RwLock<()>,
 }
 
 impl ShardState {
@@ -83,6 +91,7 @@ impl ShardState {
         stream: bool,
         zero_map: Option<Arc<Vec<PageBitmap>>>,
     ) -> ShardState {
+        let foreign = ram.is_foreign();
         let shard: Vec<(u64, u64)> = ram
             .layout
             .blocks
@@ -110,6 +119,14 @@ impl ShardState {
             outstanding: AtomicU64::new(0),
             bulk_done: AtomicBool::new(!stream),
             zero_map,
+            removed: foreign.then(|| {
+                ram.layout
+                    .blocks
+                    .iter()
+                    .map(|b| PageBitmap::new(b.pages()))
+                    .collect()
+            }),
+            place_lock: std::sync::RwLock::new(()),
         }
     }
 }
@@ -262,6 +279,7 @@ impl Worker {
             }
         };
         let zero_fill = config.zero_fill;
+        let has_huge = ram.layout.max_page_size() > crate::sys::mem::base_page_size() as u64;
         let batch_bytes = ram
             .layout
             .blocks
@@ -304,9 +322,11 @@ impl Worker {
             finished: false,
             has_stream_slot: false,
             completions: Vec::with_capacity(256),
-            zeros: match zero_fill {
-                ZeroFill::Copy => Some(Mapping::anonymous(batch_bytes, "zero page source")?),
-                ZeroFill::Zeropage => None,
+            zeros: match (zero_fill, has_huge) {
+                (ZeroFill::Copy, _) | (_, true) => {
+                    Some(Mapping::anonymous(batch_bytes, "zero page source")?)
+                }
+                (ZeroFill::Zeropage, false) => None,
             },
             last_progress: Instant::now(),
             stats: WorkerStats::default(),
@@ -404,7 +424,7 @@ impl Worker {
                     continue;
                 }
                 let n = zeros.run_of_set(p, end, max_run);
-                let fill = self.zero_fill();
+                let fill = self.zero_fill_for(b);
                 self.place_run(b, p, n as usize, fill, true, Origin::ZeroMap)?;
                 p += n;
             }
@@ -412,10 +432,14 @@ impl Worker {
         Ok(())
     }
 
-    fn zero_fill(&self) -> Fill {
-        match &self.zeros {
-            Some(z) => Fill::Copy(z.as_ptr()),
-            None => Fill::Zero,
+    /// How to zero a page of block `b`: `UFFDIO_ZEROPAGE` does not exist for hugetlbfs, so
+    /// huge pages are always copied from zeros.
+    fn zero_fill_for(&self, b: usize) -> Fill {
+        let huge = self.ram.layout.blocks[b].page_size != crate::sys::mem::base_page_size() as u64;
+        match (&self.zeros, huge) {
+            (Some(z), _) => Fill::Copy(z.as_ptr()),
+            (None, false) => Fill::Zero,
+            (None, true) => unreachable!("huge-page blocks get a zero buffer at set-up"),
         }
     }
 
@@ -454,10 +478,17 @@ impl Worker {
     /// Re-arms every idle read.
     fn arm(&mut self) -> Result<(), DestError> {
         if let Some(events) = self.events {
-            if self.missing() > 0 && !self.ring.is_busy(events) {
+            // A VMM's userfaultfd also carries events (REMOVE) that must be read while the
+            // page map is known to be consistent: wait for readiness, then read ourselves.
+            let foreign = self.ram.is_foreign();
+            if (self.missing() > 0 || foreign) && !self.ring.is_busy(events) {
                 let fd = self.st().uffd.as_raw_fd();
-                self.ring
-                    .read(fd, events, 0, EVENT_BATCH * MSG_BYTES, TAG_UFFD)?;
+                if foreign {
+                    self.ring.poll_in(fd, events, TAG_UFFD)?;
+                } else {
+                    self.ring
+                        .read(fd, events, 0, EVENT_BATCH * MSG_BYTES, TAG_UFFD)?;
+                }
             }
         }
         let fd = self.stream_fd();
@@ -476,6 +507,14 @@ impl Worker {
     }
 
     fn on_events(&mut self, result: i32) -> Result<(), DestError> {
+        if self.ram.is_foreign() {
+            if result < 0 && -result != libc::ECANCELED && -result != libc::EINTR {
+                let e = nix::errno::Errno::from_raw(-result);
+                return Err(crate::sys::uffd::UffdError::Read(e).into());
+            }
+            self.read_events_now()?;
+            return self.flush_requests();
+        }
         if result < 0 {
             let errno = nix::errno::Errno::from_raw(-result);
             return match errno {
@@ -498,15 +537,93 @@ impl Worker {
         self.flush_requests()
     }
 
+    /// Reads and handles every pending userfaultfd event with `read(2)`, under the write side
+    /// of the placement lock (a VMM's memory; see `ShardState::place_lock`).
+    fn read_events_now(&mut self) -> Result<(), DestError> {
+        let state = self.state.clone().expect("events only after Go");
+        let _exclusive = state
+            .place_lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut buf = [0u8; EVENT_BATCH * MSG_BYTES];
+        loop {
+            let n = state.uffd.read_events(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            for msg in buf[..n].chunks_exact(MSG_BYTES) {
+                self.stats.fault_events += 1;
+                match Event::decode(msg.try_into().expect("one message")) {
+                    Event::PageFault { address, .. } => self.on_fault(address as usize)?,
+                    Event::Remove { start, end } => self.on_remove(start as usize, end as usize),
+                    _ => {} // FORK, REMAP, UNMAP: not requested by a VMM here
+                }
+            }
+        }
+    }
+
+    /// `UFFD_EVENT_REMOVE`: the VMM dropped `[start, end)` (a balloon, memory unplug). Those
+    /// pages read as zero from now on: they are done (not missing), never placed from the
+    /// source, and a later fault on them gets a zero page.
+    fn on_remove(&mut self, start: usize, end: usize) {
+        let st = self.state.clone().expect("events only after Go");
+        let removed = st.removed.as_ref().expect("REMOVE only for a VMM's memory");
+        for (b, block) in self.ram.layout.blocks.iter().enumerate() {
+            let ps = block.page_size as usize;
+            for seg in self.ram.segments(b) {
+                let seg_end = seg.host_addr + seg.pages as usize * ps;
+                let (lo, hi) = (start.max(seg.host_addr), end.min(seg_end));
+                if lo >= hi {
+                    continue;
+                }
+                let first = seg.first_page + ((lo - seg.host_addr) / ps) as u64;
+                let last = seg.first_page + ((hi - seg.host_addr).div_ceil(ps)) as u64;
+                let n = last - first;
+                self.stats.pages_removed += removed[b].set_range(first, n);
+                let newly_done = self.ram.received[b].set_range(first, n);
+                if newly_done > 0 {
+                    let left = st.missing.fetch_sub(newly_done, Ordering::AcqRel) - newly_done;
+                    if left == 0 {
+                        let ns = self.shared.started.elapsed().as_nanos() as u64;
+                        self.shared.last_placed_ns.fetch_max(ns, Ordering::AcqRel);
+                    }
+                }
+                let answered = st.requested[b].clear_range(first, n);
+                if answered > 0 {
+                    st.outstanding.fetch_sub(answered, Ordering::AcqRel);
+                }
+            }
+        }
+    }
+
     fn on_fault(&mut self, address: usize) -> Result<(), DestError> {
         let Some((b, page)) = self.locate(address) else {
             return Ok(()); // not ours: cannot happen with per-shard registration
         };
         let ps = self.ram.layout.blocks[b].page_size as usize;
-        if self.ram.received[b].get(page) {
+        let addr = self
+            .ram
+            .host_run(b, page, 1)
+            .expect("a located page has an address")
+            .0;
+        if self.is_removed(b, page) {
+            // Dropped by the VMM: it reads as zero, never as the source's page.
+            let fill = self.zero_fill_for(b);
+            let result = match fill {
+                Fill::Copy(src) => self.st().uffd.copy(addr, src, ps, false),
+                Fill::Zero => self.st().uffd.zeropage(addr, ps, false),
+            };
+            self.stats.place_ioctls += 1;
+            match result {
+                Ok(()) => self.stats.pages_zero_after_remove += 1,
+                Err(e) if e.kind == PlaceErrorKind::Exists => self.st().uffd.wake(addr, ps)?,
+                // Another REMOVE is pending: its event is read next; the thread refaults.
+                Err(e) if e.kind == PlaceErrorKind::MappingChanging => {}
+                Err(e) => return Err(crate::sys::uffd::UffdError::Place(e).into()),
+            }
+        } else if self.ram.received[b].get(page) {
             // Placed after the thread faulted: the placement's wake may have missed it.
             self.stats.fault_already_placed += 1;
-            let addr = self.ram.regions[b].addr() + page as usize * ps;
             self.st().uffd.wake(addr, ps)?;
         } else if self.st().requested[b].set(page) {
             self.st().outstanding.fetch_add(1, Ordering::AcqRel);
@@ -518,15 +635,13 @@ impl Worker {
     }
 
     fn locate(&self, address: usize) -> Option<(usize, u64)> {
-        self.ram.regions.iter().enumerate().find_map(|(b, m)| {
-            let off = address.checked_sub(m.addr())?;
-            if off >= m.len_bytes() {
-                return None;
-            }
-            let page = (off / self.ram.layout.blocks[b].page_size as usize) as u64;
-            let (start, end) = self.st().shard[b];
-            (start..end).contains(&page).then_some((b, page))
-        })
+        let (b, page) = self.ram.locate(address)?;
+        let (start, end) = self.st().shard[b];
+        (start..end).contains(&page).then_some((b, page))
+    }
+
+    fn is_removed(&self, b: usize, page: u64) -> bool {
+        self.st().removed.as_ref().is_some_and(|r| r[b].get(page))
     }
 
     /// Coalesces pending faults into `Request` frames and submits one send.
@@ -716,7 +831,7 @@ impl Worker {
                 n += 1;
             }
             let fill = if zero {
-                self.zero_fill()
+                self.zero_fill_for(h.block as usize)
             } else {
                 let src = self.ring.slot_addr(self.body, data_pages * ps);
                 data_pages += n;
@@ -731,6 +846,8 @@ impl Worker {
         }
         Ok(())
     }
+    /// Places pages `[first, first + n)` of block `b` from `fill`, split where the target
+    /// address space is not contiguous (a VMM's regions) and around pages the VMM removed.
     fn place_run(
         &mut self,
         b: usize,
@@ -741,7 +858,90 @@ impl Worker {
         origin: Origin,
     ) -> Result<(), DestError> {
         let ps = self.ram.layout.blocks[b].page_size as usize;
-        let base = self.ram.regions[b].addr() + first as usize * ps;
+        let at = |fill: Fill, off: usize| match fill {
+            Fill::Copy(src) => Fill::Copy(src.wrapping_add(off * ps)),
+            Fill::Zero => Fill::Zero,
+        };
+        if !self.ram.is_foreign() {
+            let (addr, _) = self
+                .ram
+                .host_run(b, first, n as u64)
+                .expect("own memory covers its block");
+            return self
+                .place_extent(b, first, n, addr, fill, zero, origin)
+                .map(|_| ());
+        }
+        let state = self.state.clone().expect("placement only after Go");
+        let mut off = 0;
+        let mut waited = 0u32;
+        while off < n {
+            // The bulk half places under the read side of the lock the urgent half reads
+            // REMOVE events under (see `ShardState::place_lock`); the urgent half is the reader.
+            let shared_guard = (self.half == Half::Bulk).then(|| {
+                state
+                    .place_lock
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+            });
+            let mut stalled = false;
+            while off < n {
+                let p = first + off as u64;
+                let skip = self.is_removed(b, p) || self.ram.host_run(b, p, 1).is_none();
+                if skip {
+                    off += 1; // dropped by the VMM, or outside its regions: never filled
+                    continue;
+                }
+                let (addr, seg_pages) = self
+                    .ram
+                    .host_run(b, p, (n - off) as u64)
+                    .expect("checked above");
+                let mut k = seg_pages as usize;
+                if let Some(removed) = &state.removed {
+                    if let Some(r) = (1..k).find(|&i| removed[b].get(p + i as u64)) {
+                        k = r;
+                    }
+                }
+                let done = self.place_extent(b, p, k, addr, at(fill, off), zero, origin)?;
+                off += done;
+                if done < k {
+                    stalled = true; // EAGAIN: a REMOVE is pending
+                    break;
+                }
+            }
+            drop(shared_guard);
+            if stalled {
+                waited += 1;
+                if waited > MAPPING_CHANGING_RETRIES {
+                    return Err(DestError::Unsupported(
+                        "the VMM's memory map kept changing (EAGAIN) for too long".into(),
+                    ));
+                }
+                if self.half == Half::Urgent {
+                    // We read the events: do it now, then retry.
+                    self.read_events_now()?;
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Places `n` pages at `base` (contiguous in the target) from `fill`. Returns the pages
+    /// done (placed or found present); fewer than `n` only for a VMM's memory whose map is
+    /// changing (`EAGAIN`), which the caller resolves by reading events first.
+    #[allow(clippy::too_many_arguments)]
+    fn place_extent(
+        &mut self,
+        b: usize,
+        first: u64,
+        n: usize,
+        base: usize,
+        fill: Fill,
+        zero: bool,
+        origin: Origin,
+    ) -> Result<usize, DestError> {
+        let ps = self.ram.layout.blocks[b].page_size as usize;
         let mut off = 0;
         let mut retries = 0;
         while off < n {
@@ -769,8 +969,14 @@ impl Worker {
                     // Already placed (a stream page raced a request): make sure its waiters run.
                     self.stats.eexist += 1;
                     self.st().uffd.wake(base + off * ps, ps)?;
+                    if self.ram.is_foreign() {
+                        // Present in the VMM but maybe not by our hand (it may have written
+                        // the page before handing over): count it done.
+                        self.mark_present(b, first + off as u64);
+                    }
                     off += 1;
                 }
+                PlaceErrorKind::MappingChanging if self.ram.is_foreign() => return Ok(off),
                 PlaceErrorKind::MappingChanging if retries < MAPPING_CHANGING_RETRIES => {
                     retries += 1;
                     std::thread::yield_now();
@@ -778,7 +984,23 @@ impl Worker {
                 _ => return Err(crate::sys::uffd::UffdError::Place(e).into()),
             }
         }
-        Ok(())
+        Ok(n)
+    }
+
+    /// A page found present (`EEXIST`) that no placement of ours marked: count it done, so
+    /// the shard completes.
+    fn mark_present(&mut self, b: usize, page: u64) {
+        if self.ram.received[b].set(page) {
+            let st = self.st();
+            let left = st.missing.fetch_sub(1, Ordering::AcqRel) - 1;
+            if st.requested[b].clear(page) {
+                st.outstanding.fetch_sub(1, Ordering::AcqRel);
+            }
+            if left == 0 {
+                let ns = self.shared.started.elapsed().as_nanos() as u64;
+                self.shared.last_placed_ns.fetch_max(ns, Ordering::AcqRel);
+            }
+        }
     }
 
     fn mark_placed(&mut self, b: usize, first: u64, n: u64, zero: bool, origin: Origin) {
@@ -786,7 +1008,7 @@ impl Worker {
             return;
         }
         let new = self.ram.received[b].set_range(first, n);
-        debug_assert_eq!(new, n, "a page was placed twice");
+        debug_assert!(new == n || self.ram.is_foreign(), "a page was placed twice");
         let left = self.st().missing.fetch_sub(new, Ordering::AcqRel) - new;
         // Requests these pages answered (whichever half delivered them) are no longer awaited.
         let answered = self.st().requested[b].clear_range(first, n);

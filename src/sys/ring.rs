@@ -69,6 +69,9 @@ pub enum OpKind {
     Write,
     /// `IORING_OP_ASYNC_CANCEL` (no slot).
     Cancel,
+    /// `IORING_OP_POLL_ADD` (one-shot, `POLLIN`): readiness only; the slot is held busy so
+    /// that its owner reads into it itself once ready.
+    Poll,
 }
 
 /// A typed `user_data`: the op kind, the slot, and a caller tag (e.g. which connection).
@@ -90,6 +93,7 @@ impl Token {
             OpKind::Read => 1u64,
             OpKind::Write => 2,
             OpKind::Cancel => 3,
+            OpKind::Poll => 4,
         };
         (kind << 32) | (u64::from(self.tag) << 16) | u64::from(self.slot.0)
     }
@@ -99,6 +103,7 @@ impl Token {
             1 => OpKind::Read,
             2 => OpKind::Write,
             3 => OpKind::Cancel,
+            4 => OpKind::Poll,
             _ => return None,
         };
         Some(Token {
@@ -335,9 +340,29 @@ impl Ring {
             OpKind::Write => opcode::WriteFixed::new(fd, ptr, len, arena)
                 .offset(u64::MAX)
                 .build(),
-            OpKind::Cancel => unreachable!("cancel has no buffer"),
+            OpKind::Cancel | OpKind::Poll => unreachable!("no buffer I/O"),
         };
         self.push(entry.user_data(user_data))
+            .inspect_err(|_| self.slots[slot.0 as usize].busy = false)
+    }
+
+    /// Queues a one-shot `POLL_ADD` for `POLLIN` on `fd` (Linux 5.1+). The slot stays busy
+    /// until the completion (the revents mask, or a negative errno) is reaped; the caller then
+    /// reads from `fd` itself, e.g. under a lock that must cover the read.
+    pub fn poll_in(&mut self, fd: RawFd, slot: SlotId, tag: u16) -> Result<(), RingError> {
+        let s = &mut self.slots[slot.0 as usize];
+        assert!(!s.busy, "two operations on slot {slot:?}");
+        s.busy = true;
+        let user_data = Token {
+            kind: OpKind::Poll,
+            slot,
+            tag,
+        }
+        .encode();
+        let entry = opcode::PollAdd::new(types::Fd(fd), libc::POLLIN as u32)
+            .build()
+            .user_data(user_data);
+        self.push(entry)
             .inspect_err(|_| self.slots[slot.0 as usize].busy = false)
     }
 
@@ -453,7 +478,7 @@ mod tests {
 
     #[test]
     fn token_round_trips() {
-        for kind in [OpKind::Read, OpKind::Write, OpKind::Cancel] {
+        for kind in [OpKind::Read, OpKind::Write, OpKind::Cancel, OpKind::Poll] {
             let t = Token {
                 kind,
                 slot: SlotId(513),
