@@ -26,6 +26,8 @@ pub mod codec;
 pub mod demo;
 pub mod dest;
 pub mod dirty;
+pub mod handler;
+pub mod handover;
 pub mod image;
 pub mod layout;
 pub mod live;

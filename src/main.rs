@@ -206,6 +206,29 @@ enum Cmd {
         #[command(flatten)]
         precopy_limits: PrecopyArgs,
     },
+    /// Serve VMMs that hand over their userfaultfd over a Unix socket (Firecracker's `Uffd`
+    /// snapshot memory backend, JSON of v1.1 to v1.16), with pages from a remote `postcopy
+    /// serve --image MEMORY_FILE`. One JSON line per VMM on stdout.
+    Handler {
+        /// The Unix socket VMMs connect to (Firecracker's `mem_backend.backend_path`).
+        #[arg(long)]
+        socket: PathBuf,
+        /// The source serving the snapshot's memory file, HOST:PORT.
+        #[arg(long)]
+        source: String,
+        /// Serve one VMM, then exit (non-zero if it failed).
+        #[arg(long)]
+        once: bool,
+        /// No background stream: every page comes by a fault.
+        #[arg(long)]
+        no_stream: bool,
+        /// Seconds the source may stay silent while pages are awaited.
+        #[arg(long, default_value_t = 30)]
+        stall_timeout: u64,
+        /// No per-VMM lines on stderr.
+        #[arg(long, short)]
+        quiet: bool,
+    },
     /// Measure the engine against a simple baseline handler in one run: time to all pages,
     /// stream-only throughput, fault latency with and without the stream; medians and ratios.
     Bench {
@@ -372,6 +395,48 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+        Cmd::Handler {
+            socket,
+            source,
+            once,
+            no_stream,
+            stall_timeout,
+            quiet,
+        } => {
+            let config = postcopy::handler::HandlerConfig {
+                socket,
+                source,
+                once,
+                stream: !no_stream,
+                stall_timeout: Duration::from_secs(stall_timeout.max(1)),
+                verbose: !quiet,
+                ..Default::default()
+            };
+            let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let f = failed.clone();
+            eprintln!(
+                "postcopy handler: listening on {} (source {})",
+                config.socket.display(),
+                config.source
+            );
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let r = postcopy::handler::serve(&config, stop, move |report| {
+                if report.error.is_some() {
+                    f.store(true, std::sync::atomic::Ordering::Release);
+                }
+                let line = serde_json::to_string(report).expect("report serialises");
+                let mut out = std::io::stdout().lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            });
+            match r {
+                Err(e) => fail(&e),
+                Ok(()) if once && failed.load(std::sync::atomic::Ordering::Acquire) => {
+                    ExitCode::FAILURE
+                }
+                Ok(()) => ExitCode::SUCCESS,
             }
         }
         Cmd::Bench {

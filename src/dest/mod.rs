@@ -683,6 +683,9 @@ pub struct WorkerStats {
     pub completions: u64,
     /// Loop iterations (submit-and-wait calls).
     pub loops: u64,
+    /// A VMM's memory: fault service time on our side, event read → page placed (ns).
+    #[serde(skip)]
+    pub fault_service_ns: Option<hdrhistogram::Histogram<u64>>,
 }
 
 impl WorkerStats {
@@ -703,6 +706,14 @@ impl WorkerStats {
         self.bytes_received += o.bytes_received;
         self.completions += o.completions;
         self.loops += o.loops;
+        if let Some(h) = &o.fault_service_ns {
+            match &mut self.fault_service_ns {
+                Some(mine) => {
+                    let _ = mine.add(h);
+                }
+                None => self.fault_service_ns = Some(h.clone()),
+            }
+        }
     }
 }
 
@@ -717,6 +728,10 @@ pub struct EngineReport {
     pub per_worker: Vec<WorkerStats>,
     /// From `enable_notify` (`Engine::start`) to the last page placed.
     pub postcopy_seconds: f64,
+    /// A VMM's memory: from `enable_notify` to the first fault answered.
+    pub first_fault_served_seconds: Option<f64>,
+    /// A VMM's memory: fault service time on our side (event read → placed).
+    pub fault_service_us: Option<crate::report::LatencyUs>,
 }
 
 /// The engine: builds the workers.
@@ -736,6 +751,7 @@ pub struct EngineHandle {
     started: Instant,
     last_placed_ns: Arc<AtomicU64>,
     ready: Arc<std::sync::atomic::AtomicUsize>,
+    first_served_ns: Arc<AtomicU64>,
     /// Nanoseconds after `started` at which `enable_notify` released the workers.
     notified_ns: u64,
     /// The memory being filled.
@@ -755,6 +771,8 @@ pub(crate) struct Shared {
     pub(crate) stream_slots: std::sync::atomic::AtomicUsize,
     /// Threads that finished their set-up (connection, ring, temp pages).
     pub(crate) ready: Arc<std::sync::atomic::AtomicUsize>,
+    /// Nanoseconds after `started` at which the first fault was answered (0: none yet).
+    pub(crate) first_served_ns: Arc<AtomicU64>,
 }
 
 /// A userfaultfd (with `UFFDIO_API` done) registered MISSING on pages `[start, end)` of every
@@ -806,6 +824,7 @@ impl EngineHandle {
             placed: AtomicU64::new(0),
             stream_slots: std::sync::atomic::AtomicUsize::new(stream_slots),
             ready: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            first_served_ns: Arc::new(AtomicU64::new(0)),
         });
         let (exit_tx, exits) = crossbeam_channel::bounded::<WorkerExit>(jobs.len());
         let mut threads = Vec::with_capacity(jobs.len());
@@ -835,6 +854,7 @@ impl EngineHandle {
             started,
             last_placed_ns: shared.last_placed_ns.clone(),
             ready: shared.ready.clone(),
+            first_served_ns: shared.first_served_ns.clone(),
             notified_ns: 0,
             ram,
         })
@@ -932,6 +952,47 @@ pub struct PreparedEngine {
 }
 
 impl PreparedEngine {
+    /// `enable_notify` for memory of another process whose userfaultfd was handed over (a
+    /// VMM: `UFFDIO_API` done, its regions registered MISSING, maybe with `EVENT_REMOVE`): one
+    /// worker serves it through that descriptor; nothing is registered here.
+    pub fn enable_notify_external(
+        self,
+        connected: Connected,
+        uffd: Uffd,
+    ) -> Result<EngineHandle, DestError> {
+        let PreparedEngine {
+            mut handle,
+            gos,
+            config,
+        } = self;
+        if config.workers != 1 || !handle.ram.is_foreign() {
+            handle.stop();
+            drop(gos);
+            let _ = handle.wait();
+            return Err(DestError::Unsupported(
+                "a handed-over userfaultfd is served by one worker, on DestRam::foreign memory"
+                    .into(),
+            ));
+        }
+        handle.notified_ns = handle.started.elapsed().as_nanos() as u64;
+        let state = Arc::new(worker::ShardState::new(
+            0,
+            uffd,
+            &handle.ram,
+            1,
+            config.stream,
+            None,
+        ));
+        let mut control = Some(connected.control);
+        for (_, takes_control, go) in gos {
+            let _ = go.send(worker::Go {
+                state: state.clone(),
+                control: if takes_control { control.take() } else { None },
+            });
+        }
+        Ok(handle)
+    }
+
     /// `enable_notify`: registers every worker's shard with its own userfaultfd (pages already
     /// received by precopy are present and never fault) and releases the workers. When this
     /// returns, every missing page of the memory faults into the engine. Only this runs in the
@@ -945,6 +1006,14 @@ impl PreparedEngine {
         handle.notified_ns = handle.started.elapsed().as_nanos() as u64;
         let ram = handle.ram.clone();
         let workers = config.workers;
+        if ram.is_foreign() {
+            handle.stop();
+            drop(gos);
+            let _ = handle.wait();
+            return Err(DestError::Unsupported(
+                "another process's memory: use enable_notify_external with its userfaultfd".into(),
+            ));
+        }
         let registered = (|| {
             ram.prepare_discard()?;
             ram.drop_unreceived()?;
@@ -1057,6 +1126,14 @@ impl EngineHandle {
             self.started.elapsed().as_nanos() as u64
         };
         report.postcopy_seconds = end_ns.saturating_sub(self.notified_ns) as f64 / 1e9;
+        let first = self.first_served_ns.load(Ordering::Acquire);
+        report.first_fault_served_seconds =
+            (first > 0).then(|| first.saturating_sub(self.notified_ns) as f64 / 1e9);
+        report.fault_service_us = report
+            .totals
+            .fault_service_ns
+            .as_ref()
+            .map(crate::report::LatencyUs::from_ns);
         Ok(report)
     }
 }

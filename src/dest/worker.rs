@@ -80,6 +80,9 @@ pub(crate) struct ShardState {
     /// releasing it. A REMOVE's range is zapped only after its event is read, so a placement
     /// that could land after the zap sees the mark and skips those pages.
     place_lock: std::sync::RwLock<()>,
+    /// A VMM's memory: per block and page, when its fault event was read (ns after the
+    /// engine's start, 0 = none), to measure fault service time on our side.
+    fault_at_ns: Option<Vec<Box<[AtomicU64]>>>,
 }
 
 impl ShardState {
@@ -127,6 +130,13 @@ impl ShardState {
                     .collect()
             }),
             place_lock: std::sync::RwLock::new(()),
+            fault_at_ns: foreign.then(|| {
+                ram.layout
+                    .blocks
+                    .iter()
+                    .map(|b| (0..b.pages()).map(|_| AtomicU64::new(0)).collect())
+                    .collect()
+            }),
         }
     }
 }
@@ -355,8 +365,15 @@ impl Worker {
         if self.half == Half::Urgent {
             self.place_zero_map()?;
         }
+        // A VMM's memory is served until the VMM goes away (the embedder stops the engine then):
+        // after the last page, faults on pages it removes still need zero pages.
+        let serve_after_end = self.half == Half::Urgent && self.ram.is_foreign();
         loop {
             if self.shared.stop.load(Ordering::Acquire) {
+                if serve_after_end && self.finished {
+                    self.ring.cancel_all();
+                    return Ok(());
+                }
                 return Err(DestError::Stopped);
             }
             if self.half == Half::Urgent
@@ -366,7 +383,7 @@ impl Worker {
             {
                 self.send_end()?;
             }
-            if self.finished {
+            if self.finished && !serve_after_end {
                 self.release_stream_slot();
                 self.ring.cancel_all();
                 return Ok(());
@@ -627,6 +644,10 @@ impl Worker {
             self.st().uffd.wake(addr, ps)?;
         } else if self.st().requested[b].set(page) {
             self.st().outstanding.fetch_add(1, Ordering::AcqRel);
+            if let Some(at) = &self.st().fault_at_ns {
+                let ns = self.shared.started.elapsed().as_nanos() as u64;
+                at[b][page as usize].store(ns.max(1), Ordering::Relaxed);
+            }
             self.pending.push((b as u32, page));
         } else {
             self.stats.fault_deduplicated += 1;
@@ -987,6 +1008,34 @@ impl Worker {
         Ok(n)
     }
 
+    /// Fault service time (event read → placed) of the faulted pages among `[first, first+n)`
+    /// (a VMM's memory only).
+    fn record_fault_service(&mut self, b: usize, first: u64, n: u64) {
+        let Some(state) = self.state.clone() else {
+            return;
+        };
+        let Some(at) = &state.fault_at_ns else {
+            return;
+        };
+        let now = self.shared.started.elapsed().as_nanos() as u64;
+        let hist = self.stats.fault_service_ns.get_or_insert_with(|| {
+            hdrhistogram::Histogram::new_with_bounds(1, 60_000_000_000, 3)
+                .expect("valid histogram bounds")
+        });
+        for p in first..first + n {
+            let t = at[b][p as usize].swap(0, Ordering::Relaxed);
+            if t > 0 {
+                let _ = hist.record(now.saturating_sub(t).max(1));
+                let _ = self.shared.first_served_ns.compare_exchange(
+                    0,
+                    now,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                );
+            }
+        }
+    }
+
     /// A page found present (`EEXIST`) that no placement of ours marked: count it done, so
     /// the shard completes.
     fn mark_present(&mut self, b: usize, page: u64) {
@@ -1014,6 +1063,7 @@ impl Worker {
         let answered = self.st().requested[b].clear_range(first, n);
         if answered > 0 {
             self.st().outstanding.fetch_sub(answered, Ordering::AcqRel);
+            self.record_fault_service(b, first, n);
         }
         match origin {
             Origin::Reply => self.stats.pages_by_fault += new,

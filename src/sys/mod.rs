@@ -4,6 +4,7 @@
 pub mod dirty;
 pub mod mem;
 pub mod ring;
+pub mod scm;
 pub mod uffd;
 
 /// Pins the calling thread to one CPU (`sched_setaffinity`). Errors are returned, not fatal:

@@ -1,0 +1,320 @@
+//! `postcopy handler`: a page server for VMMs that hand over their userfaultfd (the
+//! Firecracker `Uffd` memory backend protocol, [`crate::handover`]), with the pages coming
+//! from a remote `postcopy serve` instead of a local file.
+//!
+//! Per VMM connection (each on its own thread; several VMMs may restore from one source at
+//! once, each in its own session): receive the regions and the userfaultfd, connect to the
+//! source, map the regions onto the source's image by `offset` ([`DestRam::foreign`]), and serve
+//! through the engine (one worker: an urgent half for faults and REMOVE events, a bulk half for
+//! the background stream) until every page is placed and then until the VMM exits (its socket
+//! closes): pages it removes later are served as zero pages. One line of JSON per VMM on
+//! stdout ([`VmmReport`]).
+
+use std::io::Read;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::dest::{self, DestError, DestRam, Engine, EngineConfig, ZeroFill};
+use crate::handover::{self, HandoverError, JsonVersion};
+use crate::report::LatencyUs;
+use crate::sys::uffd::Uffd;
+
+/// Errors of the handler server itself (a VMM's failure is in its [`VmmReport`]).
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// The socket path could not be bound.
+    #[error(
+        "cannot listen on {path}: {source} (remove a stale socket file, or pick another path)"
+    )]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Accepting failed.
+    #[error("accept on {path}: {source}")]
+    Accept {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Handler settings.
+#[derive(Clone, Debug)]
+pub struct HandlerConfig {
+    /// The Unix socket VMMs connect to.
+    pub socket: PathBuf,
+    /// The source, `HOST:PORT`.
+    pub source: String,
+    /// Serve one VMM, then return.
+    pub once: bool,
+    /// Run the background stream (off: every page by a fault).
+    pub stream: bool,
+    /// How long a VMM has to send its regions.
+    pub handshake_timeout: Duration,
+    /// Engine timeouts (connect, stall).
+    pub connect_timeout: Duration,
+    /// Give up when the source sends nothing this long while pages are awaited.
+    pub stall_timeout: Duration,
+    /// Per-VMM lines on stderr.
+    pub verbose: bool,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            socket: PathBuf::from("/run/postcopy.sock"),
+            source: "127.0.0.1:7070".into(),
+            once: false,
+            stream: true,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(30),
+            verbose: true,
+        }
+    }
+}
+
+/// What serving one VMM did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct VmmReport {
+    /// The VMM's pid (`SO_PEERCRED`).
+    pub pid: Option<i32>,
+    /// How it ended: `complete` (every page placed, then the VMM exited), `vmm exited`
+    /// (before every page was placed), or an error.
+    pub outcome: String,
+    /// JSON generation of its handshake.
+    pub version: Option<JsonVersion>,
+    /// Its regions.
+    pub regions: usize,
+    /// Pages in its regions.
+    pub pages: u64,
+    /// Connection accepted → last page placed.
+    pub restore_seconds: Option<f64>,
+    /// Connection accepted → first fault answered.
+    pub first_fault_served_ms: Option<f64>,
+    /// Fault service on our side: event read → page placed.
+    pub fault_service_us: Option<LatencyUs>,
+    /// Pages placed in answer to faults.
+    pub pages_by_fault: u64,
+    /// Pages placed from the background stream.
+    pub pages_by_stream: u64,
+    /// Pages the VMM removed (balloon); served as zero pages afterwards.
+    pub pages_removed: u64,
+    /// Zero pages placed for faults on removed pages.
+    pub pages_zero_after_remove: u64,
+    /// `EEXIST` races (present already).
+    pub eexist: u64,
+    /// The error, when the outcome is one.
+    pub error: Option<String>,
+}
+
+/// Serves VMMs on `config.socket` until `stop` (or, with `once`, after the first VMM).
+/// Each VMM's report is passed to `on_report` as it ends.
+pub fn serve(
+    config: &HandlerConfig,
+    stop: Arc<AtomicBool>,
+    on_report: impl Fn(&VmmReport) + Send + Sync + 'static,
+) -> Result<(), HandlerError> {
+    let listener = bind(&config.socket)?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|source| HandlerError::Bind {
+            path: config.socket.clone(),
+            source,
+        })?;
+    let on_report = Arc::new(on_report);
+    let active = Arc::new(AtomicUsize::new(0));
+    let mut served = 0usize;
+    let result = loop {
+        if stop.load(Ordering::Acquire)
+            || (config.once && served > 0 && active.load(Ordering::Acquire) == 0)
+        {
+            break Ok(());
+        }
+        match listener.accept() {
+            Ok((sock, _)) => {
+                served += 1;
+                active.fetch_add(1, Ordering::AcqRel);
+                let (config, on_report, done, stop) = (
+                    config.clone(),
+                    on_report.clone(),
+                    active.clone(),
+                    stop.clone(),
+                );
+                let spawned = std::thread::Builder::new()
+                    .name(format!("vmm-{served}"))
+                    .spawn(move || {
+                        let r = serve_vmm(&config, sock, &stop);
+                        on_report(&r);
+                        done.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    active.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(source) => {
+                break Err(HandlerError::Accept {
+                    path: config.socket.clone(),
+                    source,
+                })
+            }
+        }
+    };
+    // Let the VMMs being served finish (they end when their VMM exits or `stop` is set).
+    while active.load(Ordering::Acquire) > 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = std::fs::remove_file(&config.socket);
+    result
+}
+
+fn bind(path: &Path) -> Result<UnixListener, HandlerError> {
+    // A socket file left by an earlier run (nobody listening) is replaced; a live one is not.
+    if path.exists() && UnixStream::connect(path).is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path).map_err(|source| HandlerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Serves one VMM connection to its end.
+pub fn serve_vmm(config: &HandlerConfig, sock: UnixStream, stop: &AtomicBool) -> VmmReport {
+    let t0 = Instant::now();
+    let mut report = VmmReport::default();
+    match serve_vmm_inner(config, &sock, stop, t0, &mut report) {
+        Ok(()) => {}
+        Err(e) => {
+            report.outcome = "error".into();
+            report.error = Some(e);
+        }
+    }
+    if config.verbose {
+        eprintln!(
+            "postcopy handler: VMM pid {}: {}{}",
+            report.pid.map_or("?".into(), |p| p.to_string()),
+            report.outcome,
+            report
+                .error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
+    }
+    report
+}
+
+fn serve_vmm_inner(
+    config: &HandlerConfig,
+    sock: &UnixStream,
+    stop: &AtomicBool,
+    t0: Instant,
+    report: &mut VmmReport,
+) -> Result<(), String> {
+    let _ = sock.set_nonblocking(false);
+    let h = handover::receive(sock, config.handshake_timeout)
+        .map_err(|e: HandoverError| e.to_string())?;
+    report.pid = h.pid;
+    report.version = Some(h.version);
+    report.regions = h.regions.len();
+    let huge = h.regions.iter().any(|r| {
+        r.page_size
+            .is_some_and(|p| p > crate::sys::mem::base_page_size() as u64)
+    });
+    let engine_cfg = EngineConfig {
+        source: config.source.clone(),
+        workers: 1,
+        pin: false,
+        stream: config.stream,
+        stall_timeout: config.stall_timeout,
+        connect_timeout: config.connect_timeout,
+        // hugetlbfs has no zero-page ioctl.
+        zero_fill: if huge {
+            ZeroFill::Copy
+        } else {
+            ZeroFill::Zeropage
+        },
+        ..EngineConfig::default()
+    };
+    let uffd = Uffd::from_fd(h.uffd);
+    let connected = dest::connect(&engine_cfg).map_err(|e| e.to_string())?;
+    let segments =
+        handover::segments_for(&h.regions, &connected.welcome.layout).map_err(|e| e.to_string())?;
+    report.pages = segments.iter().flatten().map(|s| s.pages).sum();
+    let ram =
+        Arc::new(DestRam::foreign(&connected.welcome.layout, segments).map_err(|e| e.to_string())?);
+    let prepared = Engine::prepare(&connected, ram, &engine_cfg).map_err(|e| e.to_string())?;
+    let engine = prepared
+        .enable_notify_external(connected, uffd)
+        .map_err(|e| e.to_string())?;
+    let t_notify = t0.elapsed().as_secs_f64();
+    // Serve until the VMM goes away (its socket closes) or we are told to stop.
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .map_err(|e| e.to_string())?;
+    let mut vmm_gone = false;
+    let mut sink = [0u8; 256];
+    while !engine.is_finished() && !stop.load(Ordering::Acquire) {
+        match (&*sock).read(&mut sink) {
+            Ok(0) => {
+                vmm_gone = true;
+                break;
+            }
+            Ok(_) => {} // nothing is expected after the handshake; ignore
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => {
+                vmm_gone = true;
+                break;
+            }
+        }
+    }
+    let complete = engine.ram.complete();
+    engine.stop();
+    match engine.wait() {
+        Ok(r) => {
+            report.restore_seconds = Some(t_notify + r.postcopy_seconds);
+            report.first_fault_served_ms = r
+                .first_fault_served_seconds
+                .map(|s| (t_notify + s) * 1000.0);
+            report.fault_service_us = r.fault_service_us.clone();
+            report.pages_by_fault = r.totals.pages_by_fault;
+            report.pages_by_stream = r.totals.pages_by_stream;
+            report.pages_removed = r.totals.pages_removed;
+            report.pages_zero_after_remove = r.totals.pages_zero_after_remove;
+            report.eexist = r.totals.eexist;
+            report.outcome = "complete".into();
+            Ok(())
+        }
+        // The VMM went away first: its memory is gone, nothing is lost here.
+        Err(DestError::Stopped) if vmm_gone || !complete => {
+            report.outcome = if vmm_gone { "vmm exited" } else { "stopped" }.into();
+            Ok(())
+        }
+        Err(DestError::Uffd(e)) if vmm_gone || is_mm_gone(&e) => {
+            report.outcome = "vmm exited".into();
+            Ok(())
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn is_mm_gone(e: &crate::sys::uffd::UffdError) -> bool {
+    matches!(e, crate::sys::uffd::UffdError::Place(p) if p.kind == crate::sys::uffd::PlaceErrorKind::MmGone)
+}

@@ -1,0 +1,169 @@
+//! `postcopy handler` against a VMM played by this test process (no external tool): the VMM
+//! maps two regions out of address order, registers them with its own userfaultfd, hands it
+//! over with the region list as Firecracker does, touches every page from two threads and
+//! checks each against the memory file, then removes a range (balloon) which must read zero.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{join_within, layout, MIB, PAGE, TIMEOUT};
+use postcopy::handler::{HandlerConfig, VmmReport};
+use postcopy::image::{page_checksum, FileImage, Synthetic};
+use postcopy::source::{SourceConfig, SourceServer};
+use postcopy::sys::mem::Mapping;
+use postcopy::sys::uffd::{feature, mode, Uffd};
+
+const SIZE: u64 = 16 * MIB;
+
+/// A memory file with pseudo-random pages and some zero pages.
+fn image_file(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u64>) {
+    let img = Synthetic::new(layout(SIZE), 0xf1e, 15);
+    let path = dir.join("vm.mem");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut page = vec![0u8; PAGE as usize];
+    let mut sums = Vec::new();
+    for p in 0..SIZE / PAGE {
+        img.fill(0, p, &mut page);
+        sums.push(page_checksum(&page));
+        f.write_all(&page).unwrap();
+    }
+    (path, sums)
+}
+
+fn send_handover(sock: &UnixStream, json: &str, fd: i32) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let iov = [std::io::IoSlice::new(json.as_bytes())];
+    let fds = [fd];
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::empty(), None).unwrap();
+    assert_eq!(n, json.len());
+}
+
+#[test]
+fn handler_serves_a_vmm_and_its_removals() {
+    let dir = std::env::temp_dir().join(format!("pc-handover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (path, sums) = image_file(&dir);
+    let src = SourceServer::bind(
+        "127.0.0.1:0",
+        Arc::new(FileImage::open(&path, PAGE).unwrap()),
+        SourceConfig {
+            verbose: false,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let src_addr = src.local_addr().to_string();
+    let src_stop = src.stop_handle();
+    let src_thread = std::thread::spawn(move || src.run());
+
+    let socket = dir.join("h.sock");
+    let reports: Arc<Mutex<Vec<VmmReport>>> = Arc::default();
+    let (cfg, r2) = (
+        HandlerConfig {
+            socket: socket.clone(),
+            source: src_addr,
+            once: true,
+            verbose: false,
+            ..Default::default()
+        },
+        reports.clone(),
+    );
+    let handler = std::thread::spawn(move || {
+        postcopy::handler::serve(&cfg, Arc::new(AtomicBool::new(false)), move |r| {
+            r2.lock().unwrap().push(r.clone())
+        })
+    });
+    assert!(common::wait_until(Duration::from_secs(5), || socket.exists()));
+
+    // The VMM: two regions, the second half of the file mapped at a lower address (so the
+    // JSON goes out of address order), registered before the handover.
+    let half = (SIZE / 2) as usize;
+    let a = Mapping::anonymous(half, "region a").unwrap();
+    let b = Mapping::anonymous(half, "region b").unwrap();
+    let (lo, hi) = if a.addr() < b.addr() {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    // File order: `hi` holds [0, half), `lo` holds [half, SIZE).
+    let uffd = Uffd::open(false).unwrap();
+    uffd.api(feature::EVENT_REMOVE).unwrap();
+    for m in [&a, &b] {
+        m.no_huge_pages().unwrap();
+        uffd.register(m.addr(), half, mode::MISSING).unwrap();
+    }
+    let json = format!(
+        r#"[{{"base_host_virt_addr":{},"size":{half},"offset":0,"page_size_kib":4096,"page_size":4096}},
+           {{"base_host_virt_addr":{},"size":{half},"offset":{half},"page_size_kib":4096,"page_size":4096}}]"#,
+        hi.addr(),
+        lo.addr()
+    );
+    let vmm = UnixStream::connect(&socket).unwrap();
+    send_handover(&vmm, &json, uffd.as_raw_fd());
+    drop(uffd);
+
+    let pages = SIZE / PAGE;
+    let region_of = |p: u64| -> (&Mapping, usize) {
+        if p < pages / 2 {
+            (hi, (p * PAGE) as usize)
+        } else {
+            (lo, ((p - pages / 2) * PAGE) as usize)
+        }
+    };
+    let bad = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..2u64 {
+            let (bad, sums, region_of) = (&bad, &sums, &region_of);
+            s.spawn(move || {
+                let mut buf = vec![0u8; PAGE as usize];
+                let mut p = t;
+                while p < pages {
+                    let (m, off) = region_of((p * 7919) % pages);
+                    m.read_into(off, &mut buf);
+                    if page_checksum(&buf) != sums[((p * 7919) % pages) as usize] {
+                        bad.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    p += 2;
+                }
+            });
+        }
+    });
+    assert_eq!(bad.into_inner(), 0, "pages differ from the memory file");
+
+    // Balloon: drop 64 pages of the second region; they read zero and stay zero.
+    let (m, off) = region_of(pages / 2 + 100);
+    m.dontneed(off, 64 * PAGE as usize).unwrap();
+    let mut buf = vec![0u8; PAGE as usize];
+    for round in 0..2 {
+        for i in 0..64 {
+            m.read_into(off + i * PAGE as usize, &mut buf);
+            assert!(
+                buf.iter().all(|&x| x == 0),
+                "removed page {i} not zero (round {round})"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(vmm); // the VMM exits
+    let r = join_within(handler, TIMEOUT, "handler");
+    r.expect("handler");
+    let reports = reports.lock().unwrap();
+    assert_eq!(reports.len(), 1);
+    let rep = &reports[0];
+    assert_eq!(rep.outcome, "complete", "{rep:?}");
+    assert_eq!(rep.regions, 2);
+    assert_eq!(rep.pages, pages);
+    assert!(rep.pages_removed >= 64, "{rep:?}");
+    assert!(rep.pages_zero_after_remove >= 64, "{rep:?}");
+    assert!(rep.restore_seconds.is_some());
+    src_stop.stop();
+    let _ = join_within(src_thread, TIMEOUT, "source");
+    let _ = std::fs::remove_dir_all(&dir);
+}
