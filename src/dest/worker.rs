@@ -370,7 +370,10 @@ impl Worker {
         let serve_after_end = self.half == Half::Urgent && self.ram.is_foreign();
         loop {
             if self.shared.stop.load(Ordering::Acquire) {
-                if serve_after_end && self.finished {
+                // Stopped with every page of the shard placed (a VMM that exits once restored,
+                // before the stream's tail): a complete migration, counters and all.
+                if (serve_after_end && self.finished) || self.missing() == 0 {
+                    self.release_stream_slot();
                     self.ring.cancel_all();
                     return Ok(());
                 }

@@ -1,0 +1,445 @@
+//! `postcopy handler` + a source serving a memory file, against `tools/fake-vmm` playing the
+//! VMM (a real userfaultfd handed over through a real Unix socket): every JSON version, regions
+//! out of address order, concurrent faults on one page, removals, 2 MiB pages, a VMM exiting
+//! mid-restore, and bad handshakes of each kind. Every page is checked by the fake VMM against
+//! the memory file (xxh3 per page).
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{join_within, wait_until, MIB, TIMEOUT};
+use postcopy::handler::{HandlerConfig, VmmReport};
+use postcopy::image::FileImage;
+use postcopy::source::{SourceConfig, SourceServer, StopHandle};
+use serde_json::Value;
+
+const SIZE: u64 = 64 * MIB;
+
+/// The fake VMM binary, built on first use (`tools/fake-vmm` is a crate of its own).
+fn fake_vmm() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let manifest = root.join("tools/fake-vmm/Cargo.toml");
+        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+            .args(["build", "--release", "--quiet", "--manifest-path"])
+            .arg(&manifest)
+            .status()
+            .expect("run cargo to build tools/fake-vmm");
+        assert!(status.success(), "building tools/fake-vmm failed");
+        root.join("tools/fake-vmm/target/release/fake-vmm")
+    })
+}
+
+struct Dir(PathBuf);
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("pc-handover-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+}
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A memory file: pseudo-random pages, one in five zero.
+fn image_file(path: &Path, size: u64) {
+    let img = postcopy::image::Synthetic::new(
+        postcopy::layout::Layout::single("f", size, 4096).unwrap(),
+        0xabc,
+        20,
+    );
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut page = vec![0u8; 4096];
+    for p in 0..size / 4096 {
+        img.fill(0, p, &mut page);
+        f.write_all(&page).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// A source serving `image` and a handler in this process, stopped on drop.
+struct Rig {
+    dir: Dir,
+    image: PathBuf,
+    socket: PathBuf,
+    reports: Arc<Mutex<Vec<VmmReport>>>,
+    handler_stop: Arc<AtomicBool>,
+    handler: Option<std::thread::JoinHandle<()>>,
+    source_stop: StopHandle,
+    source: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Rig {
+    fn start(tag: &str, page_size: u64) -> Rig {
+        let dir = Dir::new(tag);
+        let image = dir.0.join("vm.mem");
+        image_file(&image, SIZE);
+        let server = SourceServer::bind(
+            "127.0.0.1:0",
+            Arc::new(FileImage::open(&image, page_size).expect("image")),
+            SourceConfig {
+                verbose: false,
+                ..Default::default()
+            },
+        )
+        .expect("source");
+        let addr = server.local_addr().to_string();
+        let source_stop = server.stop_handle();
+        let source = std::thread::spawn(move || {
+            server.run().expect("source run");
+        });
+        let socket = dir.0.join("handler.sock");
+        let reports: Arc<Mutex<Vec<VmmReport>>> = Arc::default();
+        let handler_stop = Arc::new(AtomicBool::new(false));
+        let (cfg, r, stop) = (
+            HandlerConfig {
+                socket: socket.clone(),
+                source: addr,
+                verbose: false,
+                stall_timeout: Duration::from_secs(10),
+                ..Default::default()
+            },
+            reports.clone(),
+            handler_stop.clone(),
+        );
+        let handler = std::thread::spawn(move || {
+            postcopy::handler::serve(&cfg, stop, move |rep| r.lock().unwrap().push(rep.clone()))
+                .expect("handler")
+        });
+        assert!(wait_until(Duration::from_secs(5), || socket.exists()));
+        Rig {
+            dir,
+            image,
+            socket,
+            reports,
+            handler_stop,
+            handler: Some(handler),
+            source_stop,
+            source: Some(source),
+        }
+    }
+
+    /// Runs the fake VMM with `args`; returns its JSON and exit status.
+    fn vmm(&self, args: &[&str]) -> (Value, i32) {
+        let mut cmd = Command::new(fake_vmm());
+        cmd.arg("--socket")
+            .arg(&self.socket)
+            .arg("--image")
+            .arg(&self.image)
+            .args(["--timeout", "60"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let out = cmd.output().expect("run fake-vmm");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let json: Value = serde_json::from_str(text.lines().last().unwrap_or("null"))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "fake-vmm output is not JSON ({e}): {text}\nstderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            });
+        (json, out.status.code().unwrap_or(-1))
+    }
+
+    /// Waits for the handler's report number `n` (0-based).
+    fn report(&self, n: usize) -> VmmReport {
+        assert!(
+            wait_until(Duration::from_secs(20), || self
+                .reports
+                .lock()
+                .unwrap()
+                .len()
+                > n),
+            "no report {n} from the handler"
+        );
+        self.reports.lock().unwrap()[n].clone()
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.handler_stop
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(h) = self.handler.take() {
+            join_within(h, TIMEOUT, "handler");
+        }
+        self.source_stop.stop();
+        if let Some(s) = self.source.take() {
+            join_within(s, TIMEOUT, "source");
+        }
+        let _ = &self.dir;
+    }
+}
+
+fn assert_verified(json: &Value, code: i32) {
+    assert_eq!(json["verified"], true, "fake VMM did not verify: {json}");
+    assert_eq!(json["mismatches"], 0, "{json}");
+    assert_eq!(code, 0, "{json}");
+}
+
+#[test]
+fn every_json_version_restores_and_verifies() {
+    let rig = Rig::start("versions", 4096);
+    for (i, v) in ["1.1", "1.7", "1.12"].iter().enumerate() {
+        let (json, code) = rig.vmm(&["--version", v, "--threads", "2"]);
+        assert_verified(&json, code);
+        assert_eq!(json["pages_total"], SIZE / 4096);
+        let r = rig.report(i);
+        assert_eq!(r.outcome, "complete", "{r:?}");
+        assert!(r.pages_by_fault + r.pages_by_stream <= SIZE / 4096, "{r:?}");
+        assert!(
+            r.restore_seconds.is_some() && r.first_fault_served_ms.is_some(),
+            "{r:?}"
+        );
+        assert_eq!(
+            format!("{:?}", r.version),
+            format!(
+                "Some({})",
+                match *v {
+                    "1.1" => "V1_1",
+                    "1.7" => "V1_7",
+                    _ => "V1_12",
+                }
+            )
+        );
+    }
+}
+
+#[test]
+fn one_and_four_regions_out_of_address_order_and_the_stream_fills_the_rest() {
+    let rig = Rig::start("regions", 4096);
+    let (json, code) = rig.vmm(&[
+        "--regions",
+        "1",
+        "--touch-percent",
+        "30",
+        "--wait-complete",
+        "30",
+    ]);
+    assert_verified(&json, code);
+    assert_eq!(json["complete"], true, "{json}");
+    let (json, code) = rig.vmm(&[
+        "--regions",
+        "4",
+        "--shuffle",
+        "--threads",
+        "3",
+        "--touch-percent",
+        "25",
+        "--wait-complete",
+        "30",
+    ]);
+    assert_verified(&json, code);
+    assert_eq!(json["complete"], true, "{json}");
+    let r = rig.report(1);
+    assert_eq!(r.regions, 4);
+    assert!(r.pages_by_stream > 0, "{r:?}");
+    assert_eq!(r.outcome, "complete");
+}
+
+#[test]
+fn concurrent_faults_on_one_page() {
+    let rig = Rig::start("samepage", 4096);
+    let (json, code) = rig.vmm(&["--same-page-threads", "8", "--threads", "2"]);
+    assert_verified(&json, code);
+    assert_eq!(rig.report(0).outcome, "complete");
+}
+
+#[test]
+fn removed_ranges_read_zero_and_stay_zero() {
+    let rig = Rig::start("remove", 4096);
+    // 4 regions of 4096 pages: the second range crosses a region boundary.
+    let (json, code) = rig.vmm(&[
+        "--regions",
+        "4",
+        "--shuffle",
+        "--remove",
+        "100:64",
+        "--remove",
+        "4090:20",
+    ]);
+    assert_verified(&json, code);
+    assert_eq!(json["zero_violations"], 0, "{json}");
+    let r = rig.report(0);
+    assert!(r.pages_removed >= 84, "{r:?}");
+    assert!(r.pages_zero_after_remove >= 84, "{r:?}");
+}
+
+#[test]
+fn vmm_exiting_mid_restore_ends_its_session_only() {
+    let rig = Rig::start("exit", 4096);
+    let (json, _) = rig.vmm(&["--exit-after-pages", "300", "--threads", "1"]);
+    assert_eq!(json["exited_early"], true, "{json}");
+    let r = rig.report(0);
+    assert!(
+        r.outcome == "vmm exited" || r.outcome == "complete",
+        "the session ends cleanly: {r:?}"
+    );
+    assert!(r.error.is_none(), "{r:?}");
+    // The handler is still up for the next VMM.
+    let (json, code) = rig.vmm(&["--threads", "2"]);
+    assert_verified(&json, code);
+    assert_eq!(rig.report(1).outcome, "complete");
+}
+
+/// Reserves `n` more 2 MiB pages for the test's life, restoring the previous count on drop.
+struct HugePages {
+    before: u64,
+}
+impl HugePages {
+    fn reserve(n: u64) -> Result<HugePages, String> {
+        const PATH: &str = "/proc/sys/vm/nr_hugepages";
+        let before: u64 = std::fs::read_to_string(PATH)
+            .map_err(|e| format!("{PATH}: {e}"))?
+            .trim()
+            .parse()
+            .map_err(|e| format!("{PATH}: {e}"))?;
+        std::fs::write(PATH, (before + n).to_string()).map_err(|e| format!("{PATH}: {e}"))?;
+        let now: u64 = std::fs::read_to_string(PATH)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let guard = HugePages { before };
+        if now < before + n {
+            return Err(format!(
+                "only {} of {n} huge pages could be reserved",
+                now - before
+            ));
+        }
+        Ok(guard)
+    }
+}
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/vm/nr_hugepages", self.before.to_string());
+    }
+}
+
+#[test]
+fn two_mib_pages() {
+    // The fake VMM's 64 MiB in 2 MiB pages: 32 pages, plus slack.
+    let _huge = match HugePages::reserve(40) {
+        Ok(h) => h,
+        Err(why) => {
+            eprintln!("skipped: cannot reserve 2 MiB pages: {why}");
+            return;
+        }
+    };
+    let rig = Rig::start("huge", 2 << 20);
+    for (i, v) in ["1.7", "1.12"].iter().enumerate() {
+        let (json, code) = rig.vmm(&[
+            "--page-size",
+            "2097152",
+            "--version",
+            v,
+            "--regions",
+            "2",
+            "--shuffle",
+        ]);
+        assert_verified(&json, code);
+        let r = rig.report(i);
+        assert_eq!(r.outcome, "complete", "{r:?}");
+        assert_eq!(r.pages, 32);
+    }
+}
+
+fn send_raw(socket: &Path, json: &str, fd: Option<i32>) {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    let sock = UnixStream::connect(socket).expect("connect");
+    let iov = [std::io::IoSlice::new(json.as_bytes())];
+    let fds: Vec<i32> = fd.into_iter().collect();
+    let cmsg = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None).expect("sendmsg");
+    // Keep the socket open until the handler has answered (its report).
+    std::thread::sleep(Duration::from_millis(50));
+}
+
+#[test]
+fn bad_handshakes_get_clear_errors_and_the_handler_keeps_serving() {
+    let rig = Rig::start("bad", 4096);
+    let uffd = postcopy::sys::uffd::Uffd::open(false).expect("uffd");
+    let fd = Some(uffd.as_raw_fd());
+    let region = |base: u64, size: u64, offset: u64| {
+        format!(
+            r#"{{"base_host_virt_addr":{base},"size":{size},"offset":{offset},"page_size":4096}}"#
+        )
+    };
+    let cases: Vec<(String, Option<i32>, &str)> = vec![
+        (
+            "[{\"base_host_virt_addr\": 4096,".into(),
+            fd,
+            "malformed region list",
+        ),
+        (
+            format!("[{}]", region(0x1000_0000, 4096, 0)),
+            None,
+            "no file descriptor",
+        ),
+        (
+            format!(
+                "[{},{}]",
+                region(0x1000_0000, 0x10000, 0),
+                region(0x1000_8000, 0x10000, 0x10000)
+            ),
+            fd,
+            "overlap",
+        ),
+        (
+            format!(
+                "[{},{}]",
+                region(0x1000_0000, 0x10000, 0),
+                region(0x2000_0000, 0x10000, 0x8000)
+            ),
+            fd,
+            "overlap",
+        ),
+        (
+            format!("[{}]", region(0x1000_0000, SIZE, 4096)),
+            fd,
+            "past the end of the image",
+        ),
+        (
+            r#"[{"base_host_virt_addr":268435456,"size":2097152,"offset":0,"page_size":2097152}]"#
+                .into(),
+            fd,
+            "--page-size 2097152",
+        ),
+    ];
+    let start = Instant::now();
+    for (i, (json, fd, want)) in cases.iter().enumerate() {
+        send_raw(&rig.socket, json, *fd);
+        let r = rig.report(i);
+        assert_eq!(r.outcome, "error", "case {i}: {r:?}");
+        let e = r.error.clone().unwrap_or_default();
+        assert!(
+            e.contains(want),
+            "case {i}: error {e:?} should mention {want:?}"
+        );
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "bad handshakes are answered promptly"
+    );
+    drop(uffd);
+    // Still serving.
+    let (json, code) = rig.vmm(&["--threads", "2"]);
+    assert_verified(&json, code);
+    assert_eq!(rig.report(cases.len()).outcome, "complete");
+}
