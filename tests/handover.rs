@@ -443,3 +443,80 @@ fn bad_handshakes_get_clear_errors_and_the_handler_keeps_serving() {
     assert_verified(&json, code);
     assert_eq!(rig.report(cases.len()).outcome, "complete");
 }
+
+/// The binaries as an operator runs them: `postcopy serve --image` and `postcopy handler`.
+#[test]
+fn cli_serve_and_handler_restore_a_vmm() {
+    let dir = Dir::new("cli");
+    let image = dir.0.join("vm.mem");
+    image_file(&image, SIZE);
+    let exe = env!("CARGO_BIN_EXE_postcopy");
+    let mut serve = Command::new(exe)
+        .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--image"])
+        .arg(&image)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("postcopy serve");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(serve.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line")
+        .to_string();
+    let socket = dir.0.join("h.sock");
+    let handler = Command::new(exe)
+        .args([
+            "handler", "--once", "--quiet", "--source", &addr, "--socket",
+        ])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("postcopy handler");
+    let vmm = Command::new(fake_vmm())
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--image")
+        .arg(&image)
+        .args([
+            "--regions",
+            "2",
+            "--shuffle",
+            "--threads",
+            "2",
+            "--connect-timeout",
+            "10",
+            "--timeout",
+            "60",
+        ])
+        .output()
+        .expect("fake-vmm");
+    let json: Value = serde_json::from_slice(&vmm.stdout).expect("fake-vmm JSON");
+    assert_verified(&json, vmm.status.code().unwrap_or(-1));
+    let mut handler = handler;
+    let ended = wait_until(Duration::from_secs(30), || {
+        matches!(handler.try_wait(), Ok(Some(_)))
+    });
+    if !ended {
+        let _ = handler.kill();
+    }
+    let out = handler.wait_with_output().expect("handler output");
+    assert!(ended, "postcopy handler --once did not exit after its VMM");
+    let _ = serve.kill();
+    let _ = serve.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(report["outcome"], "complete", "{report}");
+    assert_eq!(report["regions"], 2);
+    assert!(report["restore_seconds"].as_f64().is_some(), "{report}");
+}
