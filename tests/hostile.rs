@@ -1056,3 +1056,69 @@ fn hostile_zero_map() {
         assert!(elapsed < Duration::from_secs(2), "took {elapsed:?} ({msg})");
     }
 }
+
+#[test]
+fn source_rejects_wrong_version() {
+    hostile_source(0, |addr, _| {
+        let mut s = client(addr);
+        let mut bad = encode(&Frame::Hello {
+            session: 0,
+            role: Role::Urgent,
+            worker: 0,
+            workers: 1,
+        });
+        bad[4] = 9;
+        send(&mut s, &bad);
+        expect_error_and_close(&mut s, "protocol version 9 not supported");
+    });
+}
+
+#[test]
+fn source_rejects_duplicated_handshake() {
+    hostile_source(1, |addr, _| {
+        let (mut s, _) = handshake(addr);
+        send(
+            &mut s,
+            &encode(&Frame::Hello {
+                session: 0,
+                role: Role::Urgent,
+                worker: 0,
+                workers: 1,
+            }),
+        );
+        expect_error_and_close(&mut s, "unexpected Hello frame");
+    });
+}
+
+#[test]
+fn source_rejects_lengths_past_the_frame() {
+    hostile_source(2, |addr, _| {
+        // A Request announcing a body (requests have none).
+        let (mut s, _) = handshake(addr);
+        let mut h = Header::request(0, 0, 1);
+        h.body_len = 16;
+        send(&mut s, &header_bytes(&h));
+        expect_error_and_close(&mut s, "has a body of 16 bytes");
+        // An Error frame announcing more than an error may carry: refused before reading it.
+        let (mut s, _) = handshake(addr);
+        let mut h = Header::control(Kind::End, 0);
+        h.kind = Kind::Error;
+        h.body_len = 1 << 30;
+        send(&mut s, &header_bytes(&h));
+        expect_error_and_close(&mut s, "allowed: 4096");
+    });
+}
+
+#[test]
+fn duplicated_welcome_mid_session_is_refused() {
+    let image = fake_image();
+    let welcome = welcome_for(&image, SESSION);
+    let h = engine_vs_fake(1, false, &[LEGIT], move |c| {
+        // A second Welcome where a reply is expected.
+        let _ = read_frame(&mut c.urgent[0], None);
+        c.urgent(0, &welcome);
+        c.hold_until_engine_closes();
+    });
+    h.assert_error_names("unexpected Welcome frame");
+    h.assert_placed_exactly(&[]);
+}
