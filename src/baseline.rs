@@ -36,6 +36,11 @@ pub fn start(
     ram: Arc<DestRam>,
     config: &EngineConfig,
 ) -> Result<EngineHandle, DestError> {
+    if config.key.is_some() {
+        return Err(DestError::Unsupported(
+            "the baseline handler is deliberately simple: it runs without authentication".into(),
+        ));
+    }
     let uffd = Arc::new(register_shard(&ram, |pages| (0, pages))?);
     let session = connected.welcome.session;
     let mut jobs: Vec<(String, usize, Job)> = Vec::new();
@@ -50,7 +55,7 @@ pub fn start(
             workers: 1,
             ..config.clone()
         };
-        let (stream, _, _) = open_connection(&cfg, session, Role::Bulk, 0)?;
+        let stream = open_connection(&cfg, session, Role::Bulk, 0)?.stream;
         let (u, r) = (uffd, ram.clone());
         jobs.push((
             "baseline-stream".into(),

@@ -104,6 +104,7 @@ fn measure(addr: &str, handler: Handler, mode: &str, cfg: &BenchConfig) -> Measu
         zero_fill: d.zero_fill,
         max_streams: d.max_streams,
         precopy: false,
+        key: None,
     };
     let mut m = Measurement {
         handler: format!("{handler:?}").to_lowercase(),

@@ -88,6 +88,11 @@ pub enum Kind {
     /// source → destination on a verify connection: xxh3 checksums of `mask` pages of `block`
     /// from `page`, 8 bytes each (the content at switchover).
     Checksums = 12,
+    /// source → destination, first frame of an authenticated connection: a 32-byte nonce.
+    Challenge = 13,
+    /// The answers to a `Challenge`: destination → source `nonce_d ‖ proof` (64 bytes), source
+    /// → destination `proof` (32 bytes). See [`crate::auth`].
+    Auth = 14,
 }
 
 impl Kind {
@@ -105,6 +110,8 @@ impl Kind {
             10 => Kind::Discard,
             11 => Kind::Round,
             12 => Kind::Checksums,
+            13 => Kind::Challenge,
+            14 => Kind::Auth,
             _ => return None,
         })
     }
@@ -294,6 +301,15 @@ impl Header {
         }
     }
 
+    /// `Challenge` or `Auth` header for a body of `body_len` bytes.
+    pub fn auth(kind: Kind, body_len: u32) -> Header {
+        debug_assert!(matches!(kind, Kind::Challenge | Kind::Auth));
+        Header {
+            body_len,
+            ..Header::bare(kind)
+        }
+    }
+
     /// `Round` header: precopy round `round` sent `pages` pages.
     pub fn round(round: u64, pages: u64) -> Header {
         Header {
@@ -434,6 +450,8 @@ impl Header {
             Kind::Hello | Kind::Request | Kind::Run | Kind::End | Kind::Ack | Kind::Round => 0,
             Kind::Discard => (usize::from(MAX_DISCARD_RANGES) * DISCARD_RANGE_BYTES) as u64,
             Kind::Checksums => MAX_CHECKSUMS * 8,
+            Kind::Challenge => 32,
+            Kind::Auth => 64,
             Kind::Welcome => u64::from(MAX_CONTROL_BODY),
             Kind::Error => MAX_ERROR_BYTES as u64,
             Kind::ZeroMap => u64::from(MAX_ZERO_MAP_BYTES),
@@ -504,6 +522,13 @@ impl Header {
                     kind,
                     count: h.count,
                     max: MAX_DISCARD_RANGES,
+                })
+            }
+            Kind::Challenge | Kind::Auth if h.body_len != 32 && h.body_len != 64 => {
+                return Err(CodecError::BodyLength {
+                    kind,
+                    len: h.body_len,
+                    max: 64,
                 })
             }
             Kind::Checksums
@@ -883,6 +908,10 @@ pub enum Frame {
         /// Pages sent in it.
         pages: u64,
     },
+    /// An authentication challenge (a nonce).
+    Challenge(Vec<u8>),
+    /// An authentication answer.
+    Auth(Vec<u8>),
     /// Checksums of `sums.len()` pages of `block` from `page`.
     Checksums {
         /// Block.
@@ -947,6 +976,15 @@ impl Frame {
                 }
             }
             Frame::Round { round, pages } => Header::round(*round, *pages).encode_into(out),
+            Frame::Challenge(b) | Frame::Auth(b) => {
+                let kind = if matches!(self, Frame::Challenge(_)) {
+                    Kind::Challenge
+                } else {
+                    Kind::Auth
+                };
+                Header::auth(kind, b.len() as u32).encode_into(out);
+                out.extend_from_slice(b);
+            }
             Frame::Checksums { block, page, sums } => {
                 Header::checksums(*block, *page, sums.len() as u64).encode_into(out);
                 for s in sums {
@@ -1020,6 +1058,8 @@ impl Frame {
                     ranges,
                 }
             }
+            Kind::Challenge => Frame::Challenge(body.to_vec()),
+            Kind::Auth => Frame::Auth(body.to_vec()),
             Kind::Round => Frame::Round {
                 round: h.page,
                 pages: h.mask,
@@ -1133,6 +1173,8 @@ mod tests {
                 }
             }),
             (any::<u64>(), any::<u64>()).prop_map(|(round, pages)| Frame::Round { round, pages }),
+            proptest::collection::vec(any::<u8>(), 32).prop_map(Frame::Challenge),
+            proptest::collection::vec(any::<u8>(), 64).prop_map(Frame::Auth),
             (0u64..256, proptest::collection::vec(any::<u64>(), 1..=64)).prop_map(
                 |(page, sums)| {
                     let page = page.min(256 - sums.len() as u64);

@@ -85,6 +85,8 @@ pub struct DemoConfig {
     pub dirty_rate: u64,
     /// When precopy switches over (passed to the local source).
     pub precopy_limits: PrecopyLimits,
+    /// The pre-shared key file both sides use (`None`: no authentication).
+    pub key_file: Option<PathBuf>,
 }
 
 /// A `postcopy serve --synthetic` child process on 127.0.0.1, killed on drop.
@@ -123,6 +125,10 @@ impl SourceProcess {
         if once {
             cmd.arg("--once");
         }
+        match &cfg.key_file {
+            Some(k) => cmd.arg("--key-file").arg(k),
+            None => cmd.arg("--insecure"),
+        };
         if cfg.live {
             cmd.arg("--live")
                 .arg("--dirty-rate")
@@ -206,6 +212,8 @@ pub struct RunSpec {
     pub max_streams: usize,
     /// Offer the source a precopy phase (engine only).
     pub precopy: bool,
+    /// Authenticate with this key (engine only).
+    pub key: Option<crate::auth::Key>,
 }
 
 /// What one migration did.
@@ -270,6 +278,7 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         zero_fill: spec.zero_fill,
         max_streams: spec.max_streams,
         precopy: spec.precopy,
+        key: spec.key.clone(),
         ..EngineConfig::default()
     };
     let mut connected = dest::connect(&engine_cfg)?;
@@ -414,6 +423,10 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             zero_fill: cfg.zero_fill,
             max_streams: cfg.max_streams,
             precopy: cfg.precopy,
+            key: match &cfg.key_file {
+                Some(k) => Some(crate::auth::Key::from_file(k).map_err(DestError::from)?),
+                None => None,
+            },
         },
     )?;
     if let Some(c) = child.as_mut() {

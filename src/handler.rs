@@ -64,6 +64,8 @@ pub struct HandlerConfig {
     pub stall_timeout: Duration,
     /// Per-VMM lines on stderr.
     pub verbose: bool,
+    /// The pre-shared key for the source ([`crate::auth`]); `None`: no authentication.
+    pub key: Option<crate::auth::Key>,
 }
 
 impl Default for HandlerConfig {
@@ -77,6 +79,7 @@ impl Default for HandlerConfig {
             connect_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(30),
             verbose: true,
+            key: None,
         }
     }
 }
@@ -246,6 +249,7 @@ fn serve_vmm_inner(
         } else {
             ZeroFill::Zeropage
         },
+        key: config.key.clone(),
         ..EngineConfig::default()
     };
     let uffd = Uffd::from_fd(h.uffd);

@@ -20,6 +20,7 @@
 //! - [`probe`]: can this host do postcopy.
 #![deny(missing_docs)]
 
+pub mod auth;
 pub mod baseline;
 pub mod bench;
 pub mod codec;

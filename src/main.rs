@@ -83,7 +83,36 @@ impl RunArgs {
             precopy: false,
             dirty_rate: 0,
             precopy_limits: PrecopyLimits::default(),
+            key_file: None,
         })
+    }
+}
+
+/// Authentication: on unless `--insecure` is given.
+#[derive(clap::Args, Debug)]
+struct AuthArgs {
+    /// Pre-shared key file (the same on both hosts; at least 16 random bytes, e.g. `head -c 32
+    /// /dev/urandom > key`): every connection proves it holds the key, every frame is MACed.
+    #[arg(long, conflicts_with = "insecure")]
+    key_file: Option<PathBuf>,
+    /// Run without authentication (a trusted network only: anyone who can connect can read
+    /// and place memory).
+    #[arg(long)]
+    insecure: bool,
+}
+
+impl AuthArgs {
+    /// The key, `None` with `--insecure`, or an error saying what to pass.
+    fn key(&self, what: &str) -> Result<Option<postcopy::auth::Key>, String> {
+        match (&self.key_file, self.insecure) {
+            (Some(path), _) => postcopy::auth::Key::from_file(path)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            (None, true) => Ok(None),
+            (None, false) => Err(format!(
+                "{what} authenticates its peers: pass --key-file FILE (the same file on both hosts; create one with `head -c 32 /dev/urandom > FILE`), or --insecure on a trusted network"
+            )),
+        }
     }
 }
 
@@ -174,6 +203,8 @@ enum Cmd {
         dirty_rate: u64,
         #[command(flatten)]
         precopy: PrecopyArgs,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
     /// The embedded default: migrate a synthetic image in postcopy from a source process to
     /// this one, with a workload that verifies every page, and print a report.
@@ -205,6 +236,12 @@ enum Cmd {
         dirty_rate: u64,
         #[command(flatten)]
         precopy_limits: PrecopyArgs,
+        /// Pre-shared key file for both sides (default: a fresh random key for this run).
+        #[arg(long, conflicts_with = "insecure")]
+        key_file: Option<PathBuf>,
+        /// No authentication between the two processes.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Serve VMMs that hand over their userfaultfd over a Unix socket (Firecracker's `Uffd`
     /// snapshot memory backend, JSON of v1.1 to v1.16), with pages from a remote `postcopy
@@ -228,6 +265,8 @@ enum Cmd {
         /// No per-VMM lines on stderr.
         #[arg(long, short)]
         quiet: bool,
+        #[command(flatten)]
+        auth: AuthArgs,
     },
     /// Measure the engine against a simple baseline handler in one run: time to all pages,
     /// stream-only throughput, fault latency with and without the stream; medians and ratios.
@@ -312,7 +351,12 @@ fn main() -> ExitCode {
             live,
             dirty_rate,
             precopy,
+            auth,
         } => {
+            let key = match auth.key("postcopy serve") {
+                Ok(k) => k,
+                Err(e) => return fail(&e),
+            };
             let img: Arc<dyn Image> = match (image, synthetic) {
                 (Some(path), _) => match FileImage::open(&path, page_size) {
                     Ok(i) => Arc::new(i),
@@ -331,6 +375,7 @@ fn main() -> ExitCode {
                 urgent_delay: Duration::from_millis(debug_urgent_delay_ms),
                 verbose: !quiet,
                 precopy: precopy.limits(),
+                key,
                 ..SourceConfig::default()
             };
             let bound = if live {
@@ -368,6 +413,8 @@ fn main() -> ExitCode {
             precopy,
             dirty_rate,
             precopy_limits,
+            key_file,
+            insecure,
         } => {
             let mut cfg = match run.demo_config(zero_percent) {
                 Ok(c) => c,
@@ -380,7 +427,27 @@ fn main() -> ExitCode {
             cfg.precopy = precopy == OnOff::On;
             cfg.dirty_rate = dirty_rate;
             cfg.precopy_limits = precopy_limits.limits();
-            let r = match demo::run(&cfg) {
+            // Authenticated by default, with a throwaway key unless one is given.
+            let mut temp_key = None;
+            cfg.key_file = match (key_file, insecure) {
+                (Some(k), _) => Some(k),
+                (None, true) => None,
+                (None, false) => {
+                    let path = std::env::temp_dir()
+                        .join(format!("postcopy-demo-{}.key", std::process::id()));
+                    let _ = std::fs::remove_file(&path);
+                    if let Err(e) = postcopy::auth::Key::generate_file(&path) {
+                        return fail(&e);
+                    }
+                    temp_key = Some(path.clone());
+                    Some(path)
+                }
+            };
+            let result = demo::run(&cfg);
+            if let Some(p) = temp_key {
+                let _ = std::fs::remove_file(p);
+            }
+            let r = match result {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };
@@ -404,8 +471,14 @@ fn main() -> ExitCode {
             no_stream,
             stall_timeout,
             quiet,
+            auth,
         } => {
+            let key = match auth.key("postcopy handler") {
+                Ok(k) => k,
+                Err(e) => return fail(&e),
+            };
             let config = postcopy::handler::HandlerConfig {
+                key,
                 socket,
                 source,
                 once,

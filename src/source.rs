@@ -32,6 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::auth::{FrameMac, Key, NONCE_BYTES, TAG_BYTES};
+use crate::codec::Frame;
 use crate::codec::{
     self, max_batch_pages, CodecError, DiscardSender, Header, Kind, Role, Welcome, HEADER_BYTES,
 };
@@ -75,6 +77,9 @@ pub enum SourceError {
         /// Its message.
         message: String,
     },
+    /// A peer failed authentication, or a frame its integrity check.
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthError),
     /// Dirty tracking failed during precopy.
     #[error("precopy: {0}")]
     Dirty(#[from] DirtyError),
@@ -112,6 +117,9 @@ pub struct SourceConfig {
     pub verbose: bool,
     /// When precopy (offered by the destination) switches over.
     pub precopy: PrecopyLimits,
+    /// The pre-shared key: every connection must prove it holds it, every frame is MACed
+    /// ([`crate::auth`]). `None`: no authentication (a trusted network only).
+    pub key: Option<Key>,
 }
 
 /// When precopy stops sending rounds and switches over to postcopy. The first round (every
@@ -158,6 +166,7 @@ impl Default for SourceConfig {
             urgent_delay: Duration::ZERO,
             verbose: true,
             precopy: PrecopyLimits::default(),
+            key: None,
         }
     }
 }
@@ -245,19 +254,19 @@ impl Session {
         }
     }
 
-    /// Writes `out` to the destination, counts it, and empties it.
+    /// Writes the frames in `out` to the destination (each with its MAC on an authenticated
+    /// link), counts them, and empties `out`.
     fn flush(
         &self,
-        stream: &mut TcpStream,
+        link: &mut Link,
         out: &mut Vec<u8>,
         what: &str,
         peer: SocketAddr,
     ) -> Result<(), SourceError> {
-        stream
-            .write_all(out)
+        let n = link
+            .write_frames(out)
             .map_err(io_err(format!("{what} to {peer}")))?;
-        self.bytes_sent
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
         out.clear();
         Ok(())
     }
@@ -425,6 +434,7 @@ fn read_frame(
     r: &mut impl Read,
     peer: SocketAddr,
     body: &mut Vec<u8>,
+    rx: Option<&mut FrameMac>,
 ) -> Result<Option<Header>, SourceError> {
     let mut head = [0u8; HEADER_BYTES];
     match r.read_exact(&mut head) {
@@ -449,23 +459,122 @@ fn read_frame(
         r.read_exact(body)
             .map_err(io_err(format!("read frame body from {peer}")))?;
     }
+    if let Some(rx) = rx {
+        let mut tag = [0u8; TAG_BYTES];
+        r.read_exact(&mut tag)
+            .map_err(io_err(format!("read frame MAC from {peer}")))?;
+        rx.open(&head, body, &tag)?;
+    }
     Ok(Some(h))
 }
 
-fn send_error(stream: &mut TcpStream, message: &str) {
-    let mut out = Vec::new();
-    codec::encode_error(message, &mut out);
-    let _ = stream.write_all(&out);
-    let _ = stream.shutdown(std::net::Shutdown::Write);
+/// A connection to a destination: its socket and, once authenticated, the MACs of its frames.
+struct Link {
+    stream: TcpStream,
+    tx: Option<FrameMac>,
+    rx: Option<FrameMac>,
+    /// Frames with their MACs, on their way out.
+    sealed: Vec<u8>,
 }
 
-fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+impl Link {
+    fn new(stream: TcpStream) -> Link {
+        Link {
+            stream,
+            tx: None,
+            rx: None,
+            sealed: Vec::new(),
+        }
+    }
+
+    /// Writes whole frames, sealing each when authenticated; returns the bytes written.
+    fn write_frames(&mut self, frames: &[u8]) -> std::io::Result<usize> {
+        match &mut self.tx {
+            None => {
+                self.stream.write_all(frames)?;
+                Ok(frames.len())
+            }
+            Some(tx) => {
+                self.sealed.clear();
+                tx.seal_frames(frames, &mut self.sealed);
+                self.stream.write_all(&self.sealed)?;
+                Ok(self.sealed.len())
+            }
+        }
+    }
+
+    /// Reads the next frame (its MAC checked on an authenticated link).
+    fn read_frame(
+        &mut self,
+        peer: SocketAddr,
+        body: &mut Vec<u8>,
+    ) -> Result<Option<Header>, SourceError> {
+        read_frame(&mut self.stream, peer, body, self.rx.as_mut())
+    }
+}
+
+/// The source's side of the challenge-response ([`crate::auth`]): on success the link's frames
+/// are sealed and checked from now on.
+fn authenticate(link: &mut Link, key: &Key, peer: SocketAddr) -> Result<(), SourceError> {
+    let nonce_s: [u8; NONCE_BYTES] = crate::auth::random()?;
+    let mut out = Vec::with_capacity(128);
+    Frame::Challenge(nonce_s.to_vec()).encode_into(&mut out);
+    link.stream
+        .write_all(&out)
+        .map_err(io_err(format!("send Challenge to {peer}")))?;
+    let mut body = Vec::new();
+    match read_frame(&mut link.stream, peer, &mut body, None)? {
+        Some(h) if h.kind == Kind::Auth && body.len() == 2 * NONCE_BYTES => {}
+        Some(h) => {
+            return Err(SourceError::Protocol {
+                peer,
+                source: CodecError::Unexpected {
+                    got: h.kind,
+                    expected:
+                        "Auth (this source requires a key: start the destination with --key-file)",
+                },
+            })
+        }
+        None => {
+            return Err(SourceError::Auth(crate::auth::AuthError::BadProof));
+        }
+    }
+    let nonce_d: [u8; NONCE_BYTES] = body[..NONCE_BYTES].try_into().expect("32 bytes");
+    Key::check(&key.dest_proof(&nonce_s, &nonce_d), &body[NONCE_BYTES..])?;
+    out.clear();
+    Frame::Auth(key.source_proof(&nonce_s, &nonce_d).to_vec()).encode_into(&mut out);
+    link.stream
+        .write_all(&out)
+        .map_err(io_err(format!("send Auth to {peer}")))?;
+    let (s2d, d2s) = key.frame_keys(&nonce_s, &nonce_d);
+    link.tx = Some(s2d);
+    link.rx = Some(d2s);
+    Ok(())
+}
+
+fn send_error(link: &mut Link, message: &str) {
+    let mut out = Vec::new();
+    codec::encode_error(message, &mut out);
+    let _ = link.write_frames(&out);
+    let _ = link.stream.shutdown(std::net::Shutdown::Write);
+}
+
+fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(shared.config.handshake_timeout));
     let _ = stream.set_write_timeout(Some(shared.config.write_timeout));
+    let mut link = Link::new(stream);
+    if let Some(key) = &shared.config.key {
+        // Nobody without the key gets past this: no session, no page.
+        if let Err(e) = authenticate(&mut link, key, peer) {
+            log(&shared, format_args!("{peer}: authentication: {e}"));
+            send_error(&mut link, &format!("authentication: {e}"));
+            return;
+        }
+    }
     let mut body = Vec::new();
-    let hello = match read_frame(&mut stream, peer, &mut body) {
+    let hello = match link.read_frame(peer, &mut body) {
         Ok(Some(h)) if h.kind == Kind::Hello => h,
         Ok(Some(h)) => {
             let e = CodecError::Unexpected {
@@ -473,13 +582,13 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
                 expected: "Hello",
             };
             log(&shared, format_args!("{peer}: {e}"));
-            send_error(&mut stream, &format!("handshake: {e}"));
+            send_error(&mut link, &format!("handshake: {e}"));
             return;
         }
         Ok(None) => return,
         Err(e) => {
             log(&shared, format_args!("{peer}: handshake failed: {e}"));
-            send_error(&mut stream, &format!("handshake: {e}"));
+            send_error(&mut link, &format!("handshake: {e}"));
             return;
         }
     };
@@ -492,14 +601,14 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
             if role != Role::Urgent || worker != 0 {
                 drop(sessions);
                 send_error(
-                    &mut stream,
+                    &mut link,
                     "handshake: a new session starts on worker 0's urgent connection",
                 );
                 return;
             }
             if sessions.len() >= shared.config.max_sessions {
                 drop(sessions);
-                send_error(&mut stream, "source busy: too many sessions; retry later");
+                send_error(&mut link, "source busy: too many sessions; retry later");
                 return;
             }
             let id = shared.next_id.fetch_add(2, Ordering::Relaxed);
@@ -536,7 +645,7 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
                 Some(_) => {
                     drop(sessions);
                     send_error(
-                        &mut stream,
+                        &mut link,
                         "handshake: session is finished or the worker count differs",
                     );
                     return;
@@ -544,7 +653,7 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
                 None => {
                     drop(sessions);
                     send_error(
-                        &mut stream,
+                        &mut link,
                         &format!("handshake: unknown session {:#x}", hello.page),
                     );
                     return;
@@ -555,7 +664,7 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         if session.connections.load(Ordering::Acquire) > 2 * usize::from(workers) {
             drop(sessions);
             send_error(
-                &mut stream,
+                &mut link,
                 "handshake: too many connections for this session",
             );
             return;
@@ -573,7 +682,7 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         if live.is_none() {
             let e = SourceError::LiveUsed;
             log(&shared, format_args!("{peer}: {e}"));
-            send_error(&mut stream, &e.to_string());
+            send_error(&mut link, &e.to_string());
             session.fail(e.to_string());
             finish_connection(&shared, &session);
             return;
@@ -600,20 +709,20 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
         // nor the stream needs to carry them.
         encode_zero_map(shared.image.as_ref(), &session, &mut out);
     }
-    let result = stream
-        .write_all(&out)
+    let result = link
+        .write_frames(&out)
         .map_err(io_err(format!("send Welcome to {peer}")))
-        .and_then(|()| {
-            let _ = stream.set_read_timeout(None);
+        .and_then(|_| {
+            let _ = link.stream.set_read_timeout(None);
             if precopy {
                 out.clear();
-                run_precopy(&shared, &session, &mut stream, peer, live.as_mut())?;
+                run_precopy(&shared, &session, &mut link, peer, live.as_mut())?;
             }
             drop(live.take());
             match role {
-                Role::Urgent => serve_urgent(&shared, &session, &mut stream, peer, worker),
-                Role::Bulk => serve_bulk(&shared, &session, &mut stream, peer, worker),
-                Role::Verify => serve_verify(&shared, &session, &mut stream, peer),
+                Role::Urgent => serve_urgent(&shared, &session, &mut link, peer, worker),
+                Role::Bulk => serve_bulk(&shared, &session, &mut link, peer, worker),
+                Role::Verify => serve_verify(&shared, &session, &mut link, peer),
             }
         });
     if let Err(e) = result {
@@ -622,7 +731,7 @@ fn serve_connection(shared: Arc<Shared>, mut stream: TcpStream, peer: SocketAddr
             format_args!("session {:#x} {peer}: {e}", session.id),
         );
         if let SourceError::Protocol { .. } = e {
-            send_error(&mut stream, &e.to_string());
+            send_error(&mut link, &e.to_string());
         }
         if !session.finished.load(Ordering::Acquire) {
             session.fail(e.to_string());
@@ -685,7 +794,7 @@ fn merge_ranges(ranges: &mut Vec<(u64, u64)>) {
 fn send_ranges(
     shared: &Shared,
     session: &Session,
-    stream: &mut TcpStream,
+    link: &mut Link,
     peer: SocketAddr,
     block: u32,
     ranges: &[(u64, u64)],
@@ -705,7 +814,7 @@ fn send_ranges(
             sent += pages;
             p += k;
             if out.len() >= 1 << 20 {
-                session.flush(stream, out, "send precopy pages", peer)?;
+                session.flush(link, out, "send precopy pages", peer)?;
             }
         }
     }
@@ -718,7 +827,7 @@ fn send_ranges(
 fn run_precopy(
     shared: &Shared,
     session: &Session,
-    stream: &mut TcpStream,
+    link: &mut Link,
     peer: SocketAddr,
     mut live: Option<&mut LiveParts>,
 ) -> Result<(), SourceError> {
@@ -739,7 +848,7 @@ fn run_precopy(
         total += send_ranges(
             shared,
             session,
-            stream,
+            link,
             peer,
             b as u32,
             &[(0, block.pages())],
@@ -749,7 +858,7 @@ fn run_precopy(
         session.sent[b].set_range(0, block.pages());
     }
     Header::round(1, total).encode_into(&mut out);
-    session.flush(stream, &mut out, "send precopy round", peer)?;
+    session.flush(link, &mut out, "send precopy round", peer)?;
     round_pages.push(total);
     let mut dirty: Vec<Vec<(u64, u64)>> = vec![Vec::new(); layout.blocks.len()];
     if let Some(l) = live.as_mut() {
@@ -769,7 +878,7 @@ fn run_precopy(
                 send_ranges(
                     shared,
                     session,
-                    stream,
+                    link,
                     peer,
                     b as u32,
                     ranges,
@@ -780,14 +889,14 @@ fn run_precopy(
             }
             round_pages.push(pages);
             Header::round(round_pages.len() as u64, pages).encode_into(&mut out);
-            session.flush(stream, &mut out, "send precopy round", peer)?;
+            session.flush(link, &mut out, "send precopy round", peer)?;
         }
     }
     // Before stopping the workload, wait until the destination has taken in everything sent
     // (it acknowledges each round): bytes still in socket buffers (tens of MiB on loopback)
     // would otherwise be drained during the downtime. Writes meanwhile land in the final set.
     wait_round_ack(
-        stream,
+        link,
         peer,
         round_pages.len() as u64,
         shared.config.write_timeout,
@@ -822,7 +931,7 @@ fn run_precopy(
         stats.discarded = discarded;
     }
     Header::run(dirty_pages, stopped_unix_us).encode_into(&mut out);
-    session.flush(stream, &mut out, "send discards and Run", peer)?;
+    session.flush(link, &mut out, "send discards and Run", peer)?;
     // Unregistering write-protection walks the whole range (~25 ms per GiB here): after Run,
     // outside the downtime.
     if let Some(l) = live.as_mut() {
@@ -835,15 +944,15 @@ fn run_precopy(
 
 /// Reads the destination's `Ack`s of precopy rounds until the one for `round`.
 fn wait_round_ack(
-    stream: &mut TcpStream,
+    link: &mut Link,
     peer: SocketAddr,
     round: u64,
     timeout: Duration,
 ) -> Result<(), SourceError> {
-    let _ = stream.set_read_timeout(Some(timeout));
+    let _ = link.stream.set_read_timeout(Some(timeout));
     let mut body = Vec::new();
     loop {
-        match read_frame(stream, peer, &mut body)? {
+        match link.read_frame(peer, &mut body)? {
             Some(h) if h.kind == Kind::Ack && h.page == round => break,
             Some(h) if h.kind == Kind::Ack && h.page < round => {}
             Some(h) if h.kind == Kind::Error => {
@@ -869,7 +978,7 @@ fn wait_round_ack(
             }
         }
     }
-    let _ = stream.set_read_timeout(None);
+    let _ = link.stream.set_read_timeout(None);
     Ok(())
 }
 
@@ -878,11 +987,11 @@ fn wait_round_ack(
 fn serve_verify(
     shared: &Shared,
     session: &Session,
-    stream: &mut TcpStream,
+    link: &mut Link,
     peer: SocketAddr,
 ) -> Result<(), SourceError> {
     let mut body = Vec::new();
-    match read_frame(stream, peer, &mut body)? {
+    match link.read_frame(peer, &mut body)? {
         Some(h) if h.kind == Kind::Run => {}
         None => return Ok(()),
         Some(h) => {
@@ -920,14 +1029,14 @@ fn serve_verify(
                 };
                 out.extend_from_slice(&sum.to_le_bytes());
             }
-            session.flush(stream, &mut out, "send checksums", peer)?;
+            session.flush(link, &mut out, "send checksums", peer)?;
             first += n;
         }
     }
     Header::control(Kind::End, layout.total_pages()).encode_into(&mut out);
-    session.flush(stream, &mut out, "send checksums", peer)?;
+    session.flush(link, &mut out, "send checksums", peer)?;
     let mut sink = [0u8; 64];
-    let _ = stream.read(&mut sink);
+    let _ = link.stream.read(&mut sink);
     Ok(())
 }
 
@@ -1042,7 +1151,7 @@ fn encode_run(
 fn serve_urgent(
     shared: &Shared,
     session: &Session,
-    stream: &mut TcpStream,
+    link: &mut Link,
     peer: SocketAddr,
     worker: u16,
 ) -> Result<(), SourceError> {
@@ -1055,13 +1164,13 @@ fn serve_urgent(
     let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut reader = BufReader::with_capacity(
         64 * 1024,
-        stream.try_clone().map_err(io_err("clone socket"))?,
+        link.stream.try_clone().map_err(io_err("clone socket"))?,
     );
     let mut body = Vec::new();
     let mut prefetch = 0u64;
     let mut prefetch_next: Option<(u32, u64)> = None;
     loop {
-        let Some(h) = read_frame(&mut reader, peer, &mut body)? else {
+        let Some(h) = read_frame(&mut reader, peer, &mut body, link.rx.as_mut())? else {
             return Err(SourceError::Incomplete {
                 session: session.id,
                 reason: format!("worker {worker}'s urgent connection closed without End"),
@@ -1141,7 +1250,7 @@ fn serve_urgent(
             Kind::End => {
                 session.ends_seen.fetch_add(1, Ordering::AcqRel);
                 Header::control(Kind::Ack, h.page).encode_into(&mut out);
-                session.flush(stream, &mut out, "send Ack", peer)?;
+                session.flush(link, &mut out, "send Ack", peer)?;
                 if session.ends_seen.load(Ordering::Acquire) >= usize::from(session.workers) {
                     session.finished.store(true, Ordering::Release);
                 }
@@ -1165,7 +1274,7 @@ fn serve_urgent(
         }
         // Answer everything that arrived together in one write; never sit on a reply.
         if reader.buffer().is_empty() || out.len() >= (1 << 20) {
-            session.flush(stream, &mut out, "send pages", peer)?;
+            session.flush(link, &mut out, "send pages", peer)?;
         }
     }
 }
@@ -1173,7 +1282,7 @@ fn serve_urgent(
 fn serve_bulk(
     shared: &Shared,
     session: &Session,
-    stream: &mut TcpStream,
+    link: &mut Link,
     peer: SocketAddr,
     worker: u16,
 ) -> Result<(), SourceError> {
@@ -1235,14 +1344,14 @@ fn serve_bulk(
             session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
             p = first + n;
             if out.len() >= FLUSH_BYTES {
-                session.flush(stream, &mut out, "stream pages", peer)?;
+                session.flush(link, &mut out, "stream pages", peer)?;
             }
         }
     }
     Header::control(Kind::End, streamed).encode_into(&mut out);
-    session.flush(stream, &mut out, "stream pages", peer)?;
+    session.flush(link, &mut out, "stream pages", peer)?;
     // Hold the connection until the destination closes it (it may still be placing pages).
     let mut sink = [0u8; 64];
-    let _ = stream.read(&mut sink);
+    let _ = link.stream.read(&mut sink);
     Ok(())
 }

@@ -491,6 +491,7 @@ fn baseline_handler_verifies() {
                     zero_fill: ZeroFill::Zeropage,
                     max_streams: 0,
                     precopy: false,
+                    key: None,
                 },
             )
         });

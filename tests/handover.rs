@@ -451,9 +451,13 @@ fn cli_serve_and_handler_restore_a_vmm() {
     let image = dir.0.join("vm.mem");
     image_file(&image, SIZE);
     let exe = env!("CARGO_BIN_EXE_postcopy");
+    let key = dir.0.join("key");
+    std::fs::write(&key, b"a test key of thirty-two bytes!!").unwrap();
     let mut serve = Command::new(exe)
         .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--image"])
         .arg(&image)
+        .arg("--key-file")
+        .arg(&key)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -475,6 +479,8 @@ fn cli_serve_and_handler_restore_a_vmm() {
             "handler", "--once", "--quiet", "--source", &addr, "--socket",
         ])
         .arg(&socket)
+        .arg("--key-file")
+        .arg(&key)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -102,6 +102,7 @@ fn run_spec(precopy: bool) -> postcopy::demo::RunSpec {
         zero_fill: postcopy::dest::ZeroFill::Zeropage,
         max_streams: 0,
         precopy,
+        key: None,
     }
 }
 

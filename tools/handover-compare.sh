@@ -28,7 +28,8 @@ with open(path, "wb") as f:
         f.write(zero if i % 4 == 0 else os.urandom(4096))
 PY
 port=$((20000 + RANDOM % 20000))
-$bin serve --listen 127.0.0.1:$port --image "$img" --quiet >/dev/null 2>&1 &
+head -c 32 /dev/urandom >"$tmp/key"   # authenticated, as in production
+$bin serve --listen 127.0.0.1:$port --image "$img" --quiet --key-file "$tmp/key" >/dev/null 2>&1 &
 src=$!
 sleep 0.5
 vmm() { $t/fake-vmm --socket "$1" --image "$img" --threads 2 --warmup --only-missing --connect-timeout 10; }
@@ -38,7 +39,7 @@ l = v["fault_latency_us"] or {}
 print("%-9s verified %s  restore %.3f s  faults %d  p50 %.1f us  p99 %.1f us" % (
     sys.argv[2], v["verified"], v["seconds_touch"], l.get("count", 0), l.get("p50", 0), l.get("p99", 0)))'
 for i in $(seq "$runs"); do
-  $bin handler --socket "$tmp/h.sock" --source 127.0.0.1:$port --once --quiet >"$tmp/h.json" &
+  $bin handler --socket "$tmp/h.sock" --source 127.0.0.1:$port --once --quiet --key-file "$tmp/key" >"$tmp/h.json" &
   h=$!
   vmm "$tmp/h.sock" >"$tmp/ours.json"; wait $h
   python3 -c "$summary" "$tmp/ours.json" "ours"

@@ -7,11 +7,15 @@
 //! `UFFDIO_ZEROPAGE` when the workers start, so untouched memory stays unallocated), and
 //! `Discard` ranges drop pages the source's workload wrote after they were sent.
 
-use std::io::{BufReader, Read, Write};
+use std::io::{BufReader, Read};
 use std::net::TcpStream;
 use std::time::Instant;
 
-use super::{io_err, open_connection, Connected, DestError, DestRam, EngineConfig};
+use super::{
+    io_err, open_connection, read_and_check_tag, write_frames, Connected, DestError, DestRam,
+    EngineConfig,
+};
+use crate::auth::Channel;
 use crate::codec::{
     self, decode_discard, CodecError, Header, Kind, Role, DISCARD_RANGE_BYTES, HEADER_BYTES,
     MAX_BATCH_BYTES, MAX_DISCARD_RANGES,
@@ -88,6 +92,7 @@ pub fn receive_precopy(
         .set_read_timeout(Some(config.stall_timeout))
         .map_err(io_err("set precopy timeout"))?;
     let mut reader = BufReader::with_capacity(1 << 20, &connected.control);
+    let mut channel = connected.channel.take();
     let read_err = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => DestError::Stalled {
             seconds: config.stall_timeout.as_secs(),
@@ -109,6 +114,9 @@ pub fn receive_precopy(
                 let data = &mut body[..h.body_len as usize];
                 reader.read_exact(data).map_err(read_err)?;
                 report.bytes_received += u64::from(h.body_len);
+                if let Some(c) = channel.as_mut() {
+                    read_and_check_tag(&mut reader, &mut c.rx, &head, data, CONTEXT)?;
+                }
                 let (b, received) = (h.block as usize, &ram.received[h.block as usize]);
                 let mut at = 0;
                 for i in 0..u64::from(h.count) {
@@ -133,6 +141,9 @@ pub fn receive_precopy(
                 let data = &mut discard_body[..h.body_len as usize];
                 reader.read_exact(data).map_err(read_err)?;
                 report.bytes_received += u64::from(h.body_len);
+                if let Some(c) = channel.as_mut() {
+                    read_and_check_tag(&mut reader, &mut c.rx, &head, data, CONTEXT)?;
+                }
                 let mut result = Ok(());
                 decode_discard(&h, data, Some(layout), |first, pages| {
                     if result.is_ok() {
@@ -146,16 +157,25 @@ pub fn receive_precopy(
                 report.discard_frames += 1;
             }
             Kind::Round => {
+                if let Some(c) = channel.as_mut() {
+                    read_and_check_tag(&mut reader, &mut c.rx, &head, &[], CONTEXT)?;
+                }
                 report.round_pages.push(h.mask);
                 // Everything before it is in place: the source may stop its workload without
                 // leaving bytes in flight for the downtime.
                 let mut ack = [0u8; HEADER_BYTES];
                 Header::control(Kind::Ack, h.page).encode(&mut ack);
-                (&connected.control)
-                    .write_all(&ack)
-                    .map_err(io_err("acknowledge a precopy round"))?;
+                write_frames(
+                    &mut (&connected.control),
+                    channel.as_mut().map(|c| &mut c.tx),
+                    &ack,
+                    "acknowledge a precopy round",
+                )?;
             }
             Kind::Run => {
+                if let Some(c) = channel.as_mut() {
+                    read_and_check_tag(&mut reader, &mut c.rx, &head, &[], CONTEXT)?;
+                }
                 report.pages_dirty_at_switchover = h.page;
                 report.source_stopped_unix_us = h.mask;
                 break;
@@ -163,6 +183,9 @@ pub fn receive_precopy(
             Kind::Error => {
                 let mut msg = vec![0u8; h.body_len as usize];
                 reader.read_exact(&mut msg).map_err(read_err)?;
+                if let Some(c) = channel.as_mut() {
+                    read_and_check_tag(&mut reader, &mut c.rx, &head, &msg, CONTEXT)?;
+                }
                 return Err(DestError::Remote(codec::decode_error(&msg)));
             }
             other => {
@@ -181,6 +204,7 @@ pub fn receive_precopy(
         }));
     }
     drop(reader);
+    connected.channel = channel;
     connected
         .control
         .set_read_timeout(None)
@@ -199,6 +223,7 @@ pub fn receive_precopy(
 /// it was at the source's switchover.
 pub struct VerifyConnection {
     stream: TcpStream,
+    channel: Option<Channel>,
     layout: Layout,
     timeout: std::time::Duration,
 }
@@ -206,10 +231,11 @@ pub struct VerifyConnection {
 impl VerifyConnection {
     /// Joins `session` on the source of `config` with a verify connection.
     pub fn open(config: &EngineConfig, session: u64) -> Result<VerifyConnection, DestError> {
-        let (stream, welcome, _) = open_connection(config, session, Role::Verify, 0)?;
+        let opened = open_connection(config, session, Role::Verify, 0)?;
         Ok(VerifyConnection {
-            stream,
-            layout: welcome.layout,
+            stream: opened.stream,
+            channel: opened.channel,
+            layout: opened.welcome.layout,
             timeout: config.stall_timeout,
         })
     }
@@ -219,9 +245,12 @@ impl VerifyConnection {
         const CONTEXT: &str = "verify connection";
         let mut run = [0u8; HEADER_BYTES];
         Header::control(Kind::Run, 0).encode(&mut run);
-        self.stream
-            .write_all(&run)
-            .map_err(io_err("ask for checksums"))?;
+        write_frames(
+            &mut self.stream,
+            self.channel.as_mut().map(|c| &mut c.tx),
+            &run,
+            "ask for checksums",
+        )?;
         self.stream
             .set_read_timeout(Some(self.timeout))
             .map_err(io_err("set verify timeout"))?;
@@ -246,6 +275,9 @@ impl VerifyConnection {
                     h.check_zero_map(&self.layout).map_err(protocol(CONTEXT))?;
                     let data = &mut body[..h.body_len as usize];
                     reader.read_exact(data).map_err(io_err("read checksums"))?;
+                    if let Some(c) = self.channel.as_mut() {
+                        read_and_check_tag(&mut reader, &mut c.rx, &head, data, CONTEXT)?;
+                    }
                     let first = base[h.block as usize] + h.page;
                     for (i, c) in data.chunks_exact(8).enumerate() {
                         let g = first + i as u64;
@@ -253,7 +285,12 @@ impl VerifyConnection {
                         have.set(g);
                     }
                 }
-                Kind::End => break,
+                Kind::End => {
+                    if let Some(c) = self.channel.as_mut() {
+                        read_and_check_tag(&mut reader, &mut c.rx, &head, &[], CONTEXT)?;
+                    }
+                    break;
+                }
                 Kind::Error => {
                     let mut msg = vec![0u8; h.body_len as usize];
                     reader.read_exact(&mut msg).map_err(io_err("read error"))?;

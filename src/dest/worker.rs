@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{open_connection, DestError, DestRam, EngineConfig, Shared, WorkerStats, ZeroFill};
+use crate::auth::{Channel, TAG_BYTES};
 use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::layout::PageBitmap;
 use crate::sys::mem::Mapping;
@@ -155,10 +156,10 @@ pub(crate) struct Setup {
 }
 
 /// What `enable_notify` hands each thread: its shard (registered) and, for worker 0's urgent
-/// half, the handshake connection.
+/// half, the handshake connection (and its frame MACs, when authenticated).
 pub(crate) struct Go {
     pub(crate) state: Arc<ShardState>,
-    pub(crate) control: Option<TcpStream>,
+    pub(crate) control: Option<(TcpStream, Option<Channel>)>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -167,6 +168,12 @@ enum Recv {
         got: usize,
     },
     Body {
+        h: Header,
+        got: usize,
+    },
+    /// The frame's MAC trailer (an authenticated connection); the header and body stay in
+    /// their slots until it is checked.
+    Tag {
         h: Header,
         got: usize,
     },
@@ -201,7 +208,13 @@ struct Worker {
     config: EngineConfig,
     /// Set at set-up, or by `Go` for worker 0's urgent half.
     stream: Option<TcpStream>,
+    /// The connection's frame MACs, when authenticated.
+    channel: Option<Channel>,
+    /// Frames before sealing (authenticated sends), allocated at set-up.
+    unsealed: Vec<u8>,
     header: SlotId,
+    /// A frame's MAC trailer.
+    tag: SlotId,
     body: SlotId,
     recv: Recv,
     /// Urgent half: the fault-message slot and the request buffer.
@@ -237,8 +250,9 @@ pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> Result<WorkerStats, Dest
     };
     let state = go.state.clone();
     w.state = Some(go.state);
-    if let Some(control) = go.control {
+    if let Some((control, channel)) = go.control {
         w.stream = Some(control);
+        w.channel = channel;
     }
     let result = w.run().map(|()| w.stats);
     if half == Half::Bulk {
@@ -271,10 +285,11 @@ impl Worker {
             Half::Urgent => Role::Urgent,
             Half::Bulk => Role::Bulk,
         };
-        let stream = match takes_control {
-            true => None,
+        let (stream, channel) = match takes_control {
+            true => (None, None),
             false => {
-                let (stream, welcome, _) = open_connection(&config, session, role, id as u16)?;
+                let opened = open_connection(&config, session, role, id as u16)?;
+                let (stream, welcome) = (opened.stream, opened.welcome);
                 if welcome.session != session || welcome.layout != ram.layout {
                     return Err(DestError::Protocol {
                         context: format!("{role:?} connection of worker {id}"),
@@ -285,7 +300,7 @@ impl Worker {
                         },
                     });
                 }
-                Some(stream)
+                (Some(stream), opened.channel)
             }
         };
         let zero_fill = config.zero_fill;
@@ -305,6 +320,8 @@ impl Worker {
             arena_bytes: vec![small, batch_bytes],
         })?;
         let header = ring.add_slot(0, 0, HEADER_BYTES);
+        let tag = ring.add_slot(0, HEADER_BYTES, TAG_BYTES);
+        let unsealed_bytes = if config.key.is_some() { SEND_BYTES } else { 0 };
         let body = ring.add_slot(1, 0, batch_bytes);
         let (events, send) = match half {
             Half::Urgent => (
@@ -321,7 +338,10 @@ impl Worker {
             shared,
             config,
             stream,
+            channel,
+            unsealed: Vec::with_capacity(unsealed_bytes),
             header,
+            tag,
             body,
             recv: Recv::Header { got: 0 },
             events,
@@ -521,6 +541,10 @@ impl Worker {
                 self.ring
                     .read(fd, self.body, got, h.body_len as usize - got, TAG_CONN)?
             }
+            Recv::Tag { got, .. } if !self.ring.is_busy(self.tag) => {
+                self.ring
+                    .read(fd, self.tag, got, TAG_BYTES - got, TAG_CONN)?
+            }
             _ => {}
         }
         Ok(())
@@ -676,7 +700,24 @@ impl Worker {
         if self.pending.is_empty() || self.sending() || self.end_sent {
             return Ok(());
         }
-        let (used, len, frames) = coalesce_requests(&mut self.pending, self.ring.slot_mut(send));
+        let (used, len, frames) = match self.channel.as_mut() {
+            None => coalesce_requests(&mut self.pending, self.ring.slot_mut(send)),
+            Some(c) => {
+                // Room for each 32-byte Request's 16-byte MAC in the send slot.
+                let room = SEND_BYTES / (HEADER_BYTES + TAG_BYTES) * HEADER_BYTES;
+                self.unsealed.resize(room, 0);
+                let (used, len, frames) = coalesce_requests(&mut self.pending, &mut self.unsealed);
+                let mut at = 0;
+                let slot = self.ring.slot_mut(send);
+                for f in self.unsealed[..len].chunks_exact(HEADER_BYTES) {
+                    let t = c.tx.seal(f, &[]);
+                    slot[at..at + HEADER_BYTES].copy_from_slice(f);
+                    slot[at + HEADER_BYTES..at + HEADER_BYTES + TAG_BYTES].copy_from_slice(&t);
+                    at += HEADER_BYTES + TAG_BYTES;
+                }
+                (used, at, frames)
+            }
+        };
         self.pending.drain(..used);
         self.stats.requests += frames;
         self.stats.pages_requested += used as u64;
@@ -730,8 +771,14 @@ impl Worker {
         let mut h = [0u8; HEADER_BYTES];
         Header::control(Kind::End, self.st().id as u64).encode(&mut h);
         self.ring.slot_mut(send)[..HEADER_BYTES].copy_from_slice(&h);
+        let mut len = HEADER_BYTES;
+        if let Some(c) = self.channel.as_mut() {
+            let t = c.tx.seal(&h, &[]);
+            self.ring.slot_mut(send)[HEADER_BYTES..HEADER_BYTES + TAG_BYTES].copy_from_slice(&t);
+            len += TAG_BYTES;
+        }
         self.end_sent = true;
-        self.start_send(HEADER_BYTES)
+        self.start_send(len)
     }
 
     fn conn_name(&self) -> &'static str {
@@ -770,27 +817,12 @@ impl Worker {
                     .try_into()
                     .expect("header slot is HEADER_BYTES long");
                 let h = Header::decode(&raw).map_err(protocol)?;
-                self.recv = match (h.kind, self.half) {
-                    (Kind::Pages, _) => {
-                        self.check_pages(&h).map_err(protocol)?;
-                        if h.body_len == 0 {
-                            self.place_batch(&h)?;
-                            Recv::Header { got: 0 }
-                        } else {
-                            Recv::Body { h, got: 0 }
-                        }
-                    }
-                    (Kind::Error, _) if h.body_len > 0 => Recv::Body { h, got: 0 },
-                    (Kind::Error, _) => return Err(DestError::Remote(String::new())),
-                    (Kind::End, Half::Bulk) => {
-                        self.finished = true;
-                        self.st().bulk_done.store(true, Ordering::Release);
-                        Recv::Idle
-                    }
-                    (Kind::Ack, Half::Urgent) if self.end_sent => {
-                        self.finished = true;
-                        Recv::Idle
-                    }
+                // What the header alone can tell is checked before any byte of the body is read.
+                match (h.kind, self.half) {
+                    (Kind::Pages, _) => self.check_pages(&h).map_err(protocol)?,
+                    (Kind::Error, _) => {}
+                    (Kind::End, Half::Bulk) => {}
+                    (Kind::Ack, Half::Urgent) if self.end_sent => {}
                     (other, half) => {
                         return Err(protocol(CodecError::Unexpected {
                             got: other,
@@ -800,7 +832,12 @@ impl Worker {
                             },
                         }))
                     }
-                };
+                }
+                if h.body_len > 0 {
+                    self.recv = Recv::Body { h, got: 0 };
+                } else {
+                    self.frame_received(h)?;
+                }
             }
             Recv::Body { h, got } => {
                 let got = got + n;
@@ -808,12 +845,23 @@ impl Worker {
                     self.recv = Recv::Body { h, got };
                     return Ok(());
                 }
-                self.recv = Recv::Header { got: 0 };
-                if h.kind == Kind::Error {
-                    let msg = codec::decode_error(&self.ring.slot(self.body)[..got]);
-                    return Err(DestError::Remote(msg));
+                self.frame_received(h)?;
+            }
+            Recv::Tag { h, got } => {
+                let got = got + n;
+                if got < TAG_BYTES {
+                    self.recv = Recv::Tag { h, got };
+                    return Ok(());
                 }
-                self.place_batch(&h)?;
+                let head = &self.ring.slot(self.header)[..HEADER_BYTES];
+                let body = &self.ring.slot(self.body)[..h.body_len as usize];
+                let tag = &self.ring.slot(self.tag)[..TAG_BYTES];
+                self.channel
+                    .as_mut()
+                    .expect("tags only on an authenticated connection")
+                    .rx
+                    .open(head, body, tag)?;
+                self.frame_verified(h)?;
             }
             Recv::Idle => {
                 return Err(protocol(CodecError::BadBody {
@@ -821,6 +869,38 @@ impl Worker {
                     detail: "bytes after the final frame".into(),
                 }))
             }
+        }
+        Ok(())
+    }
+
+    /// A whole frame is in its slots: check its MAC first on an authenticated connection.
+    fn frame_received(&mut self, h: Header) -> Result<(), DestError> {
+        if self.channel.is_some() {
+            self.recv = Recv::Tag { h, got: 0 };
+            return Ok(());
+        }
+        self.frame_verified(h)
+    }
+
+    /// Acts on a whole, checked frame.
+    fn frame_verified(&mut self, h: Header) -> Result<(), DestError> {
+        self.recv = Recv::Header { got: 0 };
+        match h.kind {
+            Kind::Pages => self.place_batch(&h)?,
+            Kind::Error => {
+                let msg = codec::decode_error(&self.ring.slot(self.body)[..h.body_len as usize]);
+                return Err(DestError::Remote(msg));
+            }
+            Kind::End => {
+                self.finished = true;
+                self.st().bulk_done.store(true, Ordering::Release);
+                self.recv = Recv::Idle;
+            }
+            Kind::Ack => {
+                self.finished = true;
+                self.recv = Recv::Idle;
+            }
+            other => unreachable!("{other:?} was refused at its header"),
         }
         Ok(())
     }

@@ -81,6 +81,8 @@ pub struct SourceOptions {
     pub urgent_delay: Duration,
     /// Prefetch window limit (0: none).
     pub prefetch_max: u64,
+    /// Require this key.
+    pub key: Option<postcopy::auth::Key>,
 }
 
 impl Default for SourceOptions {
@@ -92,6 +94,7 @@ impl Default for SourceOptions {
             once: true,
             urgent_delay: Duration::ZERO,
             prefetch_max: SourceConfig::default().prefetch_max,
+            key: None,
         }
     }
 }
@@ -118,6 +121,7 @@ impl Source {
                 verbose: false,
                 urgent_delay: opts.urgent_delay,
                 prefetch_max: opts.prefetch_max,
+                key: opts.key.clone(),
                 ..Default::default()
             },
         )
@@ -203,6 +207,8 @@ pub struct DestOptions {
     pub zero_fill: ZeroFill,
     /// Most bulk streams at once (0: one per worker).
     pub max_streams: usize,
+    /// Authenticate with this key.
+    pub key: Option<postcopy::auth::Key>,
 }
 
 impl Default for DestOptions {
@@ -217,6 +223,7 @@ impl Default for DestOptions {
             zero_map: false,
             zero_fill: ZeroFill::Zeropage,
             max_streams: 0,
+            key: None,
         }
     }
 }
@@ -385,6 +392,7 @@ where
         zero_fill: opts.zero_fill,
         max_streams: opts.max_streams,
         precopy: false,
+        key: opts.key.clone(),
     };
     let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
     let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {

@@ -1,0 +1,303 @@
+//! Authentication of peers and integrity of frames, from a pre-shared key.
+//!
+//! A page server that places whatever bytes it receives into a VM's memory is a
+//! remote-code-execution hole unless its peer is authenticated; a source that serves memory to
+//! anyone leaks it. With a key (`--key-file`, the same file on both hosts), every connection
+//! starts with a mutual challenge-response and every frame after it carries a MAC:
+//!
+//! ```text
+//! source                                              destination
+//!   Challenge(nonce_s: 32 B)  ───────────────────────►
+//!                             ◄─────────────────────── Auth(nonce_d: 32 B, tag_d: 32 B)
+//!   verify tag_d = MAC(K, "dest"   ‖ nonce_s ‖ nonce_d)
+//!   Auth(tag_s: 32 B)         ───────────────────────►  verify tag_s = MAC(K, "source" ‖ nonce_s ‖ nonce_d)
+//!   then every frame: header ‖ body ‖ tag (16 B) = MAC(K_dir, seq ‖ header ‖ body)
+//! ```
+//!
+//! `K` is derived from the key file with BLAKE3's KDF; the per-direction frame keys `K_dir`
+//! from `K` and both nonces, so they are fresh per connection; `seq` counts frames per
+//! direction, so a frame cannot be replayed, reordered or moved to another connection. The MAC
+//! is BLAKE3 in keyed mode (a PRF), truncated to 128 bits; comparisons are constant-time. A peer
+//! without the key is refused before any page is served or placed. Confidentiality is not
+//! provided (that is what TLS would add).
+
+use std::path::Path;
+
+/// Bytes of a frame's MAC trailer.
+pub const TAG_BYTES: usize = 16;
+/// Bytes of a nonce.
+pub const NONCE_BYTES: usize = 32;
+/// Shortest key file accepted (128 bits).
+pub const MIN_KEY_BYTES: usize = 16;
+
+/// Authentication errors, in words an operator can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The key file could not be read.
+    #[error("cannot read key file {path}: {source}")]
+    Read {
+        /// The path.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The key file is too short to be a secret.
+    #[error("key file {path} has {len} bytes; use at least {MIN_KEY_BYTES} random bytes (e.g. `head -c 32 /dev/urandom > {path}`)")]
+    Short {
+        /// The path.
+        path: String,
+        /// Its length.
+        len: usize,
+    },
+    /// The peer's proof did not match: another key, or no key.
+    #[error("the peer failed authentication: it does not hold the same key (check --key-file on both sides)")]
+    BadProof,
+    /// A frame's MAC did not match: tampered, replayed, reordered, or another key.
+    #[error(
+        "frame {seq} failed its integrity check (tampered, replayed or from another connection)"
+    )]
+    BadTag {
+        /// The frame's sequence number on this connection.
+        seq: u64,
+    },
+    /// We hold a key but the source did not ask for it.
+    #[error("the source sent no authentication challenge: it runs without a key (--insecure), or is not a postcopy source; give both sides the same --key-file")]
+    NoChallenge,
+    /// The source asks for a key we do not have.
+    #[error("the source requires authentication: start the destination with --key-file (the same key file as the source)")]
+    KeyRequired,
+    /// No randomness.
+    #[error("cannot read /dev/urandom for a nonce: {0}")]
+    Random(std::io::Error),
+}
+
+/// A pre-shared key (its derived form; the file's bytes are not kept).
+#[derive(Clone)]
+pub struct Key([u8; 32]);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+impl Key {
+    /// Derives the key from a secret of at least [`MIN_KEY_BYTES`] bytes.
+    pub fn from_secret(secret: &[u8]) -> Key {
+        assert!(secret.len() >= MIN_KEY_BYTES, "secret too short");
+        Key(blake3::derive_key(
+            "postcopy 2026-11 pre-shared key v1",
+            secret,
+        ))
+    }
+
+    /// Reads a key file (any bytes, at least [`MIN_KEY_BYTES`]; a trailing newline is kept:
+    /// both sides read the same file).
+    pub fn from_file(path: &Path) -> Result<Key, AuthError> {
+        let p = path.display().to_string();
+        let secret = std::fs::read(path).map_err(|source| AuthError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        if secret.len() < MIN_KEY_BYTES {
+            return Err(AuthError::Short {
+                path: p,
+                len: secret.len(),
+            });
+        }
+        Ok(Key::from_secret(&secret))
+    }
+
+    /// Writes a new random key file (mode 0600).
+    pub fn generate_file(path: &Path) -> Result<(), AuthError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let secret = random::<32>()?;
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)?;
+            f.write_all(&secret)
+        };
+        write().map_err(|source| AuthError::Read {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    fn mac(
+        &self,
+        label: &[u8],
+        nonce_s: &[u8; NONCE_BYTES],
+        nonce_d: &[u8; NONCE_BYTES],
+    ) -> blake3::Hash {
+        let mut h = blake3::Hasher::new_keyed(&self.0);
+        h.update(label);
+        h.update(nonce_s);
+        h.update(nonce_d);
+        h.finalize()
+    }
+
+    /// The destination's proof.
+    pub fn dest_proof(&self, nonce_s: &[u8; NONCE_BYTES], nonce_d: &[u8; NONCE_BYTES]) -> [u8; 32] {
+        *self
+            .mac(b"postcopy dest proof", nonce_s, nonce_d)
+            .as_bytes()
+    }
+
+    /// The source's proof.
+    pub fn source_proof(
+        &self,
+        nonce_s: &[u8; NONCE_BYTES],
+        nonce_d: &[u8; NONCE_BYTES],
+    ) -> [u8; 32] {
+        *self
+            .mac(b"postcopy source proof", nonce_s, nonce_d)
+            .as_bytes()
+    }
+
+    /// Checks a proof in constant time.
+    pub fn check(expected: &[u8; 32], got: &[u8]) -> Result<(), AuthError> {
+        let got: [u8; 32] = got.try_into().map_err(|_| AuthError::BadProof)?;
+        if blake3::Hash::from(*expected) == blake3::Hash::from(got) {
+            Ok(())
+        } else {
+            Err(AuthError::BadProof)
+        }
+    }
+
+    /// The frame keys of a connection: (source → destination, destination → source).
+    pub fn frame_keys(
+        &self,
+        nonce_s: &[u8; NONCE_BYTES],
+        nonce_d: &[u8; NONCE_BYTES],
+    ) -> (FrameMac, FrameMac) {
+        let s2d = *self
+            .mac(b"postcopy frames source to dest", nonce_s, nonce_d)
+            .as_bytes();
+        let d2s = *self
+            .mac(b"postcopy frames dest to source", nonce_s, nonce_d)
+            .as_bytes();
+        (FrameMac { key: s2d, seq: 0 }, FrameMac { key: d2s, seq: 0 })
+    }
+}
+
+/// A fresh random value from the kernel.
+pub fn random<const N: usize>() -> Result<[u8; N], AuthError> {
+    use std::io::Read;
+    let mut b = [0u8; N];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(AuthError::Random)?;
+    Ok(b)
+}
+
+/// The MAC state of one direction of one connection: its key and the next frame's number.
+/// The sender calls [`seal`](Self::seal) per frame, the receiver [`open`](Self::open), in the
+/// same order.
+#[derive(Clone)]
+pub struct FrameMac {
+    key: [u8; 32],
+    seq: u64,
+}
+
+impl std::fmt::Debug for FrameMac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FrameMac(seq {})", self.seq)
+    }
+}
+
+impl FrameMac {
+    fn tag(&self, header: &[u8], body: &[u8]) -> [u8; TAG_BYTES] {
+        let mut h = blake3::Hasher::new_keyed(&self.key);
+        h.update(&self.seq.to_le_bytes());
+        h.update(header);
+        h.update(body);
+        let mut t = [0u8; TAG_BYTES];
+        h.finalize_xof().fill(&mut t);
+        t
+    }
+
+    /// The tag of the next frame sent.
+    pub fn seal(&mut self, header: &[u8], body: &[u8]) -> [u8; TAG_BYTES] {
+        let t = self.tag(header, body);
+        self.seq += 1;
+        t
+    }
+
+    /// Checks the tag of the next frame received (constant time).
+    pub fn open(&mut self, header: &[u8], body: &[u8], tag: &[u8]) -> Result<(), AuthError> {
+        let want = self.tag(header, body);
+        let mut diff = u8::from(tag.len() != TAG_BYTES);
+        for (a, b) in want.iter().zip(tag) {
+            diff |= a ^ b;
+        }
+        if diff != 0 {
+            return Err(AuthError::BadTag { seq: self.seq });
+        }
+        self.seq += 1;
+        Ok(())
+    }
+
+    /// Appends `frames` (whole frames, back to back) to `out`, each followed by its tag.
+    pub fn seal_frames(&mut self, frames: &[u8], out: &mut Vec<u8>) {
+        let mut at = 0;
+        while at < frames.len() {
+            assert!(
+                at + crate::codec::HEADER_BYTES <= frames.len(),
+                "a partial frame to seal"
+            );
+            let header = &frames[at..at + crate::codec::HEADER_BYTES];
+            let body_len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
+            let end = at + crate::codec::HEADER_BYTES + body_len;
+            assert!(end <= frames.len(), "a partial frame to seal");
+            let tag = self.seal(header, &frames[at + crate::codec::HEADER_BYTES..end]);
+            out.extend_from_slice(&frames[at..end]);
+            out.extend_from_slice(&tag);
+            at = end;
+        }
+    }
+}
+
+/// Both directions of an authenticated connection, from one side's point of view.
+#[derive(Clone, Debug)]
+pub struct Channel {
+    /// Frames we send.
+    pub tx: FrameMac,
+    /// Frames we receive.
+    pub rx: FrameMac,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proofs_and_tags() {
+        let k = Key::from_secret(b"0123456789abcdef0123");
+        let other = Key::from_secret(b"0123456789abcdef0124");
+        let (ns, nd) = ([1u8; 32], [2u8; 32]);
+        assert!(Key::check(&k.dest_proof(&ns, &nd), &k.dest_proof(&ns, &nd)).is_ok());
+        assert!(Key::check(&k.dest_proof(&ns, &nd), &other.dest_proof(&ns, &nd)).is_err());
+        assert!(Key::check(&k.dest_proof(&ns, &nd), &k.source_proof(&ns, &nd)).is_err());
+        let (mut s2d_tx, _) = k.frame_keys(&ns, &nd);
+        let (mut s2d_rx, _) = k.frame_keys(&ns, &nd);
+        let t0 = s2d_tx.seal(b"header", b"body");
+        let t1 = s2d_tx.seal(b"header", b"body");
+        assert_ne!(t0, t1, "the sequence number is in the tag");
+        assert!(
+            s2d_rx.clone().open(b"header", b"body", &t1).is_err(),
+            "reordered"
+        );
+        assert!(
+            s2d_rx.clone().open(b"header", b"bodY", &t0).is_err(),
+            "tampered"
+        );
+        s2d_rx.open(b"header", b"body", &t0).unwrap();
+        s2d_rx.open(b"header", b"body", &t1).unwrap();
+        let (mut other_rx, _) = other.frame_keys(&ns, &nd);
+        assert!(other_rx.open(b"header", b"body", &t0).is_err());
+    }
+}

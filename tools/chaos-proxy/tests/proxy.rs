@@ -1,0 +1,489 @@
+//! The proxy against small upstream servers on 127.0.0.1. Every blocking read has a timeout, so a
+//! hang fails the test instead of stalling the run.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use chaos_proxy::{CutCause, Dir, Fault, Plan, Proxy, RandomCuts};
+
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A server on 127.0.0.1 running `handler` on a thread per connection.
+fn upstream(handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+            stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+            let h = handler.clone();
+            thread::spawn(move || h(stream));
+        }
+    });
+    addr
+}
+
+/// Echoes everything back.
+fn echo(mut s: TcpStream) {
+    let mut buf = [0u8; 16384];
+    while let Ok(n @ 1..) = s.read(&mut buf) {
+        if s.write_all(&buf[..n]).is_err() {
+            return;
+        }
+    }
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).rotate_right(13) as u8)
+        .collect()
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+/// Reads until EOF or an error; panics on a timeout.
+fn read_until_end(s: &mut impl Read) -> (Vec<u8>, io::Result<()>) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (got, Ok(())),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                panic!("read timed out after {} bytes", got.len())
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (got, Err(e)),
+        }
+    }
+}
+
+fn cut_at(direction: Dir, offset_bytes: u64) -> Fault {
+    Fault::CutAt {
+        direction,
+        offset_bytes,
+    }
+}
+
+#[test]
+fn cut_to_client_delivers_exactly_offset_bytes_then_eof() {
+    const TOTAL: usize = 1 << 20;
+    const N: usize = 100_003;
+    let (tx, rx) = mpsc::channel();
+    let server = upstream(move |mut s| {
+        let _ = s.write_all(&pattern(TOTAL));
+        // The proxy's FIN (or a reset) must reach the server side too.
+        let _ = tx.send(read_until_end(&mut s).1.map_err(|e| e.kind()));
+    });
+    let proxy = Proxy::start(
+        server,
+        Plan::per_connection(vec![vec![cut_at(Dir::ToClient, N as u64)]]),
+    )
+    .unwrap();
+
+    let (got, end) = read_until_end(&mut connect(proxy.local_addr()));
+    assert_eq!(got.len(), N);
+    assert!(got == pattern(N), "wrong bytes");
+    assert!(end.is_ok(), "expected EOF, got {end:?}");
+    assert!(rx.recv_timeout(TIMEOUT).is_ok(), "server side saw no break");
+
+    let stats = proxy.stats();
+    assert_eq!(stats.cuts.len(), 1);
+    let cut = &stats.cuts[0];
+    assert_eq!(
+        (cut.conn, cut.cause, cut.direction, cut.offset),
+        (0, CutCause::Planned, Some(Dir::ToClient), N as u64)
+    );
+    assert_eq!(cut.to_client, N as u64);
+
+    // The next connection has no faults.
+    let mut client = connect(proxy.local_addr());
+    client.shutdown(Shutdown::Write).unwrap();
+    let (got, end) = read_until_end(&mut client);
+    assert!(end.is_ok());
+    assert!(got == pattern(TOTAL));
+    assert_eq!(proxy.stats().cuts.len(), 1);
+    assert_eq!(proxy.stats().connected, 2);
+}
+
+#[test]
+fn cut_to_server_delivers_exactly_offset_bytes_then_eof() {
+    const TOTAL: usize = 1 << 20;
+    const N: usize = 65_536 + 17;
+    let (tx, rx) = mpsc::channel();
+    let server = upstream(move |mut s| {
+        let (got, end) = read_until_end(&mut s);
+        let _ = tx.send((got, end.map_err(|e| e.kind())));
+    });
+    let proxy = Proxy::start(
+        server,
+        Plan::per_connection(vec![vec![cut_at(Dir::ToServer, N as u64)]]),
+    )
+    .unwrap();
+
+    let mut client = connect(proxy.local_addr());
+    let mut writer = client.try_clone().unwrap();
+    let w = thread::spawn(move || {
+        let _ = writer.write_all(&pattern(TOTAL));
+    });
+    let (got, end) = read_until_end(&mut client);
+    assert!(got.is_empty());
+    assert!(
+        end.is_ok() || end.as_ref().unwrap_err().kind() == io::ErrorKind::ConnectionReset,
+        "{end:?}"
+    );
+    let (got, end) = rx.recv_timeout(TIMEOUT).unwrap();
+    assert_eq!(got.len(), N);
+    assert!(got == pattern(N), "wrong bytes");
+    assert_eq!(end, Ok(()));
+    w.join().unwrap();
+    let cuts = proxy.stats().cuts;
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(
+        (cuts[0].direction, cuts[0].offset),
+        (Some(Dir::ToServer), N as u64)
+    );
+}
+
+#[test]
+fn cut_at_offset_zero_and_reset_mode() {
+    let (tx, rx) = mpsc::channel();
+    let server = upstream(move |mut s| {
+        // The first error the server sees, writing or reading.
+        let end = s
+            .write_all(&pattern(300_000))
+            .and_then(|()| read_until_end(&mut s).1);
+        let _ = tx.send(end.map_err(|e| e.kind()));
+    });
+    let is_reset = |end: Result<(), io::ErrorKind>| {
+        matches!(
+            end,
+            Err(io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe)
+        )
+    };
+    let plan = Plan {
+        reset: true,
+        ..Plan::per_connection(vec![
+            vec![cut_at(Dir::ToServer, 0)],
+            vec![cut_at(Dir::ToClient, 200_000)],
+        ])
+    };
+    let proxy = Proxy::start(server, plan).unwrap();
+
+    // Connection 0: cut before any byte, with a reset.
+    let (got, end) = read_until_end(&mut connect(proxy.local_addr()));
+    assert!(got.is_empty());
+    assert!(
+        matches!(&end, Err(e) if e.kind() == io::ErrorKind::ConnectionReset),
+        "{end:?}"
+    );
+    let end = rx.recv_timeout(TIMEOUT).unwrap();
+    assert!(is_reset(end), "{end:?}");
+
+    // Connection 1: exactly 200000 bytes, then a reset, on both sides.
+    let (got, end) = read_until_end(&mut connect(proxy.local_addr()));
+    assert_eq!(got.len(), 200_000);
+    assert!(got == pattern(200_000));
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(io::ErrorKind::ConnectionReset)
+    );
+    assert_eq!(
+        rx.recv_timeout(TIMEOUT).unwrap(),
+        Err(io::ErrorKind::ConnectionReset)
+    );
+
+    let cuts = proxy.stats().cuts;
+    assert_eq!(
+        cuts.iter()
+            .map(|c| (c.conn, c.direction, c.offset))
+            .collect::<Vec<_>>(),
+        [
+            (0, Some(Dir::ToServer), 0),
+            (1, Some(Dir::ToClient), 200_000)
+        ]
+    );
+}
+
+/// Sequential echo connections through a proxy with random cuts until `cuts` were made, then one
+/// more, which must pass untouched; returns the cuts as (connection, direction, offset).
+fn random_run(seed: u64, cuts: usize) -> Vec<(usize, Dir, u64)> {
+    const PER_CONN: usize = 100_000;
+    let random = RandomCuts {
+        seed,
+        cuts,
+        min_offset: 1,
+        max_offset: 50_000,
+        direction: None,
+    };
+    let proxy = Proxy::start(upstream(echo), Plan::random_cuts(random)).unwrap();
+    let data = pattern(PER_CONN);
+    let mut intact = 0;
+    for _ in 0..cuts + 5 {
+        let mut client = connect(proxy.local_addr());
+        let mut writer = client.try_clone().unwrap();
+        let d = data.clone();
+        let w = thread::spawn(move || {
+            let _ = writer.write_all(&d);
+            let _ = writer.shutdown(Shutdown::Write);
+        });
+        let (got, _) = read_until_end(&mut client);
+        w.join().unwrap();
+        assert!(got[..] == data[..got.len()], "echo corrupted");
+        if got.len() == PER_CONN {
+            intact += 1;
+            if proxy.stats().cuts.len() == cuts {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        intact, 1,
+        "only the connection after the last cut should be intact"
+    );
+    let stats = proxy.stats();
+    assert_eq!(stats.cuts.len(), cuts);
+    for c in &stats.cuts {
+        assert_eq!(c.cause, CutCause::Random);
+    }
+    stats
+        .cuts
+        .iter()
+        .map(|c| (c.conn, c.direction.unwrap(), c.offset))
+        .collect()
+}
+
+#[test]
+fn random_cuts_are_reproducible_and_exactly_counted() {
+    let a = random_run(42, 3);
+    assert_eq!(a, random_run(42, 3));
+    // One connection at a time: connection i is cut where draw(i) says.
+    let random = RandomCuts {
+        seed: 42,
+        cuts: 3,
+        min_offset: 1,
+        max_offset: 50_000,
+        direction: None,
+    };
+    let expected: Vec<_> = (0..3)
+        .map(|i| (i, random.draw(i).0, random.draw(i).1))
+        .collect();
+    assert_eq!(a, expected);
+    assert_ne!(a, random_run(43, 3));
+}
+
+#[test]
+fn delay_and_stall_slow_forwarding_down() {
+    // Delay: 10 round trips, each answer delayed 30 ms.
+    let plan = Plan::every_connection(vec![Fault::Delay {
+        direction: Dir::ToClient,
+        micros: 30_000,
+    }]);
+    let proxy = Proxy::start(upstream(echo), plan).unwrap();
+    let mut client = connect(proxy.local_addr());
+    let start = Instant::now();
+    for i in 0..10u8 {
+        client.write_all(&[i; 10]).unwrap();
+        let mut answer = [0u8; 10];
+        client.read_exact(&mut answer).unwrap();
+        assert_eq!(answer, [i; 10]);
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(290) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+
+    // Stall: the first 1000 bytes at once, the rest after 300 ms.
+    let server = upstream(|mut s| {
+        let _ = s.write_all(&pattern(2000));
+    });
+    let plan = Plan::per_connection(vec![vec![Fault::StallAt {
+        direction: Dir::ToClient,
+        offset_bytes: 1000,
+        millis: 300,
+    }]]);
+    let proxy = Proxy::start(server, plan).unwrap();
+    let mut client = connect(proxy.local_addr());
+    let mut first = vec![0u8; 1000];
+    client.read_exact(&mut first).unwrap();
+    let start = Instant::now();
+    let (rest, end) = read_until_end(&mut client);
+    let took = start.elapsed();
+    end.unwrap();
+    assert_eq!([first, rest].concat(), pattern(2000));
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+#[test]
+fn set_upstream_redirects_new_connections() {
+    let a = upstream(|mut s| {
+        let _ = s.write_all(b"A");
+        echo(s);
+    });
+    let b = upstream(|mut s| {
+        let _ = s.write_all(b"B");
+    });
+    let proxy = Proxy::start(a, Plan::none()).unwrap();
+    let mut old = connect(proxy.local_addr());
+    let mut byte = [0u8; 1];
+    old.read_exact(&mut byte).unwrap();
+    assert_eq!(&byte, b"A");
+
+    proxy.set_upstream(b);
+    assert_eq!(proxy.upstream(), b);
+    assert_eq!(read_until_end(&mut connect(proxy.local_addr())).0, b"B");
+    // The open connection still goes to A.
+    old.write_all(b"ping").unwrap();
+    let mut pong = [0u8; 4];
+    old.read_exact(&mut pong).unwrap();
+    assert_eq!(&pong, b"ping");
+
+    // An upstream that is down: the client is closed, nothing is numbered.
+    let down = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    proxy.set_upstream(down);
+    let (got, _) = read_until_end(&mut connect(proxy.local_addr()));
+    assert!(got.is_empty());
+    let stats = proxy.stats();
+    assert_eq!(
+        (stats.accepted, stats.connected, stats.upstream_failures),
+        (3, 2, 1)
+    );
+    assert!(stats.cuts.is_empty());
+}
+
+#[test]
+fn cut_all_and_drop_do_not_hang() {
+    // A server that floods, and a second connection stalled for a minute.
+    let server = upstream(|mut s| {
+        let chunk = vec![7u8; 65536];
+        while s.write_all(&chunk).is_ok() {}
+    });
+    let stall = Fault::StallAt {
+        direction: Dir::ToClient,
+        offset_bytes: 0,
+        millis: 60_000,
+    };
+    let plan = Plan::per_connection(vec![vec![], vec![stall], vec![], vec![stall]]);
+    let proxy = Proxy::start(server, plan).unwrap();
+
+    // cut_all: both clients see the end promptly, the stalled one included.
+    let mut c0 = connect(proxy.local_addr());
+    let mut c1 = connect(proxy.local_addr());
+    let mut some = [0u8; 1000];
+    c0.read_exact(&mut some).unwrap();
+    while proxy.stats().open < 2 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    let start = Instant::now();
+    assert_eq!(proxy.cut_all(), 2);
+    let (_, end0) = read_until_end(&mut c0);
+    let (got1, end1) = read_until_end(&mut c1);
+    assert!(end0.is_ok() && end1.is_ok() && got1.is_empty());
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let cuts = proxy.stats().cuts;
+    assert_eq!(cuts.len(), 2);
+    assert!(cuts
+        .iter()
+        .all(|c| c.cause == CutCause::CutAll && c.direction.is_none()));
+
+    // Drop with a client that does not read (the proxy blocks writing to it) and a stalled one.
+    let _c2 = connect(proxy.local_addr());
+    let mut c3 = connect(proxy.local_addr());
+    while proxy.stats().open < 2 {
+        thread::sleep(Duration::from_millis(5));
+    }
+    thread::sleep(Duration::from_millis(100));
+    let addr = proxy.local_addr();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        drop(proxy);
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(Duration::from_secs(5)).expect("drop hung");
+    let (got3, _) = read_until_end(&mut c3);
+    assert!(got3.is_empty());
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still listening after drop"
+    );
+}
+
+#[test]
+fn cli_prints_address_and_cuts() {
+    let server = upstream(|mut s| {
+        let _ = s.write_all(&pattern(5000));
+        let _ = read_until_end(&mut s);
+    });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chaos-proxy"))
+        .args([
+            "--upstream",
+            &server.to_string(),
+            "--cut",
+            "to-client:1K@1",
+            "--linger-ms",
+            "200",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect(&line)
+        .parse()
+        .unwrap();
+
+    let mut c0 = connect(addr);
+    c0.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_until_end(&mut c0).0, pattern(5000));
+    let mut c1 = connect(addr);
+    assert_eq!(read_until_end(&mut c1).0, pattern(1024));
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        log.contains("conn 1 cut (planned) to-client at offset 1024"),
+        "{log}"
+    );
+
+    let help = Command::new(env!("CARGO_BIN_EXE_chaos-proxy"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--random-cuts"));
+}
