@@ -261,8 +261,28 @@ fn placement_benches(c: &mut Criterion) {
     g.finish();
 }
 
+/// The MAC of an authenticated connection over one 64-page batch (what each side pays per
+/// frame of the stream).
+fn auth_benches(c: &mut Criterion) {
+    let key = postcopy::auth::Key::from_secret(b"a benchmark key of 32 bytes.....");
+    let (mut tx, _) = key.frame_keys(&[1u8; 32], &[2u8; 32]);
+    let mut rx = tx.clone();
+    let header = [7u8; 32];
+    let body = vec![0x5au8; 64 * 4096];
+    let mut g = c.benchmark_group("auth");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("mac_seal_open_64_pages", |b| {
+        b.iter(|| {
+            let t = tx.seal(&header, &body);
+            rx.open(&header, &body, &t).expect("tag matches");
+        })
+    });
+    g.finish();
+}
+
 criterion_group!(
     benches,
+    auth_benches,
     codec_benches,
     bitmap_benches,
     fault_read_benches,

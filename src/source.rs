@@ -473,8 +473,8 @@ struct Link {
     stream: TcpStream,
     tx: Option<FrameMac>,
     rx: Option<FrameMac>,
-    /// Frames with their MACs, on their way out.
-    sealed: Vec<u8>,
+    /// The MACs of the frames being written: (end of the frame in the buffer, tag).
+    tags: Vec<(usize, [u8; TAG_BYTES])>,
 }
 
 impl Link {
@@ -483,7 +483,7 @@ impl Link {
             stream,
             tx: None,
             rx: None,
-            sealed: Vec::new(),
+            tags: Vec::new(),
         }
     }
 
@@ -495,10 +495,39 @@ impl Link {
                 Ok(frames.len())
             }
             Some(tx) => {
-                self.sealed.clear();
-                tx.seal_frames(frames, &mut self.sealed);
-                self.stream.write_all(&self.sealed)?;
-                Ok(self.sealed.len())
+                // Frames and their MACs go out with writev: no copy of the pages.
+                self.tags.clear();
+                let mut at = 0;
+                while at < frames.len() {
+                    let body_len =
+                        u32::from_le_bytes(frames[at + 8..at + 12].try_into().expect("4 bytes"))
+                            as usize;
+                    let end = at + HEADER_BYTES + body_len;
+                    let tag = tx.seal(
+                        &frames[at..at + HEADER_BYTES],
+                        &frames[at + HEADER_BYTES..end],
+                    );
+                    self.tags.push((end, tag));
+                    at = end;
+                }
+                let mut slices = Vec::with_capacity(2 * self.tags.len());
+                let mut start = 0;
+                for (end, tag) in &self.tags {
+                    slices.push(std::io::IoSlice::new(&frames[start..*end]));
+                    slices.push(std::io::IoSlice::new(tag));
+                    start = *end;
+                }
+                let total = frames.len() + self.tags.len() * TAG_BYTES;
+                let mut bufs = &mut slices[..];
+                while !bufs.is_empty() {
+                    match self.stream.write_vectored(bufs) {
+                        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                        Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(total)
             }
         }
     }

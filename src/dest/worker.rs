@@ -317,12 +317,13 @@ impl Worker {
         let small = 4096 + EVENT_BATCH * MSG_BYTES + SEND_BYTES;
         let mut ring = Ring::new(&RingConfig {
             entries: 64,
-            arena_bytes: vec![small, batch_bytes],
+            // The temp pages, plus room for a frame's MAC right after them (read with the body).
+            arena_bytes: vec![small, batch_bytes + 4096],
         })?;
         let header = ring.add_slot(0, 0, HEADER_BYTES);
         let tag = ring.add_slot(0, HEADER_BYTES, TAG_BYTES);
         let unsealed_bytes = if config.key.is_some() { SEND_BYTES } else { 0 };
-        let body = ring.add_slot(1, 0, batch_bytes);
+        let body = ring.add_slot(1, 0, batch_bytes + TAG_BYTES);
         let (events, send) = match half {
             Half::Urgent => (
                 Some(ring.add_slot(0, 4096, EVENT_BATCH * MSG_BYTES)),
@@ -538,8 +539,9 @@ impl Worker {
                     .read(fd, self.header, got, HEADER_BYTES - got, TAG_CONN)?
             }
             Recv::Body { h, got } if !self.ring.is_busy(self.body) => {
-                self.ring
-                    .read(fd, self.body, got, h.body_len as usize - got, TAG_CONN)?
+                // On an authenticated connection the MAC is read with the body, in one go.
+                let want = h.body_len as usize + self.tag_len();
+                self.ring.read(fd, self.body, got, want - got, TAG_CONN)?
             }
             Recv::Tag { got, .. } if !self.ring.is_busy(self.tag) => {
                 self.ring
@@ -841,11 +843,21 @@ impl Worker {
             }
             Recv::Body { h, got } => {
                 let got = got + n;
-                if got < h.body_len as usize {
+                let body_len = h.body_len as usize;
+                if got < body_len + self.tag_len() {
                     self.recv = Recv::Body { h, got };
                     return Ok(());
                 }
-                self.frame_received(h)?;
+                if let Some(c) = self.channel.as_mut() {
+                    let head = &self.ring.slot(self.header)[..HEADER_BYTES];
+                    let slot = self.ring.slot(self.body);
+                    c.rx.open(
+                        head,
+                        &slot[..body_len],
+                        &slot[body_len..body_len + TAG_BYTES],
+                    )?;
+                }
+                self.frame_verified(h)?;
             }
             Recv::Tag { h, got } => {
                 let got = got + n;
@@ -853,8 +865,9 @@ impl Worker {
                     self.recv = Recv::Tag { h, got };
                     return Ok(());
                 }
+                debug_assert_eq!(h.body_len, 0, "bodies carry their MAC");
                 let head = &self.ring.slot(self.header)[..HEADER_BYTES];
-                let body = &self.ring.slot(self.body)[..h.body_len as usize];
+                let body: &[u8] = &[];
                 let tag = &self.ring.slot(self.tag)[..TAG_BYTES];
                 self.channel
                     .as_mut()
@@ -873,7 +886,16 @@ impl Worker {
         Ok(())
     }
 
-    /// A whole frame is in its slots: check its MAC first on an authenticated connection.
+    /// Bytes of MAC after each frame on this connection.
+    fn tag_len(&self) -> usize {
+        if self.channel.is_some() {
+            TAG_BYTES
+        } else {
+            0
+        }
+    }
+
+    /// A body-less frame's header is in: read its MAC first on an authenticated connection.
     fn frame_received(&mut self, h: Header) -> Result<(), DestError> {
         if self.channel.is_some() {
             self.recv = Recv::Tag { h, got: 0 };
