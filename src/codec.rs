@@ -47,6 +47,9 @@ pub const MAX_ZERO_MAP_BYTES: u32 = 64 * 1024;
 /// `Hello` flag: the destination's memory is not registered yet and takes a precopy phase
 /// (`Round`, `Pages`, `Discard` frames, ended by `Run`) after `Welcome`.
 pub const HELLO_PRECOPY: u64 = 1 << 33;
+/// `Hello` flag: this connection rejoins its session after a break (recovery); a bulk
+/// connection then sends `Have` frames and `Run` before the stream restarts.
+pub const HELLO_RESUME: u64 = 1 << 34;
 /// Most ranges in one `Discard` frame. QEMU sends 12 per command; ours is a 4 KiB body (256
 /// ranges of 16 bytes): few frames for a scattered dirty set, and a bounded read per frame.
 pub const MAX_DISCARD_RANGES: u16 = 256;
@@ -93,6 +96,10 @@ pub enum Kind {
     /// The answers to a `Challenge`: destination → source `nonce_d ‖ proof` (64 bytes), source
     /// → destination `proof` (32 bytes). See [`crate::auth`].
     Auth = 14,
+    /// destination → source on a resumed bulk connection: which pages of the worker's shard it
+    /// has (`mask` = pages covered, body = one bit per page), ended by `Run`; the source
+    /// streams the others again.
+    Have = 15,
 }
 
 impl Kind {
@@ -112,6 +119,7 @@ impl Kind {
             12 => Kind::Checksums,
             13 => Kind::Challenge,
             14 => Kind::Auth,
+            15 => Kind::Have,
             _ => return None,
         })
     }
@@ -286,6 +294,26 @@ impl Header {
         self
     }
 
+    /// Marks (in a `Hello`) a connection that rejoins its session after a break.
+    pub fn with_resume(mut self) -> Header {
+        debug_assert_eq!(self.kind, Kind::Hello);
+        self.mask |= HELLO_RESUME;
+        self
+    }
+
+    /// Whether a `Hello` rejoins after a break.
+    pub fn wants_resume(&self) -> bool {
+        self.mask & HELLO_RESUME != 0
+    }
+
+    /// `Have` header for `pages` pages of `block` from `page` (the body is their bits).
+    pub fn have(block: u32, page: u64, pages: u64) -> Header {
+        Header {
+            kind: Kind::Have,
+            ..Header::zero_map(block, page, pages)
+        }
+    }
+
     /// Whether a `Hello` offers a precopy phase.
     pub fn wants_precopy(&self) -> bool {
         self.mask & HELLO_PRECOPY != 0
@@ -454,7 +482,7 @@ impl Header {
             Kind::Auth => 64,
             Kind::Welcome => u64::from(MAX_CONTROL_BODY),
             Kind::Error => MAX_ERROR_BYTES as u64,
-            Kind::ZeroMap => u64::from(MAX_ZERO_MAP_BYTES),
+            Kind::ZeroMap | Kind::Have => u64::from(MAX_ZERO_MAP_BYTES),
             // Checked exactly against the page size in `check`.
             Kind::Pages => (1 << 30) + 1,
         };
@@ -493,7 +521,7 @@ impl Header {
                     || h.workers() == 0
                     || h.workers() > 1024
                     || u64::from(h.count) >= h.workers()
-                    || h.mask >> 34 != 0 =>
+                    || h.mask >> 35 != 0 =>
             {
                 return Err(CodecError::BadBody {
                     kind,
@@ -506,7 +534,9 @@ impl Header {
                     ),
                 })
             }
-            Kind::ZeroMap if h.mask == 0 || u64::from(h.body_len) != h.mask.div_ceil(8) => {
+            Kind::ZeroMap | Kind::Have
+                if h.mask == 0 || u64::from(h.body_len) != h.mask.div_ceil(8) =>
+            {
                 return Err(CodecError::BodyLength {
                     kind,
                     len: h.body_len,
@@ -908,6 +938,17 @@ pub enum Frame {
         /// Pages sent in it.
         pages: u64,
     },
+    /// Pages of `block` from `page` the destination has (resume).
+    Have {
+        /// Block.
+        block: u32,
+        /// First page.
+        page: u64,
+        /// Pages covered.
+        pages: u64,
+        /// One bit per page, LSB first.
+        bits: Vec<u8>,
+    },
     /// An authentication challenge (a nonce).
     Challenge(Vec<u8>),
     /// An authentication answer.
@@ -976,6 +1017,15 @@ impl Frame {
                 }
             }
             Frame::Round { round, pages } => Header::round(*round, *pages).encode_into(out),
+            Frame::Have {
+                block,
+                page,
+                pages,
+                bits,
+            } => {
+                Header::have(*block, *page, *pages).encode_into(out);
+                out.extend_from_slice(bits);
+            }
             Frame::Challenge(b) | Frame::Auth(b) => {
                 let kind = if matches!(self, Frame::Challenge(_)) {
                     Kind::Challenge
@@ -1009,7 +1059,7 @@ impl Frame {
             (Some(l), Kind::Request | Kind::Pages) => {
                 h.check(l)?;
             }
-            (Some(l), Kind::ZeroMap) => h.check_zero_map(l)?,
+            (Some(l), Kind::ZeroMap | Kind::Have) => h.check_zero_map(l)?,
             (Some(l), Kind::Checksums) => h.check_zero_map(l)?,
             _ => {}
         }
@@ -1044,6 +1094,12 @@ impl Frame {
             Kind::End => Frame::End(h.page),
             Kind::Ack => Frame::Ack(h.page),
             Kind::Error => Frame::Error(decode_error(body)),
+            Kind::Have => Frame::Have {
+                block: h.block,
+                page: h.page,
+                pages: h.mask,
+                bits: body.to_vec(),
+            },
             Kind::ZeroMap => Frame::ZeroMap {
                 block: h.block,
                 page: h.page,

@@ -120,6 +120,9 @@ pub struct SourceConfig {
     /// The pre-shared key: every connection must prove it holds it, every frame is MACed
     /// ([`crate::auth`]). `None`: no authentication (a trusted network only).
     pub key: Option<Key>,
+    /// A session whose connection broke waits this long for the destination to reconnect
+    /// (recovery) before it is given up. Zero: a broken connection fails the session.
+    pub recovery_timeout: Duration,
 }
 
 /// When precopy stops sending rounds and switches over to postcopy. The first round (every
@@ -167,6 +170,7 @@ impl Default for SourceConfig {
             verbose: true,
             precopy: PrecopyLimits::default(),
             key: None,
+            recovery_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -198,6 +202,10 @@ pub struct SessionReport {
     pub pages_dirty_at_switchover: u64,
     /// Pages in `Discard` frames.
     pub pages_discarded: u64,
+    /// Connections that rejoined after a break.
+    pub recoveries: u64,
+    /// Pages streamed again after a break (the destination did not have them).
+    pub pages_resent: u64,
     /// Error that ended it, if any.
     pub error: Option<String>,
 }
@@ -208,6 +216,18 @@ struct Session {
     sent: Vec<PageBitmap>,
     started: Instant,
     ends_seen: AtomicUsize,
+    /// Workers whose `End` arrived (a worker may send it twice across a reconnection).
+    ended: Mutex<Vec<bool>>,
+    /// Milliseconds after `started` when a connection last broke (0: never): the session then
+    /// waits up to the recovery timeout for the destination to come back.
+    broken_at_ms: AtomicU64,
+    /// Connections that rejoined after a break.
+    recoveries: AtomicU64,
+    /// Pages streamed again because a resumed destination did not have them.
+    pages_resent: AtomicU64,
+    /// Per worker, the generation of its stream: a resumed stream supersedes the one of the
+    /// broken connection, which stops claiming pages at once.
+    bulk_gen: Vec<AtomicU64>,
     failed: Mutex<Option<String>>,
     finished: AtomicBool,
     /// Connections open now; changed only under the sessions lock.
@@ -251,6 +271,8 @@ impl Session {
             precopy_round_pages: precopy.round_pages.clone(),
             pages_dirty_at_switchover: precopy.dirty_at_switchover,
             pages_discarded: precopy.discarded,
+            recoveries: self.recoveries.load(Ordering::Relaxed),
+            pages_resent: self.pages_resent.load(Ordering::Relaxed),
         }
     }
 
@@ -653,6 +675,11 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     .collect(),
                 started: Instant::now(),
                 ends_seen: AtomicUsize::new(0),
+                ended: Mutex::new(vec![false; usize::from(workers)]),
+                broken_at_ms: AtomicU64::new(0),
+                recoveries: AtomicU64::new(0),
+                pages_resent: AtomicU64::new(0),
+                bulk_gen: (0..workers).map(|_| AtomicU64::new(0)).collect(),
                 failed: Mutex::new(None),
                 finished: AtomicBool::new(false),
                 connections: AtomicUsize::new(0),
@@ -689,8 +716,8 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 }
             }
         };
-        // Two per worker, plus one verify connection.
-        if session.connections.load(Ordering::Acquire) > 2 * usize::from(workers) {
+        // Two per worker, plus one verify connection, plus the broken ones still closing.
+        if session.connections.load(Ordering::Acquire) > 4 * usize::from(workers) + 1 {
             drop(sessions);
             send_error(
                 &mut link,
@@ -748,21 +775,44 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 run_precopy(&shared, &session, &mut link, peer, live.as_mut())?;
             }
             drop(live.take());
+            if hello.wants_resume() {
+                session.recoveries.fetch_add(1, Ordering::Relaxed);
+            }
             match role {
                 Role::Urgent => serve_urgent(&shared, &session, &mut link, peer, worker),
+                Role::Bulk if hello.wants_resume() => {
+                    resume_bulk(&shared, &session, &mut link, peer, worker)?;
+                    serve_bulk(&shared, &session, &mut link, peer, worker)
+                }
                 Role::Bulk => serve_bulk(&shared, &session, &mut link, peer, worker),
                 Role::Verify => serve_verify(&shared, &session, &mut link, peer),
             }
         });
     if let Err(e) = result {
+        // A broken connection (not a bad frame) is a network fault: the destination reconnects
+        // and resumes, so the session waits for it (up to the recovery timeout).
+        let broken = matches!(e, SourceError::Io { .. } | SourceError::Incomplete { .. })
+            && !shared.config.recovery_timeout.is_zero()
+            && !session.finished.load(Ordering::Acquire);
         log(
             &shared,
-            format_args!("session {:#x} {peer}: {e}", session.id),
+            format_args!(
+                "session {:#x} {peer}: {e}{}",
+                session.id,
+                if broken {
+                    "; waiting for the destination to reconnect"
+                } else {
+                    ""
+                }
+            ),
         );
         if let SourceError::Protocol { .. } = e {
             send_error(&mut link, &e.to_string());
         }
-        if !session.finished.load(Ordering::Acquire) {
+        if broken {
+            let ms = (session.started.elapsed().as_millis() as u64).max(1);
+            session.broken_at_ms.store(ms, Ordering::Release);
+        } else if !session.finished.load(Ordering::Acquire) {
             session.fail(e.to_string());
         }
     }
@@ -1092,20 +1142,25 @@ fn record_end(shared: &Shared, session: &Session) {
 /// Ends sessions that have had no connection for longer than the handshake timeout without
 /// completing (a destination that connected some workers and went away).
 fn reap_idle(shared: &Shared) {
-    let limit_ms = shared.config.handshake_timeout.as_millis() as u64;
+    let handshake_ms = shared.config.handshake_timeout.as_millis() as u64;
+    let recovery_ms = shared.config.recovery_timeout.as_millis() as u64;
     let mut reaped = Vec::new();
     {
         let mut sessions = shared.sessions.lock().expect("poisoned");
         sessions.retain(|_, s| {
             let idle = s.idle_since_ms.load(Ordering::Acquire);
             let now = s.started.elapsed().as_millis() as u64;
+            // After a break the destination gets the recovery timeout to come back.
+            let broken = s.broken_at_ms.load(Ordering::Acquire) > 0;
+            let limit_ms = if broken { recovery_ms } else { handshake_ms };
             let stale = s.connections.load(Ordering::Acquire) == 0
                 && idle > 0
                 && now.saturating_sub(idle) > limit_ms;
             if stale {
                 s.fail(format!(
-                    "no connection for {} s and {} of {} workers ended: the destination went away",
+                    "no connection for {} s{} and {} of {} workers ended: the destination went away",
                     limit_ms / 1000,
+                    if broken { " after a connection broke" } else { "" },
                     s.ends_seen.load(Ordering::Acquire),
                     s.workers
                 ));
@@ -1277,7 +1332,14 @@ fn serve_urgent(
                 session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
             }
             Kind::End => {
-                session.ends_seen.fetch_add(1, Ordering::AcqRel);
+                let first_end = {
+                    let mut ended = session.ended.lock().expect("poisoned");
+                    let slot = &mut ended[usize::from(worker)];
+                    !std::mem::replace(slot, true)
+                };
+                if first_end {
+                    session.ends_seen.fetch_add(1, Ordering::AcqRel);
+                }
                 Header::control(Kind::Ack, h.page).encode_into(&mut out);
                 session.flush(link, &mut out, "send Ack", peer)?;
                 if session.ends_seen.load(Ordering::Acquire) >= usize::from(session.workers) {
@@ -1308,6 +1370,69 @@ fn serve_urgent(
     }
 }
 
+/// A bulk connection rejoining after a break: the destination's `Have` frames say which pages
+/// of this worker's shard it has; the others are marked unsent so the stream sends them again
+/// (they may have been lost in flight with the old connection).
+fn resume_bulk(
+    shared: &Shared,
+    session: &Session,
+    link: &mut Link,
+    peer: SocketAddr,
+    worker: u16,
+) -> Result<(), SourceError> {
+    // The broken connection's streamer stops claiming pages now.
+    session.bulk_gen[usize::from(worker)].fetch_add(1, Ordering::AcqRel);
+    let layout = shared.image.layout();
+    let workers = u64::from(session.workers);
+    let mut body = Vec::new();
+    let protocol = |source| SourceError::Protocol { peer, source };
+    loop {
+        let Some(h) = link.read_frame(peer, &mut body)? else {
+            return Err(SourceError::Incomplete {
+                session: session.id,
+                reason: format!("worker {worker}'s resumed bulk connection closed"),
+            });
+        };
+        match h.kind {
+            Kind::Run => return Ok(()),
+            Kind::Have => {
+                h.check_zero_map(layout).map_err(protocol)?;
+                let pages = layout.blocks[h.block as usize].pages();
+                let (start, end) = (
+                    pages * u64::from(worker) / workers,
+                    pages * (u64::from(worker) + 1) / workers,
+                );
+                if h.page < start || h.page + h.mask > end {
+                    return Err(protocol(CodecError::Range(
+                        crate::layout::LayoutError::OutOfRange {
+                            block: h.block,
+                            page: h.page,
+                            count: h.mask,
+                            detail: format!("worker {worker}'s shard is pages [{start}, {end})"),
+                        },
+                    )));
+                }
+                let sent = &session.sent[h.block as usize];
+                let mut resent = 0;
+                for i in 0..h.mask {
+                    if body[(i / 8) as usize] >> (i % 8) & 1 == 1 {
+                        sent.set(h.page + i);
+                    } else if sent.clear(h.page + i) {
+                        resent += 1;
+                    }
+                }
+                session.pages_resent.fetch_add(resent, Ordering::Relaxed);
+            }
+            other => {
+                return Err(protocol(CodecError::Unexpected {
+                    got: other,
+                    expected: "Have or Run (a resumed stream)",
+                }))
+            }
+        }
+    }
+}
+
 fn serve_bulk(
     shared: &Shared,
     session: &Session,
@@ -1325,6 +1450,8 @@ fn serve_bulk(
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    let gen = &session.bulk_gen[usize::from(worker)];
+    let my_gen = gen.fetch_add(1, Ordering::AcqRel) + 1;
     let layout = shared.image.layout();
     let max_page = layout.max_page_size() as usize;
     let mut scratch = vec![0u8; max_page];
@@ -1343,6 +1470,11 @@ fn serve_bulk(
         let mut p = start;
         while p < end {
             if session.finished.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if gen.load(Ordering::Acquire) != my_gen {
+                // Superseded by a resumed stream: what this one claimed and did not deliver is
+                // what the destination will not have (and asks for).
                 return Ok(());
             }
             let Some(first) = sent.next_clear(p, end) else {

@@ -273,6 +273,8 @@ fn engine_vs_fake_spec(
         stream,
         stall_timeout: stall,
         connect_timeout: Duration::from_secs(5),
+        // These peers are hostile, not flaky: no reconnection (tests/recovery.rs covers it).
+        recovery_timeout: Duration::ZERO,
         ..EngineConfig::default()
     };
     let t0 = Instant::now();
@@ -378,6 +380,8 @@ fn handshake_vs_with(
         source: addr.to_string(),
         workers: 1,
         connect_timeout: Duration::from_secs(5),
+        // These peers are hostile, not flaky: no reconnection (tests/recovery.rs covers it).
+        recovery_timeout: Duration::ZERO,
         zero_map,
         ..EngineConfig::default()
     };
@@ -830,6 +834,8 @@ fn hostile_source(hostile_sessions: usize, case: impl FnOnce(SocketAddr, &Synthe
         seed: 99,
         zero_percent: 20,
         once: false,
+        // A hostile client's dropped connection ends its session at once.
+        recovery_timeout: Duration::ZERO,
         ..Default::default()
     });
     case(source.addr, &source.image);

@@ -73,6 +73,16 @@ pub enum DestError {
     /// The source closed a connection early.
     #[error("source closed the {0} connection before the migration completed ({1} pages of this worker still missing)")]
     Closed(&'static str, u64),
+    /// The source could not be reached again after a connection broke.
+    #[error("the source has been unreachable for {seconds} s after a connection broke ({last}); {missing} pages of this worker are still missing, so the workload's memory is incomplete: restart the source with the same image within --recovery-timeout, or give up the migration")]
+    SourceLost {
+        /// Seconds tried.
+        seconds: u64,
+        /// Pages of the worker still missing.
+        missing: u64,
+        /// The last connection error.
+        last: String,
+    },
     /// The source stopped answering.
     #[error("source sent nothing for {seconds} s while {missing} pages were missing and requests were outstanding")]
     Stalled {
@@ -138,6 +148,9 @@ pub struct EngineConfig {
     /// The pre-shared key ([`crate::auth`]): prove it on every connection, MAC every frame.
     /// `None`: no authentication (a trusted network only).
     pub key: Option<Key>,
+    /// A connection that breaks in postcopy is reopened (with backoff) for this long before the
+    /// migration is given up; faulting threads stay blocked meanwhile. Zero: fail at once.
+    pub recovery_timeout: Duration,
 }
 
 /// How the engine places a zero page.
@@ -166,6 +179,7 @@ impl Default for EngineConfig {
             max_streams: 0,
             precopy: false,
             key: None,
+            recovery_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -337,6 +351,17 @@ pub(crate) fn open_connection(
     role: Role,
     worker: u16,
 ) -> Result<Opened, DestError> {
+    open_connection_as(config, session, role, worker, false)
+}
+
+/// [`open_connection`], marked as rejoining its session after a break when `resume`.
+pub(crate) fn open_connection_as(
+    config: &EngineConfig,
+    session: u64,
+    role: Role,
+    worker: u16,
+    resume: bool,
+) -> Result<Opened, DestError> {
     use std::net::ToSocketAddrs;
     let addr = config
         .source
@@ -372,6 +397,9 @@ pub(crate) fn open_connection(
     }
     if config.precopy && session == 0 {
         h = h.with_precopy();
+    }
+    if resume {
+        h = h.with_resume();
     }
     h.encode(&mut hello);
     let context = format!("{role:?} connection of worker {worker}");
@@ -826,6 +854,10 @@ pub struct WorkerStats {
     pub pages_removed: u64,
     /// Zero pages placed for faults on removed pages.
     pub pages_zero_after_remove: u64,
+    /// Connections reopened after a break.
+    pub recoveries: u64,
+    /// Pages requested after the stream ended because a break lost them in flight.
+    pub pages_swept: u64,
     /// Bytes received.
     pub bytes_received: u64,
     /// io_uring completions reaped.
@@ -852,6 +884,8 @@ impl WorkerStats {
         self.place_ioctls += o.place_ioctls;
         self.pages_removed += o.pages_removed;
         self.pages_zero_after_remove += o.pages_zero_after_remove;
+        self.recoveries += o.recoveries;
+        self.pages_swept += o.pages_swept;
         self.bytes_received += o.bytes_received;
         self.completions += o.completions;
         self.loops += o.loops;

@@ -47,6 +47,9 @@ const URGENT_NICE: i32 = -5;
 const TAG_UFFD: u16 = 0;
 const TAG_CONN: u16 = 1;
 const TAG_SEND: u16 = 2;
+/// A tag's low bits say what completed; the others which connection (an epoch that changes
+/// when a broken connection is replaced, so late completions of the old one are recognised).
+const TAG_KIND_BITS: u16 = 0b11;
 
 /// Which half of a worker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -84,6 +87,8 @@ pub(crate) struct ShardState {
     /// A VMM's memory: per block and page, when its fault event was read (ns after the
     /// engine's start, 0 = none), to measure fault service time on our side.
     fault_at_ns: Option<Vec<Box<[AtomicU64]>>>,
+    /// Connections of this worker replaced after a break (either half).
+    recoveries: AtomicU64,
 }
 
 impl ShardState {
@@ -131,6 +136,7 @@ impl ShardState {
                     .collect()
             }),
             place_lock: std::sync::RwLock::new(()),
+            recoveries: AtomicU64::new(0),
             fault_at_ns: foreign.then(|| {
                 ram.layout
                     .blocks
@@ -200,6 +206,9 @@ enum Fill {
 
 struct Worker {
     half: Half,
+    session: u64,
+    /// Which connection the I/O tags belong to (see `TAG_KIND_BITS`).
+    epoch: u16,
     /// Set by `Go`; the loop runs only after it.
     state: Option<Arc<ShardState>>,
     ring: Ring,
@@ -333,6 +342,8 @@ impl Worker {
         };
         Ok(Worker {
             half,
+            session,
+            epoch: 0,
             state: None,
             ring,
             ram,
@@ -407,6 +418,17 @@ impl Worker {
             {
                 self.send_end()?;
             }
+            if self.half == Half::Urgent
+                && self.missing() > 0
+                && self.st().bulk_done.load(Ordering::Acquire)
+                && self.st().outstanding.load(Ordering::Acquire) == 0
+                && self.pending.is_empty()
+                && self.stats.recoveries + self.sibling_recoveries() > 0
+            {
+                // The stream ended, yet pages are missing: some were lost in flight when a
+                // connection broke. Ask for them (a tail sweep); nothing waits on luck.
+                self.request_missing()?;
+            }
             if self.finished && !serve_after_end {
                 self.release_stream_slot();
                 self.ring.cancel_all();
@@ -424,25 +446,42 @@ impl Worker {
             self.completions.clear();
             self.completions.extend_from_slice(done);
             if self.completions.is_empty() {
-                self.check_stall()?;
+                match self.check_stall() {
+                    // A connection that went silent is replaced like a broken one.
+                    Err(e) if self.recoverable(&e) => self.recover(e)?,
+                    r => r?,
+                }
                 continue;
             }
             self.stats.completions += self.completions.len() as u64;
             // Finished sends first (they free the request buffer), then fault events, then
             // received bytes.
             self.completions
-                .sort_unstable_by_key(|c| match c.token.tag {
+                .sort_unstable_by_key(|c| match c.token.tag & TAG_KIND_BITS {
                     TAG_SEND => 0,
                     TAG_UFFD => 1,
                     _ => 2,
                 });
+            let mut broken = None;
             for i in 0..self.completions.len() {
                 let c = self.completions[i];
-                match c.token.tag {
-                    TAG_UFFD => self.on_events(c.result)?,
-                    TAG_SEND => self.on_sent(c.result)?,
-                    _ => self.on_recv(c.result)?,
+                let kind = c.token.tag & TAG_KIND_BITS;
+                if kind != TAG_UFFD && (c.token.tag >> 2 != self.epoch || broken.is_some()) {
+                    continue; // the old connection's last words: its slot is free again
                 }
+                let r = match kind {
+                    TAG_UFFD => self.on_events(c.result),
+                    TAG_SEND => self.on_sent(c.result),
+                    _ => self.on_recv(c.result),
+                };
+                match r {
+                    Err(e) if self.recoverable(&e) => broken = Some(e),
+                    r => r?,
+                }
+            }
+            if let Some(e) = broken {
+                // Fault events of this batch were handled first: none is lost.
+                self.recover(e)?;
             }
         }
     }
@@ -536,16 +575,17 @@ impl Worker {
         match self.recv {
             Recv::Header { got } if !self.ring.is_busy(self.header) => {
                 self.ring
-                    .read(fd, self.header, got, HEADER_BYTES - got, TAG_CONN)?
+                    .read(fd, self.header, got, HEADER_BYTES - got, self.tag(TAG_CONN))?
             }
             Recv::Body { h, got } if !self.ring.is_busy(self.body) => {
                 // On an authenticated connection the MAC is read with the body, in one go.
                 let want = h.body_len as usize + self.tag_len();
-                self.ring.read(fd, self.body, got, want - got, TAG_CONN)?
+                self.ring
+                    .read(fd, self.body, got, want - got, self.tag(TAG_CONN))?
             }
             Recv::Tag { got, .. } if !self.ring.is_busy(self.tag) => {
                 self.ring
-                    .read(fd, self.tag, got, TAG_BYTES - got, TAG_CONN)?
+                    .read(fd, self.tag, got, TAG_BYTES - got, self.tag(TAG_CONN))?
             }
             _ => {}
         }
@@ -699,7 +739,7 @@ impl Worker {
         let Some(send) = self.send else {
             return Ok(());
         };
-        if self.pending.is_empty() || self.sending() || self.end_sent {
+        if self.pending.is_empty() || self.sending() || self.end_sent || self.ring.is_busy(send) {
             return Ok(());
         }
         let (used, len, frames) = match self.channel.as_mut() {
@@ -736,7 +776,8 @@ impl Worker {
         debug_assert!(!self.sending());
         let send = self.send.expect("sends only on the urgent half");
         self.send_progress = (0, len);
-        self.ring.write(self.stream_fd(), send, 0, len, TAG_SEND)?;
+        let tag = self.tag(TAG_SEND);
+        self.ring.write(self.stream_fd(), send, 0, len, tag)?;
         self.ring.submit()?;
         Ok(())
     }
@@ -757,8 +798,9 @@ impl Worker {
         if done < total {
             self.send_progress = (done, total);
             let send = self.send.expect("sends only on the urgent half");
+            let tag = self.tag(TAG_SEND);
             self.ring
-                .write(self.stream_fd(), send, done, total - done, TAG_SEND)?;
+                .write(self.stream_fd(), send, done, total - done, tag)?;
             return Ok(());
         }
         self.send_progress = (0, 0);
@@ -766,10 +808,10 @@ impl Worker {
     }
 
     fn send_end(&mut self) -> Result<(), DestError> {
-        if self.sending() {
+        let send = self.send.expect("End goes out on the urgent half");
+        if self.sending() || self.ring.is_busy(send) {
             return Ok(()); // after the requests in flight
         }
-        let send = self.send.expect("End goes out on the urgent half");
         let mut h = [0u8; HEADER_BYTES];
         Header::control(Kind::End, self.st().id as u64).encode(&mut h);
         self.ring.slot_mut(send)[..HEADER_BYTES].copy_from_slice(&h);
@@ -781,6 +823,149 @@ impl Worker {
         }
         self.end_sent = true;
         self.start_send(len)
+    }
+
+    /// Recoveries of the other half of this worker (shared through the shard).
+    fn sibling_recoveries(&self) -> u64 {
+        self.st().recoveries.load(Ordering::Acquire)
+    }
+
+    /// Requests every page of the shard not yet placed (after a break lost stream pages).
+    fn request_missing(&mut self) -> Result<(), DestError> {
+        let st = self.state.clone().expect("after Go");
+        for (b, &(start, end)) in st.shard.iter().enumerate() {
+            let mut p = start;
+            while let Some(first) = self.ram.received[b].next_clear(p, end) {
+                // Removed pages count as received: never asked for.
+                if st.requested[b].set(first) {
+                    st.outstanding.fetch_add(1, Ordering::AcqRel);
+                    self.pending.push((b as u32, first));
+                }
+                p = first + 1;
+            }
+        }
+        self.stats.pages_swept += self.pending.len() as u64;
+        self.flush_requests()
+    }
+
+    /// A tag for an operation of `kind` on the current connection.
+    fn tag(&self, kind: u16) -> u16 {
+        kind | (self.epoch << 2)
+    }
+
+    /// Whether `e` is a broken connection that recovery may repair (not a protocol or
+    /// authentication error: those end the session).
+    fn recoverable(&self, e: &DestError) -> bool {
+        !self.config.recovery_timeout.is_zero()
+            && !self.shared.stop.load(Ordering::Acquire)
+            && matches!(
+                e,
+                DestError::Io { .. } | DestError::Closed(..) | DestError::Stalled { .. }
+            )
+    }
+
+    /// Replaces a broken connection: reconnects with backoff (bounded by the recovery
+    /// timeout), rejoins the session, and restores what was in flight: the urgent half asks
+    /// again for every page still requested (and End if it was not acknowledged); the bulk
+    /// half tells the source which pages of its shard it has, and the stream resumes with the
+    /// others. Faulting threads stay blocked meanwhile; nothing placed is lost.
+    fn recover(&mut self, cause: DestError) -> Result<(), DestError> {
+        if let Some(old) = self.stream.take() {
+            // Its operations in flight complete now (as stale: new epoch) and free their slots.
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
+        self.epoch = (self.epoch + 1) & (u16::MAX >> 2);
+        self.recv = Recv::Header { got: 0 };
+        self.send_progress = (0, 0);
+        self.channel = None;
+        let role = match self.half {
+            Half::Urgent => Role::Urgent,
+            Half::Bulk => Role::Bulk,
+        };
+        let id = self.st().id;
+        let started = Instant::now();
+        let deadline = started + self.config.recovery_timeout;
+        let mut backoff = Duration::from_millis(5);
+        let opened = loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                return Err(DestError::Stopped);
+            }
+            match super::open_connection_as(&self.config, self.session, role, id as u16, true) {
+                Ok(o) => break o,
+                Err(_) if Instant::now() + backoff < deadline => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                Err(e) => {
+                    return Err(DestError::SourceLost {
+                        seconds: started.elapsed().as_secs(),
+                        missing: self.missing(),
+                        last: format!("{cause}; then: {e}"),
+                    })
+                }
+            }
+        };
+        if opened.welcome.session != self.session || opened.welcome.layout != self.ram.layout {
+            return Err(DestError::Protocol {
+                context: format!("{role:?} connection of worker {id} (resumed)"),
+                source: CodecError::BadBody {
+                    kind: Kind::Welcome,
+                    detail: "a different session or layout than before the break".into(),
+                },
+            });
+        }
+        let mut stream = opened.stream;
+        self.channel = opened.channel;
+        match self.half {
+            Half::Urgent => {
+                // Ask again for everything still awaited; End again if its Ack was lost.
+                self.pending.clear();
+                let st = self.state.clone().expect("recovery only after Go");
+                for (b, &(start, end)) in st.shard.iter().enumerate() {
+                    for p in start..end {
+                        if st.requested[b].get(p) {
+                            self.pending.push((b as u32, p));
+                        }
+                    }
+                }
+                if self.end_sent && !self.finished {
+                    self.end_sent = false;
+                }
+            }
+            Half::Bulk => {
+                // Which pages of the shard are here: the source streams the others again.
+                let st = self.state.clone().expect("recovery only after Go");
+                let mut out = Vec::new();
+                let per_frame = u64::from(codec::MAX_ZERO_MAP_BYTES) * 8;
+                for (b, &(start, end)) in st.shard.iter().enumerate() {
+                    let mut first = start;
+                    while first < end {
+                        let n = (end - first).min(per_frame);
+                        Header::have(b as u32, first, n).encode_into(&mut out);
+                        let at = out.len();
+                        out.resize(at + n.div_ceil(8) as usize, 0);
+                        for i in 0..n {
+                            if self.ram.received[b].get(first + i) {
+                                out[at + (i / 8) as usize] |= 1 << (i % 8);
+                            }
+                        }
+                        first += n;
+                    }
+                }
+                Header::control(Kind::Run, 0).encode_into(&mut out);
+                super::write_frames(
+                    &mut stream,
+                    self.channel.as_mut().map(|c| &mut c.tx),
+                    &out,
+                    "send the received bitmap after a break",
+                )?;
+            }
+        }
+        self.stream = Some(stream);
+        self.stats.recoveries += 1;
+        self.st().recoveries.fetch_add(1, Ordering::AcqRel);
+        self.last_progress = Instant::now();
+        self.flush_requests()
     }
 
     fn conn_name(&self) -> &'static str {

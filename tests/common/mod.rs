@@ -83,6 +83,8 @@ pub struct SourceOptions {
     pub prefetch_max: u64,
     /// Require this key.
     pub key: Option<postcopy::auth::Key>,
+    /// How long a session with a broken connection waits for the destination.
+    pub recovery_timeout: Duration,
 }
 
 impl Default for SourceOptions {
@@ -95,6 +97,7 @@ impl Default for SourceOptions {
             urgent_delay: Duration::ZERO,
             prefetch_max: SourceConfig::default().prefetch_max,
             key: None,
+            recovery_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -122,6 +125,7 @@ impl Source {
                 urgent_delay: opts.urgent_delay,
                 prefetch_max: opts.prefetch_max,
                 key: opts.key.clone(),
+                recovery_timeout: opts.recovery_timeout,
                 ..Default::default()
             },
         )
@@ -393,6 +397,7 @@ where
         max_streams: opts.max_streams,
         precopy: false,
         key: opts.key.clone(),
+        recovery_timeout: Duration::from_secs(20),
     };
     let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
     let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {

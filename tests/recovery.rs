@@ -1,0 +1,152 @@
+//! Recovery: a migration through `tools/chaos-proxy` that cuts connections at random byte
+//! offsets (some inside a page batch, some inside a request) completes and verifies every page;
+//! both sides count the recoveries. Seeds and size from `CHAOS_SEEDS` (default 20) and
+//! `CHAOS_MIB` (default 64).
+
+mod common;
+
+use std::time::Duration;
+
+use chaos_proxy::{Dir, Fault, Plan, Proxy, RandomCuts};
+use common::*;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn migration_survives_random_cuts() {
+    let seeds = env_u64("CHAOS_SEEDS", 20);
+    let size = env_u64("CHAOS_MIB", 64) * MIB;
+    for seed in 1..=seeds {
+        let src = Source::start(&SourceOptions {
+            size_bytes: size,
+            once: false,
+            seed: 0x000c_4a05 ^ seed,
+            ..Default::default()
+        });
+        // Cuts per new connection until 20 were made: offsets up to 1 MiB in either direction,
+        // so some fall inside a stream batch or reply (to the client), some inside a request
+        // (to the server).
+        // Toward the destination (inside stream batches and replies): 18 seeded random cuts,
+        // one per new connection, at up to 4 MiB; toward the source (inside requests): the
+        // first two connections (worker 0's urgent one among them) are cut after a few
+        // requests, at seeded offsets too.
+        let small = |i: u64| 40 + (seed.wrapping_mul(0x9e37_79b9) >> (3 * i)) % 1500;
+        let proxy = Proxy::start(
+            src.addr,
+            Plan {
+                per_connection: vec![
+                    vec![Fault::CutAt {
+                        direction: Dir::ToServer,
+                        offset_bytes: small(0),
+                    }],
+                    vec![Fault::CutAt {
+                        direction: Dir::ToServer,
+                        offset_bytes: small(1),
+                    }],
+                ],
+                ..Plan::random_cuts(RandomCuts {
+                    seed,
+                    cuts: 18,
+                    min_offset: 4096,
+                    max_offset: 4 << 20,
+                    direction: Some(Dir::ToClient),
+                })
+            },
+        )
+        .expect("proxy");
+        let out = run_dest(
+            proxy.local_addr(),
+            &DestOptions {
+                threads: 2,
+                ..Default::default()
+            },
+        );
+        out.assert_verified();
+        let r = out.report();
+        let cuts = proxy.stats().cuts.len() as u64;
+        let to_server = proxy
+            .stats()
+            .cuts
+            .iter()
+            .filter(|c| c.direction == Some(Dir::ToServer))
+            .count();
+        drop(proxy);
+        let reports = src.stop_and_join();
+        assert_eq!(complete_sessions(&reports), 1, "seed {seed}: {reports:#?}");
+        let src_recoveries: u64 = reports.iter().map(|r| r.recoveries).sum();
+        println!(
+            "seed {seed}: {cuts} cuts ({to_server} toward the source), {} recoveries, {} pages swept, {} resent by the source",
+            r.totals.recoveries,
+            r.totals.pages_swept,
+            reports.iter().map(|r| r.pages_resent).sum::<u64>()
+        );
+        assert!(cuts > 0, "seed {seed}: the proxy cut nothing");
+        assert!(
+            r.totals.recoveries >= cuts.min(1),
+            "seed {seed}: {cuts} cuts, {} recoveries",
+            r.totals.recoveries
+        );
+        assert_eq!(
+            src_recoveries, r.totals.recoveries,
+            "seed {seed}: both sides count them"
+        );
+    }
+}
+
+#[test]
+fn a_dead_source_is_reported_within_the_recovery_timeout() {
+    // The source goes away for good in the middle of postcopy: the destination gives up after
+    // its recovery timeout with an error that says how much is missing, and its workload's
+    // blocked touches end (the engine stops).
+    let src = Source::start(&SourceOptions {
+        size_bytes: 64 * MIB,
+        once: false,
+        urgent_delay: Duration::from_millis(2),
+        ..Default::default()
+    });
+    let proxy = Proxy::start(src.addr, Plan::none()).expect("proxy");
+    let config = postcopy::dest::EngineConfig {
+        source: proxy.local_addr().to_string(),
+        workers: 1,
+        stream: false,
+        pin: false,
+        recovery_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let connected = postcopy::dest::connect(&config).expect("connect");
+    let ram =
+        std::sync::Arc::new(postcopy::dest::DestRam::new(&connected.welcome.layout).expect("ram"));
+    let handle = postcopy::dest::Engine::start(connected, ram.clone(), &config).expect("engine");
+    // Fault a few pages, then kill the source's reachability: stop the source and the proxy
+    // upstream so every reconnect fails.
+    let r2 = ram.clone();
+    let toucher = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 4096];
+        for p in 0..2000u64 {
+            r2.regions[0].read_into((p * 4096) as usize, &mut buf);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(50));
+    proxy.set_upstream("127.0.0.1:9".parse().unwrap()); // nothing listens there
+    proxy.cut_all();
+    let t0 = std::time::Instant::now();
+    let e = handle.wait().expect_err("the migration cannot finish");
+    let took = t0.elapsed();
+    assert!(
+        matches!(e, postcopy::dest::DestError::SourceLost { .. }),
+        "{e:?}"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("still missing"), "{msg}");
+    assert!(
+        took < Duration::from_secs(6),
+        "reported after {took:?}, timeout 2 s"
+    );
+    join_within(toucher, TIMEOUT, "touching thread");
+    drop(src);
+}
