@@ -105,6 +105,7 @@ fn measure(addr: &str, handler: Handler, mode: &str, cfg: &BenchConfig) -> Measu
         max_streams: d.max_streams,
         precopy: false,
         key: None,
+        recovery_timeout: d.recovery_timeout,
     };
     let mut m = Measurement {
         handler: format!("{handler:?}").to_lowercase(),

@@ -87,6 +87,8 @@ pub struct DemoConfig {
     pub precopy_limits: PrecopyLimits,
     /// The pre-shared key file both sides use (`None`: no authentication).
     pub key_file: Option<PathBuf>,
+    /// How long a broken connection may take to come back.
+    pub recovery_timeout: Duration,
 }
 
 /// A `postcopy serve --synthetic` child process on 127.0.0.1, killed on drop.
@@ -214,6 +216,8 @@ pub struct RunSpec {
     pub precopy: bool,
     /// Authenticate with this key (engine only).
     pub key: Option<crate::auth::Key>,
+    /// How long a broken connection may take to come back (engine only).
+    pub recovery_timeout: Duration,
 }
 
 /// What one migration did.
@@ -279,6 +283,7 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         max_streams: spec.max_streams,
         precopy: spec.precopy,
         key: spec.key.clone(),
+        recovery_timeout: spec.recovery_timeout,
         ..EngineConfig::default()
     };
     let mut connected = dest::connect(&engine_cfg)?;
@@ -427,6 +432,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
                 Some(k) => Some(crate::auth::Key::from_file(k).map_err(DestError::from)?),
                 None => None,
             },
+            recovery_timeout: cfg.recovery_timeout,
         },
     )?;
     if let Some(c) = child.as_mut() {

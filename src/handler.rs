@@ -66,6 +66,8 @@ pub struct HandlerConfig {
     pub verbose: bool,
     /// The pre-shared key for the source ([`crate::auth`]); `None`: no authentication.
     pub key: Option<crate::auth::Key>,
+    /// How long a broken source connection may take to come back.
+    pub recovery_timeout: Duration,
 }
 
 impl Default for HandlerConfig {
@@ -80,6 +82,7 @@ impl Default for HandlerConfig {
             stall_timeout: Duration::from_secs(30),
             verbose: true,
             key: None,
+            recovery_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -250,6 +253,7 @@ fn serve_vmm_inner(
             ZeroFill::Zeropage
         },
         key: config.key.clone(),
+        recovery_timeout: config.recovery_timeout,
         ..EngineConfig::default()
     };
     let uffd = Uffd::from_fd(h.uffd);

@@ -58,6 +58,10 @@ struct RunArgs {
     /// No progress output.
     #[arg(long, short)]
     quiet: bool,
+    /// Seconds a broken connection may take to come back (reconnect with backoff, resume)
+    /// before the migration is given up; 0: fail at once.
+    #[arg(long, default_value_t = 60)]
+    recovery_timeout: u64,
 }
 
 impl RunArgs {
@@ -84,6 +88,7 @@ impl RunArgs {
             dirty_rate: 0,
             precopy_limits: PrecopyLimits::default(),
             key_file: None,
+            recovery_timeout: Duration::from_secs(self.recovery_timeout),
         })
     }
 }
@@ -205,6 +210,9 @@ enum Cmd {
         precopy: PrecopyArgs,
         #[command(flatten)]
         auth: AuthArgs,
+        /// Seconds a session whose connection broke waits for its destination to reconnect.
+        #[arg(long, default_value_t = 60)]
+        recovery_timeout: u64,
     },
     /// The embedded default: migrate a synthetic image in postcopy from a source process to
     /// this one, with a workload that verifies every page, and print a report.
@@ -267,6 +275,10 @@ enum Cmd {
         quiet: bool,
         #[command(flatten)]
         auth: AuthArgs,
+        /// Seconds a broken source connection may take to come back before a VMM's restore is
+        /// given up.
+        #[arg(long, default_value_t = 60)]
+        recovery_timeout: u64,
     },
     /// Measure the engine against a simple baseline handler in one run: time to all pages,
     /// stream-only throughput, fault latency with and without the stream; medians and ratios.
@@ -352,6 +364,7 @@ fn main() -> ExitCode {
             dirty_rate,
             precopy,
             auth,
+            recovery_timeout,
         } => {
             let key = match auth.key("postcopy serve") {
                 Ok(k) => k,
@@ -376,6 +389,7 @@ fn main() -> ExitCode {
                 verbose: !quiet,
                 precopy: precopy.limits(),
                 key,
+                recovery_timeout: Duration::from_secs(recovery_timeout),
                 ..SourceConfig::default()
             };
             let bound = if live {
@@ -472,6 +486,7 @@ fn main() -> ExitCode {
             stall_timeout,
             quiet,
             auth,
+            recovery_timeout,
         } => {
             let key = match auth.key("postcopy handler") {
                 Ok(k) => k,
@@ -479,6 +494,7 @@ fn main() -> ExitCode {
             };
             let config = postcopy::handler::HandlerConfig {
                 key,
+                recovery_timeout: Duration::from_secs(recovery_timeout),
                 socket,
                 source,
                 once,

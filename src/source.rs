@@ -218,6 +218,10 @@ struct Session {
     ends_seen: AtomicUsize,
     /// Workers whose `End` arrived (a worker may send it twice across a reconnection).
     ended: Mutex<Vec<bool>>,
+    /// Workers whose urgent connection rejoined (a session rebuilt after a restart).
+    rejoined: Mutex<Vec<bool>>,
+    /// Rebuilt from a destination's resume after this source restarted.
+    resumed: bool,
     /// Milliseconds after `started` when a connection last broke (0: never): the session then
     /// waits up to the recovery timeout for the destination to come back.
     broken_at_ms: AtomicU64,
@@ -253,13 +257,61 @@ struct PrecopyStats {
 }
 
 impl Session {
+    fn new(shared: &Shared, id: u64, workers: u16, resumed: bool) -> Session {
+        Session {
+            id,
+            workers,
+            sent: shared
+                .image
+                .layout()
+                .blocks
+                .iter()
+                .map(|b| PageBitmap::new(b.pages()))
+                .collect(),
+            started: Instant::now(),
+            ends_seen: AtomicUsize::new(0),
+            ended: Mutex::new(vec![false; usize::from(workers)]),
+            rejoined: Mutex::new(vec![false; usize::from(workers)]),
+            resumed,
+            broken_at_ms: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
+            pages_resent: AtomicU64::new(0),
+            bulk_gen: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            failed: Mutex::new(None),
+            finished: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            pages_urgent: AtomicU64::new(0),
+            pages_stream: AtomicU64::new(0),
+            pages_zero: AtomicU64::new(0),
+            pages_prefetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            switched_over: AtomicBool::new(!shared.is_live || resumed),
+            precopy: Mutex::new(PrecopyStats::default()),
+        }
+    }
+
+    /// Whether every worker that must end has ended: all of them, or, for a session rebuilt
+    /// after a restart, every worker that came back (the others had finished before).
+    fn all_ended(&self) -> bool {
+        if self.ends_seen.load(Ordering::Acquire) >= usize::from(self.workers) {
+            return true;
+        }
+        if !self.resumed {
+            return false;
+        }
+        let ended = self.ended.lock().expect("poisoned");
+        let rejoined = self.rejoined.lock().expect("poisoned");
+        rejoined.iter().any(|r| *r) && rejoined.iter().zip(ended.iter()).all(|(r, e)| !r || *e)
+    }
+
     fn report(&self) -> SessionReport {
         let error = self.failed.lock().expect("poisoned").clone();
         let precopy = self.precopy.lock().expect("poisoned");
         SessionReport {
             session: self.id,
-            complete: error.is_none()
-                && self.ends_seen.load(Ordering::Acquire) >= self.workers as usize,
+            complete: error.is_none() && self.all_ended(),
             pages_urgent: self.pages_urgent.load(Ordering::Relaxed),
             pages_stream: self.pages_stream.load(Ordering::Relaxed),
             pages_zero: self.pages_zero.load(Ordering::Relaxed),
@@ -663,36 +715,7 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 return;
             }
             let id = shared.next_id.fetch_add(2, Ordering::Relaxed);
-            let s = Arc::new(Session {
-                id,
-                workers,
-                sent: shared
-                    .image
-                    .layout()
-                    .blocks
-                    .iter()
-                    .map(|b| PageBitmap::new(b.pages()))
-                    .collect(),
-                started: Instant::now(),
-                ends_seen: AtomicUsize::new(0),
-                ended: Mutex::new(vec![false; usize::from(workers)]),
-                broken_at_ms: AtomicU64::new(0),
-                recoveries: AtomicU64::new(0),
-                pages_resent: AtomicU64::new(0),
-                bulk_gen: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-                failed: Mutex::new(None),
-                finished: AtomicBool::new(false),
-                connections: AtomicUsize::new(0),
-                idle_since_ms: AtomicU64::new(0),
-                pages_urgent: AtomicU64::new(0),
-                pages_stream: AtomicU64::new(0),
-                pages_zero: AtomicU64::new(0),
-                pages_prefetched: AtomicU64::new(0),
-                requests: AtomicU64::new(0),
-                bytes_sent: AtomicU64::new(0),
-                switched_over: AtomicBool::new(!shared.is_live),
-                precopy: Mutex::new(PrecopyStats::default()),
-            });
+            let s = Arc::new(Session::new(&shared, id, workers, false));
             sessions.insert(id, s.clone());
             s
         } else {
@@ -706,11 +729,34 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                     );
                     return;
                 }
+                // A destination resuming a session this process never saw: the source was
+                // restarted. A static image is the same as before, so the session is rebuilt
+                // from what the destination says it has (its `Have` frames).
+                None if hello.wants_resume() && !shared.is_live => {
+                    let s = Arc::new(Session::new(&shared, hello.page, workers, true));
+                    log(
+                        &shared,
+                        format_args!(
+                            "{peer}: resuming session {:#x} of an earlier run of this source",
+                            hello.page
+                        ),
+                    );
+                    sessions.insert(hello.page, s.clone());
+                    s
+                }
                 None => {
                     drop(sessions);
                     send_error(
                         &mut link,
-                        &format!("handshake: unknown session {:#x}", hello.page),
+                        &format!(
+                            "handshake: unknown session {:#x}{}",
+                            hello.page,
+                            if hello.wants_resume() {
+                                " (a live source's memory cannot resume a migration after a restart)"
+                            } else {
+                                ""
+                            }
+                        ),
                     );
                     return;
                 }
@@ -777,6 +823,9 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
             drop(live.take());
             if hello.wants_resume() {
                 session.recoveries.fetch_add(1, Ordering::Relaxed);
+                if role == Role::Urgent {
+                    session.rejoined.lock().expect("poisoned")[usize::from(worker)] = true;
+                }
             }
             match role {
                 Role::Urgent => serve_urgent(&shared, &session, &mut link, peer, worker),
@@ -1342,7 +1391,7 @@ fn serve_urgent(
                 }
                 Header::control(Kind::Ack, h.page).encode_into(&mut out);
                 session.flush(link, &mut out, "send Ack", peer)?;
-                if session.ends_seen.load(Ordering::Acquire) >= usize::from(session.workers) {
+                if session.all_ended() {
                     session.finished.store(true, Ordering::Release);
                 }
                 return Ok(());

@@ -492,6 +492,7 @@ fn baseline_handler_verifies() {
                     max_streams: 0,
                     precopy: false,
                     key: None,
+                    recovery_timeout: std::time::Duration::from_secs(20),
                 },
             )
         });

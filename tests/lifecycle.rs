@@ -103,6 +103,7 @@ fn run_spec(precopy: bool) -> postcopy::demo::RunSpec {
         max_streams: 0,
         precopy,
         key: None,
+        recovery_timeout: Duration::from_secs(20),
     }
 }
 

@@ -150,3 +150,80 @@ fn a_dead_source_is_reported_within_the_recovery_timeout() {
     join_within(toucher, TIMEOUT, "touching thread");
     drop(src);
 }
+
+/// A free TCP port on 127.0.0.1 (bound and released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_serve(port: u16) -> std::process::Child {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postcopy"))
+        .args([
+            "serve",
+            "--insecure",
+            "--quiet",
+            "--synthetic",
+            "64M",
+            "--seed",
+            "7",
+        ])
+        .args(["--zero-percent", "20", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("postcopy serve");
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.starts_with("listening on"), "{line}");
+    child
+}
+
+#[test]
+fn a_restarted_source_resumes_the_session() {
+    // The source process is killed in the middle of postcopy and started again on the same
+    // address with the same image: the destination reconnects, the new process rebuilds the
+    // session from what the destination has, and every page verifies.
+    let port = free_port();
+    let mut first = start_serve(port);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let restarted = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let r2 = restarted.clone();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(150));
+        let _ = first.kill(); // SIGKILL: no goodbye
+        let _ = first.wait();
+        std::thread::sleep(Duration::from_millis(300));
+        *r2.lock().unwrap() = Some(start_serve(port));
+    });
+    let out = run_dest(
+        addr,
+        &DestOptions {
+            workers: 2,
+            // Demand-only and slowed down a little: the kill lands in postcopy.
+            stream: false,
+            threads: 2,
+            ..Default::default()
+        },
+    );
+    join_within(killer, TIMEOUT, "killer");
+    if let Some(mut c) = restarted.lock().unwrap().take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    out.assert_verified();
+    let r = out.report();
+    assert!(r.totals.recoveries >= 1, "{:?}", r.totals);
+    println!(
+        "restart: {} recoveries, {} pages by fault",
+        r.totals.recoveries, r.totals.pages_by_fault
+    );
+}

@@ -898,7 +898,7 @@ impl Worker {
                 }
                 Err(e) => {
                     return Err(DestError::SourceLost {
-                        seconds: started.elapsed().as_secs(),
+                        seconds: started.elapsed().as_secs_f64().round() as u64,
                         missing: self.missing(),
                         last: format!("{cause}; then: {e}"),
                     })
