@@ -19,13 +19,27 @@ fn env_u64(name: &str, default: u64) -> u64 {
 
 #[test]
 fn migration_survives_random_cuts() {
-    let seeds = env_u64("CHAOS_SEEDS", 20);
-    let size = env_u64("CHAOS_MIB", 64) * MIB;
+    chaos(
+        env_u64("CHAOS_SEEDS", 20),
+        env_u64("CHAOS_MIB", 64) * MIB,
+        None,
+    );
+}
+
+#[test]
+fn authenticated_migration_survives_random_cuts() {
+    // Every reconnection authenticates again and gets fresh frame keys.
+    let key = postcopy::auth::Key::from_secret(b"recovery test key, 32 bytes long");
+    chaos(3, 64 * MIB, Some(key));
+}
+
+fn chaos(seeds: u64, size: u64, key: Option<postcopy::auth::Key>) {
     for seed in 1..=seeds {
         let src = Source::start(&SourceOptions {
             size_bytes: size,
             once: false,
             seed: 0x000c_4a05 ^ seed,
+            key: key.clone(),
             ..Default::default()
         });
         // Cuts per new connection until 20 were made: offsets up to 1 MiB in either direction,
@@ -57,6 +71,7 @@ fn migration_survives_random_cuts() {
             proxy.local_addr(),
             &DestOptions {
                 threads: 2,
+                key: key.clone(),
                 ..Default::default()
             },
         );
