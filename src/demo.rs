@@ -486,6 +486,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             report.pages_by_zero_map = e.totals.pages_by_zero_map;
             report.pages_after_switchover = e.totals.pages_by_fault + e.totals.pages_by_stream;
             report.eexist = e.totals.eexist;
+            report.recoveries = e.totals.recoveries;
             report.postcopy_seconds = e.postcopy_seconds;
             // What postcopy moved: everything without precopy, else what was left at switchover.
             let moved_bytes = match &out.precopy {

@@ -106,6 +106,8 @@ pub struct DemoReport {
     pub downtime_ms: Option<f64>,
     /// Source writes per second during precopy (the demo's live source).
     pub dirty_rate: u64,
+    /// Connections reopened after a break (recovery).
+    pub recoveries: u64,
     /// The engine's own counters.
     pub engine: EngineReport,
     /// Error that ended the run, if any.
@@ -191,6 +193,13 @@ impl DemoReport {
             "  fault latency   p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us",
             l.p50, l.p90, l.p99, l.p999, l.max
         );
+        if self.recoveries > 0 {
+            let _ = writeln!(
+                s,
+                "  recoveries      {} (connections reopened after a break)",
+                self.recoveries
+            );
+        }
         if let Some(err) = &self.error {
             let _ = writeln!(s, "  error           {err}");
         }
