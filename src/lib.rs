@@ -9,14 +9,19 @@
 //! background. See `docs/ARCHITECTURE.md` for the data flow.
 //!
 //! Modules:
-//! - [`sys`]: the kernel interfaces (userfaultfd, io_uring, mmap); the only `unsafe` code.
+//! - [`sys`]: the kernel interfaces (userfaultfd, io_uring, mmap, descriptor passing, dirty
+//!   log); the only `unsafe` code.
 //! - [`layout`]: RAM blocks and the atomic received bitmap.
 //! - [`codec`]: wire protocol v1, a pure codec.
+//! - [`auth`]: pre-shared key, challenge-response, per-frame MACs.
 //! - [`image`]: what a source serves (a file or a synthetic image).
-//! - [`source`]: the source page server; [`live`]: a live source's memory and workload;
-//!   [`dirty`]: dirty-page tracking for precopy.
-//! - [`dest`]: the destination engine (thread-per-core workers).
+//! - [`source`]: the source page server (precopy, switchover, recovery); [`live`]: a live
+//!   source's memory and workload; [`dirty`]: dirty-page tracking for precopy.
+//! - [`dest`]: the destination engine (thread-per-core workers; precopy, recovery, a VMM's
+//!   handed-over memory).
+//! - [`handover`], [`handler`]: serving a VMM that hands over its userfaultfd (Firecracker).
 //! - [`workload`], [`report`], [`demo`]: the embedded default and its report.
+//! - [`baseline`], [`bench`]: the simple handler and the benchmark against it.
 //! - [`probe`]: can this host do postcopy.
 #![deny(missing_docs)]
 
