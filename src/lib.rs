@@ -21,7 +21,7 @@
 //!   handed-over memory).
 //! - [`handover`], [`handler`]: serving a VMM that hands over its userfaultfd (Firecracker).
 //! - [`workload`], [`report`], [`demo`]: the embedded default and its report.
-//! - [`baseline`], [`bench`]: the simple handler and the benchmark against it.
+//! - [`baseline`], [`mod@bench`]: the simple handler and the benchmark against it.
 //! - [`probe`]: can this host do postcopy.
 #![deny(missing_docs)]
 

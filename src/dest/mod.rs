@@ -4,16 +4,16 @@
 //! Lifecycle (the seed's names in brackets):
 //! 1. [`connect`]: handshake with the source on worker 0's urgent connection; learn the session
 //!    id and the layout.
-//! 2. [`DestRam::new`] / [`DestRam::with_thp`] [`postcopy_ram_incoming_init`]: map every block
+//! 2. [`DestRam::new`] / [`DestRam::with_thp`] (seed: `postcopy_ram_incoming_init`): map every block
 //!    (every page missing) and the received bitmaps.
 //! 3. Optional precopy ([`receive_precopy`], when [`EngineConfig::precopy`] offered it): pages
 //!    written straight into the still-unregistered blocks ([`DestRam::write_page`]);
-//!    [`DestRam::prepare_discard`] [`prepare_discard`] (`MADV_NOHUGEPAGE` on every block) before
-//!    the first [`DestRam::discard_range`] [`discard_range`] (drop the pages, clear their bits);
+//!    [`DestRam::prepare_discard`] (seed: `prepare_discard`) (`MADV_NOHUGEPAGE` on every block) before
+//!    the first [`DestRam::discard_range`] (seed: `discard_range`) (drop the pages, clear their bits);
 //!    ends at the source's `Run`.
-//! 4. [`Engine::start`] [`enable_notify`]: each worker gets its own userfaultfd registered
+//! 4. [`Engine::start`] (seed: `enable_notify`): each worker gets its own userfaultfd registered
 //!    (MISSING) on its shard of every block, its own io_uring, temp pages and connections.
-//! 5. [`EngineHandle::wait`] [`incoming_cleanup`]: workers end when their shard is complete
+//! 5. [`EngineHandle::wait`] (seed: `incoming_cleanup`): workers end when their shard is complete
 //!    (their userfaultfds close, which unregisters; their temp pages are freed); THP goes back
 //!    as it was; the report merges their counters.
 //!
