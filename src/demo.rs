@@ -89,6 +89,10 @@ pub struct DemoConfig {
     pub key_file: Option<PathBuf>,
     /// How long a broken connection may take to come back.
     pub recovery_timeout: Duration,
+    /// TLS for the local source: its certificate and key files.
+    pub tls_files: Option<(PathBuf, PathBuf)>,
+    /// TLS for the destination: the trust.
+    pub tls_client: Option<crate::tls::TlsClient>,
 }
 
 /// A `postcopy serve --synthetic` child process on 127.0.0.1, killed on drop.
@@ -131,6 +135,9 @@ impl SourceProcess {
             Some(k) => cmd.arg("--key-file").arg(k),
             None => cmd.arg("--insecure"),
         };
+        if let Some((c, k)) = &cfg.tls_files {
+            cmd.arg("--tls-cert").arg(c).arg("--tls-key").arg(k);
+        }
         if cfg.live {
             cmd.arg("--live")
                 .arg("--dirty-rate")
@@ -218,6 +225,8 @@ pub struct RunSpec {
     pub key: Option<crate::auth::Key>,
     /// How long a broken connection may take to come back (engine only).
     pub recovery_timeout: Duration,
+    /// TLS to the source.
+    pub tls: Option<crate::tls::TlsClient>,
 }
 
 /// What one migration did.
@@ -284,6 +293,7 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         precopy: spec.precopy,
         key: spec.key.clone(),
         recovery_timeout: spec.recovery_timeout,
+        tls: spec.tls.clone(),
         ..EngineConfig::default()
     };
     let mut connected = dest::connect(&engine_cfg)?;
@@ -433,6 +443,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
                 None => None,
             },
             recovery_timeout: cfg.recovery_timeout,
+            tls: cfg.tls_client.clone(),
         },
     )?;
     if let Some(c) = child.as_mut() {

@@ -68,6 +68,8 @@ pub struct HandlerConfig {
     pub key: Option<crate::auth::Key>,
     /// How long a broken source connection may take to come back.
     pub recovery_timeout: Duration,
+    /// TLS to the source.
+    pub tls: Option<crate::tls::TlsClient>,
 }
 
 impl Default for HandlerConfig {
@@ -83,6 +85,7 @@ impl Default for HandlerConfig {
             verbose: true,
             key: None,
             recovery_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -254,6 +257,7 @@ fn serve_vmm_inner(
         },
         key: config.key.clone(),
         recovery_timeout: config.recovery_timeout,
+        tls: config.tls.clone(),
         ..EngineConfig::default()
     };
     let uffd = Uffd::from_fd(h.uffd);

@@ -41,4 +41,5 @@ pub mod probe;
 pub mod report;
 pub mod source;
 pub mod sys;
+pub mod tls;
 pub mod workload;

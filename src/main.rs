@@ -89,7 +89,45 @@ impl RunArgs {
             precopy_limits: PrecopyLimits::default(),
             key_file: None,
             recovery_timeout: Duration::from_secs(self.recovery_timeout),
+            tls_files: None,
+            tls_client: None,
         })
+    }
+}
+
+/// TLS 1.3 (optional): a source's identity, a destination's trust.
+#[derive(clap::Args, Debug, Default)]
+struct TlsArgs {
+    /// TLS: this side's certificate chain (PEM); a source serves TLS with it.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// TLS: trust source certificates signed by this CA (PEM); a destination connects with TLS.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+    /// TLS: the name the source's certificate must carry.
+    #[arg(long, default_value = "postcopy")]
+    tls_name: String,
+}
+
+impl TlsArgs {
+    fn server(&self) -> Result<Option<postcopy::tls::TlsServer>, String> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => postcopy::tls::TlsServer::from_files(c, k)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            _ => Ok(None),
+        }
+    }
+    fn client(&self) -> Result<Option<postcopy::tls::TlsClient>, String> {
+        match &self.tls_ca {
+            Some(ca) => postcopy::tls::TlsClient::from_ca(ca, &self.tls_name)
+                .map(Some)
+                .map_err(|e| e.to_string()),
+            None => Ok(None),
+        }
     }
 }
 
@@ -213,6 +251,8 @@ enum Cmd {
         /// Seconds a session whose connection broke waits for its destination to reconnect.
         #[arg(long, default_value_t = 60)]
         recovery_timeout: u64,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// The embedded default: migrate a synthetic image in postcopy from a source process to
     /// this one, with a workload that verifies every page, and print a report.
@@ -250,6 +290,8 @@ enum Cmd {
         /// No authentication between the two processes.
         #[arg(long)]
         insecure: bool,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Serve VMMs that hand over their userfaultfd over a Unix socket (Firecracker's `Uffd`
     /// snapshot memory backend, JSON of v1.1 to v1.16), with pages from a remote `postcopy
@@ -279,6 +321,8 @@ enum Cmd {
         /// given up.
         #[arg(long, default_value_t = 60)]
         recovery_timeout: u64,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Measure the engine against a simple baseline handler in one run: time to all pages,
     /// stream-only throughput, fault latency with and without the stream; medians and ratios.
@@ -365,9 +409,14 @@ fn main() -> ExitCode {
             precopy,
             auth,
             recovery_timeout,
+            tls,
         } => {
             let key = match auth.key("postcopy serve") {
                 Ok(k) => k,
+                Err(e) => return fail(&e),
+            };
+            let tls = match tls.server() {
+                Ok(t) => t,
                 Err(e) => return fail(&e),
             };
             let img: Arc<dyn Image> = match (image, synthetic) {
@@ -390,6 +439,7 @@ fn main() -> ExitCode {
                 precopy: precopy.limits(),
                 key,
                 recovery_timeout: Duration::from_secs(recovery_timeout),
+                tls,
                 ..SourceConfig::default()
             };
             let bound = if live {
@@ -429,6 +479,7 @@ fn main() -> ExitCode {
             precopy_limits,
             key_file,
             insecure,
+            tls,
         } => {
             let mut cfg = match run.demo_config(zero_percent) {
                 Ok(c) => c,
@@ -441,6 +492,17 @@ fn main() -> ExitCode {
             cfg.precopy = precopy == OnOff::On;
             cfg.dirty_rate = dirty_rate;
             cfg.precopy_limits = precopy_limits.limits();
+            cfg.tls_files = match (tls.tls_cert.clone(), tls.tls_key.clone()) {
+                (Some(c), Some(k)) => Some((c, k)),
+                _ => None,
+            };
+            cfg.tls_client = match tls.client() {
+                Ok(t) => t,
+                Err(e) => return fail(&e),
+            };
+            if cfg.tls_files.is_some() != cfg.tls_client.is_some() && cfg.source.is_none() {
+                return fail(&"the local demo needs both the source's --tls-cert/--tls-key and the destination's --tls-ca");
+            }
             // Authenticated by default, with a throwaway key unless one is given.
             let mut temp_key = None;
             cfg.key_file = match (key_file, insecure) {
@@ -487,13 +549,19 @@ fn main() -> ExitCode {
             quiet,
             auth,
             recovery_timeout,
+            tls,
         } => {
             let key = match auth.key("postcopy handler") {
                 Ok(k) => k,
                 Err(e) => return fail(&e),
             };
+            let tls = match tls.client() {
+                Ok(t) => t,
+                Err(e) => return fail(&e),
+            };
             let config = postcopy::handler::HandlerConfig {
                 key,
+                tls,
                 recovery_timeout: Duration::from_secs(recovery_timeout),
                 socket,
                 source,

@@ -123,6 +123,8 @@ pub struct SourceConfig {
     /// A session whose connection broke waits this long for the destination to reconnect
     /// (recovery) before it is given up. Zero: a broken connection fails the session.
     pub recovery_timeout: Duration,
+    /// TLS 1.3 on every connection ([`crate::tls`]); `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsServer>,
 }
 
 /// When precopy stops sending rounds and switches over to postcopy. The first round (every
@@ -171,6 +173,7 @@ impl Default for SourceConfig {
             precopy: PrecopyLimits::default(),
             key: None,
             recovery_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -665,6 +668,17 @@ fn send_error(link: &mut Link, message: &str) {
 fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(shared.config.handshake_timeout));
+    let stream = match &shared.config.tls {
+        None => stream,
+        Some(tls) => match tls.accept(stream) {
+            Ok(plain) => plain,
+            Err(e) => {
+                log(&shared, format_args!("{peer}: {e}"));
+                return;
+            }
+        },
+    };
     let _ = stream.set_read_timeout(Some(shared.config.handshake_timeout));
     let _ = stream.set_write_timeout(Some(shared.config.write_timeout));
     let mut link = Link::new(stream);

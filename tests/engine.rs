@@ -493,6 +493,7 @@ fn baseline_handler_verifies() {
                     precopy: false,
                     key: None,
                     recovery_timeout: std::time::Duration::from_secs(20),
+                    tls: None,
                 },
             )
         });

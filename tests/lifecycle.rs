@@ -104,6 +104,7 @@ fn run_spec(precopy: bool) -> postcopy::demo::RunSpec {
         precopy,
         key: None,
         recovery_timeout: Duration::from_secs(20),
+        tls: None,
     }
 }
 

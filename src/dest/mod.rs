@@ -94,6 +94,9 @@ pub enum DestError {
     /// A peer failed authentication, or a frame its integrity check.
     #[error("{0}")]
     Auth(#[from] crate::auth::AuthError),
+    /// TLS failed.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A userfaultfd operation failed.
     #[error(transparent)]
     Uffd(#[from] UffdError),
@@ -151,6 +154,8 @@ pub struct EngineConfig {
     /// A connection that breaks in postcopy is reopened (with backoff) for this long before the
     /// migration is given up; faulting threads stay blocked meanwhile. Zero: fail at once.
     pub recovery_timeout: Duration,
+    /// TLS 1.3 to the source ([`crate::tls`]); `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsClient>,
 }
 
 /// How the engine places a zero page.
@@ -180,6 +185,7 @@ impl Default for EngineConfig {
             precopy: false,
             key: None,
             recovery_timeout: Duration::from_secs(60),
+            tls: None,
         }
     }
 }
@@ -388,6 +394,12 @@ pub(crate) fn open_connection_as(
     stream
         .set_read_timeout(Some(config.connect_timeout))
         .map_err(io_err("set handshake timeout"))?;
+    if let Some(tls) = &config.tls {
+        stream = tls.connect(stream)?;
+        stream
+            .set_read_timeout(Some(config.connect_timeout))
+            .map_err(io_err("set handshake timeout"))?;
+    }
     let mut hello = [0u8; HEADER_BYTES];
     let mut h = Header::hello(session, role, worker, config.workers as u16);
     // With precopy, zero pages travel as flags in the precopy rounds instead of a map.

@@ -398,6 +398,7 @@ where
         precopy: false,
         key: opts.key.clone(),
         recovery_timeout: Duration::from_secs(20),
+        tls: None,
     };
     let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
     let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {
