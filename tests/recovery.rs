@@ -169,7 +169,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_serve(port: u16) -> std::process::Child {
+/// `postcopy serve` of the test image on `port`, each reply delayed by `delay_ms`.
+fn start_serve(port: u16, delay_ms: u64) -> std::process::Child {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postcopy"))
         .args([
             "serve",
@@ -182,6 +183,8 @@ fn start_serve(port: u16) -> std::process::Child {
         ])
         .args(["--zero-percent", "20", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
+        .arg("--debug-urgent-delay-ms")
+        .arg(delay_ms.to_string())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -202,7 +205,9 @@ fn a_restarted_source_resumes_the_session() {
     // address with the same image: the destination reconnects, the new process rebuilds the
     // session from what the destination has, and every page verifies.
     let port = free_port();
-    let mut first = start_serve(port);
+    // The first process answers slowly (1 ms per request), so the kill surely lands in
+    // postcopy on any machine; the restarted one answers at full speed.
+    let mut first = start_serve(port, 1);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let restarted = std::sync::Arc::new(std::sync::Mutex::new(None));
     let r2 = restarted.clone();
@@ -211,7 +216,7 @@ fn a_restarted_source_resumes_the_session() {
         let _ = first.kill(); // SIGKILL: no goodbye
         let _ = first.wait();
         std::thread::sleep(Duration::from_millis(300));
-        *r2.lock().unwrap() = Some(start_serve(port));
+        *r2.lock().unwrap() = Some(start_serve(port, 0));
     });
     let out = run_dest(
         addr,
