@@ -32,7 +32,7 @@
 //! write is reported by the collect that follows it or by the next one, never lost; reporting a
 //! page that was not written costs one page sent, nothing more.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::layout::PageBitmap;
 use std::sync::Arc;
 
 pub use crate::sys::dirty::{DirtyError, UffdWpTracker};
@@ -78,70 +78,64 @@ impl DirtyTracker for UffdWpTracker {
 /// marks made before `start` are kept (an extra page sent is harmless, a lost one is not).
 #[derive(Clone, Debug)]
 pub struct ManualTracker {
-    words: Arc<[AtomicU64]>,
-    pages: u64,
+    bits: Arc<PageBitmap>,
+}
+
+/// Calls `run(first, len)` for each run of set bits of `word`, lowest first.
+fn for_each_run(word: u64, mut run: impl FnMut(u64, u64)) {
+    let mut rest = word;
+    while rest != 0 {
+        let lo = u64::from(rest.trailing_zeros());
+        let ones = u64::from((rest >> lo).trailing_ones());
+        run(lo, ones);
+        rest = if lo + ones >= 64 {
+            0
+        } else {
+            rest & (u64::MAX << (lo + ones))
+        };
+    }
 }
 
 impl ManualTracker {
     /// A tracker of a region of `pages` pages, none marked.
     pub fn new(pages: u64) -> ManualTracker {
         ManualTracker {
-            words: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-            pages,
+            bits: Arc::new(PageBitmap::new(pages)),
         }
     }
 
     /// Pages in the region.
     pub fn pages(&self) -> u64 {
-        self.pages
+        self.bits.len()
     }
 
     /// Marks pages `[first, first + count)` written. Panics if the run leaves the region.
     pub fn mark(&self, first: u64, count: u64) {
         let end = first.checked_add(count).expect("page run overflows");
         assert!(
-            end <= self.pages,
+            end <= self.pages(),
             "pages [{first}, {end}) outside a region of {} pages",
-            self.pages
+            self.pages()
         );
-        let mut i = first;
-        while i < end {
-            let bit = i % 64;
-            let n = (64 - bit).min(end - i);
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << bit
-            };
-            self.words[(i / 64) as usize].fetch_or(mask, Ordering::Release);
-            i += n;
-        }
+        self.bits.set_range(first, count);
     }
 
     /// Marks every page written (e.g. when the embedder's own log was lost).
     pub fn mark_all(&self) {
-        self.mark(0, self.pages);
+        self.mark(0, self.pages());
     }
 
     /// ORs in a dirty bitmap whose bit `i` (bit `i % 64` of `words[i / 64]`, the layout of
     /// `KVM_GET_DIRTY_LOG`) stands for page `first + i`. Bits beyond the region are ignored.
     pub fn mark_words(&self, first: u64, words: &[u64]) {
+        let pages = self.pages();
         for (w, &word) in words.iter().enumerate() {
-            let mut rest = word;
-            while rest != 0 {
-                let lo = u64::from(rest.trailing_zeros());
-                let ones = u64::from((rest >> lo).trailing_ones());
+            for_each_run(word, |lo, ones| {
                 let start = first + w as u64 * 64 + lo;
-                if start >= self.pages {
-                    return;
+                if start < pages {
+                    self.mark(start, ones.min(pages - start));
                 }
-                self.mark(start, ones.min(self.pages - start));
-                rest = if lo + ones >= 64 {
-                    0
-                } else {
-                    rest & (u64::MAX << (lo + ones))
-                };
-            }
+            });
         }
     }
 }
@@ -153,23 +147,12 @@ impl DirtyTracker for ManualTracker {
 
     fn collect(&mut self, out: &mut Vec<(u64, u64)>) -> Result<(), DirtyError> {
         let first_new = out.len();
-        for (w, word) in self.words.iter().enumerate() {
-            if word.load(Ordering::Relaxed) == 0 {
-                continue;
-            }
-            // Acquire pairs with the marks' Release: whatever the marker did before marking is
-            // visible to the caller of collect.
-            let mut rest = word.swap(0, Ordering::AcqRel);
-            while rest != 0 {
-                let lo = u64::from(rest.trailing_zeros());
-                let ones = u64::from((rest >> lo).trailing_ones());
+        for w in 0..self.bits.word_count() {
+            // The swap's Acquire pairs with the marks' Release: whatever the marker did before
+            // marking is visible to the caller of collect.
+            for_each_run(self.bits.take_word(w), |lo, ones| {
                 crate::sys::dirty::push_run(out, first_new, w as u64 * 64 + lo, ones);
-                rest = if lo + ones >= 64 {
-                    0
-                } else {
-                    rest & (u64::MAX << (lo + ones))
-                };
-            }
+            });
         }
         Ok(())
     }

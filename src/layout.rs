@@ -269,6 +269,21 @@ impl PageBitmap {
         done
     }
 
+    /// Words of 64 bits (bit `i` is bit `i % 64` of word `i / 64`).
+    pub fn word_count(&self) -> usize {
+        self.words.len()
+    }
+
+    /// Clears word `w` and returns what it held, in one atomic swap (read-and-reset of a dirty
+    /// log). A clear word is only loaded, not written.
+    pub fn take_word(&self, w: usize) -> u64 {
+        let word = &self.words[w];
+        if word.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
+        word.swap(0, Ordering::AcqRel)
+    }
+
     /// Number of set bits in `[start, end)`.
     pub fn count_range(&self, start: u64, end: u64) -> u64 {
         if end <= start {

@@ -1446,7 +1446,6 @@ fn resume_bulk(
     // The broken connection's streamer stops claiming pages now.
     session.bulk_gen[usize::from(worker)].fetch_add(1, Ordering::AcqRel);
     let layout = shared.image.layout();
-    let workers = u64::from(session.workers);
     let mut body = Vec::new();
     let protocol = |source| SourceError::Protocol { peer, source };
     loop {
@@ -1460,10 +1459,10 @@ fn resume_bulk(
             Kind::Run => return Ok(()),
             Kind::Have => {
                 h.check_zero_map(layout).map_err(protocol)?;
-                let pages = layout.blocks[h.block as usize].pages();
-                let (start, end) = (
-                    pages * u64::from(worker) / workers,
-                    pages * (u64::from(worker) + 1) / workers,
+                let (start, end) = crate::dest::shard(
+                    layout.blocks[h.block as usize].pages(),
+                    usize::from(worker),
+                    usize::from(session.workers),
                 );
                 if h.page < start || h.page + h.mask > end {
                     return Err(protocol(CodecError::Range(
@@ -1522,11 +1521,10 @@ fn serve_bulk(
     let mut out: Vec<u8> = Vec::with_capacity(FLUSH_BYTES + 64 * 4096 + 4096);
     let mut streamed = 0u64;
     for (b, block) in layout.blocks.iter().enumerate() {
-        let pages = block.pages();
-        let workers = u64::from(session.workers);
-        let (start, end) = (
-            pages * u64::from(worker) / workers,
-            pages * (u64::from(worker) + 1) / workers,
+        let (start, end) = crate::dest::shard(
+            block.pages(),
+            usize::from(worker),
+            usize::from(session.workers),
         );
         let sent = &session.sent[b];
         let max = u64::from(max_batch_pages(block.page_size));

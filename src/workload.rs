@@ -16,7 +16,7 @@ use std::time::Instant;
 use hdrhistogram::Histogram;
 
 use crate::dest::DestRam;
-use crate::image::{page_checksum, Image, Synthetic};
+use crate::image::{page_checksum, Synthetic};
 use crate::layout::PageBitmap;
 
 /// The value the workload XORs into the first word of every page it claims.
@@ -280,42 +280,33 @@ pub fn run(ram: &DestRam, image: Option<&Synthetic>, config: &WorkloadConfig) ->
     out
 }
 
-/// After the migration: every page holds the image's content, with the workload's write
-/// applied when `written`. Returns (pages checked, mismatches, first mismatch). Runs on
-/// `threads` threads.
-pub fn final_check(
+/// Reads every page of `ram` on `threads` threads and asks
+/// `check(global, block, page, bytes, scratch)` (scratch: one page, per thread) for a mismatch
+/// description. Returns (pages checked, mismatches, first mismatch).
+fn scan_pages(
     ram: &DestRam,
-    image: &Synthetic,
     threads: usize,
-    written: bool,
+    check: impl Fn(u64, usize, u64, &mut [u8], &mut [u8]) -> Option<String> + Sync,
 ) -> (u64, u64, Option<String>) {
     let total = ram.layout.total_pages();
     let threads = threads.max(1);
     let max_page = ram.layout.max_page_size() as usize;
+    let check = &check;
     let parts: Vec<(u64, Option<String>)> = std::thread::scope(|s| {
         let hs: Vec<_> = (0..threads)
             .map(|t| {
                 s.spawn(move || {
                     let mut page = vec![0u8; max_page];
-                    let mut expect = vec![0u8; max_page];
+                    let mut scratch = vec![0u8; max_page];
                     let (start, end) = crate::dest::shard(total, t, threads);
-                    let mut bad = 0;
-                    let mut first = None;
+                    let (mut bad, mut first) = (0, None);
                     for g in start..end {
                         let (b, p) = locate(ram, g);
                         let ps = ram.layout.blocks[b].page_size as usize;
                         ram.regions[b].read_into(p as usize * ps, &mut page[..ps]);
-                        image.fill(b as u32, p, &mut expect[..ps]);
-                        if written {
-                            let w = u64::from_ne_bytes(expect[..8].try_into().expect("8 bytes"));
-                            expect[..8].copy_from_slice(&(w ^ WRITE_MARK).to_ne_bytes());
-                        }
-                        let (got, want) = (page_checksum(&page[..ps]), page_checksum(&expect[..ps]));
-                        if got != want {
+                        if let Some(m) = check(g, b, p, &mut page[..ps], &mut scratch[..ps]) {
                             bad += 1;
-                            first.get_or_insert_with(|| {
-                                format!("block {b} page {p}: checksum {got:#018x}, expected {want:#018x} (final check)")
-                            });
+                            first.get_or_insert(m);
                         }
                     }
                     (bad, first)
@@ -331,34 +322,32 @@ pub fn final_check(
     (total, bad, first)
 }
 
-/// The checksum of every page of `image`, by global page index (on `threads` threads).
-pub fn expected_checksums(image: &Synthetic, threads: usize) -> Vec<u64> {
-    let layout = image.layout();
-    let mut out = Vec::with_capacity(layout.total_pages() as usize);
-    for (b, block) in layout.blocks.iter().enumerate() {
-        let ps = block.page_size as usize;
-        let parts: Vec<Vec<u64>> = std::thread::scope(|s| {
-            let hs: Vec<_> = (0..threads.max(1))
-                .map(|t| {
-                    s.spawn(move || {
-                        let mut page = vec![0u8; ps];
-                        let (start, end) = crate::dest::shard(block.pages(), t, threads.max(1));
-                        (start..end)
-                            .map(|p| {
-                                image.fill(b as u32, p, &mut page);
-                                page_checksum(&page)
-                            })
-                            .collect()
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().expect("checksum thread panicked"))
-                .collect()
-        });
-        out.extend(parts.into_iter().flatten());
-    }
-    out
+/// Undoes the workload's write ([`WRITE_MARK`] in the first word) on a page copy.
+fn unmark(page: &mut [u8]) {
+    let w = u64::from_ne_bytes(page[..8].try_into().expect("8 bytes"));
+    page[..8].copy_from_slice(&(w ^ WRITE_MARK).to_ne_bytes());
+}
+
+/// After the migration: every page holds the image's content, with the workload's write
+/// applied when `written`. Returns (pages checked, mismatches, first mismatch). Runs on
+/// `threads` threads.
+pub fn final_check(
+    ram: &DestRam,
+    image: &Synthetic,
+    threads: usize,
+    written: bool,
+) -> (u64, u64, Option<String>) {
+    scan_pages(ram, threads, |_, b, p, page, expect| {
+        if written {
+            unmark(page);
+        }
+        let got = page_checksum(page);
+        image.fill(b as u32, p, expect);
+        let want = page_checksum(expect);
+        (got != want).then(|| {
+            format!("block {b} page {p}: checksum {got:#018x}, expected {want:#018x} (final check)")
+        })
+    })
 }
 
 /// After the migration, against checksums from the source (`expected`, by global page): the
@@ -371,52 +360,29 @@ pub fn check_checksums(
     threads: usize,
     written: bool,
 ) -> (u64, u64, Option<String>) {
-    let total = ram.layout.total_pages();
-    assert_eq!(expected.len() as u64, total, "one checksum per page");
-    let threads = threads.max(1);
-    let max_page = ram.layout.max_page_size() as usize;
-    let parts: Vec<(u64, Option<String>)> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let mut page = vec![0u8; max_page];
-                    let (start, end) = crate::dest::shard(total, t, threads);
-                    let (mut bad, mut first) = (0, None);
-                    for g in start..end {
-                        let want = expected[g as usize];
-                        let (b, p) = locate(ram, g);
-                        if let Some(ft) = first_touch {
-                            if ft[g as usize] != want {
-                                bad += 1;
-                                first.get_or_insert_with(|| {
-                                    format!("block {b} page {p}: checksum {:#018x} at first touch, source had {want:#018x}", ft[g as usize])
-                                });
-                                continue;
-                            }
-                        }
-                        let ps = ram.layout.blocks[b].page_size as usize;
-                        ram.regions[b].read_into(p as usize * ps, &mut page[..ps]);
-                        if written {
-                            let w = u64::from_ne_bytes(page[..8].try_into().expect("8 bytes"));
-                            page[..8].copy_from_slice(&(w ^ WRITE_MARK).to_ne_bytes());
-                        }
-                        let got = page_checksum(&page[..ps]);
-                        if got != want {
-                            bad += 1;
-                            first.get_or_insert_with(|| {
-                                format!("block {b} page {p}: checksum {got:#018x}, source had {want:#018x} (final check)")
-                            });
-                        }
-                    }
-                    (bad, first)
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| h.join().expect("check thread panicked"))
-            .collect()
-    });
-    let bad = parts.iter().map(|p| p.0).sum();
-    let first = parts.into_iter().find_map(|p| p.1);
-    (total, bad, first)
+    assert_eq!(
+        expected.len() as u64,
+        ram.layout.total_pages(),
+        "one checksum per page"
+    );
+    scan_pages(ram, threads, |g, b, p, page, _| {
+        let want = expected[g as usize];
+        if let Some(ft) = first_touch {
+            if ft[g as usize] != want {
+                return Some(format!(
+                    "block {b} page {p}: checksum {:#018x} at first touch, source had {want:#018x}",
+                    ft[g as usize]
+                ));
+            }
+        }
+        if written {
+            unmark(page);
+        }
+        let got = page_checksum(page);
+        (got != want).then(|| {
+            format!(
+                "block {b} page {p}: checksum {got:#018x}, source had {want:#018x} (final check)"
+            )
+        })
+    })
 }
