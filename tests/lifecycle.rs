@@ -50,10 +50,23 @@ impl LiveSource {
         workload: impl FnOnce(Arc<LiveImage>) -> Box<dyn SourceWorkload>,
         limits: PrecopyLimits,
     ) -> LiveSource {
+        Self::start_wrapped(size_bytes, workload, limits, |_, t| t)
+    }
+
+    /// As [`start`](Self::start), with the real tracker wrapped by `wrap`.
+    fn start_wrapped(
+        size_bytes: u64,
+        workload: impl FnOnce(Arc<LiveImage>) -> Box<dyn SourceWorkload>,
+        limits: PrecopyLimits,
+        wrap: impl FnOnce(Arc<LiveImage>, Box<dyn DirtyTracker>) -> Box<dyn DirtyTracker>,
+    ) -> LiveSource {
         let synthetic = Synthetic::new(layout(size_bytes), 0x11fe, 20);
         let image = Arc::new(LiveImage::from_synthetic(&synthetic, 2).expect("live image"));
-        let trackers: Vec<Box<dyn DirtyTracker>> = vec![Box::new(
-            UffdWpTracker::new(image.region(0).addr(), size_bytes as usize).expect("tracker"),
+        let trackers: Vec<Box<dyn DirtyTracker>> = vec![wrap(
+            image.clone(),
+            Box::new(
+                UffdWpTracker::new(image.region(0).addr(), size_bytes as usize).expect("tracker"),
+            ),
         )];
         let server = SourceServer::bind_live(
             "127.0.0.1:0",
@@ -234,20 +247,60 @@ fn discarded_pages_hold_the_new_content_never_the_stale_one() {
     src.finish();
 }
 
+/// A real tracker behind a writer that dirties `pages` pages (spread over the region) right
+/// before every collection: however the scheduler treats the background writer, every round
+/// finds more than the convergence limit dirty.
+struct WritesBeforeCollect {
+    inner: Box<dyn DirtyTracker>,
+    image: Arc<LiveImage>,
+    pages: u64,
+    round: u64,
+}
+
+impl DirtyTracker for WritesBeforeCollect {
+    fn start(&mut self) -> Result<(), postcopy::dirty::DirtyError> {
+        self.inner.start()
+    }
+
+    fn collect(&mut self, out: &mut Vec<(u64, u64)>) -> Result<(), postcopy::dirty::DirtyError> {
+        let region = self.image.region(0);
+        let total = region.len_bytes() as u64 / PAGE;
+        self.round += 1;
+        for i in 0..self.pages {
+            let page = (i * 97 + self.round * 13) % total;
+            region.xor_u64((page * PAGE) as usize, self.round | 1);
+        }
+        self.inner.collect(out)
+    }
+
+    fn stop(&mut self) -> Result<(), postcopy::dirty::DirtyError> {
+        self.inner.stop()
+    }
+}
+
 #[test]
 fn live_writer_under_load_migrates_and_verifies() {
     if !tracking_available() {
         return;
     }
-    // 200k pages/s on 32 MiB (8192 pages): precopy cannot converge under 1024 dirty pages; it
-    // must switch over at its round limit and still verify.
-    let src = LiveSource::start(
+    // A 200k pages/s writer on 32 MiB (8192 pages), plus 64 pages dirtied before every
+    // collection: precopy cannot converge under 16 dirty pages; it must switch over at its
+    // round limit and still verify.
+    let src = LiveSource::start_wrapped(
         32 * MIB,
         |image| Box::new(DirtyWriter::start(image, 200_000, 3)),
         PrecopyLimits {
             max_rounds: 4,
             max_dirty_pages: 16,
             max_duration: Duration::from_secs(20),
+        },
+        |image, inner| {
+            Box::new(WritesBeforeCollect {
+                inner,
+                image,
+                pages: 64,
+                round: 0,
+            })
         },
     );
     let addr = src.addr.clone();
@@ -261,7 +314,8 @@ fn live_writer_under_load_migrates_and_verifies() {
         "switched over at the round limit: {:?}",
         pre.round_pages
     );
-    assert!(pre.pages_dirty_at_switchover > 16);
+    assert!(pre.round_pages[1..].iter().all(|&p| p >= 64));
+    assert!(pre.pages_dirty_at_switchover >= 64);
     assert!(out.downtime_ms.is_some());
     src.finish();
 }
