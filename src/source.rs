@@ -494,11 +494,50 @@ impl SourceServer {
                 Err(e) => return Err(io_err("accept")(e)),
             }
         }
+        self.drain_sessions();
         Ok(std::mem::take(
             &mut *self.shared.finished.lock().expect("poisoned"),
         ))
     }
+
+    /// On stop, nothing goes unreported: sessions with open connections get
+    /// [`STOP_GRACE`] to end on their own (a destination that has all its pages closes at
+    /// once); every session left is then reported as ended by the stop, with its state.
+    fn drain_sessions(&self) {
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            let open = {
+                let sessions = self.shared.sessions.lock().expect("poisoned");
+                sessions
+                    .values()
+                    .any(|s| s.connections.load(Ordering::Acquire) > 0)
+            };
+            if !open {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let left: Vec<Arc<Session>> = {
+            let mut sessions = self.shared.sessions.lock().expect("poisoned");
+            sessions.drain().map(|(_, s)| s).collect()
+        };
+        for s in left {
+            if !s.all_ended() {
+                let open = s.connections.load(Ordering::Acquire);
+                s.fail(format!(
+                    "the source was stopped with the migration incomplete ({} of {} workers \
+                     ended, {open} connection(s) open): the destination cannot finish",
+                    s.ends_seen.load(Ordering::Acquire),
+                    s.workers
+                ));
+            }
+            record_end(&self.shared, &s);
+        }
+    }
 }
+
+/// How long a stopped source waits for sessions with open connections to end by themselves.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 fn log(shared: &Shared, msg: std::fmt::Arguments<'_>) {
     if shared.config.verbose {
@@ -1531,6 +1570,10 @@ fn serve_bulk(
         let mut p = start;
         while p < end {
             if session.finished.load(Ordering::Acquire) {
+                // Every worker confirmed all its pages (by faults and this stream): end the
+                // stream cleanly rather than cut it; the destination may already have closed.
+                Header::control(Kind::End, streamed).encode_into(&mut out);
+                let _ = session.flush(link, &mut out, "stream pages", peer);
                 return Ok(());
             }
             if gen.load(Ordering::Acquire) != my_gen {

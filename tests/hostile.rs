@@ -878,6 +878,34 @@ fn source_rejects_unknown_kind() {
     });
 }
 
+/// A source stopped while a destination is mid-migration reports that session (nothing goes
+/// unreported), as ended by the stop with the migration incomplete.
+#[test]
+fn stopped_source_reports_the_session_in_progress() {
+    let source = Source::start(&SourceOptions {
+        size_bytes: SIZE,
+        seed: 7,
+        once: false,
+        ..Default::default()
+    });
+    let (conn, _) = handshake(source.addr);
+    let t0 = Instant::now();
+    let reports = source.stop_and_join();
+    assert!(
+        t0.elapsed() < Duration::from_secs(8),
+        "stop took {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(reports.len(), 1, "{reports:#?}");
+    assert!(!reports[0].complete);
+    let err = reports[0].error.as_deref().unwrap_or_default();
+    assert!(
+        err.contains("stopped with the migration incomplete"),
+        "{err:?}"
+    );
+    drop(conn);
+}
+
 #[test]
 fn source_rejects_request_before_hello() {
     hostile_source(0, |addr, _| {
