@@ -1572,8 +1572,11 @@ fn serve_bulk(
             if session.finished.load(Ordering::Acquire) {
                 // Every worker confirmed all its pages (by faults and this stream): end the
                 // stream cleanly rather than cut it; the destination may already have closed.
-                Header::control(Kind::End, streamed).encode_into(&mut out);
-                let _ = session.flush(link, &mut out, "stream pages", peer);
+                // (A failed session's stream is just closed: its error went on another link.)
+                if session.failed.lock().expect("poisoned").is_none() {
+                    Header::control(Kind::End, streamed).encode_into(&mut out);
+                    let _ = session.flush(link, &mut out, "stream pages", peer);
+                }
                 return Ok(());
             }
             if gen.load(Ordering::Acquire) != my_gen {
