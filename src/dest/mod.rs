@@ -879,10 +879,16 @@ pub struct WorkerStats {
     /// A VMM's memory: fault service time on our side, event read → page placed (ns).
     #[serde(skip)]
     pub fault_service_ns: Option<hdrhistogram::Histogram<u64>>,
+    /// The worker ended (stopped, or its VMM's address space gone) while pages of its shard
+    /// were missing as far as it could see: [`EngineHandle::wait`] decides, once every worker
+    /// has joined (no placement in flight), whether the memory is complete after all.
+    #[serde(skip)]
+    pub ended_early: bool,
 }
 
 impl WorkerStats {
     fn merge(&mut self, o: &WorkerStats) {
+        self.ended_early |= o.ended_early;
         self.fault_events += o.fault_events;
         self.fault_already_placed += o.fault_already_placed;
         self.fault_deduplicated += o.fault_deduplicated;
@@ -1303,6 +1309,11 @@ impl EngineHandle {
         }
         if let Some(e) = first_err {
             return Err(e);
+        }
+        // A worker that saw pages missing at its stop may have raced its sibling half's last
+        // placement (placed, not yet marked): with every thread joined the bitmap is exact.
+        if stats.iter().flatten().any(|s| s.ended_early) && !self.ram.complete() {
+            return Err(DestError::Stopped);
         }
         // incoming_cleanup: the workers' userfaultfds are closed (unregistered) and their
         // temp pages freed; huge pages go back on where they were wanted.

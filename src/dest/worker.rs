@@ -236,6 +236,8 @@ struct Worker {
     end_sent: bool,
     /// Urgent half: the source acknowledged our End. Bulk half: the stream's End arrived.
     finished: bool,
+    /// A placement found the VMM's address space gone (`ESRCH`): the worker ends.
+    mm_gone: bool,
     /// Bulk half: holds one of the engine's stream slots.
     has_stream_slot: bool,
     completions: Vec<Completion>,
@@ -362,6 +364,7 @@ impl Worker {
             pending: Vec::with_capacity(16 * 1024),
             end_sent: false,
             finished: false,
+            mm_gone: false,
             has_stream_slot: false,
             completions: Vec::with_capacity(256),
             zeros: match (zero_fill, has_huge) {
@@ -401,15 +404,15 @@ impl Worker {
         // after the last page, faults on pages it removes still need zero pages.
         let serve_after_end = self.half == Half::Urgent && self.ram.is_foreign();
         loop {
-            if self.shared.stop.load(Ordering::Acquire) {
-                // Stopped with every page of the shard placed (a VMM that exits once restored,
-                // before the stream's tail): a complete migration, counters and all.
-                if (serve_after_end && self.finished) || self.missing() == 0 {
-                    self.release_stream_slot();
-                    self.ring.cancel_all();
-                    return Ok(());
-                }
-                return Err(DestError::Stopped);
+            if self.shared.stop.load(Ordering::Acquire) || self.mm_gone {
+                // Stopped, or the VMM exited. With every page of the shard placed (a VMM that
+                // exits once restored, before the stream's tail) this is a complete migration,
+                // counters and all. Pages missing as this half sees them may be its sibling's
+                // last placement, placed but not yet marked: `EngineHandle::wait` decides.
+                self.stats.ended_early = !(serve_after_end && self.finished) && self.missing() > 0;
+                self.release_stream_slot();
+                self.ring.cancel_all();
+                return Ok(());
             }
             if self.half == Half::Urgent
                 && !self.end_sent
@@ -1288,6 +1291,14 @@ impl Worker {
                     off += 1;
                 }
                 PlaceErrorKind::MappingChanging if self.ram.is_foreign() => return Ok(off),
+                // The VMM exited after it had every page of this shard (the stream's tail,
+                // already placed by faults, was still arriving): nothing is lost, nothing to do.
+                // The VMM exited (its address space is gone): nothing more can be placed; the
+                // worker ends and the engine decides whether it had everything.
+                PlaceErrorKind::MmGone if self.ram.is_foreign() => {
+                    self.mm_gone = true;
+                    return Ok(n);
+                }
                 PlaceErrorKind::MappingChanging if retries < MAPPING_CHANGING_RETRIES => {
                     retries += 1;
                     std::thread::yield_now();
