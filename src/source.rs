@@ -1114,10 +1114,30 @@ fn run_precopy(
     Header::run(dirty_pages, stopped_unix_us).encode_into(&mut out);
     session.flush(link, &mut out, "send discards and Run", peer)?;
     // Unregistering write-protection walks the whole range (~25 ms per GiB here): after Run,
-    // outside the downtime.
+    // on a thread of its own at the lowest priority, so neither this connection's first
+    // requests (served right after we return) nor, on a shared host, the destination's
+    // switchover wait for it. The workload is stopped: nothing writes the memory any more.
     if let Some(l) = live.as_mut() {
-        for t in l.trackers.iter_mut() {
-            t.stop()?;
+        let mut trackers = std::mem::take(&mut l.trackers);
+        let id = session.id;
+        let verbose = shared.config.verbose;
+        // The memory stays mapped until its registration is gone.
+        let memory = shared.image.clone();
+        let spawned = std::thread::Builder::new()
+            .name("src-wp-stop".into())
+            .spawn(move || {
+                let _memory = memory;
+                let _ = crate::sys::set_thread_nice(19);
+                for t in trackers.iter_mut() {
+                    if let Err(e) = t.stop() {
+                        if verbose {
+                            eprintln!("postcopy serve: session {id:#x}: stop dirty tracking: {e}");
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            return Err(io_err("spawn the dirty-tracking stop thread")(e));
         }
     }
     Ok(())

@@ -397,7 +397,15 @@ impl Worker {
     }
 
     fn run(&mut self) -> Result<(), DestError> {
-        if self.half == Half::Urgent {
+        // The zero map is background work, like the stream: the bulk half places it (at its
+        // low priority), so the urgent half serves faults from the first moment and the
+        // switchover thread is not starved; a fault on a zero-map page is resolved locally
+        // (`on_fault`). Without a stream the urgent half places it before serving.
+        let places_zero_map = match self.half {
+            Half::Bulk => true,
+            Half::Urgent => !self.config.stream,
+        };
+        if places_zero_map {
             self.place_zero_map()?;
         }
         // A VMM's memory is served until the VMM goes away (the embedder stops the engine then):
@@ -513,6 +521,10 @@ impl Worker {
             }
         }
         Ok(())
+    }
+
+    fn in_zero_map(&self, b: usize, page: u64) -> bool {
+        self.st().zero_map.as_ref().is_some_and(|m| m[b].get(page))
     }
 
     /// How to zero a page of block `b`: `UFFDIO_ZEROPAGE` does not exist for hugetlbfs, so
@@ -714,6 +726,11 @@ impl Worker {
             // Placed after the thread faulted: the placement's wake may have missed it.
             self.stats.fault_already_placed += 1;
             self.st().uffd.wake(addr, ps)?;
+        } else if self.in_zero_map(b, page) {
+            // A zero page by the source's map, not placed yet: no round trip (the bulk half
+            // may race us to it; `EEXIST` then counts it done).
+            let fill = self.zero_fill_for(b);
+            self.place_run(b, page, 1, fill, true, Origin::ZeroMap)?;
         } else if self.st().requested[b].set(page) {
             self.st().outstanding.fetch_add(1, Ordering::AcqRel);
             if let Some(at) = &self.st().fault_at_ns {
@@ -1283,9 +1300,10 @@ impl Worker {
                     // Already placed (a stream page raced a request): make sure its waiters run.
                     self.stats.eexist += 1;
                     self.st().uffd.wake(base + off * ps, ps)?;
-                    if self.ram.is_foreign() {
+                    if self.ram.is_foreign() || origin == Origin::ZeroMap {
                         // Present in the VMM but maybe not by our hand (it may have written
-                        // the page before handing over): count it done.
+                        // the page before handing over), or a precopy zero page that a huge
+                        // page backed with zeros during precopy: count it done.
                         self.mark_present(b, first + off as u64);
                     }
                     off += 1;
