@@ -1205,6 +1205,7 @@ impl Worker {
         let state = self.state.clone().expect("placement only after Go");
         let mut off = 0;
         let mut waited = 0u32;
+        let mut stalled_since: Option<Instant> = None;
         while off < n {
             // The bulk half places under the read side of the lock the urgent half reads
             // REMOVE events under (see `ShardState::place_lock`); the urgent half is the reader.
@@ -1241,17 +1242,25 @@ impl Worker {
             }
             drop(shared_guard);
             if stalled {
-                waited += 1;
-                if waited > MAPPING_CHANGING_RETRIES {
-                    return Err(DestError::Unsupported(
-                        "the VMM's memory map kept changing (EAGAIN) for too long".into(),
-                    ));
+                // EAGAIN lasts until the VMM's own madvise/munmap returns, which needs its event
+                // read (by the urgent half) and then its thread on a CPU: bounded by time, not
+                // by a count of retries (on a loaded host that thread may wait a while).
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > self.config.stall_timeout {
+                    return Err(DestError::Unsupported(format!(
+                        "the VMM's memory map kept changing (EAGAIN on every placement) for {} s",
+                        since.elapsed().as_secs()
+                    )));
                 }
                 if self.half == Half::Urgent {
                     // We read the events: do it now, then retry.
                     self.read_events_now()?;
+                }
+                waited += 1;
+                if waited <= 8 {
+                    std::thread::yield_now();
                 } else {
-                    std::thread::sleep(Duration::from_micros(50));
+                    std::thread::sleep(Duration::from_micros(50 * u64::from(waited.min(20))));
                 }
             }
         }
