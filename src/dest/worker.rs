@@ -1318,8 +1318,6 @@ impl Worker {
                     off += 1;
                 }
                 PlaceErrorKind::MappingChanging if self.ram.is_foreign() => return Ok(off),
-                // The VMM exited after it had every page of this shard (the stream's tail,
-                // already placed by faults, was still arriving): nothing is lost, nothing to do.
                 // The VMM exited (its address space is gone): nothing more can be placed; the
                 // worker ends and the engine decides whether it had everything.
                 PlaceErrorKind::MmGone if self.ram.is_foreign() => {
