@@ -231,17 +231,7 @@ fn stream_thread(
         if shared.stop.load(Ordering::Acquire) {
             return Err(DestError::Stopped);
         }
-        let h = match read_frame(&mut s, ram, &mut body) {
-            // Every page is in (the fault thread ended the session): the source may close
-            // the stream without its tail.
-            Err(DestError::Io { source, .. })
-                if source.kind() == std::io::ErrorKind::UnexpectedEof
-                    && shared.placed.load(Ordering::Acquire) == ram.layout.total_pages() =>
-            {
-                return Ok(stats)
-            }
-            other => other?,
-        };
+        let h = read_frame(&mut s, ram, &mut body)?;
         match h.kind {
             Kind::Pages => {
                 stats.pages_by_stream += place(uffd, ram, &h, &body, &mut stats, shared)?

@@ -792,18 +792,20 @@ fn client(addr: SocketAddr) -> TcpStream {
     s
 }
 
+/// A `Hello` as worker 0 of 1.
+fn hello_frame(session: u64, role: Role) -> Vec<u8> {
+    encode(&Frame::Hello {
+        session,
+        role,
+        worker: 0,
+        workers: 1,
+    })
+}
+
 /// A new session's first connection: Hello, then the Welcome.
 fn handshake(addr: SocketAddr) -> (TcpStream, Welcome) {
     let mut s = client(addr);
-    send(
-        &mut s,
-        &encode(&Frame::Hello {
-            session: 0,
-            role: Role::Urgent,
-            worker: 0,
-            workers: 1,
-        }),
-    );
+    send(&mut s, &hello_frame(0, Role::Urgent));
     match read_frame(&mut s, None).expect("read Welcome") {
         Some(Frame::Welcome(w)) => (s, w),
         other => panic!("expected Welcome, got {other:?}"),
@@ -921,28 +923,12 @@ fn source_rejects_bad_hellos() {
         // Joining a session that does not exist (ids are odd: 2 never exists).
         for role in [Role::Urgent, Role::Bulk] {
             let mut s = client(addr);
-            send(
-                &mut s,
-                &encode(&Frame::Hello {
-                    session: 2,
-                    role,
-                    worker: 0,
-                    workers: 1,
-                }),
-            );
+            send(&mut s, &hello_frame(2, role));
             expect_error_and_close(&mut s, "unknown session 0x2");
         }
         // A new session must start on worker 0's urgent connection.
         let mut s = client(addr);
-        send(
-            &mut s,
-            &encode(&Frame::Hello {
-                session: 0,
-                role: Role::Bulk,
-                worker: 0,
-                workers: 1,
-            }),
-        );
+        send(&mut s, &hello_frame(0, Role::Bulk));
         expect_error_and_close(&mut s, "worker 0's urgent connection");
         // A role that does not exist.
         let mut s = client(addr);
@@ -1095,12 +1081,7 @@ fn hostile_zero_map() {
 fn source_rejects_wrong_version() {
     hostile_source(0, |addr, _| {
         let mut s = client(addr);
-        let mut bad = encode(&Frame::Hello {
-            session: 0,
-            role: Role::Urgent,
-            worker: 0,
-            workers: 1,
-        });
+        let mut bad = hello_frame(0, Role::Urgent);
         bad[4] = 9;
         send(&mut s, &bad);
         expect_error_and_close(&mut s, "protocol version 9 not supported");
@@ -1111,15 +1092,7 @@ fn source_rejects_wrong_version() {
 fn source_rejects_duplicated_handshake() {
     hostile_source(1, |addr, _| {
         let (mut s, _) = handshake(addr);
-        send(
-            &mut s,
-            &encode(&Frame::Hello {
-                session: 0,
-                role: Role::Urgent,
-                worker: 0,
-                workers: 1,
-            }),
-        );
+        send(&mut s, &hello_frame(0, Role::Urgent));
         expect_error_and_close(&mut s, "unexpected Hello frame");
     });
 }

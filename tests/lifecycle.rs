@@ -434,7 +434,7 @@ fn discard_outside_a_block_is_rejected() {
 // is written outside a block.
 
 use common::{encode, header_bytes, legit_pages, read_frame, send, FakeListener};
-use postcopy::codec::{Frame, Header, Kind, Welcome};
+use postcopy::codec::{Frame, Header, Kind, Welcome, HEADER_BYTES};
 use postcopy::dest::DestError;
 
 /// A fake source: answers the precopy `Hello` with `Welcome`, then sends `script`'s bytes.
@@ -587,12 +587,10 @@ fn a_live_source_serves_one_migration() {
     drop(src);
 }
 
-#[test]
-fn verify_before_switchover_is_refused() {
-    if !tracking_available() {
-        return;
-    }
-    let src = LiveSource::start(
+/// A live source whose precopy never converges (a fast writer, no dirty-page threshold): its
+/// memory keeps changing for the length of a test.
+fn never_converging_source() -> LiveSource {
+    LiveSource::start(
         64 * MIB,
         |image| Box::new(DirtyWriter::start(image, 200_000, 1)),
         PrecopyLimits {
@@ -600,18 +598,32 @@ fn verify_before_switchover_is_refused() {
             max_dirty_pages: 0,
             max_duration: Duration::from_secs(30),
         },
-    );
-    // Start a precopy session and leave it running (read nothing more).
-    let mut s = std::net::TcpStream::connect(&src.addr).expect("connect");
+    )
+}
+
+/// Opens a precopy session as worker 0 of `workers`: its connection (nothing read after the
+/// `Welcome` header) and the session id.
+fn open_precopy_session(addr: &str, workers: u16) -> (std::net::TcpStream, u64) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
     send(
         &mut s,
-        &header_bytes(&Header::hello(0, postcopy::codec::Role::Urgent, 0, 1).with_precopy()),
+        &header_bytes(&Header::hello(0, postcopy::codec::Role::Urgent, 0, workers).with_precopy()),
     );
-    let mut head = [0u8; 32];
+    let mut head = [0u8; HEADER_BYTES];
     std::io::Read::read_exact(&mut s, &mut head).expect("Welcome header");
     let h = Header::decode(&head).expect("decode");
     assert_eq!(h.kind, Kind::Welcome);
-    let session = h.page;
+    (s, h.page)
+}
+
+#[test]
+fn verify_before_switchover_is_refused() {
+    if !tracking_available() {
+        return;
+    }
+    let src = never_converging_source();
+    // Start a precopy session and leave it running (read nothing more).
+    let (s, session) = open_precopy_session(&src.addr, 1);
     // A verify connection joins and asks at once: the memory still changes.
     let mut v = std::net::TcpStream::connect(&src.addr).expect("connect");
     v.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -637,23 +649,8 @@ fn source_refuses_requests_before_the_switchover() {
     }
     // A destination that asks for pages while precopy still runs gets an error, not pages
     // that may still change.
-    let src = LiveSource::start(
-        64 * MIB,
-        |image| Box::new(DirtyWriter::start(image, 200_000, 1)),
-        PrecopyLimits {
-            max_rounds: 1000,
-            max_dirty_pages: 0,
-            max_duration: Duration::from_secs(30),
-        },
-    );
-    let mut s = std::net::TcpStream::connect(&src.addr).expect("connect");
-    send(
-        &mut s,
-        &header_bytes(&Header::hello(0, postcopy::codec::Role::Urgent, 0, 2).with_precopy()),
-    );
-    let mut head = [0u8; 32];
-    std::io::Read::read_exact(&mut s, &mut head).expect("Welcome header");
-    let session = Header::decode(&head).expect("decode").page;
+    let src = never_converging_source();
+    let (_s, session) = open_precopy_session(&src.addr, 2);
     let mut u = std::net::TcpStream::connect(&src.addr).expect("connect");
     u.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     send(
