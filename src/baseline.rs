@@ -6,8 +6,6 @@
 //! places it page by page. One userfaultfd for the whole region, blocking sockets, no batching,
 //! no io_uring. It speaks the same protocol (as one "worker") to the same source.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,11 +13,12 @@ use std::time::Duration;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use crate::codec::{self, CodecError, Header, Kind, Role, HEADER_BYTES};
+use crate::codec::{CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::dest::{
-    open_connection, register_shard, Connected, DestError, DestRam, EngineConfig, EngineHandle,
-    Job, Shared, WorkerStats,
+    link_err, open_connection, register_shard, Connected, DestError, DestRam, EngineConfig,
+    EngineHandle, Job, Shared, WorkerStats,
 };
+use crate::link::FramedStream;
 use crate::sys::uffd::{Event, PlaceErrorKind, Uffd, MSG_BYTES};
 
 fn io(context: &'static str) -> impl FnOnce(std::io::Error) -> DestError {
@@ -55,7 +54,7 @@ pub fn start(
             workers: 1,
             ..config.clone()
         };
-        let stream = open_connection(&cfg, session, Role::Bulk, 0)?.stream;
+        let stream = open_connection(&cfg, session, Role::Bulk, 0)?.link;
         let (u, r) = (uffd, ram.clone());
         jobs.push((
             "baseline-stream".into(),
@@ -66,36 +65,22 @@ pub fn start(
     EngineHandle::spawn(ram, 1, 1, jobs)
 }
 
-/// Reads one frame's header and body (into `body`), checked against the layout.
-fn read_frame(s: &mut TcpStream, ram: &DestRam, body: &mut Vec<u8>) -> Result<Header, DestError> {
-    let mut head = [0u8; HEADER_BYTES];
-    s.read_exact(&mut head)
-        .map_err(io("baseline: read frame"))?;
-    let protocol = |source| DestError::Protocol {
-        context: "baseline".into(),
-        source,
-    };
-    let h = Header::decode(&head).map_err(protocol)?;
-    match h.kind {
-        Kind::Pages => {
-            h.check(&ram.layout).map_err(protocol)?;
-        }
-        Kind::End | Kind::Ack => {}
-        Kind::Error => {}
-        other => {
-            return Err(protocol(CodecError::Unexpected {
-                got: other,
+/// Reads one frame (header, body), checked against the layout before its body is read.
+fn read_frame(s: &mut FramedStream, ram: &DestRam) -> Result<Header, DestError> {
+    let h = s
+        .read_frame_if(|h| match h.kind {
+            Kind::Pages => h.check(&ram.layout).map(|_| ()),
+            Kind::End | Kind::Ack => Ok(()),
+            got => Err(CodecError::Unexpected {
+                got,
                 expected: "Pages, End or Ack",
-            }))
-        }
-    }
-    body.resize(h.body_len as usize, 0);
-    s.read_exact(body)
-        .map_err(io("baseline: read frame body"))?;
-    if h.kind == Kind::Error {
-        return Err(DestError::Remote(codec::decode_error(body)));
-    }
-    Ok(h)
+            }),
+        })
+        .map_err(link_err("baseline"))?;
+    h.ok_or_else(|| DestError::Io {
+        context: "baseline: read frame".into(),
+        source: std::io::ErrorKind::UnexpectedEof.into(),
+    })
 }
 
 /// Places a batch page by page; returns pages newly placed.
@@ -148,13 +133,13 @@ fn place(
 fn fault_thread(
     uffd: &Uffd,
     ram: &DestRam,
-    mut s: TcpStream,
+    mut s: FramedStream,
     shared: &Shared,
 ) -> Result<WorkerStats, DestError> {
     let mut stats = WorkerStats::default();
-    let mut body = Vec::new();
     let mut msg = [0u8; MSG_BYTES];
-    s.set_read_timeout(Some(Duration::from_secs(30)))
+    s.socket()
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io("set timeout"))?;
     let total = ram.layout.total_pages();
     while shared.placed.load(Ordering::Acquire) < total {
@@ -187,14 +172,15 @@ fn fault_thread(
         }
         let mut req = [0u8; HEADER_BYTES];
         Header::request(b as u32, page, 1).encode(&mut req);
-        s.write_all(&req).map_err(io("baseline: send request"))?;
+        s.write_frames(&req)
+            .map_err(link_err("baseline: send request"))?;
         stats.requests += 1;
         stats.pages_requested += 1;
         // Read replies until the one carrying this page: the source may have sent more than
         // asked for (a prefetch after an earlier reply), and those frames come first. (Its
         // placement may find the page already there, placed by the stream thread.)
         loop {
-            let h = read_frame(&mut s, ram, &mut body)?;
+            let h = read_frame(&mut s, ram)?;
             if h.kind != Kind::Pages {
                 return Err(DestError::Protocol {
                     context: "baseline".into(),
@@ -204,7 +190,7 @@ fn fault_thread(
                     },
                 });
             }
-            stats.pages_by_fault += place(uffd, ram, &h, &body, &mut stats, shared)?;
+            stats.pages_by_fault += place(uffd, ram, &h, s.body(), &mut stats, shared)?;
             if h.block as usize == b && (h.page..h.page + u64::from(h.count)).contains(&page) {
                 break;
             }
@@ -212,29 +198,30 @@ fn fault_thread(
     }
     let mut end = [0u8; HEADER_BYTES];
     Header::control(Kind::End, 0).encode(&mut end);
-    s.write_all(&end).map_err(io("baseline: send End"))?;
-    while read_frame(&mut s, ram, &mut body)?.kind != Kind::Ack {}
+    s.write_frames(&end)
+        .map_err(link_err("baseline: send End"))?;
+    while read_frame(&mut s, ram)?.kind != Kind::Ack {}
     Ok(stats)
 }
 
 fn stream_thread(
     uffd: &Uffd,
     ram: &DestRam,
-    mut s: TcpStream,
+    mut s: FramedStream,
     shared: &Shared,
 ) -> Result<WorkerStats, DestError> {
     let mut stats = WorkerStats::default();
-    let mut body = Vec::new();
-    s.set_read_timeout(Some(Duration::from_secs(30)))
+    s.socket()
+        .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io("set timeout"))?;
     loop {
         if shared.stop.load(Ordering::Acquire) {
             return Err(DestError::Stopped);
         }
-        let h = read_frame(&mut s, ram, &mut body)?;
+        let h = read_frame(&mut s, ram)?;
         match h.kind {
             Kind::Pages => {
-                stats.pages_by_stream += place(uffd, ram, &h, &body, &mut stats, shared)?
+                stats.pages_by_stream += place(uffd, ram, &h, s.body(), &mut stats, shared)?
             }
             Kind::End => return Ok(stats),
             other => {

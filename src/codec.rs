@@ -94,7 +94,7 @@ pub enum Kind {
     /// source → destination, first frame of an authenticated connection: a 32-byte nonce.
     Challenge = 13,
     /// The answers to a `Challenge`: destination → source `nonce_d ‖ proof` (64 bytes), source
-    /// → destination `proof` (32 bytes). See [`crate::auth`].
+    /// → destination `proof` (32 bytes). See [`crate::link::auth`].
     Auth = 14,
     /// destination → source on a resumed bulk connection: which pages of the worker's shard it
     /// has (`mask` = pages covered, body = one bit per page), ended by `Run`; the source
@@ -726,6 +726,24 @@ impl<'a> Reader<'a> {
         self.bytes(8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8")))
     }
+}
+
+/// Appends the page-bit body of `ZeroMap` and `Have` frames for `pages` pages: bit `i` (byte
+/// `i / 8`, bit `i % 8`) is page `first + i` of the header, set when `is_set(i)`.
+pub fn encode_page_bits(pages: u64, mut is_set: impl FnMut(u64) -> bool, out: &mut Vec<u8>) {
+    let at = out.len();
+    out.resize(at + pages.div_ceil(8) as usize, 0);
+    for i in 0..pages {
+        if is_set(i) {
+            out[at + (i / 8) as usize] |= 1 << (i % 8);
+        }
+    }
+}
+
+/// Bit `i` of a page-bit body ([`encode_page_bits`]); the body's length was checked against
+/// the header's page count.
+pub fn page_bit(body: &[u8], i: u64) -> bool {
+    body[(i / 8) as usize] >> (i % 8) & 1 == 1
 }
 
 /// Appends an `Error` frame with `message` (truncated to [`MAX_ERROR_BYTES`] on a char

@@ -92,7 +92,7 @@ pub struct DemoConfig {
     /// TLS for the local source: its certificate and key files.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// TLS for the destination: the trust.
-    pub tls_client: Option<crate::tls::TlsClient>,
+    pub tls_client: Option<crate::link::tls::TlsClient>,
 }
 
 /// A `postcopy serve --synthetic` child process on 127.0.0.1, killed on drop.
@@ -222,11 +222,11 @@ pub struct RunSpec {
     /// Offer the source a precopy phase (engine only).
     pub precopy: bool,
     /// Authenticate with this key (engine only).
-    pub key: Option<crate::auth::Key>,
+    pub key: Option<crate::link::auth::Key>,
     /// How long a broken connection may take to come back (engine only).
     pub recovery_timeout: Duration,
     /// TLS to the source.
-    pub tls: Option<crate::tls::TlsClient>,
+    pub tls: Option<crate::link::tls::TlsClient>,
 }
 
 /// What one migration did.
@@ -439,7 +439,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             max_streams: cfg.max_streams,
             precopy: cfg.precopy,
             key: match &cfg.key_file {
-                Some(k) => Some(crate::auth::Key::from_file(k).map_err(DestError::from)?),
+                Some(k) => Some(crate::link::auth::Key::from_file(k).map_err(DestError::from)?),
                 None => None,
             },
             recovery_timeout: cfg.recovery_timeout,

@@ -64,12 +64,12 @@ pub struct HandlerConfig {
     pub stall_timeout: Duration,
     /// Per-VMM lines on stderr.
     pub verbose: bool,
-    /// The pre-shared key for the source ([`crate::auth`]); `None`: no authentication.
-    pub key: Option<crate::auth::Key>,
+    /// The pre-shared key for the source ([`crate::link::auth`]); `None`: no authentication.
+    pub key: Option<crate::link::auth::Key>,
     /// How long a broken source connection may take to come back.
     pub recovery_timeout: Duration,
     /// TLS to the source.
-    pub tls: Option<crate::tls::TlsClient>,
+    pub tls: Option<crate::link::tls::TlsClient>,
 }
 
 impl Default for HandlerConfig {

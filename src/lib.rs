@@ -13,7 +13,8 @@
 //!   log); the only `unsafe` code.
 //! - [`layout`]: RAM blocks and the atomic received bitmap.
 //! - [`codec`]: wire protocol v1, a pure codec.
-//! - [`auth`]: pre-shared key, challenge-response, per-frame MACs.
+//! - [`link`]: what every connection does: the challenge-response, per-frame MACs, the one
+//!   framed reader and writer ([`link::FramedStream`]), TLS.
 //! - [`image`]: what a source serves (a file or a synthetic image).
 //! - [`source`]: the source page server (precopy, switchover, recovery); [`live`]: a live
 //!   source's memory and workload; [`dirty`]: dirty-page tracking for precopy.
@@ -25,7 +26,6 @@
 //! - [`probe`]: can this host do postcopy.
 #![deny(missing_docs)]
 
-pub mod auth;
 pub mod baseline;
 pub mod bench;
 pub mod codec;
@@ -36,10 +36,10 @@ pub mod handler;
 pub mod handover;
 pub mod image;
 pub mod layout;
+pub mod link;
 pub mod live;
 pub mod probe;
 pub mod report;
 pub mod source;
 pub mod sys;
-pub mod tls;
 pub mod workload;

@@ -113,17 +113,17 @@ struct TlsArgs {
 }
 
 impl TlsArgs {
-    fn server(&self) -> Result<Option<postcopy::tls::TlsServer>, String> {
+    fn server(&self) -> Result<Option<postcopy::link::tls::TlsServer>, String> {
         match (&self.tls_cert, &self.tls_key) {
-            (Some(c), Some(k)) => postcopy::tls::TlsServer::from_files(c, k)
+            (Some(c), Some(k)) => postcopy::link::tls::TlsServer::from_files(c, k)
                 .map(Some)
                 .map_err(|e| e.to_string()),
             _ => Ok(None),
         }
     }
-    fn client(&self) -> Result<Option<postcopy::tls::TlsClient>, String> {
+    fn client(&self) -> Result<Option<postcopy::link::tls::TlsClient>, String> {
         match &self.tls_ca {
-            Some(ca) => postcopy::tls::TlsClient::from_ca(ca, &self.tls_name)
+            Some(ca) => postcopy::link::tls::TlsClient::from_ca(ca, &self.tls_name)
                 .map(Some)
                 .map_err(|e| e.to_string()),
             None => Ok(None),
@@ -146,9 +146,9 @@ struct AuthArgs {
 
 impl AuthArgs {
     /// The key, `None` with `--insecure`, or an error saying what to pass.
-    fn key(&self, what: &str) -> Result<Option<postcopy::auth::Key>, String> {
+    fn key(&self, what: &str) -> Result<Option<postcopy::link::auth::Key>, String> {
         match (&self.key_file, self.insecure) {
-            (Some(path), _) => postcopy::auth::Key::from_file(path)
+            (Some(path), _) => postcopy::link::auth::Key::from_file(path)
                 .map(Some)
                 .map_err(|e| e.to_string()),
             (None, true) => Ok(None),
@@ -512,7 +512,7 @@ fn main() -> ExitCode {
                     let path = std::env::temp_dir()
                         .join(format!("postcopy-demo-{}.key", std::process::id()));
                     let _ = std::fs::remove_file(&path);
-                    if let Err(e) = postcopy::auth::Key::generate_file(&path) {
+                    if let Err(e) = postcopy::link::auth::Key::generate_file(&path) {
                         return fail(&e);
                     }
                     temp_key = Some(path.clone());

@@ -26,20 +26,20 @@
 //! layout) before it is used; a bad frame gets an `Error` frame back and ends its session.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::auth::{FrameMac, Key, NONCE_BYTES, TAG_BYTES};
-use crate::codec::Frame;
 use crate::codec::{
     self, max_batch_pages, CodecError, DiscardSender, Header, Kind, Role, Welcome, HEADER_BYTES,
 };
 use crate::dirty::{DirtyError, DirtyTracker};
 use crate::image::{page_checksum, Image, PageData};
 use crate::layout::PageBitmap;
+use crate::link::auth::Key;
+use crate::link::{FramedStream, LinkError};
 use crate::live::SourceWorkload;
 
 /// Errors of the source server.
@@ -79,7 +79,7 @@ pub enum SourceError {
     },
     /// A peer failed authentication, or a frame its integrity check.
     #[error("{0}")]
-    Auth(#[from] crate::auth::AuthError),
+    Auth(#[from] crate::link::auth::AuthError),
     /// Dirty tracking failed during precopy.
     #[error("precopy: {0}")]
     Dirty(#[from] DirtyError),
@@ -118,13 +118,13 @@ pub struct SourceConfig {
     /// When precopy (offered by the destination) switches over.
     pub precopy: PrecopyLimits,
     /// The pre-shared key: every connection must prove it holds it, every frame is MACed
-    /// ([`crate::auth`]). `None`: no authentication (a trusted network only).
+    /// ([`crate::link::auth`]). `None`: no authentication (a trusted network only).
     pub key: Option<Key>,
     /// A session whose connection broke waits this long for the destination to reconnect
     /// (recovery) before it is given up. Zero: a broken connection fails the session.
     pub recovery_timeout: Duration,
-    /// TLS 1.3 on every connection ([`crate::tls`]); `None`: plain TCP.
-    pub tls: Option<crate::tls::TlsServer>,
+    /// TLS 1.3 on every connection ([`crate::link::tls`]); `None`: plain TCP.
+    pub tls: Option<crate::link::tls::TlsServer>,
 }
 
 /// When precopy stops sending rounds and switches over to postcopy. The first round (every
@@ -335,14 +335,12 @@ impl Session {
     /// link), counts them, and empties `out`.
     fn flush(
         &self,
-        link: &mut Link,
+        link: &mut FramedStream,
         out: &mut Vec<u8>,
         what: &str,
         peer: SocketAddr,
     ) -> Result<(), SourceError> {
-        let n = link
-            .write_frames(out)
-            .map_err(io_err(format!("{what} to {peer}")))?;
+        let n = link.write_frames(out).map_err(write_err(what, peer))?;
         self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
         out.clear();
         Ok(())
@@ -545,163 +543,41 @@ fn log(shared: &Shared, msg: std::fmt::Arguments<'_>) {
     }
 }
 
-/// Reads exactly one header (and a bounded control body) from a blocking stream.
-fn read_frame(
-    r: &mut impl Read,
-    peer: SocketAddr,
-    body: &mut Vec<u8>,
-    rx: Option<&mut FrameMac>,
-) -> Result<Option<Header>, SourceError> {
-    let mut head = [0u8; HEADER_BYTES];
-    match r.read_exact(&mut head) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(io_err(format!("read from {peer}"))(e)),
-    }
-    let h = Header::decode(&head).map_err(|source| SourceError::Protocol { peer, source })?;
-    body.clear();
-    if h.body_len > 0 {
-        // decode() bounded body_len per kind; Pages frames are never accepted from a destination.
-        if h.kind == Kind::Pages {
-            return Err(SourceError::Protocol {
-                peer,
-                source: CodecError::Unexpected {
-                    got: h.kind,
-                    expected: "a request or control frame",
-                },
-            });
-        }
-        body.resize(h.body_len as usize, 0);
-        r.read_exact(body)
-            .map_err(io_err(format!("read frame body from {peer}")))?;
-    }
-    if let Some(rx) = rx {
-        let mut tag = [0u8; TAG_BYTES];
-        r.read_exact(&mut tag)
-            .map_err(io_err(format!("read frame MAC from {peer}")))?;
-        rx.open(&head, body, &tag)?;
-    }
-    Ok(Some(h))
+/// Reads the next frame from the destination (its MAC checked on an authenticated link); a
+/// `Pages` frame, which no destination sends, is refused at its header.
+fn read_frame(link: &mut FramedStream, peer: SocketAddr) -> Result<Option<Header>, SourceError> {
+    link.read_frame_if(|h| match h.kind {
+        Kind::Pages => Err(CodecError::Unexpected {
+            got: h.kind,
+            expected: "a request or control frame",
+        }),
+        _ => Ok(()),
+    })
+    .map_err(link_err(peer))
 }
 
-/// A connection to a destination: its socket and, once authenticated, the MACs of its frames.
-struct Link {
-    stream: TcpStream,
-    tx: Option<FrameMac>,
-    rx: Option<FrameMac>,
-    /// The MACs of the frames being written: (end of the frame in the buffer, tag).
-    tags: Vec<(usize, [u8; TAG_BYTES])>,
-}
-
-impl Link {
-    fn new(stream: TcpStream) -> Link {
-        Link {
-            stream,
-            tx: None,
-            rx: None,
-            tags: Vec::new(),
-        }
-    }
-
-    /// Writes whole frames, sealing each when authenticated; returns the bytes written.
-    fn write_frames(&mut self, frames: &[u8]) -> std::io::Result<usize> {
-        match &mut self.tx {
-            None => {
-                self.stream.write_all(frames)?;
-                Ok(frames.len())
-            }
-            Some(tx) => {
-                // Frames and their MACs go out with writev: no copy of the pages.
-                self.tags.clear();
-                let mut at = 0;
-                while at < frames.len() {
-                    let body_len =
-                        u32::from_le_bytes(frames[at + 8..at + 12].try_into().expect("4 bytes"))
-                            as usize;
-                    let end = at + HEADER_BYTES + body_len;
-                    let tag = tx.seal(
-                        &frames[at..at + HEADER_BYTES],
-                        &frames[at + HEADER_BYTES..end],
-                    );
-                    self.tags.push((end, tag));
-                    at = end;
-                }
-                let mut slices = Vec::with_capacity(2 * self.tags.len());
-                let mut start = 0;
-                for (end, tag) in &self.tags {
-                    slices.push(std::io::IoSlice::new(&frames[start..*end]));
-                    slices.push(std::io::IoSlice::new(tag));
-                    start = *end;
-                }
-                let total = frames.len() + self.tags.len() * TAG_BYTES;
-                let mut bufs = &mut slices[..];
-                while !bufs.is_empty() {
-                    match self.stream.write_vectored(bufs) {
-                        Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                        Ok(n) => std::io::IoSlice::advance_slices(&mut bufs, n),
-                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(total)
-            }
-        }
-    }
-
-    /// Reads the next frame (its MAC checked on an authenticated link).
-    fn read_frame(
-        &mut self,
-        peer: SocketAddr,
-        body: &mut Vec<u8>,
-    ) -> Result<Option<Header>, SourceError> {
-        read_frame(&mut self.stream, peer, body, self.rx.as_mut())
+/// A write's link error, in the source's words (what was sent, to whom).
+fn write_err(what: &str, peer: SocketAddr) -> impl FnOnce(LinkError) -> SourceError + '_ {
+    move |e| match e {
+        LinkError::Io { source, .. } => SourceError::Io {
+            context: format!("{what} to {peer}"),
+            source,
+        },
+        e => link_err(peer)(e),
     }
 }
 
-/// The source's side of the challenge-response ([`crate::auth`]): on success the link's frames
-/// are sealed and checked from now on.
-fn authenticate(link: &mut Link, key: &Key, peer: SocketAddr) -> Result<(), SourceError> {
-    let nonce_s: [u8; NONCE_BYTES] = crate::auth::random()?;
-    let mut out = Vec::with_capacity(128);
-    Frame::Challenge(nonce_s.to_vec()).encode_into(&mut out);
-    link.stream
-        .write_all(&out)
-        .map_err(io_err(format!("send Challenge to {peer}")))?;
-    let mut body = Vec::new();
-    match read_frame(&mut link.stream, peer, &mut body, None)? {
-        Some(h) if h.kind == Kind::Auth && body.len() == 2 * NONCE_BYTES => {}
-        Some(h) => {
-            return Err(SourceError::Protocol {
-                peer,
-                source: CodecError::Unexpected {
-                    got: h.kind,
-                    expected:
-                        "Auth (this source requires a key: start the destination with --key-file)",
-                },
-            })
-        }
-        None => {
-            return Err(SourceError::Auth(crate::auth::AuthError::BadProof));
-        }
+/// A link error, in the source's words (naming the peer).
+fn link_err(peer: SocketAddr) -> impl FnOnce(LinkError) -> SourceError {
+    move |e| match e {
+        LinkError::Io { what, source } => SourceError::Io {
+            context: format!("{what} from {peer}"),
+            source,
+        },
+        LinkError::Protocol(source) => SourceError::Protocol { peer, source },
+        LinkError::Auth(e) => SourceError::Auth(e),
+        LinkError::Remote(message) => SourceError::Remote { peer, message },
     }
-    let nonce_d: [u8; NONCE_BYTES] = body[..NONCE_BYTES].try_into().expect("32 bytes");
-    Key::check(&key.dest_proof(&nonce_s, &nonce_d), &body[NONCE_BYTES..])?;
-    out.clear();
-    Frame::Auth(key.source_proof(&nonce_s, &nonce_d).to_vec()).encode_into(&mut out);
-    link.stream
-        .write_all(&out)
-        .map_err(io_err(format!("send Auth to {peer}")))?;
-    let (s2d, d2s) = key.frame_keys(&nonce_s, &nonce_d);
-    link.tx = Some(s2d);
-    link.rx = Some(d2s);
-    Ok(())
-}
-
-fn send_error(link: &mut Link, message: &str) {
-    let mut out = Vec::new();
-    codec::encode_error(message, &mut out);
-    let _ = link.write_frames(&out);
-    let _ = link.stream.shutdown(std::net::Shutdown::Write);
 }
 
 fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
@@ -720,17 +596,16 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     };
     let _ = stream.set_read_timeout(Some(shared.config.handshake_timeout));
     let _ = stream.set_write_timeout(Some(shared.config.write_timeout));
-    let mut link = Link::new(stream);
+    let mut link = FramedStream::new(stream);
     if let Some(key) = &shared.config.key {
         // Nobody without the key gets past this: no session, no page.
-        if let Err(e) = authenticate(&mut link, key, peer) {
+        if let Err(e) = crate::link::auth::accept(&mut link, key).map_err(link_err(peer)) {
             log(&shared, format_args!("{peer}: authentication: {e}"));
-            send_error(&mut link, &format!("authentication: {e}"));
+            link.send_error(&format!("authentication: {e}"));
             return;
         }
     }
-    let mut body = Vec::new();
-    let hello = match link.read_frame(peer, &mut body) {
+    let hello = match read_frame(&mut link, peer) {
         Ok(Some(h)) if h.kind == Kind::Hello => h,
         Ok(Some(h)) => {
             let e = CodecError::Unexpected {
@@ -738,13 +613,13 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 expected: "Hello",
             };
             log(&shared, format_args!("{peer}: {e}"));
-            send_error(&mut link, &format!("handshake: {e}"));
+            link.send_error(&format!("handshake: {e}"));
             return;
         }
         Ok(None) => return,
         Err(e) => {
             log(&shared, format_args!("{peer}: handshake failed: {e}"));
-            send_error(&mut link, &format!("handshake: {e}"));
+            link.send_error(&format!("handshake: {e}"));
             return;
         }
     };
@@ -756,15 +631,12 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         let session = if hello.page == 0 {
             if role != Role::Urgent || worker != 0 {
                 drop(sessions);
-                send_error(
-                    &mut link,
-                    "handshake: a new session starts on worker 0's urgent connection",
-                );
+                link.send_error("handshake: a new session starts on worker 0's urgent connection");
                 return;
             }
             if sessions.len() >= shared.config.max_sessions {
                 drop(sessions);
-                send_error(&mut link, "source busy: too many sessions; retry later");
+                link.send_error("source busy: too many sessions; retry later");
                 return;
             }
             let id = shared.next_id.fetch_add(2, Ordering::Relaxed);
@@ -776,10 +648,7 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 Some(s) if s.workers == workers && !s.finished.load(Ordering::Acquire) => s.clone(),
                 Some(_) => {
                     drop(sessions);
-                    send_error(
-                        &mut link,
-                        "handshake: session is finished or the worker count differs",
-                    );
+                    link.send_error("handshake: session is finished or the worker count differs");
                     return;
                 }
                 // A destination resuming a session this process never saw: the source was
@@ -799,18 +668,15 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
                 }
                 None => {
                     drop(sessions);
-                    send_error(
-                        &mut link,
-                        &format!(
-                            "handshake: unknown session {:#x}{}",
-                            hello.page,
-                            if hello.wants_resume() {
-                                " (a live source's memory cannot resume a migration after a restart)"
-                            } else {
-                                ""
-                            }
-                        ),
-                    );
+                    link.send_error(&format!(
+                        "handshake: unknown session {:#x}{}",
+                        hello.page,
+                        if hello.wants_resume() {
+                            " (a live source's memory cannot resume a migration after a restart)"
+                        } else {
+                            ""
+                        }
+                    ));
                     return;
                 }
             }
@@ -818,10 +684,7 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         // Two per worker, plus one verify connection, plus the broken ones still closing.
         if session.connections.load(Ordering::Acquire) > 4 * usize::from(workers) + 1 {
             drop(sessions);
-            send_error(
-                &mut link,
-                "handshake: too many connections for this session",
-            );
+            link.send_error("handshake: too many connections for this session");
             return;
         }
         session.connections.fetch_add(1, Ordering::AcqRel);
@@ -837,7 +700,7 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         if live.is_none() {
             let e = SourceError::LiveUsed;
             log(&shared, format_args!("{peer}: {e}"));
-            send_error(&mut link, &e.to_string());
+            link.send_error(&e.to_string());
             session.fail(e.to_string());
             finish_connection(&shared, &session);
             return;
@@ -866,9 +729,9 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     }
     let result = link
         .write_frames(&out)
-        .map_err(io_err(format!("send Welcome to {peer}")))
+        .map_err(write_err("send Welcome", peer))
         .and_then(|_| {
-            let _ = link.stream.set_read_timeout(None);
+            let _ = link.socket().set_read_timeout(None);
             if precopy {
                 out.clear();
                 run_precopy(&shared, &session, &mut link, peer, live.as_mut())?;
@@ -909,7 +772,7 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
             ),
         );
         if let SourceError::Protocol { .. } = e {
-            send_error(&mut link, &e.to_string());
+            link.send_error(&e.to_string());
         }
         if broken {
             let ms = (session.started.elapsed().as_millis() as u64).max(1);
@@ -975,7 +838,7 @@ fn merge_ranges(ranges: &mut Vec<(u64, u64)>) {
 fn send_ranges(
     shared: &Shared,
     session: &Session,
-    link: &mut Link,
+    link: &mut FramedStream,
     peer: SocketAddr,
     block: u32,
     ranges: &[(u64, u64)],
@@ -1008,7 +871,7 @@ fn send_ranges(
 fn run_precopy(
     shared: &Shared,
     session: &Session,
-    link: &mut Link,
+    link: &mut FramedStream,
     peer: SocketAddr,
     mut live: Option<&mut LiveParts>,
 ) -> Result<(), SourceError> {
@@ -1145,23 +1008,16 @@ fn run_precopy(
 
 /// Reads the destination's `Ack`s of precopy rounds until the one for `round`.
 fn wait_round_ack(
-    link: &mut Link,
+    link: &mut FramedStream,
     peer: SocketAddr,
     round: u64,
     timeout: Duration,
 ) -> Result<(), SourceError> {
-    let _ = link.stream.set_read_timeout(Some(timeout));
-    let mut body = Vec::new();
+    let _ = link.socket().set_read_timeout(Some(timeout));
     loop {
-        match link.read_frame(peer, &mut body)? {
+        match read_frame(link, peer)? {
             Some(h) if h.kind == Kind::Ack && h.page == round => break,
             Some(h) if h.kind == Kind::Ack && h.page < round => {}
-            Some(h) if h.kind == Kind::Error => {
-                return Err(SourceError::Remote {
-                    peer,
-                    message: codec::decode_error(&body),
-                })
-            }
             Some(h) => {
                 return Err(SourceError::Protocol {
                     peer,
@@ -1179,7 +1035,7 @@ fn wait_round_ack(
             }
         }
     }
-    let _ = link.stream.set_read_timeout(None);
+    let _ = link.socket().set_read_timeout(None);
     Ok(())
 }
 
@@ -1188,11 +1044,10 @@ fn wait_round_ack(
 fn serve_verify(
     shared: &Shared,
     session: &Session,
-    link: &mut Link,
+    link: &mut FramedStream,
     peer: SocketAddr,
 ) -> Result<(), SourceError> {
-    let mut body = Vec::new();
-    match link.read_frame(peer, &mut body)? {
+    match read_frame(link, peer)? {
         Some(h) if h.kind == Kind::Run => {}
         None => return Ok(()),
         Some(h) => {
@@ -1237,7 +1092,7 @@ fn serve_verify(
     Header::control(Kind::End, layout.total_pages()).encode_into(&mut out);
     session.flush(link, &mut out, "send checksums", peer)?;
     let mut sink = [0u8; 64];
-    let _ = link.stream.read(&mut sink);
+    let _ = link.socket().read(&mut sink);
     Ok(())
 }
 
@@ -1305,14 +1160,17 @@ fn encode_zero_map(image: &dyn Image, session: &Session, out: &mut Vec<u8>) {
         while first < block.pages() {
             let pages = (block.pages() - first).min(per_frame);
             Header::zero_map(b as u32, first, pages).encode_into(out);
-            let at = out.len();
-            out.resize(at + pages.div_ceil(8) as usize, 0);
-            for i in 0..pages {
-                if image.is_zero(b as u32, first + i, &mut scratch) {
-                    out[at + (i / 8) as usize] |= 1 << (i % 8);
-                    session.sent[b].set(first + i);
-                }
-            }
+            codec::encode_page_bits(
+                pages,
+                |i| {
+                    let zero = image.is_zero(b as u32, first + i, &mut scratch);
+                    if zero {
+                        session.sent[b].set(first + i);
+                    }
+                    zero
+                },
+                out,
+            );
             first += pages;
         }
     }
@@ -1357,7 +1215,7 @@ fn encode_run(
 fn serve_urgent(
     shared: &Shared,
     session: &Session,
-    link: &mut Link,
+    link: &mut FramedStream,
     peer: SocketAddr,
     worker: u16,
 ) -> Result<(), SourceError> {
@@ -1368,15 +1226,12 @@ fn serve_urgent(
     let max_page = layout.max_page_size() as usize;
     let mut scratch = vec![0u8; max_page];
     let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut reader = BufReader::with_capacity(
-        64 * 1024,
-        link.stream.try_clone().map_err(io_err("clone socket"))?,
-    );
-    let mut body = Vec::new();
+    // Requests are small frames, often several per fault: read ahead of them.
+    link.buffer_reads(64 * 1024);
     let mut prefetch = 0u64;
     let mut prefetch_next: Option<(u32, u64)> = None;
     loop {
-        let Some(h) = read_frame(&mut reader, peer, &mut body, link.rx.as_mut())? else {
+        let Some(h) = read_frame(link, peer)? else {
             return Err(SourceError::Incomplete {
                 session: session.id,
                 reason: format!("worker {worker}'s urgent connection closed without End"),
@@ -1469,12 +1324,6 @@ fn serve_urgent(
                 }
                 return Ok(());
             }
-            Kind::Error => {
-                return Err(SourceError::Remote {
-                    peer,
-                    message: codec::decode_error(&body),
-                })
-            }
             other => {
                 return Err(SourceError::Protocol {
                     peer,
@@ -1486,7 +1335,7 @@ fn serve_urgent(
             }
         }
         // Answer everything that arrived together in one write; never sit on a reply.
-        if reader.buffer().is_empty() || out.len() >= (1 << 20) {
+        if link.buffered_bytes() == 0 || out.len() >= (1 << 20) {
             session.flush(link, &mut out, "send pages", peer)?;
         }
     }
@@ -1498,17 +1347,16 @@ fn serve_urgent(
 fn resume_bulk(
     shared: &Shared,
     session: &Session,
-    link: &mut Link,
+    link: &mut FramedStream,
     peer: SocketAddr,
     worker: u16,
 ) -> Result<(), SourceError> {
     // The broken connection's streamer stops claiming pages now.
     session.bulk_gen[usize::from(worker)].fetch_add(1, Ordering::AcqRel);
     let layout = shared.image.layout();
-    let mut body = Vec::new();
     let protocol = |source| SourceError::Protocol { peer, source };
     loop {
-        let Some(h) = link.read_frame(peer, &mut body)? else {
+        let Some(h) = read_frame(link, peer)? else {
             return Err(SourceError::Incomplete {
                 session: session.id,
                 reason: format!("worker {worker}'s resumed bulk connection closed"),
@@ -1536,7 +1384,7 @@ fn resume_bulk(
                 let sent = &session.sent[h.block as usize];
                 let mut resent = 0;
                 for i in 0..h.mask {
-                    if body[(i / 8) as usize] >> (i % 8) & 1 == 1 {
+                    if codec::page_bit(link.body(), i) {
                         sent.set(h.page + i);
                     } else if sent.clear(h.page + i) {
                         resent += 1;
@@ -1557,7 +1405,7 @@ fn resume_bulk(
 fn serve_bulk(
     shared: &Shared,
     session: &Session,
-    link: &mut Link,
+    link: &mut FramedStream,
     peer: SocketAddr,
     worker: u16,
 ) -> Result<(), SourceError> {
@@ -1640,6 +1488,6 @@ fn serve_bulk(
     session.flush(link, &mut out, "stream pages", peer)?;
     // Hold the connection until the destination closes it (it may still be placing pages).
     let mut sink = [0u8; 64];
-    let _ = link.stream.read(&mut sink);
+    let _ = link.socket().read(&mut sink);
     Ok(())
 }

@@ -7,9 +7,10 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::*;
-use postcopy::auth::{Key, NONCE_BYTES, TAG_BYTES};
 use postcopy::codec::{Frame, Header, Kind, Role};
 use postcopy::dest::{self, DestError, EngineConfig};
+use postcopy::link::auth::{Key, NONCE_BYTES, TAG_BYTES};
+use postcopy::link::framed::seal_frames;
 
 fn key(s: &str) -> Key {
     Key::from_secret(format!("{s:-<32}").as_bytes())
@@ -178,12 +179,12 @@ fn tampered_and_replayed_frames_end_the_session() {
             }));
             let mut sealed = Vec::new();
             if case == "tampered" {
-                s2d.seal_frames(&welcome, &mut sealed);
+                seal_frames(Some(&mut s2d), &welcome, &mut sealed);
                 let n = sealed.len();
                 sealed[n - TAG_BYTES - 1] ^= 1; // a body byte
             } else {
                 // A zero-map frame sent twice: the second is a replay of sequence number 1.
-                s2d.seal_frames(&welcome, &mut sealed);
+                seal_frames(Some(&mut s2d), &welcome, &mut sealed);
                 let zm = encode(&Frame::ZeroMap {
                     block: 0,
                     page: 0,
@@ -191,7 +192,7 @@ fn tampered_and_replayed_frames_end_the_session() {
                     bits: vec![0xff],
                 });
                 let mut once = Vec::new();
-                s2d.seal_frames(&zm, &mut once);
+                seal_frames(Some(&mut s2d), &zm, &mut once);
                 sealed.extend_from_slice(&once);
                 sealed.extend_from_slice(&once);
             }

@@ -29,11 +29,11 @@ fn migration_survives_random_cuts() {
 #[test]
 fn authenticated_migration_survives_random_cuts() {
     // Every reconnection authenticates again and gets fresh frame keys.
-    let key = postcopy::auth::Key::from_secret(b"recovery test key, 32 bytes long");
+    let key = postcopy::link::auth::Key::from_secret(b"recovery test key, 32 bytes long");
     chaos(3, 64 * MIB, Some(key));
 }
 
-fn chaos(seeds: u64, size: u64, key: Option<postcopy::auth::Key>) {
+fn chaos(seeds: u64, size: u64, key: Option<postcopy::link::auth::Key>) {
     for seed in 1..=seeds {
         let src = Source::start(&SourceOptions {
             size_bytes: size,

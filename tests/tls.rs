@@ -10,7 +10,7 @@ use std::process::Command;
 
 use common::*;
 use postcopy::dest::{self, EngineConfig};
-use postcopy::tls::{TlsClient, TlsServer};
+use postcopy::link::tls::{TlsClient, TlsServer};
 
 struct Certs {
     dir: PathBuf,
@@ -84,7 +84,7 @@ fn tls_source(
         postcopy::source::SourceConfig {
             verbose: std::env::var_os("PC_VERBOSE").is_some(),
             tls: Some(server(c)),
-            key: Some(postcopy::auth::Key::from_secret(
+            key: Some(postcopy::link::auth::Key::from_secret(
                 b"tls test key, thirty-two bytes!!",
             )),
             ..Default::default()
@@ -107,7 +107,7 @@ fn migration_over_tls_verifies() {
         source: addr.to_string(),
         workers: 2,
         pin: false,
-        key: Some(postcopy::auth::Key::from_secret(
+        key: Some(postcopy::link::auth::Key::from_secret(
             b"tls test key, thirty-two bytes!!",
         )),
         tls: Some(TlsClient::from_ca(&c.path("a.pem"), "postcopy").expect("trust")),
@@ -136,7 +136,7 @@ fn untrusted_or_misnamed_source_is_refused() {
         let config = EngineConfig {
             source: addr.to_string(),
             workers: 1,
-            key: Some(postcopy::auth::Key::from_secret(
+            key: Some(postcopy::link::auth::Key::from_secret(
                 b"tls test key, thirty-two bytes!!",
             )),
             tls: Some(TlsClient::from_ca(&c.path(ca), name).expect("trust")),
@@ -150,7 +150,7 @@ fn untrusted_or_misnamed_source_is_refused() {
         source: addr.to_string(),
         workers: 1,
         connect_timeout: std::time::Duration::from_secs(2),
-        key: Some(postcopy::auth::Key::from_secret(
+        key: Some(postcopy::link::auth::Key::from_secret(
             b"tls test key, thirty-two bytes!!",
         )),
         ..Default::default()

@@ -21,21 +21,24 @@
 //! same split the source uses for its streams, so every page has exactly one placer and the
 //! workers share nothing but the (atomic) received bitmaps.
 
+mod connect;
 mod precopy;
 mod worker;
+
+pub use connect::{connect, Connected};
+pub(crate) use connect::{link_err, open_connection, open_connection_as};
 
 pub use precopy::{receive_precopy, PrecopyReport, VerifyConnection};
 
 pub use worker::coalesce_requests;
 
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::auth::{Channel, FrameMac, Key, NONCE_BYTES, TAG_BYTES};
-use crate::codec::{self, CodecError, Frame, Header, Kind, Role, Welcome, HEADER_BYTES};
+use crate::codec::CodecError;
 use crate::layout::{Layout, PageBitmap};
+use crate::link::auth::Key;
 use crate::sys::mem::{Mapping, MemError};
 use crate::sys::ring::RingError;
 use crate::sys::uffd::{self, Uffd, UffdError};
@@ -93,10 +96,10 @@ pub enum DestError {
     },
     /// A peer failed authentication, or a frame its integrity check.
     #[error("{0}")]
-    Auth(#[from] crate::auth::AuthError),
+    Auth(#[from] crate::link::auth::AuthError),
     /// TLS failed.
     #[error("{0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crate::link::tls::TlsError),
     /// A userfaultfd operation failed.
     #[error(transparent)]
     Uffd(#[from] UffdError),
@@ -148,14 +151,14 @@ pub struct EngineConfig {
     /// Offer the source a precopy phase (then call [`receive_precopy`] before
     /// [`Engine::start`]). Off: pure postcopy.
     pub precopy: bool,
-    /// The pre-shared key ([`crate::auth`]): prove it on every connection, MAC every frame.
+    /// The pre-shared key ([`crate::link::auth`]): prove it on every connection, MAC every frame.
     /// `None`: no authentication (a trusted network only).
     pub key: Option<Key>,
     /// A connection that breaks in postcopy is reopened (with backoff) for this long before the
     /// migration is given up; faulting threads stay blocked meanwhile. Zero: fail at once.
     pub recovery_timeout: Duration,
-    /// TLS 1.3 to the source ([`crate::tls`]); `None`: plain TCP.
-    pub tls: Option<crate::tls::TlsClient>,
+    /// TLS 1.3 to the source ([`crate::link::tls`]); `None`: plain TCP.
+    pub tls: Option<crate::link::tls::TlsClient>,
 }
 
 /// How the engine places a zero page.
@@ -188,338 +191,6 @@ impl Default for EngineConfig {
             tls: None,
         }
     }
-}
-
-/// A handshaken session: worker 0's urgent connection and what the source said.
-#[derive(Debug)]
-pub struct Connected {
-    /// The source's `Welcome`.
-    pub welcome: Welcome,
-    pub(crate) control: TcpStream,
-    /// The zero-page map (per block, bit set = zero page), when asked for; after precopy, the
-    /// zero pages precopy announced for pages not yet present.
-    pub zero_map: Option<Vec<PageBitmap>>,
-    /// Whether a precopy phase follows (the `Hello` offered it): call [`receive_precopy`].
-    pub precopy: bool,
-    /// The control connection's frame MACs, when authenticated.
-    pub(crate) channel: Option<Channel>,
-}
-
-fn read_welcome(
-    stream: &mut TcpStream,
-    context: &str,
-    rx: Option<&mut FrameMac>,
-) -> Result<Welcome, DestError> {
-    use std::io::Read;
-    let mut head = [0u8; HEADER_BYTES];
-    stream
-        .read_exact(&mut head)
-        .map_err(io_err(format!("{context}: read handshake reply")))?;
-    let h = Header::decode(&head).map_err(|source| DestError::Protocol {
-        context: context.into(),
-        source,
-    })?;
-    if h.kind == Kind::Challenge {
-        return Err(crate::auth::AuthError::KeyRequired.into());
-    }
-    if !matches!(h.kind, Kind::Welcome | Kind::Error) {
-        // Checked before reading (or allocating) the body the header announces.
-        return Err(DestError::Protocol {
-            context: context.into(),
-            source: CodecError::Unexpected {
-                got: h.kind,
-                expected: "Welcome",
-            },
-        });
-    }
-    // decode() bounded the body: at most MAX_CONTROL_BODY for these kinds.
-    let mut body = vec![0u8; h.body_len as usize];
-    stream
-        .read_exact(&mut body)
-        .map_err(io_err(format!("{context}: read handshake body")))?;
-    if h.kind == Kind::Error {
-        return Err(DestError::Remote(codec::decode_error(&body)));
-    }
-    if let Some(rx) = rx {
-        read_and_check_tag(stream, rx, &head, &body, context)?;
-    }
-    Welcome::decode_body(&h, &body).map_err(|source| DestError::Protocol {
-        context: context.into(),
-        source,
-    })
-}
-
-/// Reads a frame's MAC trailer and checks it (an authenticated connection).
-pub(crate) fn read_and_check_tag(
-    r: &mut impl std::io::Read,
-    rx: &mut FrameMac,
-    head: &[u8],
-    body: &[u8],
-    context: &str,
-) -> Result<(), DestError> {
-    let mut tag = [0u8; TAG_BYTES];
-    r.read_exact(&mut tag)
-        .map_err(io_err(format!("{context}: read frame MAC")))?;
-    rx.open(head, body, &tag)?;
-    Ok(())
-}
-
-/// Writes whole frames, each followed by its MAC when `tx` is given.
-pub(crate) fn write_frames(
-    w: &mut impl std::io::Write,
-    tx: Option<&mut FrameMac>,
-    frames: &[u8],
-    context: &str,
-) -> Result<(), DestError> {
-    let r = match tx {
-        None => w.write_all(frames),
-        Some(tx) => {
-            let mut sealed = Vec::with_capacity(frames.len() + 4 * TAG_BYTES);
-            tx.seal_frames(frames, &mut sealed);
-            w.write_all(&sealed)
-        }
-    };
-    r.map_err(io_err(context.to_string()))
-}
-
-/// The destination's side of the challenge-response ([`crate::auth`]).
-fn authenticate(stream: &mut TcpStream, key: &Key, context: &str) -> Result<Channel, DestError> {
-    use std::io::Read;
-    let read = |stream: &mut TcpStream, what: &str| -> Result<(Header, Vec<u8>), DestError> {
-        let mut head = [0u8; HEADER_BYTES];
-        stream
-            .read_exact(&mut head)
-            .map_err(io_err(format!("{context}: read {what}")))?;
-        let h = Header::decode(&head).map_err(|source| DestError::Protocol {
-            context: context.into(),
-            source,
-        })?;
-        // decode() bounded these bodies (64 bytes; an Error's 4 KiB).
-        let mut body = vec![0u8; h.body_len as usize];
-        stream
-            .read_exact(&mut body)
-            .map_err(io_err(format!("{context}: read {what}")))?;
-        if h.kind == Kind::Error {
-            return Err(DestError::Remote(codec::decode_error(&body)));
-        }
-        Ok((h, body))
-    };
-    let unexpected = |got: Kind, expected: &'static str| DestError::Protocol {
-        context: context.into(),
-        source: CodecError::Unexpected { got, expected },
-    };
-    let (h, body) = read(stream, "authentication challenge").map_err(|e| match e {
-        DestError::Io { source, .. }
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            crate::auth::AuthError::NoChallenge.into()
-        }
-        e => e,
-    })?;
-    if h.kind != Kind::Challenge || body.len() != NONCE_BYTES {
-        return Err(unexpected(
-            h.kind,
-            "Challenge (we hold a key: the source must run with the same --key-file)",
-        ));
-    }
-    let nonce_s: [u8; NONCE_BYTES] = body[..].try_into().expect("32 bytes");
-    let nonce_d: [u8; NONCE_BYTES] = crate::auth::random()?;
-    let mut answer = nonce_d.to_vec();
-    answer.extend_from_slice(&key.dest_proof(&nonce_s, &nonce_d));
-    let mut out = Vec::new();
-    Frame::Auth(answer).encode_into(&mut out);
-    write_frames(stream, None, &out, "send Auth")?;
-    let (h, body) = read(stream, "the source's proof")?;
-    if h.kind != Kind::Auth {
-        return Err(unexpected(h.kind, "Auth"));
-    }
-    Key::check(&key.source_proof(&nonce_s, &nonce_d), &body)?;
-    let (s2d, d2s) = key.frame_keys(&nonce_s, &nonce_d);
-    Ok(Channel { tx: d2s, rx: s2d })
-}
-
-/// A connection after `Hello`/`Welcome`.
-pub(crate) struct Opened {
-    pub(crate) stream: TcpStream,
-    pub(crate) welcome: Welcome,
-    pub(crate) zero_map: Option<Vec<PageBitmap>>,
-    /// The frame MACs, when authenticated.
-    pub(crate) channel: Option<Channel>,
-}
-
-/// Opens a connection of `role` for `worker` and exchanges `Hello`/`Welcome`.
-pub(crate) fn open_connection(
-    config: &EngineConfig,
-    session: u64,
-    role: Role,
-    worker: u16,
-) -> Result<Opened, DestError> {
-    open_connection_as(config, session, role, worker, false)
-}
-
-/// [`open_connection`], marked as rejoining its session after a break when `resume`.
-pub(crate) fn open_connection_as(
-    config: &EngineConfig,
-    session: u64,
-    role: Role,
-    worker: u16,
-    resume: bool,
-) -> Result<Opened, DestError> {
-    use std::net::ToSocketAddrs;
-    let addr = config
-        .source
-        .to_socket_addrs()
-        .map_err(|source| DestError::Connect {
-            addr: config.source.clone(),
-            source,
-        })?
-        .next()
-        .ok_or_else(|| DestError::Connect {
-            addr: config.source.clone(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-        })?;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, config.connect_timeout).map_err(|source| {
-            DestError::Connect {
-                addr: config.source.clone(),
-                source,
-            }
-        })?;
-    stream
-        .set_nodelay(true)
-        .map_err(io_err("set TCP_NODELAY"))?;
-    stream
-        .set_read_timeout(Some(config.connect_timeout))
-        .map_err(io_err("set handshake timeout"))?;
-    if let Some(tls) = &config.tls {
-        stream = tls.connect(stream)?;
-        stream
-            .set_read_timeout(Some(config.connect_timeout))
-            .map_err(io_err("set handshake timeout"))?;
-    }
-    let mut hello = [0u8; HEADER_BYTES];
-    let mut h = Header::hello(session, role, worker, config.workers as u16);
-    // With precopy, zero pages travel as flags in the precopy rounds instead of a map.
-    let want_zero_map = config.zero_map && session == 0 && !config.precopy;
-    if want_zero_map {
-        h = h.with_zero_map();
-    }
-    if config.precopy && session == 0 {
-        h = h.with_precopy();
-    }
-    if resume {
-        h = h.with_resume();
-    }
-    h.encode(&mut hello);
-    let context = format!("{role:?} connection of worker {worker}");
-    let mut channel = match &config.key {
-        Some(key) => Some(authenticate(&mut stream, key, &context)?),
-        None => None,
-    };
-    write_frames(
-        &mut stream,
-        channel.as_mut().map(|c| &mut c.tx),
-        &hello,
-        "send Hello",
-    )?;
-    let welcome = read_welcome(&mut stream, &context, channel.as_mut().map(|c| &mut c.rx))?;
-    let zero_map = if want_zero_map {
-        Some(read_zero_map(
-            &mut stream,
-            &welcome.layout,
-            &context,
-            channel.as_mut().map(|c| &mut c.rx),
-        )?)
-    } else {
-        None
-    };
-    stream
-        .set_read_timeout(None)
-        .map_err(io_err("clear timeout"))?;
-    Ok(Opened {
-        stream,
-        welcome,
-        zero_map,
-        channel,
-    })
-}
-
-/// Reads `ZeroMap` frames until `Run`: one bitmap per block, bit set = zero page.
-fn read_zero_map(
-    stream: &mut TcpStream,
-    layout: &Layout,
-    context: &str,
-    mut rx: Option<&mut FrameMac>,
-) -> Result<Vec<PageBitmap>, DestError> {
-    use std::io::Read;
-    let protocol = |source| DestError::Protocol {
-        context: context.into(),
-        source,
-    };
-    let map: Vec<PageBitmap> = layout
-        .blocks
-        .iter()
-        .map(|b| PageBitmap::new(b.pages()))
-        .collect();
-    let mut bits = Vec::new();
-    loop {
-        let mut head = [0u8; HEADER_BYTES];
-        stream
-            .read_exact(&mut head)
-            .map_err(io_err(format!("{context}: read zero-page map")))?;
-        let h = Header::decode(&head).map_err(protocol)?;
-        match h.kind {
-            Kind::Run => {
-                if let Some(rx) = rx.as_deref_mut() {
-                    read_and_check_tag(stream, rx, &head, &[], context)?;
-                }
-                return Ok(map);
-            }
-            Kind::ZeroMap => {
-                // decode() bounded the body (MAX_ZERO_MAP_BYTES) and matched it to the pages.
-                h.check_zero_map(layout).map_err(protocol)?;
-                bits.resize(h.body_len as usize, 0);
-                stream
-                    .read_exact(&mut bits)
-                    .map_err(io_err(format!("{context}: read zero-page map")))?;
-                if let Some(rx) = rx.as_deref_mut() {
-                    read_and_check_tag(stream, rx, &head, &bits, context)?;
-                }
-                for i in 0..h.mask {
-                    if bits[(i / 8) as usize] >> (i % 8) & 1 == 1 {
-                        map[h.block as usize].set(h.page + i);
-                    }
-                }
-            }
-            other => {
-                return Err(protocol(CodecError::Unexpected {
-                    got: other,
-                    expected: "ZeroMap or Run",
-                }))
-            }
-        }
-    }
-}
-
-/// Handshakes with the source: returns the session and its layout.
-pub fn connect(config: &EngineConfig) -> Result<Connected, DestError> {
-    if config.workers == 0 || config.workers > 256 {
-        return Err(DestError::Unsupported(format!(
-            "{} workers (use 1..=256)",
-            config.workers
-        )));
-    }
-    let opened = open_connection(config, 0, Role::Urgent, 0)?;
-    Ok(Connected {
-        welcome: opened.welcome,
-        control: opened.stream,
-        zero_map: opened.zero_map,
-        precopy: config.precopy,
-        channel: opened.channel,
-    })
 }
 
 /// The destination's memory: one mapping per block plus the received bitmaps.
@@ -1194,7 +865,7 @@ impl PreparedEngine {
             config.stream,
             None,
         ));
-        let mut control = Some((connected.control, connected.channel));
+        let mut control = Some(connected.control);
         for (_, takes_control, go) in gos {
             let _ = go.send(worker::Go {
                 state: state.clone(),
@@ -1244,7 +915,7 @@ impl PreparedEngine {
             }
         };
         let zero_map = connected.zero_map.map(Arc::new);
-        let mut control = Some((connected.control, connected.channel));
+        let mut control = Some(connected.control);
         let states: Vec<Arc<worker::ShardState>> = uffds
             .into_iter()
             .enumerate()

@@ -7,20 +7,12 @@
 //! `UFFDIO_ZEROPAGE` when the workers start, so untouched memory stays unallocated), and
 //! `Discard` ranges drop pages the source's workload wrote after they were sent.
 
-use std::io::{BufReader, Read};
-use std::net::TcpStream;
 use std::time::Instant;
 
-use super::{
-    io_err, open_connection, read_and_check_tag, write_frames, Connected, DestError, DestRam,
-    EngineConfig,
-};
-use crate::auth::Channel;
-use crate::codec::{
-    self, decode_discard, CodecError, Header, Kind, Role, DISCARD_RANGE_BYTES, HEADER_BYTES,
-    MAX_BATCH_BYTES, MAX_DISCARD_RANGES,
-};
+use super::{io_err, link_err, open_connection, Connected, DestError, DestRam, EngineConfig};
+use crate::codec::{decode_discard, CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::layout::{Layout, PageBitmap};
+use crate::link::{FramedStream, LinkError};
 
 /// What the precopy phase did, from the destination's side.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -54,6 +46,78 @@ fn protocol(context: &str) -> impl Fn(CodecError) -> DestError + '_ {
     }
 }
 
+/// Where precopy's pages go: the still-unregistered blocks, and the zero pages not yet present.
+struct PrecopyWriter<'r> {
+    ram: &'r DestRam,
+    /// Per block: zero pages announced for pages not present (placed by the workers at start).
+    zero_pending: Vec<PageBitmap>,
+    /// One zero page (a present page announced as zero is overwritten with it).
+    zeros: Vec<u8>,
+    report: PrecopyReport,
+}
+
+impl PrecopyWriter<'_> {
+    /// A `Pages` frame (its header checked against the layout at admission).
+    fn pages(&mut self, h: &Header, data: &[u8]) -> Result<(), DestError> {
+        let ps = self.ram.layout.blocks[h.block as usize].page_size as usize;
+        let (b, received) = (h.block as usize, &self.ram.received[h.block as usize]);
+        let mut at = 0;
+        for i in 0..u64::from(h.count) {
+            let p = h.page + i;
+            if h.mask >> i & 1 == 1 {
+                if received.get(p) {
+                    // Present with older content: make it zero, keep it present.
+                    self.ram.write_page(h.block, p, &self.zeros[..ps])?;
+                } else {
+                    self.zero_pending[b].set(p);
+                }
+            } else {
+                self.ram.write_page(h.block, p, &data[at..at + ps])?;
+                self.zero_pending[b].clear(p);
+                at += ps;
+            }
+        }
+        self.report.pages_written += u64::from(h.count);
+        Ok(())
+    }
+
+    /// A `Discard` frame: drop the ranges (decode() bounded the body to MAX_DISCARD_RANGES).
+    fn discard(&mut self, h: &Header, data: &[u8]) -> Result<(), DestError> {
+        let mut result = Ok(());
+        let Self {
+            ram,
+            zero_pending,
+            report,
+            ..
+        } = self;
+        decode_discard(h, data, Some(&ram.layout), |first, pages| {
+            if result.is_ok() {
+                result = ram.discard_range(h.block, first, pages);
+                zero_pending[h.block as usize].clear_range(first, pages);
+                report.pages_discarded += pages;
+            }
+        })
+        .map_err(protocol(CONTEXT))?;
+        result?;
+        self.report.discard_frames += 1;
+        Ok(())
+    }
+}
+
+const CONTEXT: &str = "precopy";
+
+/// What precopy accepts, checked at the header before a byte of the body is read.
+fn admit(h: &Header, layout: &Layout) -> Result<(), CodecError> {
+    match h.kind {
+        Kind::Pages => h.check(layout).map(|_| ()),
+        Kind::Discard | Kind::Round | Kind::Run => Ok(()),
+        got => Err(CodecError::Unexpected {
+            got,
+            expected: "Pages, Discard, Round or Run (precopy)",
+        }),
+    }
+}
+
 /// Receives the precopy phase into `ram` (built for the session's layout, not yet registered)
 /// until the source's `Run`. Then call [`super::Engine::start`] with the same `connected`: the
 /// pages still missing fault into the engine, zero pages announced here are placed first.
@@ -63,7 +127,6 @@ pub fn receive_precopy(
     ram: &DestRam,
     config: &EngineConfig,
 ) -> Result<PrecopyReport, DestError> {
-    const CONTEXT: &str = "precopy";
     if !connected.precopy {
         return Err(DestError::Unsupported(
             "this session did not offer precopy: set EngineConfig::precopy before connect".into(),
@@ -75,155 +138,94 @@ pub fn receive_precopy(
         ));
     }
     let started = Instant::now();
-    let layout: &Layout = &ram.layout;
-    let max_page = layout.max_page_size() as usize;
-    // Everything allocated up front: one batch of pages, one discard body, one zero page.
-    let mut body = vec![0u8; (MAX_BATCH_BYTES as usize).max(max_page)];
-    let zeros = vec![0u8; max_page];
-    let mut discard_body = vec![0u8; usize::from(MAX_DISCARD_RANGES) * DISCARD_RANGE_BYTES];
-    let zero_pending: Vec<PageBitmap> = layout
-        .blocks
-        .iter()
-        .map(|b| PageBitmap::new(b.pages()))
-        .collect();
-    let mut report = PrecopyReport::default();
-    connected
-        .control
+    let link = &mut connected.control;
+    link.socket()
         .set_read_timeout(Some(config.stall_timeout))
         .map_err(io_err("set precopy timeout"))?;
-    let mut reader = BufReader::with_capacity(1 << 20, &connected.control);
-    let mut channel = connected.channel.take();
-    let read_err = |e: std::io::Error| match e.kind() {
-        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => DestError::Stalled {
+    // A long stream of large frames: read ahead (the buffer is empty again at Run).
+    link.buffer_reads(1 << 20);
+    let mut writer = PrecopyWriter {
+        ram,
+        zero_pending: ram
+            .layout
+            .blocks
+            .iter()
+            .map(|b| PageBitmap::new(b.pages()))
+            .collect(),
+        zeros: vec![0u8; ram.layout.max_page_size() as usize],
+        report: PrecopyReport::default(),
+    };
+    receive_rounds(link, &mut writer, config)?;
+    if link.buffered_bytes() > 0 {
+        // Nothing may follow Run before the destination's first request.
+        return Err(protocol(CONTEXT)(CodecError::BadBody {
+            kind: Kind::Run,
+            detail: format!("{} bytes after Run", link.buffered_bytes()),
+        }));
+    }
+    link.socket()
+        .set_read_timeout(None)
+        .map_err(io_err("clear precopy timeout"))?;
+    let mut report = writer.report;
+    report.pages_zero_pending = writer.zero_pending.iter().map(PageBitmap::count_ones).sum();
+    report.pages_by_precopy = ram.pages_received();
+    if report.pages_zero_pending > 0 {
+        connected.zero_map = Some(writer.zero_pending);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// Frames until `Run`: pages, discards, and an `Ack` for each round's end.
+fn receive_rounds(
+    link: &mut FramedStream,
+    writer: &mut PrecopyWriter<'_>,
+    config: &EngineConfig,
+) -> Result<(), DestError> {
+    let read_err = |e: LinkError| match e {
+        e if e.is_timeout() => DestError::Stalled {
             seconds: config.stall_timeout.as_secs(),
             missing: 0,
         },
-        std::io::ErrorKind::UnexpectedEof => DestError::Closed("precopy", 0),
-        _ => io_err("read precopy")(e),
+        LinkError::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
+            DestError::Closed("precopy", 0)
+        }
+        e => link_err(CONTEXT)(e),
     };
+    let layout = &writer.ram.layout;
     loop {
-        let mut head = [0u8; HEADER_BYTES];
-        reader.read_exact(&mut head).map_err(read_err)?;
-        report.bytes_received += HEADER_BYTES as u64;
-        let h = Header::decode(&head).map_err(protocol(CONTEXT))?;
+        let h = link
+            .read_frame_if(|h| admit(h, layout))
+            .map_err(read_err)?
+            .ok_or(DestError::Closed("precopy", 0))?;
+        writer.report.bytes_received += (HEADER_BYTES as u64) + u64::from(h.body_len);
         match h.kind {
-            Kind::Pages => {
-                let block = h.check(layout).map_err(protocol(CONTEXT))?;
-                let ps = block.page_size as usize;
-                // check() made the body exactly one page per non-zero page of a bounded batch.
-                let data = &mut body[..h.body_len as usize];
-                reader.read_exact(data).map_err(read_err)?;
-                report.bytes_received += u64::from(h.body_len);
-                if let Some(c) = channel.as_mut() {
-                    read_and_check_tag(&mut reader, &mut c.rx, &head, data, CONTEXT)?;
-                }
-                let (b, received) = (h.block as usize, &ram.received[h.block as usize]);
-                let mut at = 0;
-                for i in 0..u64::from(h.count) {
-                    let p = h.page + i;
-                    if h.mask >> i & 1 == 1 {
-                        if received.get(p) {
-                            // Present with older content: make it zero, keep it present.
-                            ram.write_page(h.block, p, &zeros[..ps])?;
-                        } else {
-                            zero_pending[b].set(p);
-                        }
-                    } else {
-                        ram.write_page(h.block, p, &data[at..at + ps])?;
-                        zero_pending[b].clear(p);
-                        at += ps;
-                    }
-                }
-                report.pages_written += u64::from(h.count);
-            }
-            Kind::Discard => {
-                // decode() bounded the body to MAX_DISCARD_RANGES ranges.
-                let data = &mut discard_body[..h.body_len as usize];
-                reader.read_exact(data).map_err(read_err)?;
-                report.bytes_received += u64::from(h.body_len);
-                if let Some(c) = channel.as_mut() {
-                    read_and_check_tag(&mut reader, &mut c.rx, &head, data, CONTEXT)?;
-                }
-                let mut result = Ok(());
-                decode_discard(&h, data, Some(layout), |first, pages| {
-                    if result.is_ok() {
-                        result = ram.discard_range(h.block, first, pages);
-                        zero_pending[h.block as usize].clear_range(first, pages);
-                        report.pages_discarded += pages;
-                    }
-                })
-                .map_err(protocol(CONTEXT))?;
-                result?;
-                report.discard_frames += 1;
-            }
+            Kind::Pages => writer.pages(&h, link.body())?,
+            Kind::Discard => writer.discard(&h, link.body())?,
             Kind::Round => {
-                if let Some(c) = channel.as_mut() {
-                    read_and_check_tag(&mut reader, &mut c.rx, &head, &[], CONTEXT)?;
-                }
-                report.round_pages.push(h.mask);
+                writer.report.round_pages.push(h.mask);
                 // Everything before it is in place: the source may stop its workload without
                 // leaving bytes in flight for the downtime.
                 let mut ack = [0u8; HEADER_BYTES];
                 Header::control(Kind::Ack, h.page).encode(&mut ack);
-                write_frames(
-                    &mut (&connected.control),
-                    channel.as_mut().map(|c| &mut c.tx),
-                    &ack,
-                    "acknowledge a precopy round",
-                )?;
+                link.write_frames(&ack)
+                    .map_err(link_err("acknowledge a precopy round"))?;
             }
             Kind::Run => {
-                if let Some(c) = channel.as_mut() {
-                    read_and_check_tag(&mut reader, &mut c.rx, &head, &[], CONTEXT)?;
-                }
-                report.pages_dirty_at_switchover = h.page;
-                report.source_stopped_unix_us = h.mask;
-                break;
+                writer.report.pages_dirty_at_switchover = h.page;
+                writer.report.source_stopped_unix_us = h.mask;
+                return Ok(());
             }
-            Kind::Error => {
-                let mut msg = vec![0u8; h.body_len as usize];
-                reader.read_exact(&mut msg).map_err(read_err)?;
-                if let Some(c) = channel.as_mut() {
-                    read_and_check_tag(&mut reader, &mut c.rx, &head, &msg, CONTEXT)?;
-                }
-                return Err(DestError::Remote(codec::decode_error(&msg)));
-            }
-            other => {
-                return Err(protocol(CONTEXT)(CodecError::Unexpected {
-                    got: other,
-                    expected: "Pages, Discard, Round or Run (precopy)",
-                }))
-            }
+            _ => unreachable!("admit() let only precopy frames through"),
         }
     }
-    if !reader.buffer().is_empty() {
-        // Nothing may follow Run before the destination's first request.
-        return Err(protocol(CONTEXT)(CodecError::BadBody {
-            kind: Kind::Run,
-            detail: format!("{} bytes after Run", reader.buffer().len()),
-        }));
-    }
-    drop(reader);
-    connected.channel = channel;
-    connected
-        .control
-        .set_read_timeout(None)
-        .map_err(io_err("clear precopy timeout"))?;
-    report.pages_zero_pending = zero_pending.iter().map(PageBitmap::count_ones).sum();
-    report.pages_by_precopy = ram.pages_received();
-    if report.pages_zero_pending > 0 {
-        connected.zero_map = Some(zero_pending);
-    }
-    report.seconds = started.elapsed().as_secs_f64();
-    Ok(report)
 }
 
 /// A verify connection of a session: opened while the migration runs (it keeps the session
 /// alive on the source), asked once the migration is done for the checksum of every page as
 /// it was at the source's switchover.
 pub struct VerifyConnection {
-    stream: TcpStream,
-    channel: Option<Channel>,
+    link: FramedStream,
     layout: Layout,
     timeout: std::time::Duration,
 }
@@ -233,8 +235,7 @@ impl VerifyConnection {
     pub fn open(config: &EngineConfig, session: u64) -> Result<VerifyConnection, DestError> {
         let opened = open_connection(config, session, Role::Verify, 0)?;
         Ok(VerifyConnection {
-            stream: opened.stream,
-            channel: opened.channel,
+            link: opened.link,
             layout: opened.welcome.layout,
             timeout: config.stall_timeout,
         })
@@ -245,15 +246,14 @@ impl VerifyConnection {
         const CONTEXT: &str = "verify connection";
         let mut run = [0u8; HEADER_BYTES];
         Header::control(Kind::Run, 0).encode(&mut run);
-        write_frames(
-            &mut self.stream,
-            self.channel.as_mut().map(|c| &mut c.tx),
-            &run,
-            "ask for checksums",
-        )?;
-        self.stream
+        self.link
+            .write_frames(&run)
+            .map_err(link_err("ask for checksums"))?;
+        self.link
+            .socket()
             .set_read_timeout(Some(self.timeout))
             .map_err(io_err("set verify timeout"))?;
+        self.link.buffer_reads(64 * 1024);
         let mut base = Vec::with_capacity(self.layout.blocks.len());
         let mut total = 0;
         for b in &self.layout.blocks {
@@ -262,46 +262,28 @@ impl VerifyConnection {
         }
         let mut sums = vec![0u64; total as usize];
         let have = PageBitmap::new(total);
-        let mut reader = BufReader::new(&self.stream);
-        let mut body = vec![0u8; (codec::MAX_CHECKSUMS * 8) as usize];
+        let layout = &self.layout;
         loop {
-            let mut head = [0u8; HEADER_BYTES];
-            reader
-                .read_exact(&mut head)
-                .map_err(io_err("read checksums"))?;
-            let h = Header::decode(&head).map_err(protocol(CONTEXT))?;
-            match h.kind {
-                Kind::Checksums => {
-                    h.check_zero_map(&self.layout).map_err(protocol(CONTEXT))?;
-                    let data = &mut body[..h.body_len as usize];
-                    reader.read_exact(data).map_err(io_err("read checksums"))?;
-                    if let Some(c) = self.channel.as_mut() {
-                        read_and_check_tag(&mut reader, &mut c.rx, &head, data, CONTEXT)?;
-                    }
-                    let first = base[h.block as usize] + h.page;
-                    for (i, c) in data.chunks_exact(8).enumerate() {
-                        let g = first + i as u64;
-                        sums[g as usize] = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-                        have.set(g);
-                    }
-                }
-                Kind::End => {
-                    if let Some(c) = self.channel.as_mut() {
-                        read_and_check_tag(&mut reader, &mut c.rx, &head, &[], CONTEXT)?;
-                    }
-                    break;
-                }
-                Kind::Error => {
-                    let mut msg = vec![0u8; h.body_len as usize];
-                    reader.read_exact(&mut msg).map_err(io_err("read error"))?;
-                    return Err(DestError::Remote(codec::decode_error(&msg)));
-                }
-                other => {
-                    return Err(protocol(CONTEXT)(CodecError::Unexpected {
-                        got: other,
+            let h = self
+                .link
+                .read_frame_if(|h| match h.kind {
+                    Kind::Checksums => h.check_zero_map(layout),
+                    Kind::End => Ok(()),
+                    got => Err(CodecError::Unexpected {
+                        got,
                         expected: "Checksums or End",
-                    }))
-                }
+                    }),
+                })
+                .map_err(link_err(CONTEXT))?
+                .ok_or_else(|| DestError::Closed("verify", total - have.count_ones()))?;
+            if h.kind == Kind::End {
+                break;
+            }
+            let first = base[h.block as usize] + h.page;
+            for (i, c) in self.link.body().chunks_exact(8).enumerate() {
+                let g = first + i as u64;
+                sums[g as usize] = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+                have.set(g);
             }
         }
         if have.count_ones() != total {

@@ -25,10 +25,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{open_connection, DestError, DestRam, EngineConfig, Shared, WorkerStats, ZeroFill};
-use crate::auth::{Channel, TAG_BYTES};
+use super::{
+    link_err, open_connection, DestError, DestRam, EngineConfig, Shared, WorkerStats, ZeroFill,
+};
 use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::layout::PageBitmap;
+use crate::link::auth::{Channel, TAG_BYTES};
+use crate::link::framed::seal_frames;
 use crate::sys::mem::Mapping;
 use crate::sys::ring::{Completion, Ring, RingConfig, SlotId};
 use crate::sys::uffd::{Event, PlaceErrorKind, Uffd, MSG_BYTES};
@@ -165,7 +168,7 @@ pub(crate) struct Setup {
 /// half, the handshake connection (and its frame MACs, when authenticated).
 pub(crate) struct Go {
     pub(crate) state: Arc<ShardState>,
-    pub(crate) control: Option<(TcpStream, Option<Channel>)>,
+    pub(crate) control: Option<crate::link::FramedStream>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -221,6 +224,8 @@ struct Worker {
     channel: Option<Channel>,
     /// Frames before sealing (authenticated sends), allocated at set-up.
     unsealed: Vec<u8>,
+    /// The sealed frames of the next send, before they are copied into the send slot.
+    sealed: Vec<u8>,
     header: SlotId,
     /// A frame's MAC trailer.
     tag: SlotId,
@@ -261,8 +266,11 @@ pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> Result<WorkerStats, Dest
     };
     let state = go.state.clone();
     w.state = Some(go.state);
-    if let Some((control, channel)) = go.control {
-        w.stream = Some(control);
+    if let Some(control) = go.control {
+        let (stream, channel) = control
+            .into_parts()
+            .map_err(link_err("the handshake connection"))?;
+        w.stream = Some(stream);
         w.channel = channel;
     }
     let result = w.run().map(|()| w.stats);
@@ -300,7 +308,7 @@ impl Worker {
             true => (None, None),
             false => {
                 let opened = open_connection(&config, session, role, id as u16)?;
-                let (stream, welcome) = (opened.stream, opened.welcome);
+                let welcome = opened.welcome;
                 if welcome.session != session || welcome.layout != ram.layout {
                     return Err(DestError::Protocol {
                         context: format!("{role:?} connection of worker {id}"),
@@ -311,7 +319,11 @@ impl Worker {
                         },
                     });
                 }
-                (Some(stream), opened.channel)
+                let (stream, channel) = opened
+                    .link
+                    .into_parts()
+                    .map_err(link_err("a worker connection"))?;
+                (Some(stream), channel)
             }
         };
         let zero_fill = config.zero_fill;
@@ -354,6 +366,7 @@ impl Worker {
             stream,
             channel,
             unsealed: Vec::with_capacity(unsealed_bytes),
+            sealed: Vec::with_capacity(SEND_BYTES),
             header,
             tag,
             body,
@@ -769,14 +782,10 @@ impl Worker {
                 let room = SEND_BYTES / (HEADER_BYTES + TAG_BYTES) * HEADER_BYTES;
                 self.unsealed.resize(room, 0);
                 let (used, len, frames) = coalesce_requests(&mut self.pending, &mut self.unsealed);
-                let mut at = 0;
-                let slot = self.ring.slot_mut(send);
-                for f in self.unsealed[..len].chunks_exact(HEADER_BYTES) {
-                    let t = c.tx.seal(f, &[]);
-                    slot[at..at + HEADER_BYTES].copy_from_slice(f);
-                    slot[at + HEADER_BYTES..at + HEADER_BYTES + TAG_BYTES].copy_from_slice(&t);
-                    at += HEADER_BYTES + TAG_BYTES;
-                }
+                self.sealed.clear();
+                seal_frames(Some(&mut c.tx), &self.unsealed[..len], &mut self.sealed);
+                let at = self.sealed.len();
+                self.ring.slot_mut(send)[..at].copy_from_slice(&self.sealed);
                 (used, at, frames)
             }
         };
@@ -834,13 +843,14 @@ impl Worker {
         }
         let mut h = [0u8; HEADER_BYTES];
         Header::control(Kind::End, self.st().id as u64).encode(&mut h);
-        self.ring.slot_mut(send)[..HEADER_BYTES].copy_from_slice(&h);
-        let mut len = HEADER_BYTES;
-        if let Some(c) = self.channel.as_mut() {
-            let t = c.tx.seal(&h, &[]);
-            self.ring.slot_mut(send)[HEADER_BYTES..HEADER_BYTES + TAG_BYTES].copy_from_slice(&t);
-            len += TAG_BYTES;
-        }
+        self.sealed.clear();
+        seal_frames(
+            self.channel.as_mut().map(|c| &mut c.tx),
+            &h,
+            &mut self.sealed,
+        );
+        let len = self.sealed.len();
+        self.ring.slot_mut(send)[..len].copy_from_slice(&self.sealed);
         self.end_sent = true;
         self.start_send(len)
     }
@@ -934,8 +944,7 @@ impl Worker {
                 },
             });
         }
-        let mut stream = opened.stream;
-        self.channel = opened.channel;
+        let mut link = opened.link;
         match self.half {
             Half::Urgent => {
                 // Ask again for everything still awaited; End again if its Ack was lost.
@@ -962,25 +971,20 @@ impl Worker {
                     while first < end {
                         let n = (end - first).min(per_frame);
                         Header::have(b as u32, first, n).encode_into(&mut out);
-                        let at = out.len();
-                        out.resize(at + n.div_ceil(8) as usize, 0);
-                        for i in 0..n {
-                            if self.ram.received[b].get(first + i) {
-                                out[at + (i / 8) as usize] |= 1 << (i % 8);
-                            }
-                        }
+                        let received = &self.ram.received[b];
+                        codec::encode_page_bits(n, |i| received.get(first + i), &mut out);
                         first += n;
                     }
                 }
                 Header::control(Kind::Run, 0).encode_into(&mut out);
-                super::write_frames(
-                    &mut stream,
-                    self.channel.as_mut().map(|c| &mut c.tx),
-                    &out,
-                    "send the received bitmap after a break",
-                )?;
+                link.write_frames(&out)
+                    .map_err(link_err("send the received bitmap after a break"))?;
             }
         }
+        let (stream, channel) = link
+            .into_parts()
+            .map_err(link_err("a resumed connection"))?;
+        self.channel = channel;
         self.stream = Some(stream);
         self.stats.recoveries += 1;
         self.st().recoveries.fetch_add(1, Ordering::AcqRel);

@@ -82,7 +82,7 @@ pub struct SourceOptions {
     /// Prefetch window limit (0: none).
     pub prefetch_max: u64,
     /// Require this key.
-    pub key: Option<postcopy::auth::Key>,
+    pub key: Option<postcopy::link::auth::Key>,
     /// How long a session with a broken connection waits for the destination.
     pub recovery_timeout: Duration,
 }
@@ -212,7 +212,7 @@ pub struct DestOptions {
     /// Most bulk streams at once (0: one per worker).
     pub max_streams: usize,
     /// Authenticate with this key.
-    pub key: Option<postcopy::auth::Key>,
+    pub key: Option<postcopy::link::auth::Key>,
 }
 
 impl Default for DestOptions {

@@ -1,5 +1,5 @@
 //! Optional TLS 1.3 on every connection (rustls, `ring` provider), for confidentiality on top
-//! of [`crate::auth`]'s authentication.
+//! of [`crate::link::auth`]'s authentication.
 //!
 //! This kernel has no kTLS (`tcp_available_ulp` lacks `tls`), so records are encrypted and
 //! decrypted in user space. To keep the engine's io_uring data path unchanged, each TLS

@@ -23,6 +23,9 @@
 
 use std::path::Path;
 
+use super::framed::{FramedStream, LinkError};
+use crate::codec::{CodecError, Frame, Kind};
+
 /// Bytes of a frame's MAC trailer.
 pub const TAG_BYTES: usize = 16;
 /// Bytes of a nonce.
@@ -240,25 +243,6 @@ impl FrameMac {
         self.seq += 1;
         Ok(())
     }
-
-    /// Appends `frames` (whole frames, back to back) to `out`, each followed by its tag.
-    pub fn seal_frames(&mut self, frames: &[u8], out: &mut Vec<u8>) {
-        let mut at = 0;
-        while at < frames.len() {
-            assert!(
-                at + crate::codec::HEADER_BYTES <= frames.len(),
-                "a partial frame to seal"
-            );
-            let header = &frames[at..at + crate::codec::HEADER_BYTES];
-            let body_len = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")) as usize;
-            let end = at + crate::codec::HEADER_BYTES + body_len;
-            assert!(end <= frames.len(), "a partial frame to seal");
-            let tag = self.seal(header, &frames[at + crate::codec::HEADER_BYTES..end]);
-            out.extend_from_slice(&frames[at..end]);
-            out.extend_from_slice(&tag);
-            at = end;
-        }
-    }
 }
 
 /// Both directions of an authenticated connection, from one side's point of view.
@@ -268,6 +252,79 @@ pub struct Channel {
     pub tx: FrameMac,
     /// Frames we receive.
     pub rx: FrameMac,
+}
+
+/// The source's side of the challenge-response: challenge, check the destination's proof, prove
+/// our own. On success `link`'s frames are sealed and checked from now on. A peer that does not
+/// answer with a valid proof gets nothing else.
+pub fn accept(link: &mut FramedStream, key: &Key) -> Result<(), LinkError> {
+    let nonce_s: [u8; NONCE_BYTES] = random()?;
+    send(link, &Frame::Challenge(nonce_s.to_vec()))?;
+    let answer = match expect(link, Kind::Auth, 2 * NONCE_BYTES) {
+        Err(LinkError::Protocol(CodecError::Unexpected { got, .. })) => {
+            return Err(unexpected(
+                got,
+                "Auth (this source requires a key: start the destination with --key-file)",
+            ))
+        }
+        r => r?,
+    };
+    let nonce_d: [u8; NONCE_BYTES] = answer[..NONCE_BYTES].try_into().expect("32 bytes");
+    Key::check(&key.dest_proof(&nonce_s, &nonce_d), &answer[NONCE_BYTES..])?;
+    send(
+        link,
+        &Frame::Auth(key.source_proof(&nonce_s, &nonce_d).to_vec()),
+    )?;
+    let (s2d, d2s) = key.frame_keys(&nonce_s, &nonce_d);
+    link.authenticated(Channel { tx: s2d, rx: d2s });
+    Ok(())
+}
+
+/// The destination's side: answer the source's challenge with our proof, check its proof. On
+/// success `link`'s frames are sealed and checked from now on. A source that sends no
+/// challenge within the link's read timeout runs without a key.
+pub fn connect(link: &mut FramedStream, key: &Key) -> Result<(), LinkError> {
+    let challenge = match expect(link, Kind::Challenge, NONCE_BYTES) {
+        Err(e) if e.is_timeout() => return Err(AuthError::NoChallenge.into()),
+        Err(LinkError::Protocol(CodecError::Unexpected { got, .. })) => {
+            return Err(unexpected(
+                got,
+                "Challenge (we hold a key: the source must run with the same --key-file)",
+            ))
+        }
+        r => r?,
+    };
+    let nonce_s: [u8; NONCE_BYTES] = challenge[..].try_into().expect("32 bytes");
+    let nonce_d: [u8; NONCE_BYTES] = random()?;
+    let mut answer = nonce_d.to_vec();
+    answer.extend_from_slice(&key.dest_proof(&nonce_s, &nonce_d));
+    send(link, &Frame::Auth(answer))?;
+    let proof = expect(link, Kind::Auth, 32)?;
+    Key::check(&key.source_proof(&nonce_s, &nonce_d), &proof)?;
+    let (s2d, d2s) = key.frame_keys(&nonce_s, &nonce_d);
+    link.authenticated(Channel { tx: d2s, rx: s2d });
+    Ok(())
+}
+
+fn unexpected(got: Kind, expected: &'static str) -> LinkError {
+    LinkError::Protocol(CodecError::Unexpected { got, expected })
+}
+
+fn send(link: &mut FramedStream, frame: &Frame) -> Result<(), LinkError> {
+    let mut out = Vec::with_capacity(128);
+    frame.encode_into(&mut out);
+    link.write_frames(&out).map(|_| ())
+}
+
+/// Reads one frame of `kind` with a body of `len` bytes; a peer that hangs up instead has not
+/// proved anything.
+fn expect(link: &mut FramedStream, kind: Kind, len: usize) -> Result<Vec<u8>, LinkError> {
+    match link.read_frame()? {
+        Some(h) if h.kind == kind && link.body().len() == len => Ok(link.body().to_vec()),
+        Some(h) if h.kind == kind => Err(AuthError::BadProof.into()),
+        Some(h) => Err(unexpected(h.kind, "an authentication frame")),
+        None => Err(AuthError::BadProof.into()),
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,348 @@
+//! [`FramedStream`]: the one blocking reader and writer of frames.
+//!
+//! Every blocking connection of the product (the source's, the destination's handshake,
+//! precopy, zero map, verify and recovery, the baseline's) reads and writes frames here. A
+//! frame read is `header ‖ body ‖ tag`: the header is decoded (which bounds the body per kind),
+//! the caller's admission check runs on the header before a byte of the body is read, and on an
+//! authenticated connection the MAC is checked before anything is returned. An `Error` frame is
+//! returned as [`LinkError::Remote`], so it too is acted on only once its MAC holds.
+//!
+//! The engine's io_uring receive path has its own state machine (a frame arrives in pieces
+//! there); its sealing uses [`seal_frames`], the same framing as [`FramedStream::write_frames`].
+
+use std::io::{IoSlice, Read, Write};
+use std::net::TcpStream;
+
+use super::auth::{Channel, FrameMac, TAG_BYTES};
+use crate::codec::{self, CodecError, Header, Kind, HEADER_BYTES};
+
+/// Errors of a framed connection.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The socket failed (a timeout shows as `WouldBlock`/`TimedOut`, a cut mid-frame as
+    /// `UnexpectedEof`).
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being read or written.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The peer sent something malformed or unexpected.
+    #[error(transparent)]
+    Protocol(#[from] CodecError),
+    /// A frame failed its MAC, or the peer its proof.
+    #[error(transparent)]
+    Auth(#[from] super::auth::AuthError),
+    /// The peer sent an `Error` frame (its MAC checked): its message.
+    #[error("{0}")]
+    Remote(String),
+}
+
+impl LinkError {
+    /// Whether this is a read that timed out (the peer was silent).
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, LinkError::Io { source, .. } if matches!(
+            source.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ))
+    }
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> LinkError {
+    move |source| LinkError::Io { what, source }
+}
+
+/// Reads ahead of the frames (for connections with many small frames or a long stream); off
+/// until [`FramedStream::buffer_reads`].
+struct ReadAhead {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+/// A blocking connection that carries frames, MACed once [`FramedStream::authenticated`].
+pub struct FramedStream {
+    stream: TcpStream,
+    channel: Option<Channel>,
+    ahead: Option<ReadAhead>,
+    /// The body buffer (grown to the largest body seen, never shrunk: no allocation per frame).
+    body: Vec<u8>,
+    /// Bytes of `body` the last frame filled.
+    body_len: usize,
+    /// Scratch of [`write_frames`](Self::write_frames): where each frame ends and its MAC.
+    tags: Vec<(usize, [u8; TAG_BYTES])>,
+}
+
+impl std::fmt::Debug for FramedStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FramedStream")
+            .field("stream", &self.stream)
+            .field("authenticated", &self.channel.is_some())
+            .finish()
+    }
+}
+
+impl FramedStream {
+    /// A connection whose frames are not (yet) authenticated.
+    pub fn new(stream: TcpStream) -> FramedStream {
+        FramedStream {
+            stream,
+            channel: None,
+            ahead: None,
+            body: Vec::new(),
+            body_len: 0,
+            tags: Vec::new(),
+        }
+    }
+
+    /// A connection whose frames are MACed with `channel` (after the challenge-response).
+    pub fn with_channel(stream: TcpStream, channel: Option<Channel>) -> FramedStream {
+        FramedStream {
+            channel,
+            ..FramedStream::new(stream)
+        }
+    }
+
+    /// From now on every frame is sealed and checked with `channel`.
+    pub fn authenticated(&mut self, channel: Channel) {
+        assert!(self.channel.is_none(), "a connection authenticates once");
+        self.channel = Some(channel);
+    }
+
+    /// Whether frames carry MACs.
+    pub fn is_authenticated(&self) -> bool {
+        self.channel.is_some()
+    }
+
+    /// The socket (for timeouts and shutdown; reading or writing it directly would break the
+    /// framing).
+    pub fn socket(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Reads up to `capacity` bytes ahead from now on.
+    pub fn buffer_reads(&mut self, capacity: usize) {
+        assert!(self.ahead.is_none(), "read-ahead is turned on once");
+        self.ahead = Some(ReadAhead {
+            buf: vec![0u8; capacity],
+            start: 0,
+            end: 0,
+        });
+    }
+
+    /// Bytes read ahead and not yet consumed.
+    pub fn buffered_bytes(&self) -> usize {
+        self.ahead.as_ref().map_or(0, |a| a.end - a.start)
+    }
+
+    /// The socket and the MAC state, for a reader that takes over (the engine's ring). Fails
+    /// when bytes were read ahead: they would be lost.
+    pub fn into_parts(self) -> Result<(TcpStream, Option<Channel>), LinkError> {
+        let ahead = self.buffered_bytes();
+        if ahead > 0 {
+            return Err(LinkError::Protocol(CodecError::BadBody {
+                kind: Kind::Run,
+                detail: format!("{ahead} bytes arrived before they were asked for"),
+            }));
+        }
+        Ok((self.stream, self.channel))
+    }
+
+    /// Reads the next frame: `None` at a clean end of stream (between frames). Its body is in
+    /// [`body`](Self::body) until the next read. An `Error` frame is [`LinkError::Remote`].
+    pub fn read_frame(&mut self) -> Result<Option<Header>, LinkError> {
+        self.read_frame_if(|_| Ok(()))
+    }
+
+    /// [`read_frame`](Self::read_frame), with `admit` run on the header before any byte of the
+    /// body is read (an `Error` frame is always admitted).
+    pub fn read_frame_if(
+        &mut self,
+        admit: impl FnOnce(&Header) -> Result<(), CodecError>,
+    ) -> Result<Option<Header>, LinkError> {
+        let mut head = [0u8; HEADER_BYTES];
+        if !self.fill(&mut head, true)? {
+            return Ok(None);
+        }
+        // decode() bounded body_len for the kind.
+        let h = Header::decode(&head)?;
+        if h.kind != Kind::Error {
+            admit(&h)?;
+        }
+        let len = h.body_len as usize;
+        self.body_len = 0;
+        if self.body.len() < len {
+            self.body.resize(len, 0);
+        }
+        let mut body = std::mem::take(&mut self.body);
+        let read = self.fill(&mut body[..len], false);
+        self.body = body;
+        read?;
+        if let Some(c) = self.channel.as_mut() {
+            let mut tag = [0u8; TAG_BYTES];
+            let Self { ahead, stream, .. } = self;
+            fill(stream, ahead.as_mut(), &mut tag, false)?;
+            c.rx.open(&head, &self.body[..len], &tag)?;
+        }
+        if h.kind == Kind::Error {
+            return Err(LinkError::Remote(codec::decode_error(&self.body[..len])));
+        }
+        self.body_len = len;
+        Ok(Some(h))
+    }
+
+    /// The body of the last frame read.
+    pub fn body(&self) -> &[u8] {
+        &self.body[..self.body_len]
+    }
+
+    /// `false` at a clean end of stream before the first byte (only when `eof_ok`).
+    fn fill(&mut self, dst: &mut [u8], eof_ok: bool) -> Result<bool, LinkError> {
+        let Self { ahead, stream, .. } = self;
+        fill(stream, ahead.as_mut(), dst, eof_ok)
+    }
+
+    /// Writes whole frames (back to back in `frames`), each sealed on an authenticated
+    /// connection; frames and MACs go out with one writev, no copy of the pages. Returns the
+    /// bytes written.
+    pub fn write_frames(&mut self, frames: &[u8]) -> Result<usize, LinkError> {
+        let Some(c) = self.channel.as_mut() else {
+            self.stream.write_all(frames).map_err(io("write frames"))?;
+            return Ok(frames.len());
+        };
+        self.tags.clear();
+        for_each_frame(frames, |start, end| {
+            let tag = c.tx.seal(
+                &frames[start..start + HEADER_BYTES],
+                &frames[start + HEADER_BYTES..end],
+            );
+            self.tags.push((end, tag));
+        });
+        let mut slices = Vec::with_capacity(2 * self.tags.len());
+        let mut start = 0;
+        for (end, tag) in &self.tags {
+            slices.push(IoSlice::new(&frames[start..*end]));
+            slices.push(IoSlice::new(tag));
+            start = *end;
+        }
+        let total = frames.len() + self.tags.len() * TAG_BYTES;
+        let mut bufs = &mut slices[..];
+        while !bufs.is_empty() {
+            match self.stream.write_vectored(bufs) {
+                Ok(0) => return Err(io("write frames")(std::io::ErrorKind::WriteZero.into())),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io("write frames")(e)),
+            }
+        }
+        Ok(total)
+    }
+
+    /// Sends an `Error` frame (sealed when authenticated) and closes our direction; best
+    /// effort: the peer may be gone.
+    pub fn send_error(&mut self, message: &str) {
+        let mut out = Vec::new();
+        codec::encode_error(message, &mut out);
+        let _ = self.write_frames(&out);
+        let _ = self.stream.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// Calls `f(start, end)` for each whole frame in `frames` (header at `start`, body to `end`).
+fn for_each_frame(frames: &[u8], mut f: impl FnMut(usize, usize)) {
+    let mut at = 0;
+    while at < frames.len() {
+        assert!(at + HEADER_BYTES <= frames.len(), "a partial frame to send");
+        let body_len =
+            u32::from_le_bytes(frames[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
+        let end = at + HEADER_BYTES + body_len;
+        assert!(end <= frames.len(), "a partial frame to send");
+        f(at, end);
+        at = end;
+    }
+}
+
+/// Appends whole `frames` to `out`, each followed by its MAC from `tx` when given: the framing
+/// of [`FramedStream::write_frames`] for a sender that owns its buffer (the engine's ring slots,
+/// test peers).
+pub fn seal_frames(tx: Option<&mut FrameMac>, frames: &[u8], out: &mut Vec<u8>) {
+    let Some(tx) = tx else {
+        out.extend_from_slice(frames);
+        return;
+    };
+    for_each_frame(frames, |start, end| {
+        let tag = tx.seal(
+            &frames[start..start + HEADER_BYTES],
+            &frames[start + HEADER_BYTES..end],
+        );
+        out.extend_from_slice(&frames[start..end]);
+        out.extend_from_slice(&tag);
+    });
+}
+
+/// Fills `dst` from the read-ahead buffer, then the socket. `Ok(false)`: a clean end of stream
+/// before the first byte, when `eof_ok`.
+fn fill(
+    stream: &mut TcpStream,
+    ahead: Option<&mut ReadAhead>,
+    dst: &mut [u8],
+    eof_ok: bool,
+) -> Result<bool, LinkError> {
+    let what = if eof_ok {
+        "read frame"
+    } else {
+        "read frame body"
+    };
+    let Some(a) = ahead else {
+        return read_exact(stream, dst, eof_ok).map_err(io(what));
+    };
+    let mut got = 0;
+    while got < dst.len() {
+        if a.start == a.end {
+            let want = dst.len() - got;
+            if want >= a.buf.len() {
+                // A large body goes straight to its place.
+                let ok =
+                    read_exact(stream, &mut dst[got..], eof_ok && got == 0).map_err(io(what))?;
+                return Ok(ok);
+            }
+            let n = read_some(stream, &mut a.buf).map_err(io(what))?;
+            if n == 0 {
+                if eof_ok && got == 0 {
+                    return Ok(false);
+                }
+                return Err(io(what)(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            (a.start, a.end) = (0, n);
+        }
+        let n = (a.end - a.start).min(dst.len() - got);
+        dst[got..got + n].copy_from_slice(&a.buf[a.start..a.start + n]);
+        a.start += n;
+        got += n;
+    }
+    Ok(true)
+}
+
+fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            r => return r,
+        }
+    }
+}
+
+/// `read_exact`, except that an end of stream before the first byte is `Ok(false)` when
+/// `eof_ok`.
+fn read_exact(stream: &mut TcpStream, dst: &mut [u8], eof_ok: bool) -> std::io::Result<bool> {
+    let mut got = 0;
+    while got < dst.len() {
+        match read_some(stream, &mut dst[got..])? {
+            0 if got == 0 && eof_ok => return Ok(false),
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    Ok(true)
+}

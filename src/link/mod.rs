@@ -1,0 +1,16 @@
+//! The link layer: what every connection does before and around the protocol's frames.
+//!
+//! - [`auth`]: the pre-shared key, the challenge-response ([`auth::accept`] on the source,
+//!   [`auth::connect`] on the destination) and the per-frame MACs.
+//! - [`framed`]: [`FramedStream`], the one blocking reader and writer of frames (MAC checked
+//!   before a frame is returned, `Error` frames included).
+//! - [`tls`]: optional TLS 1.3 under everything (a relay keeps the engine's io_uring path on a
+//!   plain socket).
+//!
+//! Nothing here knows the source or the destination: both sides build on it.
+
+pub mod auth;
+pub mod framed;
+pub mod tls;
+
+pub use framed::{FramedStream, LinkError};
