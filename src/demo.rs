@@ -11,13 +11,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::auth::{AuthError, Key};
 use crate::codec::ImageInfo;
 use crate::dest::{
     self, DestError, DestRam, Engine, EngineConfig, PrecopyReport, VerifyConnection, ZeroFill,
 };
-use crate::image::Synthetic;
+use crate::dirty::{DirtyError, DirtyTracker, UffdWpTracker};
+use crate::image::{Image, Synthetic};
+use crate::layout::Layout;
+use crate::live::{DirtyWriter, LiveImage};
 use crate::report::{DemoReport, LatencyUs};
-use crate::source::PrecopyLimits;
+use crate::source::{LiveParts, PrecopyLimits};
+use crate::sys::mem::MemError;
 use crate::workload::{self, Pattern, WorkloadConfig};
 
 /// Errors of the demo.
@@ -40,6 +45,18 @@ pub enum DemoError {
     /// A combination the demo cannot run.
     #[error("{0}")]
     Unsupported(String),
+    /// A live source was asked for on a host without dirty-page tracking.
+    #[error("--live needs dirty-page tracking, which this host lacks: {0}")]
+    NoDirtyTracking(String),
+    /// A live source's memory could not be mapped or filled.
+    #[error(transparent)]
+    LiveMemory(MemError),
+    /// A live source's dirty tracker could not be set up.
+    #[error(transparent)]
+    LiveTracker(DirtyError),
+    /// The one-run key file could not be created.
+    #[error("cannot create the demo's one-run key (pass --key-file FILE, or --insecure): {0}")]
+    OneRunKey(AuthError),
 }
 
 /// Demo parameters.
@@ -185,6 +202,62 @@ impl SourceProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// The demo's live source (`postcopy serve --synthetic SIZE --live`): the synthetic image of
+/// `layout`, `seed` and `zero_percent` loaded into memory, a dirty tracker per block, and the
+/// writer that dirties `dirty_pages_per_s` random pages a second until switchover.
+pub fn live_source(
+    layout: &Layout,
+    seed: u64,
+    zero_percent: u8,
+    dirty_pages_per_s: u64,
+) -> Result<(Arc<dyn Image>, LiveParts), DemoError> {
+    UffdWpTracker::available().map_err(DemoError::NoDirtyTracking)?;
+    let synthetic = Synthetic::new(layout.clone(), seed, zero_percent);
+    let live = Arc::new(
+        LiveImage::from_synthetic(&synthetic, crate::sys::online_cpus())
+            .map_err(DemoError::LiveMemory)?,
+    );
+    let mut trackers: Vec<Box<dyn DirtyTracker>> = Vec::with_capacity(layout.blocks.len());
+    for (b, block) in layout.blocks.iter().enumerate() {
+        let tracker = UffdWpTracker::new(live.region(b).addr(), block.size_bytes as usize)
+            .map_err(DemoError::LiveTracker)?;
+        trackers.push(Box::new(tracker));
+    }
+    let writer = DirtyWriter::start(live.clone(), dirty_pages_per_s, seed ^ 0xd1e7);
+    let parts = LiveParts {
+        trackers,
+        workload: Box::new(writer),
+    };
+    Ok((live, parts))
+}
+
+/// A fresh random key file for one demo run (both processes read it), removed on drop.
+pub struct OneRunKey {
+    path: PathBuf,
+}
+
+impl OneRunKey {
+    /// Writes a new key to `postcopy-demo-<pid>.key` in the temporary directory (replacing a
+    /// stale one of an earlier process with the same id).
+    pub fn create() -> Result<OneRunKey, DemoError> {
+        let path = std::env::temp_dir().join(format!("postcopy-demo-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Key::generate_file(&path).map_err(DemoError::OneRunKey)?;
+        Ok(OneRunKey { path })
+    }
+
+    /// The key file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for OneRunKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -439,7 +512,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             max_streams: cfg.max_streams,
             precopy: cfg.precopy,
             key: match &cfg.key_file {
-                Some(k) => Some(crate::auth::Key::from_file(k).map_err(DestError::from)?),
+                Some(k) => Some(Key::from_file(k).map_err(DestError::from)?),
                 None => None,
             },
             recovery_timeout: cfg.recovery_timeout,

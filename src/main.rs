@@ -11,7 +11,7 @@ use postcopy::demo::{self, DemoConfig};
 use postcopy::dest::ZeroFill;
 use postcopy::image::{FileImage, Image, Synthetic};
 use postcopy::layout::Layout;
-use postcopy::source::{LiveParts, PrecopyLimits, SourceConfig, SourceServer};
+use postcopy::source::{PrecopyLimits, SourceConfig, SourceServer};
 use postcopy::workload::Pattern;
 
 #[global_allocator]
@@ -443,7 +443,7 @@ fn main() -> ExitCode {
                 ..SourceConfig::default()
             };
             let bound = if live {
-                match start_live(img.layout(), seed, zero_percent, dirty_rate) {
+                match demo::live_source(img.layout(), seed, zero_percent, dirty_rate) {
                     Ok((image, parts)) => SourceServer::bind_live(&listen, image, parts, config),
                     Err(e) => return fail(&e),
                 }
@@ -504,25 +504,17 @@ fn main() -> ExitCode {
                 return fail(&"the local demo needs both the source's --tls-cert/--tls-key and the destination's --tls-ca");
             }
             // Authenticated by default, with a throwaway key unless one is given.
-            let mut temp_key = None;
-            cfg.key_file = match (key_file, insecure) {
-                (Some(k), _) => Some(k),
-                (None, true) => None,
-                (None, false) => {
-                    let path = std::env::temp_dir()
-                        .join(format!("postcopy-demo-{}.key", std::process::id()));
-                    let _ = std::fs::remove_file(&path);
-                    if let Err(e) = postcopy::auth::Key::generate_file(&path) {
-                        return fail(&e);
-                    }
-                    temp_key = Some(path.clone());
-                    Some(path)
-                }
+            let one_run_key = match (&key_file, insecure) {
+                (None, false) => match demo::OneRunKey::create() {
+                    Ok(k) => Some(k),
+                    Err(e) => return fail(&e),
+                },
+                _ => None,
             };
+            cfg.key_file =
+                key_file.or_else(|| one_run_key.as_ref().map(|k| k.path().to_path_buf()));
             let result = demo::run(&cfg);
-            if let Some(p) = temp_key {
-                let _ = std::fs::remove_file(p);
-            }
+            drop(one_run_key);
             let r = match result {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
@@ -617,7 +609,7 @@ fn main() -> ExitCode {
                 Ok(r) => r,
                 Err(e) => return fail(&e),
             };
-            let json_text = serde_json::to_string_pretty(&r).expect("report serialises");
+            let json_text = r.to_json();
             if json {
                 println!("{json_text}");
             } else {
@@ -642,40 +634,6 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
     }
-}
-
-/// A live source: the synthetic image loaded into memory, a dirty tracker per block, and the
-/// writer that dirties it.
-fn start_live(
-    layout: &Layout,
-    seed: u64,
-    zero_percent: u8,
-    dirty_rate: u64,
-) -> Result<(Arc<dyn Image>, LiveParts), String> {
-    use postcopy::dirty::{DirtyTracker, UffdWpTracker};
-    use postcopy::live::{DirtyWriter, LiveImage};
-    UffdWpTracker::available()
-        .map_err(|why| format!("--live needs dirty-page tracking, which this host lacks: {why}"))?;
-    let synthetic = Synthetic::new(layout.clone(), seed, zero_percent);
-    let live = Arc::new(
-        LiveImage::from_synthetic(&synthetic, postcopy::sys::online_cpus())
-            .map_err(|e| e.to_string())?,
-    );
-    let mut trackers: Vec<Box<dyn DirtyTracker>> = Vec::new();
-    for (b, block) in layout.blocks.iter().enumerate() {
-        let region = live.region(b);
-        let t = UffdWpTracker::new(region.addr(), block.size_bytes as usize)
-            .map_err(|e| e.to_string())?;
-        trackers.push(Box::new(t));
-    }
-    let writer = DirtyWriter::start(live.clone(), dirty_rate, seed ^ 0xd1e7);
-    Ok((
-        live,
-        LiveParts {
-            trackers,
-            workload: Box::new(writer),
-        },
-    ))
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {
