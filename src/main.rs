@@ -60,3 +60,68 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::Cli;
+
+    fn parses(line: &str) -> bool {
+        Cli::try_parse_from(line.split_whitespace()).is_ok()
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_in_range() {
+        assert!(parses("postcopy probe"));
+        assert!(parses("postcopy serve --synthetic 1G --insecure"));
+        assert!(parses(
+            "postcopy serve --synthetic 1G --live --dirty-rate 10 --insecure"
+        ));
+        assert!(parses("postcopy demo"));
+        assert!(parses(
+            "postcopy handler --socket s --source h:1 --insecure"
+        ));
+        assert!(parses("postcopy bench"));
+    }
+
+    #[test]
+    fn page_sizes_take_units() {
+        assert!(parses("postcopy serve --image f --page-size 2M --insecure"));
+        assert!(parses(
+            "postcopy serve --image f --page-size 2097152 --insecure"
+        ));
+        assert!(!parses(
+            "postcopy serve --image f --page-size 3000 --insecure"
+        ));
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        for line in [
+            "postcopy demo --threads 0",
+            "postcopy demo --workers 0",
+            "postcopy demo --workers 257",
+            "postcopy demo --streams 257",
+            "postcopy demo --size 1000",
+            "postcopy demo --size 0",
+            "postcopy demo --zero-percent 101",
+            "postcopy demo --precopy-max-rounds 0",
+            "postcopy demo --precopy-max-seconds -1",
+            "postcopy demo --precopy-max-seconds inf",
+            "postcopy demo --recovery-timeout 100000",
+            "postcopy serve --synthetic 1G --prefetch-max 2",
+            "postcopy serve --synthetic 1G --prefetch-max 1025",
+            "postcopy handler --socket s --source h:1 --stall-timeout 0",
+            "postcopy bench --runs 0",
+            "postcopy bench --demand-size 0",
+        ] {
+            assert!(!parses(line), "{line} was accepted");
+        }
+    }
+}

@@ -11,23 +11,26 @@ use postcopy::source::PrecopyLimits;
 use postcopy::tls::{TlsClient, TlsServer};
 use postcopy::workload::Pattern;
 
-use super::parse::parse_size;
+use super::parse::{
+    parse_image_size, parse_seconds, usize_in, MAX_PRECOPY_ROUNDS, MAX_THREADS, MAX_TIMEOUT_S,
+    MAX_WORKERS,
+};
 use super::MainError;
 
 /// The destination side of a run: workload and engine options shared by `demo` and `bench`.
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Image size (e.g. 1G, 4G, 256M).
-    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    #[arg(long, default_value = "1G", value_parser = parse_image_size)]
     pub size: u64,
     /// How the workload touches pages.
     #[arg(long, value_enum, default_value_t = Pattern::Random)]
     pub pattern: Pattern,
     /// Workload threads on the destination.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 2, value_parser = usize_in(1, MAX_THREADS))]
     pub threads: usize,
     /// Engine workers (default: one per CPU).
-    #[arg(long)]
+    #[arg(long, value_parser = usize_in(1, MAX_WORKERS))]
     pub workers: Option<usize>,
     /// Do not pin workers to CPUs.
     #[arg(long)]
@@ -42,14 +45,14 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = ZeroFill::Zeropage)]
     pub zero_fill: ZeroFill,
     /// Engine: most bulk streams placing at once (0: one per worker).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = usize_in(0, MAX_WORKERS))]
     pub streams: usize,
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
     /// Seconds a broken connection may take to come back (reconnect with backoff, resume)
     /// before the migration is given up; 0: fail at once.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_S))]
     pub recovery_timeout: u64,
 }
 
@@ -157,23 +160,35 @@ impl AuthArgs {
 #[derive(clap::Args, Debug)]
 pub struct PrecopyArgs {
     /// Precopy: most rounds, the full pass included.
-    #[arg(long, default_value_t = PrecopyLimits::default().max_rounds)]
+    #[arg(
+        long,
+        default_value_t = PrecopyLimits::default().max_rounds,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PRECOPY_ROUNDS))
+    )]
     pub precopy_max_rounds: u32,
     /// Precopy: switch over once at most this many pages are dirty.
-    #[arg(long, default_value_t = PrecopyLimits::default().max_dirty_pages)]
+    #[arg(
+        long,
+        default_value_t = PrecopyLimits::default().max_dirty_pages,
+        value_parser = clap::value_parser!(u64)
+    )]
     pub precopy_max_dirty: u64,
     /// Precopy: switch over after this many seconds.
-    #[arg(long, default_value_t = PrecopyLimits::default().max_duration.as_secs_f64())]
+    #[arg(
+        long,
+        default_value_t = PrecopyLimits::default().max_duration.as_secs_f64(),
+        value_parser = parse_seconds
+    )]
     pub precopy_max_seconds: f64,
 }
 
 impl PrecopyArgs {
-    /// The limits.
+    /// The limits (clap has checked the ranges).
     pub fn limits(&self) -> PrecopyLimits {
         PrecopyLimits {
-            max_rounds: self.precopy_max_rounds.max(1),
+            max_rounds: self.precopy_max_rounds,
             max_dirty_pages: self.precopy_max_dirty,
-            max_duration: Duration::from_secs_f64(self.precopy_max_seconds.max(0.0)),
+            max_duration: Duration::from_secs_f64(self.precopy_max_seconds),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use postcopy::bench::BenchConfig;
 
 use super::args::RunArgs;
-use super::parse::parse_size;
+use super::parse::{parse_image_size, usize_in, MAX_RUNS};
 use super::{write_report, MainError};
 
 /// The arguments of `bench`.
@@ -16,10 +16,10 @@ pub struct BenchArgs {
     #[command(flatten)]
     run: RunArgs,
     /// Image size of the demand-only runs (every page by a fault).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = parse_image_size)]
     demand_size: u64,
     /// Runs per handler and mode (alternating).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = usize_in(1, MAX_RUNS))]
     runs: usize,
     /// Share of zero pages in the image, percent.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
@@ -42,7 +42,7 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode, MainError> {
     let cfg = BenchConfig {
         demo: args.run.demo_config(args.zero_percent)?,
         demand_size_bytes: args.demand_size,
-        runs: args.runs.max(1),
+        runs: args.runs,
     };
     let report = postcopy::bench::run(&cfg)?;
     let json = report.to_json();

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use postcopy::demo::{self, DemoConfig, OneRunKey};
 
 use super::args::{OnOff, PrecopyArgs, RunArgs, TlsArgs};
+use super::parse::MAX_DIRTY_PAGES_PER_S;
 use super::{write_report, MainError};
 
 /// The arguments of `demo`.
@@ -35,7 +36,11 @@ pub struct DemoArgs {
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     precopy: OnOff,
     /// Pages per second the local live source's workload writes during precopy.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(
+        long,
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u64).range(0..=MAX_DIRTY_PAGES_PER_S)
+    )]
     dirty_rate: u64,
     #[command(flatten)]
     precopy_limits: PrecopyArgs,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use postcopy::handler::{HandlerConfig, VmmReport};
 
 use super::args::{AuthArgs, TlsArgs};
+use super::parse::MAX_TIMEOUT_S;
 use super::MainError;
 
 /// The arguments of `handler`.
@@ -29,7 +30,7 @@ pub struct HandlerArgs {
     #[arg(long)]
     no_stream: bool,
     /// Seconds the source may stay silent while pages are awaited.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
     stall_timeout: u64,
     /// No per-VMM lines on stderr.
     #[arg(long, short)]
@@ -38,7 +39,7 @@ pub struct HandlerArgs {
     auth: AuthArgs,
     /// Seconds a broken source connection may take to come back before a VMM's restore is
     /// given up.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_S))]
     recovery_timeout: u64,
     #[command(flatten)]
     tls: TlsArgs,
@@ -54,7 +55,7 @@ impl HandlerArgs {
             source: self.source.clone(),
             once: self.once,
             stream: !self.no_stream,
-            stall_timeout: Duration::from_secs(self.stall_timeout.max(1)),
+            stall_timeout: Duration::from_secs(self.stall_timeout),
             verbose: !self.quiet,
             ..HandlerConfig::default()
         })

@@ -14,7 +14,10 @@ use postcopy::source::{SourceConfig, SourceServer};
 use postcopy::tls::TlsServer;
 
 use super::args::{AuthArgs, PrecopyArgs, TlsArgs};
-use super::parse::parse_size;
+use super::parse::{
+    parse_page_size, parse_prefetch_pages, parse_size, MAX_DIRTY_PAGES_PER_S, MAX_TIMEOUT_S,
+    MAX_URGENT_DELAY_MS,
+};
 use super::MainError;
 
 /// The arguments of `serve`.
@@ -33,8 +36,8 @@ pub struct ServeArgs {
     /// Serve a synthetic image of this size (e.g. 1G, 512M): the demo's image.
     #[arg(long, value_parser = parse_size)]
     synthetic: Option<u64>,
-    /// Page size in bytes.
-    #[arg(long, default_value_t = 4096)]
+    /// Page size in bytes, or with a unit as --synthetic (e.g. 4096, 4K, 2M for hugetlbfs).
+    #[arg(long, default_value = "4096", value_parser = parse_page_size)]
     page_size: u64,
     /// Seed of the synthetic image.
     #[arg(long, default_value_t = 1)]
@@ -46,10 +49,15 @@ pub struct ServeArgs {
     #[arg(long)]
     once: bool,
     /// Most pages sent ahead of a sequential reader's fault, with the reply (0: none).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = parse_prefetch_pages)]
     prefetch_max: u64,
     /// Test hook: delay each urgent reply by this many milliseconds.
-    #[arg(long, default_value_t = 0, hide = true)]
+    #[arg(
+        long,
+        default_value_t = 0,
+        hide = true,
+        value_parser = clap::value_parser!(u64).range(0..=MAX_URGENT_DELAY_MS)
+    )]
     debug_urgent_delay_ms: u64,
     /// No per-session log lines.
     #[arg(long, short)]
@@ -60,14 +68,19 @@ pub struct ServeArgs {
     #[arg(long, requires = "synthetic")]
     live: bool,
     /// Live source: pages per second its workload writes (random pages).
-    #[arg(long, default_value_t = 0, requires = "live")]
+    #[arg(
+        long,
+        default_value_t = 0,
+        requires = "live",
+        value_parser = clap::value_parser!(u64).range(0..=MAX_DIRTY_PAGES_PER_S)
+    )]
     dirty_rate: u64,
     #[command(flatten)]
     precopy: PrecopyArgs,
     #[command(flatten)]
     auth: AuthArgs,
     /// Seconds a session whose connection broke waits for its destination to reconnect.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_S))]
     recovery_timeout: u64,
     #[command(flatten)]
     tls: TlsArgs,
