@@ -185,6 +185,16 @@ impl SourceProcess {
         BufReader::new(stdout)
             .read_line(&mut line)
             .map_err(|e| fail(e.to_string()))?;
+        if line.is_empty() {
+            return Err(fail(format!(
+                "it exited before listening{}",
+                if cfg.quiet {
+                    " (run without --quiet to see its error)"
+                } else {
+                    ""
+                }
+            )));
+        }
         proc.addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -485,6 +495,11 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         }
     }
     let cfg = &cfg;
+    // Read before the source starts, so a bad key file is reported as such.
+    let key = match &cfg.key_file {
+        Some(k) => Some(Key::from_file(k).map_err(DestError::from)?),
+        None => None,
+    };
     let mut child = match &cfg.source {
         Some(_) => None,
         None => Some(SourceProcess::start(cfg, true)?),
@@ -511,10 +526,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
             zero_fill: cfg.zero_fill,
             max_streams: cfg.max_streams,
             precopy: cfg.precopy,
-            key: match &cfg.key_file {
-                Some(k) => Some(Key::from_file(k).map_err(DestError::from)?),
-                None => None,
-            },
+            key,
             recovery_timeout: cfg.recovery_timeout,
             tls: cfg.tls_client.clone(),
         },
