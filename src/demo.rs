@@ -136,36 +136,7 @@ impl SourceProcess {
             exe: exe.clone(),
             detail,
         };
-        let mut cmd = Command::new(&cfg.exe);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--synthetic"])
-            .arg(cfg.size_bytes.to_string())
-            .arg("--page-size")
-            .arg(cfg.page_size.to_string())
-            .arg("--seed")
-            .arg(cfg.seed.to_string())
-            .arg("--zero-percent")
-            .arg(cfg.zero_percent.to_string());
-        if once {
-            cmd.arg("--once");
-        }
-        match &cfg.key_file {
-            Some(k) => cmd.arg("--key-file").arg(k),
-            None => cmd.arg("--insecure"),
-        };
-        if let Some((c, k)) = &cfg.tls_files {
-            cmd.arg("--tls-cert").arg(c).arg("--tls-key").arg(k);
-        }
-        if cfg.live {
-            cmd.arg("--live")
-                .arg("--dirty-rate")
-                .arg(cfg.dirty_rate.to_string())
-                .arg("--precopy-max-rounds")
-                .arg(cfg.precopy_limits.max_rounds.to_string())
-                .arg("--precopy-max-dirty")
-                .arg(cfg.precopy_limits.max_dirty_pages.to_string())
-                .arg("--precopy-max-seconds")
-                .arg(cfg.precopy_limits.max_duration.as_secs_f64().to_string());
-        }
+        let mut cmd = serve_command(cfg, once);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -213,6 +184,41 @@ impl SourceProcess {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// `exe serve --synthetic ...` of the demo's image on 127.0.0.1, a free port.
+fn serve_command(cfg: &DemoConfig, once: bool) -> Command {
+    let mut cmd = Command::new(&cfg.exe);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--synthetic"])
+        .arg(cfg.size_bytes.to_string())
+        .arg("--page-size")
+        .arg(cfg.page_size.to_string())
+        .arg("--seed")
+        .arg(cfg.seed.to_string())
+        .arg("--zero-percent")
+        .arg(cfg.zero_percent.to_string());
+    if once {
+        cmd.arg("--once");
+    }
+    match &cfg.key_file {
+        Some(k) => cmd.arg("--key-file").arg(k),
+        None => cmd.arg("--insecure"),
+    };
+    if let Some((c, k)) = &cfg.tls_files {
+        cmd.arg("--tls-cert").arg(c).arg("--tls-key").arg(k);
+    }
+    if cfg.live {
+        cmd.arg("--live")
+            .arg("--dirty-rate")
+            .arg(cfg.dirty_rate.to_string())
+            .arg("--precopy-max-rounds")
+            .arg(cfg.precopy_limits.max_rounds.to_string())
+            .arg("--precopy-max-dirty")
+            .arg(cfg.precopy_limits.max_dirty_pages.to_string())
+            .arg("--precopy-max-seconds")
+            .arg(cfg.precopy_limits.max_duration.as_secs_f64().to_string());
+    }
+    cmd
 }
 
 /// The demo's live source (`postcopy serve --synthetic SIZE --live`): the synthetic image of
@@ -361,33 +367,10 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
             "the baseline handler does pure postcopy only".into(),
         ));
     }
-    let engine_cfg = EngineConfig {
-        source: addr.to_string(),
-        workers: match spec.handler {
-            Handler::Engine => spec.workers,
-            Handler::Baseline => 1,
-        },
-        pin: spec.pin,
-        stream: spec.stream,
-        // The baseline is deliberately simple: no zero-page map.
-        zero_map: spec.zero_map && spec.handler == Handler::Engine,
-        zero_fill: spec.zero_fill,
-        max_streams: spec.max_streams,
-        precopy: spec.precopy,
-        key: spec.key.clone(),
-        recovery_timeout: spec.recovery_timeout,
-        tls: spec.tls.clone(),
-        ..EngineConfig::default()
-    };
+    let engine_cfg = engine_config(addr, spec);
     let mut connected = dest::connect(&engine_cfg)?;
     let layout = connected.welcome.layout.clone();
-    let (image, zero_percent) = match connected.welcome.image {
-        ImageInfo::Synthetic { seed, zero_percent } => (
-            Some(Synthetic::new(layout.clone(), seed, zero_percent)),
-            zero_percent,
-        ),
-        ImageInfo::Opaque => (None, 0),
-    };
+    let (image, zero_percent) = synthetic_image(&connected.welcome.image, &layout);
     let ram = Arc::new(DestRam::new(&layout)?);
     // Contents known only to the source: ask it for checksums. The connection is opened now,
     // while the session certainly exists (and not in the downtime), and used after the
@@ -423,10 +406,73 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
     let downtime_ms = (stopped_unix_us > 0)
         .then(|| crate::source::unix_us().saturating_sub(stopped_unix_us) as f64 / 1000.0);
 
-    let (done, done_rx) = crossbeam_channel::bounded::<()>(1);
-    let progress = spec.progress.then(|| {
-        let ram = ram.clone();
-        std::thread::spawn(move || {
+    let progress = spec.progress.then(|| Progress::start(ram.clone()));
+    let wl = spec
+        .workload
+        .as_ref()
+        .map(|w| workload::run(&ram, image.as_ref(), w));
+    let engine = handle.wait();
+    if let Some(p) = progress {
+        p.finish();
+    }
+    let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
+    let (bad, first) = final_check(&ram, image.as_ref(), verify, wl.as_ref(), threads)?;
+    Ok(RunOutcome {
+        complete: ram.complete(),
+        layout,
+        zero_percent,
+        workload: wl,
+        engine,
+        final_mismatches: (bad, first),
+        precopy,
+        downtime_ms,
+    })
+}
+
+/// The source's image when it is a synthetic one (its pages can be computed here), and its
+/// share of zero pages.
+fn synthetic_image(info: &ImageInfo, layout: &Layout) -> (Option<Synthetic>, u8) {
+    match *info {
+        ImageInfo::Synthetic { seed, zero_percent } => (
+            Some(Synthetic::new(layout.clone(), seed, zero_percent)),
+            zero_percent,
+        ),
+        ImageInfo::Opaque => (None, 0),
+    }
+}
+
+/// The engine's (or the baseline's) configuration of a run.
+fn engine_config(addr: &str, spec: &RunSpec) -> EngineConfig {
+    EngineConfig {
+        source: addr.to_string(),
+        workers: match spec.handler {
+            Handler::Engine => spec.workers,
+            Handler::Baseline => 1,
+        },
+        pin: spec.pin,
+        stream: spec.stream,
+        // The baseline is deliberately simple: no zero-page map.
+        zero_map: spec.zero_map && spec.handler == Handler::Engine,
+        zero_fill: spec.zero_fill,
+        max_streams: spec.max_streams,
+        precopy: spec.precopy,
+        key: spec.key.clone(),
+        recovery_timeout: spec.recovery_timeout,
+        tls: spec.tls.clone(),
+        ..EngineConfig::default()
+    }
+}
+
+/// A progress line on stderr, redrawn every 250 ms until [`Progress::finish`].
+struct Progress {
+    done: crossbeam_channel::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(ram: Arc<DestRam>) -> Progress {
+        let (done, done_rx) = crossbeam_channel::bounded::<()>(1);
+        let thread = std::thread::spawn(move || {
             let total = ram.layout.total_pages();
             let start = Instant::now();
             while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
@@ -441,42 +487,41 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
                 let _ = std::io::stderr().flush();
             }
             eprint!("\r{:60}\r", "");
-        })
-    });
-    let wl = spec
-        .workload
-        .as_ref()
-        .map(|w| workload::run(&ram, image.as_ref(), w));
-    let engine = handle.wait();
-    let _ = done.send(());
-    if let Some(p) = progress {
-        let _ = p.join();
+        });
+        Progress { done, thread }
     }
-    let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
-    let (_, bad, first) = match (&image, verify) {
-        (Some(image), _) => workload::final_check(&ram, image, threads, wl.is_some()),
+
+    /// Clears the line.
+    fn finish(self) {
+        let _ = self.done.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Checks every page after the migration: against the synthetic `image` when the source serves
+/// one, else against the source's checksums (`verify`). Returns the mismatches and the first.
+fn final_check(
+    ram: &DestRam,
+    image: Option<&Synthetic>,
+    verify: Option<VerifyConnection>,
+    wl: Option<&workload::WorkloadResult>,
+    threads: usize,
+) -> Result<(u64, Option<String>), DemoError> {
+    let (_, bad, first) = match (image, verify) {
+        (Some(image), _) => workload::final_check(ram, image, threads, wl.is_some()),
         (None, Some(v)) => {
             let sums = v.fetch()?;
             workload::check_checksums(
-                &ram,
+                ram,
                 &sums,
-                wl.as_ref().map(|w| &w.first_touch[..]),
+                wl.map(|w| &w.first_touch[..]),
                 threads,
                 wl.is_some(),
             )
         }
         (None, None) => unreachable!("a verify connection is opened for opaque images"),
     };
-    Ok(RunOutcome {
-        complete: ram.complete(),
-        layout,
-        zero_percent,
-        workload: wl,
-        engine,
-        final_mismatches: (bad, first),
-        precopy,
-        downtime_ms,
-    })
+    Ok((bad, first))
 }
 
 /// Runs the demo: returns the report (check `verified`) or an error before any report exists.
@@ -509,32 +554,41 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         (None, Some(c)) => c.addr.clone(),
         (None, None) => unreachable!("a source is started when none is given"),
     };
-    let out = run_destination(
-        &addr,
-        &RunSpec {
-            handler: Handler::Engine,
-            workers: cfg.workers,
-            pin: cfg.pin,
-            stream: cfg.stream,
-            workload: Some(WorkloadConfig {
-                threads: cfg.threads,
-                pattern: cfg.pattern,
-                seed: cfg.seed ^ 0xa5a5,
-            }),
-            progress: !cfg.quiet && std::io::stderr().is_terminal(),
-            zero_map: cfg.zero_map,
-            zero_fill: cfg.zero_fill,
-            max_streams: cfg.max_streams,
-            precopy: cfg.precopy,
-            key,
-            recovery_timeout: cfg.recovery_timeout,
-            tls: cfg.tls_client.clone(),
-        },
-    )?;
+    let out = run_destination(&addr, &run_spec(cfg, key))?;
     if let Some(c) = child.as_mut() {
         // The source exits by itself after its session (--once); give it a moment.
         c.wait_exit(Duration::from_secs(5));
     }
+    let mut report = demo_report(cfg, out);
+    report.total_seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The demo's one migration: the engine, with the workload.
+fn run_spec(cfg: &DemoConfig, key: Option<Key>) -> RunSpec {
+    RunSpec {
+        handler: Handler::Engine,
+        workers: cfg.workers,
+        pin: cfg.pin,
+        stream: cfg.stream,
+        workload: Some(WorkloadConfig {
+            threads: cfg.threads,
+            pattern: cfg.pattern,
+            seed: cfg.seed ^ 0xa5a5,
+        }),
+        progress: !cfg.quiet && std::io::stderr().is_terminal(),
+        zero_map: cfg.zero_map,
+        zero_fill: cfg.zero_fill,
+        max_streams: cfg.max_streams,
+        precopy: cfg.precopy,
+        key,
+        recovery_timeout: cfg.recovery_timeout,
+        tls: cfg.tls_client.clone(),
+    }
+}
+
+/// The report of the demo's migration (but for its total time).
+fn demo_report(cfg: &DemoConfig, out: RunOutcome) -> DemoReport {
     let verified = out.verified();
     let layout = &out.layout;
     let wl = out.workload.expect("the demo runs a workload");
@@ -566,35 +620,47 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         ..Default::default()
     };
     if let Some(p) = &out.precopy {
-        report.precopy = true;
-        report.precopy_rounds = p.round_pages.len() as u64;
-        report.precopy_round_pages = p.round_pages.clone();
-        report.pages_by_precopy = p.pages_by_precopy;
-        report.pages_dirty_at_switchover = p.pages_dirty_at_switchover;
-        report.pages_discarded = p.pages_discarded;
-        report.precopy_seconds = p.seconds;
+        add_precopy(&mut report, p);
     }
     match out.engine {
-        Ok(e) => {
-            report.pages_zero = e.totals.pages_zero;
-            report.pages_by_fault = e.totals.pages_by_fault;
-            report.pages_by_stream = e.totals.pages_by_stream;
-            report.pages_by_zero_map = e.totals.pages_by_zero_map;
-            report.pages_after_switchover = e.totals.pages_by_fault + e.totals.pages_by_stream;
-            report.eexist = e.totals.eexist;
-            report.recoveries = e.totals.recoveries;
-            report.postcopy_seconds = e.postcopy_seconds;
-            // What postcopy moved: everything without precopy, else what was left at switchover.
-            let moved_bytes = match &out.precopy {
-                None => layout.total_bytes(),
-                Some(_) => report.pages_after_switchover * layout.blocks[0].page_size,
-            };
-            report.throughput_mib_s =
-                moved_bytes as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
-            report.engine = e;
-        }
+        Ok(e) => add_engine(&mut report, layout, out.precopy.is_some(), e),
         Err(e) => report.error = Some(e.to_string()),
     }
-    report.total_seconds = t0.elapsed().as_secs_f64();
-    Ok(report)
+    report
+}
+
+/// The precopy phase's part of the report.
+fn add_precopy(report: &mut DemoReport, p: &PrecopyReport) {
+    report.precopy = true;
+    report.precopy_rounds = p.round_pages.len() as u64;
+    report.precopy_round_pages = p.round_pages.clone();
+    report.pages_by_precopy = p.pages_by_precopy;
+    report.pages_dirty_at_switchover = p.pages_dirty_at_switchover;
+    report.pages_discarded = p.pages_discarded;
+    report.precopy_seconds = p.seconds;
+}
+
+/// The engine's part of the report: its counters and postcopy's throughput.
+fn add_engine(
+    report: &mut DemoReport,
+    layout: &Layout,
+    precopy: bool,
+    e: crate::dest::EngineReport,
+) {
+    report.pages_zero = e.totals.pages_zero;
+    report.pages_by_fault = e.totals.pages_by_fault;
+    report.pages_by_stream = e.totals.pages_by_stream;
+    report.pages_by_zero_map = e.totals.pages_by_zero_map;
+    report.pages_after_switchover = e.totals.pages_by_fault + e.totals.pages_by_stream;
+    report.eexist = e.totals.eexist;
+    report.recoveries = e.totals.recoveries;
+    report.postcopy_seconds = e.postcopy_seconds;
+    // What postcopy moved: everything without precopy, else what was left at switchover.
+    let moved_bytes = if precopy {
+        report.pages_after_switchover * layout.blocks[0].page_size
+    } else {
+        layout.total_bytes()
+    };
+    report.throughput_mib_s = moved_bytes as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
+    report.engine = e;
 }
