@@ -264,7 +264,7 @@ fn placement_benches(c: &mut Criterion) {
 /// The MAC of an authenticated connection over one 64-page batch (what each side pays per
 /// frame of the stream).
 fn auth_benches(c: &mut Criterion) {
-    let key = postcopy::auth::Key::from_secret(b"a benchmark key of 32 bytes.....");
+    let key = postcopy::link::auth::Key::from_secret(b"a benchmark key of 32 bytes.....");
     let (mut tx, _) = key.frame_keys(&[1u8; 32], &[2u8; 32]);
     let mut rx = tx.clone();
     let header = [7u8; 32];

@@ -295,6 +295,11 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
 }
 
 impl BenchReport {
+    /// Pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report of numbers and strings serializes")
+    }
+
     /// The table as text.
     pub fn render(&self) -> String {
         use std::fmt::Write;

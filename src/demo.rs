@@ -15,9 +15,14 @@ use crate::codec::ImageInfo;
 use crate::dest::{
     self, DestError, DestRam, Engine, EngineConfig, PrecopyReport, VerifyConnection, ZeroFill,
 };
-use crate::image::Synthetic;
+use crate::dirty::{DirtyError, DirtyTracker, UffdWpTracker};
+use crate::image::{Image, Synthetic};
+use crate::layout::Layout;
+use crate::link::auth::{AuthError, Key};
+use crate::live::{DirtyWriter, LiveImage};
 use crate::report::{DemoReport, LatencyUs};
-use crate::source::PrecopyLimits;
+use crate::source::{LiveParts, PrecopyLimits};
+use crate::sys::mem::MemError;
 use crate::workload::{self, Pattern, WorkloadConfig};
 
 /// Errors of the demo.
@@ -40,6 +45,18 @@ pub enum DemoError {
     /// A combination the demo cannot run.
     #[error("{0}")]
     Unsupported(String),
+    /// A live source was asked for on a host without dirty-page tracking.
+    #[error("--live needs dirty-page tracking, which this host lacks: {0}")]
+    NoDirtyTracking(String),
+    /// A live source's memory could not be mapped or filled.
+    #[error(transparent)]
+    LiveMemory(MemError),
+    /// A live source's dirty tracker could not be set up.
+    #[error(transparent)]
+    LiveTracker(DirtyError),
+    /// The one-run key file could not be created.
+    #[error("cannot create the demo's one-run key (pass --key-file FILE, or --insecure): {0}")]
+    OneRunKey(AuthError),
 }
 
 /// Demo parameters.
@@ -119,36 +136,7 @@ impl SourceProcess {
             exe: exe.clone(),
             detail,
         };
-        let mut cmd = Command::new(&cfg.exe);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--synthetic"])
-            .arg(cfg.size_bytes.to_string())
-            .arg("--page-size")
-            .arg(cfg.page_size.to_string())
-            .arg("--seed")
-            .arg(cfg.seed.to_string())
-            .arg("--zero-percent")
-            .arg(cfg.zero_percent.to_string());
-        if once {
-            cmd.arg("--once");
-        }
-        match &cfg.key_file {
-            Some(k) => cmd.arg("--key-file").arg(k),
-            None => cmd.arg("--insecure"),
-        };
-        if let Some((c, k)) = &cfg.tls_files {
-            cmd.arg("--tls-cert").arg(c).arg("--tls-key").arg(k);
-        }
-        if cfg.live {
-            cmd.arg("--live")
-                .arg("--dirty-rate")
-                .arg(cfg.dirty_rate.to_string())
-                .arg("--precopy-max-rounds")
-                .arg(cfg.precopy_limits.max_rounds.to_string())
-                .arg("--precopy-max-dirty")
-                .arg(cfg.precopy_limits.max_dirty_pages.to_string())
-                .arg("--precopy-max-seconds")
-                .arg(cfg.precopy_limits.max_duration.as_secs_f64().to_string());
-        }
+        let mut cmd = serve_command(cfg, once);
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -168,6 +156,16 @@ impl SourceProcess {
         BufReader::new(stdout)
             .read_line(&mut line)
             .map_err(|e| fail(e.to_string()))?;
+        if line.is_empty() {
+            return Err(fail(format!(
+                "it exited before listening{}",
+                if cfg.quiet {
+                    " (run without --quiet to see its error)"
+                } else {
+                    ""
+                }
+            )));
+        }
         proc.addr = line
             .trim()
             .strip_prefix("listening on ")
@@ -185,6 +183,97 @@ impl SourceProcess {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// `exe serve --synthetic ...` of the demo's image on 127.0.0.1, a free port.
+fn serve_command(cfg: &DemoConfig, once: bool) -> Command {
+    let mut cmd = Command::new(&cfg.exe);
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--synthetic"])
+        .arg(cfg.size_bytes.to_string())
+        .arg("--page-size")
+        .arg(cfg.page_size.to_string())
+        .arg("--seed")
+        .arg(cfg.seed.to_string())
+        .arg("--zero-percent")
+        .arg(cfg.zero_percent.to_string());
+    if once {
+        cmd.arg("--once");
+    }
+    match &cfg.key_file {
+        Some(k) => cmd.arg("--key-file").arg(k),
+        None => cmd.arg("--insecure"),
+    };
+    if let Some((c, k)) = &cfg.tls_files {
+        cmd.arg("--tls-cert").arg(c).arg("--tls-key").arg(k);
+    }
+    if cfg.live {
+        cmd.arg("--live")
+            .arg("--dirty-rate")
+            .arg(cfg.dirty_rate.to_string())
+            .arg("--precopy-max-rounds")
+            .arg(cfg.precopy_limits.max_rounds.to_string())
+            .arg("--precopy-max-dirty")
+            .arg(cfg.precopy_limits.max_dirty_pages.to_string())
+            .arg("--precopy-max-seconds")
+            .arg(cfg.precopy_limits.max_duration.as_secs_f64().to_string());
+    }
+    cmd
+}
+
+/// The demo's live source (`postcopy serve --synthetic SIZE --live`): the synthetic image of
+/// `layout`, `seed` and `zero_percent` loaded into memory, a dirty tracker per block, and the
+/// writer that dirties `dirty_pages_per_s` random pages a second until switchover.
+pub fn live_source(
+    layout: &Layout,
+    seed: u64,
+    zero_percent: u8,
+    dirty_pages_per_s: u64,
+) -> Result<(Arc<dyn Image>, LiveParts), DemoError> {
+    UffdWpTracker::available().map_err(DemoError::NoDirtyTracking)?;
+    let synthetic = Synthetic::new(layout.clone(), seed, zero_percent);
+    let live = Arc::new(
+        LiveImage::from_synthetic(&synthetic, crate::sys::online_cpus())
+            .map_err(DemoError::LiveMemory)?,
+    );
+    let mut trackers: Vec<Box<dyn DirtyTracker>> = Vec::with_capacity(layout.blocks.len());
+    for (b, block) in layout.blocks.iter().enumerate() {
+        let tracker = UffdWpTracker::new(live.region(b).addr(), block.size_bytes as usize)
+            .map_err(DemoError::LiveTracker)?;
+        trackers.push(Box::new(tracker));
+    }
+    let writer = DirtyWriter::start(live.clone(), dirty_pages_per_s, seed ^ 0xd1e7);
+    let parts = LiveParts {
+        trackers,
+        workload: Box::new(writer),
+    };
+    Ok((live, parts))
+}
+
+/// A fresh random key file for one demo run (both processes read it), removed on drop.
+pub struct OneRunKey {
+    path: PathBuf,
+}
+
+impl OneRunKey {
+    /// Writes a new key to `postcopy-demo-<pid>.key` in the temporary directory (replacing a
+    /// stale one of an earlier process with the same id).
+    pub fn create() -> Result<OneRunKey, DemoError> {
+        let path = std::env::temp_dir().join(format!("postcopy-demo-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Key::generate_file(&path).map_err(DemoError::OneRunKey)?;
+        Ok(OneRunKey { path })
+    }
+
+    /// The key file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl Drop for OneRunKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -278,33 +367,10 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
             "the baseline handler does pure postcopy only".into(),
         ));
     }
-    let engine_cfg = EngineConfig {
-        source: addr.to_string(),
-        workers: match spec.handler {
-            Handler::Engine => spec.workers,
-            Handler::Baseline => 1,
-        },
-        pin: spec.pin,
-        stream: spec.stream,
-        // The baseline is deliberately simple: no zero-page map.
-        zero_map: spec.zero_map && spec.handler == Handler::Engine,
-        zero_fill: spec.zero_fill,
-        max_streams: spec.max_streams,
-        precopy: spec.precopy,
-        key: spec.key.clone(),
-        recovery_timeout: spec.recovery_timeout,
-        tls: spec.tls.clone(),
-        ..EngineConfig::default()
-    };
+    let engine_cfg = engine_config(addr, spec);
     let mut connected = dest::connect(&engine_cfg)?;
     let layout = connected.welcome.layout.clone();
-    let (image, zero_percent) = match connected.welcome.image {
-        ImageInfo::Synthetic { seed, zero_percent } => (
-            Some(Synthetic::new(layout.clone(), seed, zero_percent)),
-            zero_percent,
-        ),
-        ImageInfo::Opaque => (None, 0),
-    };
+    let (image, zero_percent) = synthetic_image(&connected.welcome.image, &layout);
     let ram = Arc::new(DestRam::new(&layout)?);
     // Contents known only to the source: ask it for checksums. The connection is opened now,
     // while the session certainly exists (and not in the downtime), and used after the
@@ -340,10 +406,73 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
     let downtime_ms = (stopped_unix_us > 0)
         .then(|| crate::source::unix_us().saturating_sub(stopped_unix_us) as f64 / 1000.0);
 
-    let (done, done_rx) = crossbeam_channel::bounded::<()>(1);
-    let progress = spec.progress.then(|| {
-        let ram = ram.clone();
-        std::thread::spawn(move || {
+    let progress = spec.progress.then(|| Progress::start(ram.clone()));
+    let wl = spec
+        .workload
+        .as_ref()
+        .map(|w| workload::run(&ram, image.as_ref(), w));
+    let engine = handle.wait();
+    if let Some(p) = progress {
+        p.finish();
+    }
+    let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
+    let (bad, first) = final_check(&ram, image.as_ref(), verify, wl.as_ref(), threads)?;
+    Ok(RunOutcome {
+        complete: ram.complete(),
+        layout,
+        zero_percent,
+        workload: wl,
+        engine,
+        final_mismatches: (bad, first),
+        precopy,
+        downtime_ms,
+    })
+}
+
+/// The source's image when it is a synthetic one (its pages can be computed here), and its
+/// share of zero pages.
+fn synthetic_image(info: &ImageInfo, layout: &Layout) -> (Option<Synthetic>, u8) {
+    match *info {
+        ImageInfo::Synthetic { seed, zero_percent } => (
+            Some(Synthetic::new(layout.clone(), seed, zero_percent)),
+            zero_percent,
+        ),
+        ImageInfo::Opaque => (None, 0),
+    }
+}
+
+/// The engine's (or the baseline's) configuration of a run.
+fn engine_config(addr: &str, spec: &RunSpec) -> EngineConfig {
+    EngineConfig {
+        source: addr.to_string(),
+        workers: match spec.handler {
+            Handler::Engine => spec.workers,
+            Handler::Baseline => 1,
+        },
+        pin: spec.pin,
+        stream: spec.stream,
+        // The baseline is deliberately simple: no zero-page map.
+        zero_map: spec.zero_map && spec.handler == Handler::Engine,
+        zero_fill: spec.zero_fill,
+        max_streams: spec.max_streams,
+        precopy: spec.precopy,
+        key: spec.key.clone(),
+        recovery_timeout: spec.recovery_timeout,
+        tls: spec.tls.clone(),
+        ..EngineConfig::default()
+    }
+}
+
+/// A progress line on stderr, redrawn every 250 ms until [`Progress::finish`].
+struct Progress {
+    done: crossbeam_channel::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Progress {
+    fn start(ram: Arc<DestRam>) -> Progress {
+        let (done, done_rx) = crossbeam_channel::bounded::<()>(1);
+        let thread = std::thread::spawn(move || {
             let total = ram.layout.total_pages();
             let start = Instant::now();
             while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
@@ -358,42 +487,41 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
                 let _ = std::io::stderr().flush();
             }
             eprint!("\r{:60}\r", "");
-        })
-    });
-    let wl = spec
-        .workload
-        .as_ref()
-        .map(|w| workload::run(&ram, image.as_ref(), w));
-    let engine = handle.wait();
-    let _ = done.send(());
-    if let Some(p) = progress {
-        let _ = p.join();
+        });
+        Progress { done, thread }
     }
-    let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
-    let (_, bad, first) = match (&image, verify) {
-        (Some(image), _) => workload::final_check(&ram, image, threads, wl.is_some()),
+
+    /// Clears the line.
+    fn finish(self) {
+        let _ = self.done.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Checks every page after the migration: against the synthetic `image` when the source serves
+/// one, else against the source's checksums (`verify`). Returns the mismatches and the first.
+fn final_check(
+    ram: &DestRam,
+    image: Option<&Synthetic>,
+    verify: Option<VerifyConnection>,
+    wl: Option<&workload::WorkloadResult>,
+    threads: usize,
+) -> Result<(u64, Option<String>), DemoError> {
+    let (_, bad, first) = match (image, verify) {
+        (Some(image), _) => workload::final_check(ram, image, threads, wl.is_some()),
         (None, Some(v)) => {
             let sums = v.fetch()?;
             workload::check_checksums(
-                &ram,
+                ram,
                 &sums,
-                wl.as_ref().map(|w| &w.first_touch[..]),
+                wl.map(|w| &w.first_touch[..]),
                 threads,
                 wl.is_some(),
             )
         }
         (None, None) => unreachable!("a verify connection is opened for opaque images"),
     };
-    Ok(RunOutcome {
-        complete: ram.complete(),
-        layout,
-        zero_percent,
-        workload: wl,
-        engine,
-        final_mismatches: (bad, first),
-        precopy,
-        downtime_ms,
-    })
+    Ok((bad, first))
 }
 
 /// Runs the demo: returns the report (check `verified`) or an error before any report exists.
@@ -412,6 +540,11 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         }
     }
     let cfg = &cfg;
+    // Read before the source starts, so a bad key file is reported as such.
+    let key = match &cfg.key_file {
+        Some(k) => Some(Key::from_file(k).map_err(DestError::from)?),
+        None => None,
+    };
     let mut child = match &cfg.source {
         Some(_) => None,
         None => Some(SourceProcess::start(cfg, true)?),
@@ -421,35 +554,41 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         (None, Some(c)) => c.addr.clone(),
         (None, None) => unreachable!("a source is started when none is given"),
     };
-    let out = run_destination(
-        &addr,
-        &RunSpec {
-            handler: Handler::Engine,
-            workers: cfg.workers,
-            pin: cfg.pin,
-            stream: cfg.stream,
-            workload: Some(WorkloadConfig {
-                threads: cfg.threads,
-                pattern: cfg.pattern,
-                seed: cfg.seed ^ 0xa5a5,
-            }),
-            progress: !cfg.quiet && std::io::stderr().is_terminal(),
-            zero_map: cfg.zero_map,
-            zero_fill: cfg.zero_fill,
-            max_streams: cfg.max_streams,
-            precopy: cfg.precopy,
-            key: match &cfg.key_file {
-                Some(k) => Some(crate::link::auth::Key::from_file(k).map_err(DestError::from)?),
-                None => None,
-            },
-            recovery_timeout: cfg.recovery_timeout,
-            tls: cfg.tls_client.clone(),
-        },
-    )?;
+    let out = run_destination(&addr, &run_spec(cfg, key))?;
     if let Some(c) = child.as_mut() {
         // The source exits by itself after its session (--once); give it a moment.
         c.wait_exit(Duration::from_secs(5));
     }
+    let mut report = demo_report(cfg, out);
+    report.total_seconds = t0.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// The demo's one migration: the engine, with the workload.
+fn run_spec(cfg: &DemoConfig, key: Option<Key>) -> RunSpec {
+    RunSpec {
+        handler: Handler::Engine,
+        workers: cfg.workers,
+        pin: cfg.pin,
+        stream: cfg.stream,
+        workload: Some(WorkloadConfig {
+            threads: cfg.threads,
+            pattern: cfg.pattern,
+            seed: cfg.seed ^ 0xa5a5,
+        }),
+        progress: !cfg.quiet && std::io::stderr().is_terminal(),
+        zero_map: cfg.zero_map,
+        zero_fill: cfg.zero_fill,
+        max_streams: cfg.max_streams,
+        precopy: cfg.precopy,
+        key,
+        recovery_timeout: cfg.recovery_timeout,
+        tls: cfg.tls_client.clone(),
+    }
+}
+
+/// The report of the demo's migration (but for its total time).
+fn demo_report(cfg: &DemoConfig, out: RunOutcome) -> DemoReport {
     let verified = out.verified();
     let layout = &out.layout;
     let wl = out.workload.expect("the demo runs a workload");
@@ -481,35 +620,47 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         ..Default::default()
     };
     if let Some(p) = &out.precopy {
-        report.precopy = true;
-        report.precopy_rounds = p.round_pages.len() as u64;
-        report.precopy_round_pages = p.round_pages.clone();
-        report.pages_by_precopy = p.pages_by_precopy;
-        report.pages_dirty_at_switchover = p.pages_dirty_at_switchover;
-        report.pages_discarded = p.pages_discarded;
-        report.precopy_seconds = p.seconds;
+        add_precopy(&mut report, p);
     }
     match out.engine {
-        Ok(e) => {
-            report.pages_zero = e.totals.pages_zero;
-            report.pages_by_fault = e.totals.pages_by_fault;
-            report.pages_by_stream = e.totals.pages_by_stream;
-            report.pages_by_zero_map = e.totals.pages_by_zero_map;
-            report.pages_after_switchover = e.totals.pages_by_fault + e.totals.pages_by_stream;
-            report.eexist = e.totals.eexist;
-            report.recoveries = e.totals.recoveries;
-            report.postcopy_seconds = e.postcopy_seconds;
-            // What postcopy moved: everything without precopy, else what was left at switchover.
-            let moved_bytes = match &out.precopy {
-                None => layout.total_bytes(),
-                Some(_) => report.pages_after_switchover * layout.blocks[0].page_size,
-            };
-            report.throughput_mib_s =
-                moved_bytes as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
-            report.engine = e;
-        }
+        Ok(e) => add_engine(&mut report, layout, out.precopy.is_some(), e),
         Err(e) => report.error = Some(e.to_string()),
     }
-    report.total_seconds = t0.elapsed().as_secs_f64();
-    Ok(report)
+    report
+}
+
+/// The precopy phase's part of the report.
+fn add_precopy(report: &mut DemoReport, p: &PrecopyReport) {
+    report.precopy = true;
+    report.precopy_rounds = p.round_pages.len() as u64;
+    report.precopy_round_pages = p.round_pages.clone();
+    report.pages_by_precopy = p.pages_by_precopy;
+    report.pages_dirty_at_switchover = p.pages_dirty_at_switchover;
+    report.pages_discarded = p.pages_discarded;
+    report.precopy_seconds = p.seconds;
+}
+
+/// The engine's part of the report: its counters and postcopy's throughput.
+fn add_engine(
+    report: &mut DemoReport,
+    layout: &Layout,
+    precopy: bool,
+    e: crate::dest::EngineReport,
+) {
+    report.pages_zero = e.totals.pages_zero;
+    report.pages_by_fault = e.totals.pages_by_fault;
+    report.pages_by_stream = e.totals.pages_by_stream;
+    report.pages_by_zero_map = e.totals.pages_by_zero_map;
+    report.pages_after_switchover = e.totals.pages_by_fault + e.totals.pages_by_stream;
+    report.eexist = e.totals.eexist;
+    report.recoveries = e.totals.recoveries;
+    report.postcopy_seconds = e.postcopy_seconds;
+    // What postcopy moved: everything without precopy, else what was left at switchover.
+    let moved_bytes = if precopy {
+        report.pages_after_switchover * layout.blocks[0].page_size
+    } else {
+        layout.total_bytes()
+    };
+    report.throughput_mib_s = moved_bytes as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
+    report.engine = e;
 }

@@ -417,6 +417,36 @@ fn streams_take_turns_when_limited() {
     assert!(src.complete, "{src:?}");
 }
 
+/// Every small prefetch maximum (1, 2, 3: below the window's first size) works: a sequential
+/// reader gets at most that many pages ahead with each reply, and every page verifies.
+#[test]
+fn small_prefetch_maximums_work() {
+    for max in 1..=3u64 {
+        let (out, src) = migrate(
+            &SourceOptions {
+                size_bytes: 8 * MIB,
+                seed: 40 + max,
+                prefetch_max: max,
+                ..Default::default()
+            },
+            &DestOptions {
+                stream: false,
+                threads: 1,
+                pattern: Pattern::Sequential,
+                ..Default::default()
+            },
+        );
+        out.assert_verified();
+        let t = &out.report().totals;
+        assert!(src.complete, "max {max}: {src:?}");
+        assert!(src.pages_prefetched > 0, "max {max}: {src:?}");
+        assert!(
+            src.pages_prefetched <= src.requests * max,
+            "max {max}: at most {max} pages ahead per request: {src:?} {t:?}"
+        );
+    }
+}
+
 /// Prefetch: a sequential reader's faults bring the next pages of its shard with each reply
 /// (far fewer requests than pages); a random reader's do not (the window stays closed).
 #[test]

@@ -25,6 +25,10 @@
 //! Everything the destination sends is checked (magic, version, kind, ranges against the
 //! layout) before it is used; a bad frame gets an `Error` frame back and ends its session.
 
+mod prefetch;
+
+pub use prefetch::Prefetch;
+
 use std::collections::HashMap;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -1228,8 +1232,7 @@ fn serve_urgent(
     let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
     // Requests are small frames, often several per fault: read ahead of them.
     link.buffer_reads(64 * 1024);
-    let mut prefetch = 0u64;
-    let mut prefetch_next: Option<(u32, u64)> = None;
+    let mut prefetch = Prefetch::new(shared.config.prefetch_max);
     loop {
         let Some(h) = read_frame(link, peer)? else {
             return Err(SourceError::Incomplete {
@@ -1267,19 +1270,13 @@ fn serve_urgent(
                     usize::from(worker),
                     usize::from(session.workers),
                 );
+                let window = prefetch.window(h.block, h.page);
+                let end = (h.page + count).min(shard_end);
                 let mut extra = 0;
-                if shared.config.prefetch_max > 0 {
-                    prefetch = if prefetch_next == Some((h.block, h.page)) {
-                        (prefetch * 2).clamp(4, shared.config.prefetch_max)
-                    } else {
-                        0
-                    };
-                    let end = (h.page + count).min(shard_end);
-                    while extra < prefetch && end + extra < shard_end && sent.set(end + extra) {
-                        extra += 1;
-                    }
-                    prefetch_next = Some((h.block, end + extra));
+                while extra < window && end + extra < shard_end && sent.set(end + extra) {
+                    extra += 1;
                 }
+                prefetch.replied_up_to(h.block, end + extra);
                 // The requested pages go first, in frames of their own, so the faulting
                 // thread is woken before the prefetched pages are placed.
                 let (mut pages, mut zeros) = encode_run(

@@ -1,0 +1,203 @@
+//! Arguments more than one subcommand takes: the destination side of a run, TLS,
+//! authentication, the precopy limits.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use postcopy::demo::DemoConfig;
+use postcopy::dest::ZeroFill;
+use postcopy::link::auth::Key;
+use postcopy::link::tls::{TlsClient, TlsServer};
+use postcopy::source::PrecopyLimits;
+use postcopy::workload::Pattern;
+
+use super::parse::{
+    parse_image_size, parse_seconds, usize_in, MAX_PRECOPY_ROUNDS, MAX_THREADS, MAX_TIMEOUT_S,
+    MAX_WORKERS,
+};
+use super::MainError;
+
+/// The destination side of a run: workload and engine options shared by `demo` and `bench`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Image size (e.g. 1G, 4G, 256M).
+    #[arg(long, default_value = "1G", value_parser = parse_image_size)]
+    pub size: u64,
+    /// How the workload touches pages.
+    #[arg(long, value_enum, default_value_t = Pattern::Random)]
+    pub pattern: Pattern,
+    /// Workload threads on the destination.
+    #[arg(long, default_value_t = 2, value_parser = usize_in(1, MAX_THREADS))]
+    pub threads: usize,
+    /// Engine workers (default: one per CPU).
+    #[arg(long, value_parser = usize_in(1, MAX_WORKERS))]
+    pub workers: Option<usize>,
+    /// Do not pin workers to CPUs.
+    #[arg(long)]
+    pub no_pin: bool,
+    /// Seed of the image and the pattern.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Engine: ask the source for its zero-page map and place zero pages at start-up.
+    #[arg(long)]
+    pub zero_map: bool,
+    /// Engine: how zero pages are placed.
+    #[arg(long, value_enum, default_value_t = ZeroFill::Zeropage)]
+    pub zero_fill: ZeroFill,
+    /// Engine: most bulk streams placing at once (0: one per worker).
+    #[arg(long, default_value_t = 0, value_parser = usize_in(0, MAX_WORKERS))]
+    pub streams: usize,
+    /// No progress output.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// Seconds a broken connection may take to come back (reconnect with backoff, resume)
+    /// before the migration is given up; 0: fail at once.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_S))]
+    pub recovery_timeout: u64,
+}
+
+impl RunArgs {
+    /// The demo's configuration of these arguments: pure postcopy of a static image, no key, no
+    /// TLS (`demo` sets those).
+    pub fn demo_config(&self, zero_percent: u8) -> Result<DemoConfig, MainError> {
+        Ok(DemoConfig {
+            size_bytes: self.size,
+            page_size: 4096,
+            pattern: self.pattern,
+            threads: self.threads,
+            workers: self.workers.unwrap_or_else(postcopy::sys::online_cpus),
+            pin: !self.no_pin,
+            stream: true,
+            zero_percent,
+            seed: self.seed,
+            source: None,
+            exe: std::env::current_exe().map_err(MainError::CurrentExe)?,
+            quiet: self.quiet,
+            warmup: true,
+            zero_map: self.zero_map,
+            zero_fill: self.zero_fill,
+            max_streams: self.streams,
+            live: false,
+            precopy: false,
+            dirty_rate: 0,
+            precopy_limits: PrecopyLimits::default(),
+            key_file: None,
+            recovery_timeout: Duration::from_secs(self.recovery_timeout),
+            tls_files: None,
+            tls_client: None,
+        })
+    }
+}
+
+/// TLS 1.3 (optional): a source's identity, a destination's trust.
+#[derive(clap::Args, Debug, Default)]
+pub struct TlsArgs {
+    /// TLS: this side's certificate chain (PEM); a source serves TLS with it.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: trust source certificates signed by this CA (PEM); a destination connects with TLS.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS: the name the source's certificate must carry.
+    #[arg(long, default_value = "postcopy")]
+    pub tls_name: String,
+}
+
+impl TlsArgs {
+    /// The certificate and key files, when both are given.
+    pub fn files(&self) -> Option<(PathBuf, PathBuf)> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            _ => None,
+        }
+    }
+
+    /// A source's TLS, from `--tls-cert` and `--tls-key`.
+    pub fn server(&self) -> Result<Option<TlsServer>, MainError> {
+        match self.files() {
+            Some((c, k)) => Ok(Some(TlsServer::from_files(&c, &k)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A destination's TLS, from `--tls-ca` and `--tls-name`.
+    pub fn client(&self) -> Result<Option<TlsClient>, MainError> {
+        match &self.tls_ca {
+            Some(ca) => Ok(Some(TlsClient::from_ca(ca, &self.tls_name)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Authentication: on unless `--insecure` is given.
+#[derive(clap::Args, Debug)]
+pub struct AuthArgs {
+    /// Pre-shared key file (the same on both hosts; at least 16 random bytes, e.g. `head -c 32
+    /// /dev/urandom > key`): every connection proves it holds the key, every frame is MACed.
+    #[arg(long, conflicts_with = "insecure")]
+    pub key_file: Option<PathBuf>,
+    /// Run without authentication (a trusted network only: anyone who can connect can read
+    /// and place memory).
+    #[arg(long)]
+    pub insecure: bool,
+}
+
+impl AuthArgs {
+    /// The key, `None` with `--insecure`, or an error saying what `command` needs.
+    pub fn key(&self, command: &'static str) -> Result<Option<Key>, MainError> {
+        match (&self.key_file, self.insecure) {
+            (Some(path), _) => Ok(Some(Key::from_file(path)?)),
+            (None, true) => Ok(None),
+            (None, false) => Err(MainError::KeyRequired { command }),
+        }
+    }
+}
+
+/// When precopy switches over to postcopy (source side).
+#[derive(clap::Args, Debug)]
+pub struct PrecopyArgs {
+    /// Precopy: most rounds, the full pass included.
+    #[arg(
+        long,
+        default_value_t = PrecopyLimits::default().max_rounds,
+        value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_PRECOPY_ROUNDS))
+    )]
+    pub precopy_max_rounds: u32,
+    /// Precopy: switch over once at most this many pages are dirty.
+    #[arg(
+        long,
+        default_value_t = PrecopyLimits::default().max_dirty_pages,
+        value_parser = clap::value_parser!(u64)
+    )]
+    pub precopy_max_dirty: u64,
+    /// Precopy: switch over after this many seconds.
+    #[arg(
+        long,
+        default_value_t = PrecopyLimits::default().max_duration.as_secs_f64(),
+        value_parser = parse_seconds
+    )]
+    pub precopy_max_seconds: f64,
+}
+
+impl PrecopyArgs {
+    /// The limits (clap has checked the ranges).
+    pub fn limits(&self) -> PrecopyLimits {
+        PrecopyLimits {
+            max_rounds: self.precopy_max_rounds,
+            max_dirty_pages: self.precopy_max_dirty,
+            max_duration: Duration::from_secs_f64(self.precopy_max_seconds),
+        }
+    }
+}
+
+/// Precopy on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
+}

@@ -1,0 +1,154 @@
+//! `postcopy serve`: a source page server of an image file, a synthetic image, or a live
+//! source (the synthetic image in memory, written by a workload until switchover).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use postcopy::image::{FileImage, Image, Synthetic};
+use postcopy::layout::Layout;
+use postcopy::link::auth::Key;
+use postcopy::link::tls::TlsServer;
+use postcopy::source::{SourceConfig, SourceServer};
+
+use super::args::{AuthArgs, PrecopyArgs, TlsArgs};
+use super::parse::{
+    parse_page_size, parse_size, MAX_DIRTY_PAGES_PER_S, MAX_PREFETCH_PAGES, MAX_TIMEOUT_S,
+    MAX_URGENT_DELAY_MS,
+};
+use super::MainError;
+
+/// The arguments of `serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the address is printed).
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    listen: String,
+    /// Serve this raw memory file (e.g. a VM snapshot's memory file).
+    #[arg(
+        long,
+        conflicts_with = "synthetic",
+        required_unless_present = "synthetic"
+    )]
+    image: Option<PathBuf>,
+    /// Serve a synthetic image of this size (e.g. 1G, 512M): the demo's image.
+    #[arg(long, value_parser = parse_size)]
+    synthetic: Option<u64>,
+    /// Page size in bytes, or with a unit as --synthetic (e.g. 4096, 4K, 2M for hugetlbfs).
+    #[arg(long, default_value = "4096", value_parser = parse_page_size)]
+    page_size: u64,
+    /// Seed of the synthetic image.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Share of zero pages in the synthetic image, percent.
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
+    zero_percent: u8,
+    /// Exit after the first session ends (non-zero if it did not complete).
+    #[arg(long)]
+    once: bool,
+    /// Most pages sent ahead of a sequential reader's fault, with the reply (0: none).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(0..=MAX_PREFETCH_PAGES))]
+    prefetch_max: u64,
+    /// Test hook: delay each urgent reply by this many milliseconds.
+    #[arg(
+        long,
+        default_value_t = 0,
+        hide = true,
+        value_parser = clap::value_parser!(u64).range(0..=MAX_URGENT_DELAY_MS)
+    )]
+    debug_urgent_delay_ms: u64,
+    /// No per-session log lines.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Live source (with --synthetic): hold the image in memory and run a workload that
+    /// writes it at --dirty-rate until the switchover of the one migration served; dirty
+    /// pages are tracked with userfaultfd write-protect + PAGEMAP_SCAN (Linux 6.7+).
+    #[arg(long, requires = "synthetic")]
+    live: bool,
+    /// Live source: pages per second its workload writes (random pages).
+    #[arg(
+        long,
+        default_value_t = 0,
+        requires = "live",
+        value_parser = clap::value_parser!(u64).range(0..=MAX_DIRTY_PAGES_PER_S)
+    )]
+    dirty_rate: u64,
+    #[command(flatten)]
+    precopy: PrecopyArgs,
+    #[command(flatten)]
+    auth: AuthArgs,
+    /// Seconds a session whose connection broke waits for its destination to reconnect.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_S))]
+    recovery_timeout: u64,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+impl ServeArgs {
+    /// A live source's memory migrates once.
+    fn once(&self) -> bool {
+        self.once || self.live
+    }
+
+    /// The image file, or the synthetic image.
+    fn image(&self) -> Result<Arc<dyn Image>, MainError> {
+        match (&self.image, self.synthetic) {
+            (Some(path), _) => Ok(Arc::new(FileImage::open(path, self.page_size)?)),
+            (None, Some(size_bytes)) => {
+                let layout = Layout::single("ram", size_bytes, self.page_size)?;
+                Ok(Arc::new(Synthetic::new(
+                    layout,
+                    self.seed,
+                    self.zero_percent,
+                )))
+            }
+            (None, None) => Err(MainError::NoImage),
+        }
+    }
+
+    fn config(&self, key: Option<Key>, tls: Option<TlsServer>) -> SourceConfig {
+        SourceConfig {
+            once: self.once(),
+            prefetch_max: self.prefetch_max,
+            urgent_delay: Duration::from_millis(self.debug_urgent_delay_ms),
+            verbose: !self.quiet,
+            precopy: self.precopy.limits(),
+            key,
+            recovery_timeout: Duration::from_secs(self.recovery_timeout),
+            tls,
+            ..SourceConfig::default()
+        }
+    }
+
+    /// The server, bound: of the image, or of the live source made from it.
+    fn bind(&self, config: SourceConfig) -> Result<SourceServer, MainError> {
+        let image = self.image()?;
+        if !self.live {
+            return Ok(SourceServer::bind(&self.listen, image, config)?);
+        }
+        let (live, parts) = postcopy::demo::live_source(
+            image.layout(),
+            self.seed,
+            self.zero_percent,
+            self.dirty_rate,
+        )?;
+        Ok(SourceServer::bind_live(&self.listen, live, parts, config)?)
+    }
+}
+
+/// Serves until stopped (with `--once` or `--live`: until the first session ends; failure if
+/// it did not complete). The first line on stdout is `listening on ADDR`.
+pub fn cmd_serve(args: ServeArgs) -> Result<ExitCode, MainError> {
+    let key = args.auth.key("serve")?;
+    let tls = args.tls.server()?;
+    let server = args.bind(args.config(key, tls))?;
+    println!("listening on {}", server.local_addr());
+    let _ = std::io::stdout().flush();
+    let sessions = server.run()?;
+    if args.once() && !sessions.iter().any(|s| s.complete) {
+        return Err(MainError::SessionIncomplete);
+    }
+    Ok(ExitCode::SUCCESS)
+}
