@@ -9,8 +9,9 @@ use std::time::Duration;
 use common::*;
 use postcopy::codec::{Frame, Header, Kind, Role};
 use postcopy::dest::{self, DestError, EngineConfig};
-use postcopy::link::auth::{Key, NONCE_BYTES, TAG_BYTES};
+use postcopy::link::auth::{Key, NONCE_BYTES};
 use postcopy::link::framed::seal_frames;
+use postcopy::link::mac::TAG_BYTES;
 
 fn key(s: &str) -> Key {
     Key::from_secret(format!("{s:-<32}").as_bytes())

@@ -12,7 +12,9 @@ use std::time::Duration;
 use common::*;
 use postcopy::codec::{self, Frame, Header, Kind, Role, Welcome, HEADER_BYTES};
 use postcopy::dest::{self, DestError, DestRam, Engine, EngineConfig, VerifyConnection};
-use postcopy::link::auth::{self, AuthError, Key, TAG_BYTES};
+use postcopy::link::auth::{AuthError, Key};
+use postcopy::link::handshake as auth;
+use postcopy::link::mac::TAG_BYTES;
 use postcopy::link::{FramedStream, LinkError};
 
 const FORGED: &str = "FORGED: stop the migration";

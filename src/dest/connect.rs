@@ -69,7 +69,7 @@ pub(crate) fn open_connection_as(
     let mut link = FramedStream::new(dial(config)?);
     let context = format!("{role:?} connection of worker {worker}");
     if let Some(key) = &config.key {
-        crate::link::auth::connect(&mut link, key).map_err(link_err(&context))?;
+        crate::link::handshake::connect(&mut link, key).map_err(link_err(&context))?;
     }
     let mut h = Header::hello(session, role, worker, config.workers as u16);
     // With precopy, zero pages travel as flags in the precopy rounds instead of a map.

@@ -30,8 +30,9 @@ use super::{
 };
 use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::layout::PageBitmap;
-use crate::link::auth::{Channel, TAG_BYTES};
+use crate::link::auth::AuthError;
 use crate::link::framed::seal_frames;
+use crate::link::mac::{Channel, TAG_BYTES};
 use crate::sys::mem::Mapping;
 use crate::sys::ring::{Completion, Ring, RingConfig, SlotId};
 use crate::sys::uffd::{Event, PlaceErrorKind, Uffd, MSG_BYTES};
@@ -1064,7 +1065,8 @@ impl Worker {
                         head,
                         &slot[..body_len],
                         &slot[body_len..body_len + TAG_BYTES],
-                    )?;
+                    )
+                    .map_err(AuthError::from)?;
                 }
                 self.frame_verified(h)?;
             }
@@ -1082,7 +1084,8 @@ impl Worker {
                     .as_mut()
                     .expect("tags only on an authenticated connection")
                     .rx
-                    .open(head, body, tag)?;
+                    .open(head, body, tag)
+                    .map_err(AuthError::from)?;
                 self.frame_verified(h)?;
             }
             Recv::Idle => {

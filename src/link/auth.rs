@@ -23,11 +23,8 @@
 
 use std::path::Path;
 
-use super::framed::{FramedStream, LinkError};
-use crate::codec::{CodecError, Frame, Kind};
+use super::mac::{BadTag, FrameMac};
 
-/// Bytes of a frame's MAC trailer.
-pub const TAG_BYTES: usize = 16;
 /// Bytes of a nonce.
 pub const NONCE_BYTES: usize = 32;
 /// Shortest key file accepted (128 bits).
@@ -72,6 +69,12 @@ pub enum AuthError {
     /// No randomness.
     #[error("cannot read /dev/urandom for a nonce: {0}")]
     Random(std::io::Error),
+}
+
+impl From<BadTag> for AuthError {
+    fn from(e: BadTag) -> AuthError {
+        AuthError::BadTag { seq: e.seq }
+    }
 }
 
 /// A pre-shared key (its derived form; the file's bytes are not kept).
@@ -183,7 +186,7 @@ impl Key {
         let d2s = *self
             .mac(b"postcopy frames dest to source", nonce_s, nonce_d)
             .as_bytes();
-        (FrameMac { key: s2d, seq: 0 }, FrameMac { key: d2s, seq: 0 })
+        (FrameMac::new(s2d), FrameMac::new(d2s))
     }
 }
 
@@ -195,136 +198,6 @@ pub fn random<const N: usize>() -> Result<[u8; N], AuthError> {
         .and_then(|mut f| f.read_exact(&mut b))
         .map_err(AuthError::Random)?;
     Ok(b)
-}
-
-/// The MAC state of one direction of one connection: its key and the next frame's number.
-/// The sender calls [`seal`](Self::seal) per frame, the receiver [`open`](Self::open), in the
-/// same order.
-#[derive(Clone)]
-pub struct FrameMac {
-    key: [u8; 32],
-    seq: u64,
-}
-
-impl std::fmt::Debug for FrameMac {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "FrameMac(seq {})", self.seq)
-    }
-}
-
-impl FrameMac {
-    fn tag(&self, header: &[u8], body: &[u8]) -> [u8; TAG_BYTES] {
-        let mut h = blake3::Hasher::new_keyed(&self.key);
-        h.update(&self.seq.to_le_bytes());
-        h.update(header);
-        h.update(body);
-        let mut t = [0u8; TAG_BYTES];
-        h.finalize_xof().fill(&mut t);
-        t
-    }
-
-    /// The tag of the next frame sent.
-    pub fn seal(&mut self, header: &[u8], body: &[u8]) -> [u8; TAG_BYTES] {
-        let t = self.tag(header, body);
-        self.seq += 1;
-        t
-    }
-
-    /// Checks the tag of the next frame received (constant time).
-    pub fn open(&mut self, header: &[u8], body: &[u8], tag: &[u8]) -> Result<(), AuthError> {
-        let want = self.tag(header, body);
-        let mut diff = u8::from(tag.len() != TAG_BYTES);
-        for (a, b) in want.iter().zip(tag) {
-            diff |= a ^ b;
-        }
-        if diff != 0 {
-            return Err(AuthError::BadTag { seq: self.seq });
-        }
-        self.seq += 1;
-        Ok(())
-    }
-}
-
-/// Both directions of an authenticated connection, from one side's point of view.
-#[derive(Clone, Debug)]
-pub struct Channel {
-    /// Frames we send.
-    pub tx: FrameMac,
-    /// Frames we receive.
-    pub rx: FrameMac,
-}
-
-/// The source's side of the challenge-response: challenge, check the destination's proof, prove
-/// our own. On success `link`'s frames are sealed and checked from now on. A peer that does not
-/// answer with a valid proof gets nothing else.
-pub fn accept(link: &mut FramedStream, key: &Key) -> Result<(), LinkError> {
-    let nonce_s: [u8; NONCE_BYTES] = random()?;
-    send(link, &Frame::Challenge(nonce_s.to_vec()))?;
-    let answer = match expect(link, Kind::Auth, 2 * NONCE_BYTES) {
-        Err(LinkError::Protocol(CodecError::Unexpected { got, .. })) => {
-            return Err(unexpected(
-                got,
-                "Auth (this source requires a key: start the destination with --key-file)",
-            ))
-        }
-        r => r?,
-    };
-    let nonce_d: [u8; NONCE_BYTES] = answer[..NONCE_BYTES].try_into().expect("32 bytes");
-    Key::check(&key.dest_proof(&nonce_s, &nonce_d), &answer[NONCE_BYTES..])?;
-    send(
-        link,
-        &Frame::Auth(key.source_proof(&nonce_s, &nonce_d).to_vec()),
-    )?;
-    let (s2d, d2s) = key.frame_keys(&nonce_s, &nonce_d);
-    link.authenticated(Channel { tx: s2d, rx: d2s });
-    Ok(())
-}
-
-/// The destination's side: answer the source's challenge with our proof, check its proof. On
-/// success `link`'s frames are sealed and checked from now on. A source that sends no
-/// challenge within the link's read timeout runs without a key.
-pub fn connect(link: &mut FramedStream, key: &Key) -> Result<(), LinkError> {
-    let challenge = match expect(link, Kind::Challenge, NONCE_BYTES) {
-        Err(e) if e.is_timeout() => return Err(AuthError::NoChallenge.into()),
-        Err(LinkError::Protocol(CodecError::Unexpected { got, .. })) => {
-            return Err(unexpected(
-                got,
-                "Challenge (we hold a key: the source must run with the same --key-file)",
-            ))
-        }
-        r => r?,
-    };
-    let nonce_s: [u8; NONCE_BYTES] = challenge[..].try_into().expect("32 bytes");
-    let nonce_d: [u8; NONCE_BYTES] = random()?;
-    let mut answer = nonce_d.to_vec();
-    answer.extend_from_slice(&key.dest_proof(&nonce_s, &nonce_d));
-    send(link, &Frame::Auth(answer))?;
-    let proof = expect(link, Kind::Auth, 32)?;
-    Key::check(&key.source_proof(&nonce_s, &nonce_d), &proof)?;
-    let (s2d, d2s) = key.frame_keys(&nonce_s, &nonce_d);
-    link.authenticated(Channel { tx: d2s, rx: s2d });
-    Ok(())
-}
-
-fn unexpected(got: Kind, expected: &'static str) -> LinkError {
-    LinkError::Protocol(CodecError::Unexpected { got, expected })
-}
-
-fn send(link: &mut FramedStream, frame: &Frame) -> Result<(), LinkError> {
-    let mut out = Vec::with_capacity(128);
-    frame.encode_into(&mut out);
-    link.write_frames(&out).map(|_| ())
-}
-
-/// Reads one frame of `kind` with a body of `len` bytes; a peer that hangs up instead has not
-/// proved anything.
-fn expect(link: &mut FramedStream, kind: Kind, len: usize) -> Result<Vec<u8>, LinkError> {
-    match link.read_frame()? {
-        Some(h) if h.kind == kind && link.body().len() == len => Ok(link.body().to_vec()),
-        Some(h) if h.kind == kind => Err(AuthError::BadProof.into()),
-        Some(h) => Err(unexpected(h.kind, "an authentication frame")),
-        None => Err(AuthError::BadProof.into()),
-    }
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@
 use std::io::{IoSlice, Read, Write};
 use std::net::TcpStream;
 
-use super::auth::{Channel, FrameMac, TAG_BYTES};
+use super::mac::{Channel, FrameMac, TAG_BYTES};
 use crate::codec::{self, CodecError, Header, Kind, HEADER_BYTES};
 
 /// Errors of a framed connection.
@@ -183,7 +183,8 @@ impl FramedStream {
             let mut tag = [0u8; TAG_BYTES];
             let Self { ahead, stream, .. } = self;
             fill(stream, ahead.as_mut(), &mut tag, false)?;
-            c.rx.open(&head, &self.body[..len], &tag)?;
+            c.rx.open(&head, &self.body[..len], &tag)
+                .map_err(super::auth::AuthError::from)?;
         }
         if h.kind == Kind::Error {
             return Err(LinkError::Remote(codec::decode_error(&self.body[..len])));

@@ -1,7 +1,8 @@
 //! The link layer: what every connection does before and around the protocol's frames.
 //!
-//! - [`auth`]: the pre-shared key, the challenge-response ([`auth::accept`] on the source,
-//!   [`auth::connect`] on the destination) and the per-frame MACs.
+//! - [`auth`]: the pre-shared key and its proofs; [`handshake`]: the challenge-response
+//!   ([`handshake::accept`] on the source, [`handshake::connect`] on the destination).
+//! - [`mac`]: the per-frame MACs of an authenticated connection.
 //! - [`framed`]: [`FramedStream`], the one blocking reader and writer of frames (MAC checked
 //!   before a frame is returned, `Error` frames included).
 //! - [`tls`]: optional TLS 1.3 under everything (a relay keeps the engine's io_uring path on a
@@ -11,6 +12,8 @@
 
 pub mod auth;
 pub mod framed;
+pub mod handshake;
+pub mod mac;
 pub mod tls;
 
 pub use framed::{FramedStream, LinkError};

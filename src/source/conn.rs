@@ -1,0 +1,51 @@
+//! The source's use of the link layer: frames from a destination, and link errors in the
+//! source's words.
+
+use std::net::SocketAddr;
+
+use super::error::SourceError;
+use crate::codec::{CodecError, Header, Kind};
+use crate::link::{FramedStream, LinkError};
+
+/// Reads the next frame from the destination (its MAC checked on an authenticated link); a
+/// `Pages` frame, which no destination sends, is refused at its header.
+pub(super) fn read_frame(
+    link: &mut FramedStream,
+    peer: SocketAddr,
+) -> Result<Option<Header>, SourceError> {
+    link.read_frame_if(|h| match h.kind {
+        Kind::Pages => Err(CodecError::Unexpected {
+            got: h.kind,
+            expected: "a request or control frame",
+        }),
+        _ => Ok(()),
+    })
+    .map_err(link_err(peer))
+}
+
+/// A write's link error, in the source's words (what was sent, to whom).
+pub(super) fn write_err(
+    what: &str,
+    peer: SocketAddr,
+) -> impl FnOnce(LinkError) -> SourceError + '_ {
+    move |e| match e {
+        LinkError::Io { source, .. } => SourceError::Io {
+            context: format!("{what} to {peer}"),
+            source,
+        },
+        e => link_err(peer)(e),
+    }
+}
+
+/// A link error, in the source's words (naming the peer).
+pub(super) fn link_err(peer: SocketAddr) -> impl FnOnce(LinkError) -> SourceError {
+    move |e| match e {
+        LinkError::Io { what, source } => SourceError::Io {
+            context: format!("{what} from {peer}"),
+            source,
+        },
+        LinkError::Protocol(source) => SourceError::Protocol { peer, source },
+        LinkError::Auth(e) => SourceError::Auth(e),
+        LinkError::Remote(message) => SourceError::Remote { peer, message },
+    }
+}

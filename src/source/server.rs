@@ -1,0 +1,180 @@
+//! The listener: accepts connections (a thread each), keeps the sessions, reaps idle ones, and
+//! reports every session when it ends or when the server stops.
+
+use super::config::{LiveParts, SourceConfig};
+use super::error::{io_err, SourceError};
+use super::handshake::serve_connection;
+use super::registry::{reap_idle, record_end, Shared};
+use super::session::{Session, SessionReport};
+use crate::image::Image;
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The source page server.
+pub struct SourceServer {
+    pub(super) listener: TcpListener,
+    pub(super) shared: Arc<Shared>,
+    pub(super) stop: Arc<AtomicBool>,
+}
+
+/// A handle to stop a running server from another thread.
+#[derive(Clone, Debug)]
+pub struct StopHandle(Arc<AtomicBool>);
+
+impl StopHandle {
+    /// Asks [`SourceServer::run`] to return.
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+impl SourceServer {
+    /// Binds `addr` (use port 0 for any free port) to serve `image`.
+    pub fn bind(
+        addr: &str,
+        image: Arc<dyn Image>,
+        config: SourceConfig,
+    ) -> Result<SourceServer, SourceError> {
+        Self::bind_with(addr, image, None, config)
+    }
+
+    /// Binds `addr` to serve the memory of a live workload: `image` reads that memory, `live`
+    /// tracks its writes and stops it. One session migrates it (with precopy if the destination
+    /// offers it); the workload is stopped at that session's switchover.
+    pub fn bind_live(
+        addr: &str,
+        image: Arc<dyn Image>,
+        live: LiveParts,
+        config: SourceConfig,
+    ) -> Result<SourceServer, SourceError> {
+        assert_eq!(
+            live.trackers.len(),
+            image.layout().blocks.len(),
+            "one dirty tracker per block"
+        );
+        Self::bind_with(addr, image, Some(live), config)
+    }
+
+    pub(super) fn bind_with(
+        addr: &str,
+        image: Arc<dyn Image>,
+        live: Option<LiveParts>,
+        config: SourceConfig,
+    ) -> Result<SourceServer, SourceError> {
+        let listener = TcpListener::bind(addr).map_err(|source| SourceError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        listener
+            .set_nonblocking(true)
+            .map_err(io_err("set listener non-blocking"))?;
+        let seed = (std::process::id() as u64) << 32
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1);
+        Ok(SourceServer {
+            listener,
+            shared: Arc::new(Shared {
+                image,
+                is_live: live.is_some(),
+                live: Mutex::new(live),
+                config,
+                sessions: Mutex::new(HashMap::new()),
+                finished: Mutex::new(Vec::new()),
+                next_id: AtomicU64::new(xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()) | 1),
+            }),
+            stop: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// A handle that stops [`run`](Self::run).
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle(self.stop.clone())
+    }
+
+    /// Accepts and serves connections until stopped, or (with `once`) until the first session
+    /// ends. Returns the reports of the sessions that ended.
+    pub fn run(&self) -> Result<Vec<SessionReport>, SourceError> {
+        let mut last_reap = Instant::now();
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            if last_reap.elapsed() > Duration::from_millis(500) {
+                reap_idle(&self.shared);
+                last_reap = Instant::now();
+            }
+            if self.shared.config.once && !self.shared.finished.lock().expect("poisoned").is_empty()
+            {
+                break;
+            }
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    let shared = self.shared.clone();
+                    std::thread::Builder::new()
+                        .name(format!("src-conn-{peer}"))
+                        .spawn(move || serve_connection(shared, stream, peer))
+                        .map_err(io_err("spawn connection thread"))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("accept")(e)),
+            }
+        }
+        self.drain_sessions();
+        Ok(std::mem::take(
+            &mut *self.shared.finished.lock().expect("poisoned"),
+        ))
+    }
+
+    /// On stop, nothing goes unreported: sessions with open connections get
+    /// [`STOP_GRACE`] to end on their own (a destination that has all its pages closes at
+    /// once); every session left is then reported as ended by the stop, with its state.
+    pub(super) fn drain_sessions(&self) {
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            let open = {
+                let sessions = self.shared.sessions.lock().expect("poisoned");
+                sessions
+                    .values()
+                    .any(|s| s.connections.load(Ordering::Acquire) > 0)
+            };
+            if !open {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let left: Vec<Arc<Session>> = {
+            let mut sessions = self.shared.sessions.lock().expect("poisoned");
+            sessions.drain().map(|(_, s)| s).collect()
+        };
+        for s in left {
+            if !s.all_ended() {
+                let open = s.connections.load(Ordering::Acquire);
+                s.fail(format!(
+                    "the source was stopped with the migration incomplete ({} of {} workers \
+                     ended, {open} connection(s) open): the destination cannot finish",
+                    s.ends_seen.load(Ordering::Acquire),
+                    s.workers
+                ));
+            }
+            record_end(&self.shared, &s);
+        }
+    }
+}
+
+/// How long a stopped source waits for sessions with open connections to end by themselves.
+pub(super) const STOP_GRACE: Duration = Duration::from_secs(2);

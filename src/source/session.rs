@@ -1,0 +1,192 @@
+//! A source session: the pages sent so far, the workers' ends, its counters and its report.
+
+use super::conn::write_err;
+use super::error::SourceError;
+use crate::layout::Layout;
+use crate::layout::PageBitmap;
+use crate::link::FramedStream;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// What one session did, from the source's side.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SessionReport {
+    /// Session id.
+    pub session: u64,
+    /// Whether the destination confirmed it had every page.
+    pub complete: bool,
+    /// Pages sent in answer to requests.
+    pub pages_urgent: u64,
+    /// Pages sent by the background stream.
+    pub pages_stream: u64,
+    /// Of those, zero pages (sent as flags).
+    pub pages_zero: u64,
+    /// Of the urgent pages, those sent ahead of a sequential reader (prefetch).
+    pub pages_prefetched: u64,
+    /// Requests received.
+    pub requests: u64,
+    /// Bytes written.
+    pub bytes_sent: u64,
+    /// Wall time of the session.
+    pub seconds: f64,
+    /// Pages sent per precopy round (empty without precopy).
+    pub precopy_round_pages: Vec<u64>,
+    /// Pages dirty at switchover (discarded on the destination if precopy had sent them).
+    pub pages_dirty_at_switchover: u64,
+    /// Pages in `Discard` frames.
+    pub pages_discarded: u64,
+    /// Connections that rejoined after a break.
+    pub recoveries: u64,
+    /// Pages streamed again after a break (the destination did not have them).
+    pub pages_resent: u64,
+    /// Error that ended it, if any.
+    pub error: Option<String>,
+}
+
+pub(super) struct Session {
+    pub(super) id: u64,
+    pub(super) workers: u16,
+    pub(super) sent: Vec<PageBitmap>,
+    pub(super) started: Instant,
+    pub(super) ends_seen: AtomicUsize,
+    /// Workers whose `End` arrived (a worker may send it twice across a reconnection).
+    pub(super) ended: Mutex<Vec<bool>>,
+    /// Workers whose urgent connection rejoined (a session rebuilt after a restart).
+    pub(super) rejoined: Mutex<Vec<bool>>,
+    /// Rebuilt from a destination's resume after this source restarted.
+    pub(super) resumed: bool,
+    /// Milliseconds after `started` when a connection last broke (0: never): the session then
+    /// waits up to the recovery timeout for the destination to come back.
+    pub(super) broken_at_ms: AtomicU64,
+    /// Connections that rejoined after a break.
+    pub(super) recoveries: AtomicU64,
+    /// Pages streamed again because a resumed destination did not have them.
+    pub(super) pages_resent: AtomicU64,
+    /// Per worker, the generation of its stream: a resumed stream supersedes the one of the
+    /// broken connection, which stops claiming pages at once.
+    pub(super) bulk_gen: Vec<AtomicU64>,
+    pub(super) failed: Mutex<Option<String>>,
+    pub(super) finished: AtomicBool,
+    /// Connections open now; changed only under the sessions lock.
+    pub(super) connections: AtomicUsize,
+    /// Milliseconds after `started` when the last connection closed (0 while any is open).
+    pub(super) idle_since_ms: AtomicU64,
+    pub(super) pages_urgent: AtomicU64,
+    pub(super) pages_stream: AtomicU64,
+    pub(super) pages_zero: AtomicU64,
+    pub(super) pages_prefetched: AtomicU64,
+    pub(super) requests: AtomicU64,
+    pub(super) bytes_sent: AtomicU64,
+    /// The workload is stopped: the memory is what the destination must end up with.
+    pub(super) switched_over: AtomicBool,
+    pub(super) precopy: Mutex<PrecopyStats>,
+}
+
+#[derive(Default)]
+pub(super) struct PrecopyStats {
+    pub(super) round_pages: Vec<u64>,
+    pub(super) dirty_at_switchover: u64,
+    pub(super) discarded: u64,
+}
+
+impl Session {
+    pub(super) fn new(
+        layout: &Layout,
+        live: bool,
+        id: u64,
+        workers: u16,
+        resumed: bool,
+    ) -> Session {
+        Session {
+            id,
+            workers,
+            sent: layout
+                .blocks
+                .iter()
+                .map(|b| PageBitmap::new(b.pages()))
+                .collect(),
+            started: Instant::now(),
+            ends_seen: AtomicUsize::new(0),
+            ended: Mutex::new(vec![false; usize::from(workers)]),
+            rejoined: Mutex::new(vec![false; usize::from(workers)]),
+            resumed,
+            broken_at_ms: AtomicU64::new(0),
+            recoveries: AtomicU64::new(0),
+            pages_resent: AtomicU64::new(0),
+            bulk_gen: (0..workers).map(|_| AtomicU64::new(0)).collect(),
+            failed: Mutex::new(None),
+            finished: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            pages_urgent: AtomicU64::new(0),
+            pages_stream: AtomicU64::new(0),
+            pages_zero: AtomicU64::new(0),
+            pages_prefetched: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            switched_over: AtomicBool::new(!live || resumed),
+            precopy: Mutex::new(PrecopyStats::default()),
+        }
+    }
+
+    /// Whether every worker that must end has ended: all of them, or, for a session rebuilt
+    /// after a restart, every worker that came back (the others had finished before).
+    pub(super) fn all_ended(&self) -> bool {
+        if self.ends_seen.load(Ordering::Acquire) >= usize::from(self.workers) {
+            return true;
+        }
+        if !self.resumed {
+            return false;
+        }
+        let ended = self.ended.lock().expect("poisoned");
+        let rejoined = self.rejoined.lock().expect("poisoned");
+        rejoined.iter().any(|r| *r) && rejoined.iter().zip(ended.iter()).all(|(r, e)| !r || *e)
+    }
+
+    pub(super) fn report(&self) -> SessionReport {
+        let error = self.failed.lock().expect("poisoned").clone();
+        let precopy = self.precopy.lock().expect("poisoned");
+        SessionReport {
+            session: self.id,
+            complete: error.is_none() && self.all_ended(),
+            pages_urgent: self.pages_urgent.load(Ordering::Relaxed),
+            pages_stream: self.pages_stream.load(Ordering::Relaxed),
+            pages_zero: self.pages_zero.load(Ordering::Relaxed),
+            pages_prefetched: self.pages_prefetched.load(Ordering::Relaxed),
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
+            seconds: self.started.elapsed().as_secs_f64(),
+            error,
+            precopy_round_pages: precopy.round_pages.clone(),
+            pages_dirty_at_switchover: precopy.dirty_at_switchover,
+            pages_discarded: precopy.discarded,
+            recoveries: self.recoveries.load(Ordering::Relaxed),
+            pages_resent: self.pages_resent.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Writes the frames in `out` to the destination (each with its MAC on an authenticated
+    /// link), counts them, and empties `out`.
+    pub(super) fn flush(
+        &self,
+        link: &mut FramedStream,
+        out: &mut Vec<u8>,
+        what: &str,
+        peer: SocketAddr,
+    ) -> Result<(), SourceError> {
+        let n = link.write_frames(out).map_err(write_err(what, peer))?;
+        self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
+        out.clear();
+        Ok(())
+    }
+
+    pub(super) fn fail(&self, why: String) {
+        let mut f = self.failed.lock().expect("poisoned");
+        if f.is_none() {
+            *f = Some(why);
+        }
+        self.finished.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,70 @@
+//! A verify connection: the checksum of every page as it was at switchover.
+
+use super::conn::read_frame;
+use super::error::SourceError;
+use super::registry::Shared;
+use super::session::Session;
+use crate::codec;
+use crate::codec::{CodecError, Header, Kind};
+use crate::image::{page_checksum, PageData};
+use crate::link::FramedStream;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+/// A verify connection: after `Run` from the destination (sent once its migration is done),
+/// the checksum of every page as it was at switchover, then `End`.
+pub(super) fn serve_verify(
+    shared: &Shared,
+    session: &Session,
+    link: &mut FramedStream,
+    peer: SocketAddr,
+) -> Result<(), SourceError> {
+    match read_frame(link, peer)? {
+        Some(h) if h.kind == Kind::Run => {}
+        None => return Ok(()),
+        Some(h) => {
+            return Err(SourceError::Protocol {
+                peer,
+                source: CodecError::Unexpected {
+                    got: h.kind,
+                    expected: "Run (start of verification)",
+                },
+            })
+        }
+    }
+    if !session.switched_over.load(Ordering::Acquire) {
+        return Err(SourceError::Protocol {
+            peer,
+            source: CodecError::BadBody {
+                kind: Kind::Run,
+                detail: "verification asked before the switchover: the memory still changes".into(),
+            },
+        });
+    }
+    let layout = shared.image.layout();
+    let mut scratch = vec![0u8; layout.max_page_size() as usize];
+    let mut out = Vec::with_capacity((codec::MAX_CHECKSUMS as usize) * 8 + 64);
+    for (b, block) in layout.blocks.iter().enumerate() {
+        let zero = page_checksum(&vec![0u8; block.page_size as usize]);
+        let mut first = 0;
+        while first < block.pages() {
+            let n = (block.pages() - first).min(codec::MAX_CHECKSUMS);
+            Header::checksums(b as u32, first, n).encode_into(&mut out);
+            for p in first..first + n {
+                let sum = match shared.image.page(b as u32, p, &mut scratch) {
+                    PageData::Zero => zero,
+                    PageData::Data(d) => page_checksum(d),
+                };
+                out.extend_from_slice(&sum.to_le_bytes());
+            }
+            session.flush(link, &mut out, "send checksums", peer)?;
+            first += n;
+        }
+    }
+    Header::control(Kind::End, layout.total_pages()).encode_into(&mut out);
+    session.flush(link, &mut out, "send checksums", peer)?;
+    let mut sink = [0u8; 64];
+    let _ = link.socket().read(&mut sink);
+    Ok(())
+}
