@@ -223,6 +223,44 @@ pub enum CodecError {
     },
 }
 
+/// A `Hello`, field by field (its header carries the session id in `page`, the role in
+/// `block`, the worker index in `count`, the worker count and the flags in `mask`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The session to join; 0 starts a new one.
+    pub session: u64,
+    /// What the connection carries.
+    pub role: Role,
+    /// The destination worker it belongs to.
+    pub worker: u16,
+    /// The destination's worker count.
+    pub workers: u16,
+    /// Send the zero-page map after `Welcome`.
+    pub zero_map: bool,
+    /// Precopy first.
+    pub precopy: bool,
+    /// Rejoining the session after a break.
+    pub resume: bool,
+}
+
+impl Hello {
+    /// The fields of a decoded `Hello` header (`decode` checked its role and worker count).
+    pub fn of(h: &Header) -> Option<Hello> {
+        if h.kind != Kind::Hello {
+            return None;
+        }
+        Some(Hello {
+            session: h.page,
+            role: h.role()?,
+            worker: h.count,
+            workers: h.workers() as u16,
+            zero_map: h.wants_zero_map(),
+            precopy: h.wants_precopy(),
+            resume: h.wants_resume(),
+        })
+    }
+}
+
 /// A decoded header.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {

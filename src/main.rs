@@ -93,6 +93,7 @@ mod tests {
     #[test]
     fn page_sizes_take_units() {
         assert!(parses("postcopy serve --image f --page-size 2M --insecure"));
+        assert!(parses("postcopy serve --synthetic 1G --prefetch-max 2 --insecure"));
         assert!(parses(
             "postcopy serve --image f --page-size 2097152 --insecure"
         ));
@@ -115,7 +116,6 @@ mod tests {
             "postcopy demo --precopy-max-seconds -1",
             "postcopy demo --precopy-max-seconds inf",
             "postcopy demo --recovery-timeout 100000",
-            "postcopy serve --synthetic 1G --prefetch-max 2",
             "postcopy serve --synthetic 1G --prefetch-max 1025",
             "postcopy handler --socket s --source h:1 --stall-timeout 0",
             "postcopy bench --runs 0",

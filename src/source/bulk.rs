@@ -86,11 +86,10 @@ pub(super) fn serve_bulk(
     let _ = crate::sys::set_thread_nice(19);
     // A destination connects its streams during precopy; they start at the switchover (a page
     // streamed earlier could be dirtied after it was sent and arrive stale).
-    while !session.switched_over.load(Ordering::Acquire) {
-        if session.finished.load(Ordering::Acquire) {
+    while !session.life.wait_switchover(Duration::from_secs(60)) {
+        if session.life.is_finished() {
             return Ok(());
         }
-        std::thread::sleep(Duration::from_millis(1));
     }
     let gen = &session.bulk_gen[usize::from(worker)];
     let my_gen = gen.fetch_add(1, Ordering::AcqRel) + 1;
@@ -110,11 +109,11 @@ pub(super) fn serve_bulk(
         let max = u64::from(max_batch_pages(block.page_size));
         let mut p = start;
         while p < end {
-            if session.finished.load(Ordering::Acquire) {
+            if session.life.is_finished() {
                 // Every worker confirmed all its pages (by faults and this stream): end the
                 // stream cleanly rather than cut it; the destination may already have closed.
                 // (A failed session's stream is just closed: its error went on another link.)
-                if session.failed.lock().expect("poisoned").is_none() {
+                if session.life.failure().is_none() {
                     Header::control(Kind::End, streamed).encode_into(&mut out);
                     let _ = session.flush(link, &mut out, "stream pages", peer);
                 }

@@ -2,9 +2,15 @@
 //! rebuilding) its session, `Welcome`; then the role's loop, and what a failure means for the
 //! session.
 
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use super::bulk::{resume_bulk, serve_bulk};
+use super::config::LiveParts;
 use super::conn::{link_err, read_frame, write_err};
 use super::error::SourceError;
+use super::lifecycle::JoinRefused;
 use super::pages::encode_zero_map;
 use super::precopy::run_precopy;
 use super::registry::{finish_connection, log, Shared};
@@ -12,13 +18,39 @@ use super::session::Session;
 use super::unix_us;
 use super::urgent::serve_urgent;
 use super::verify::serve_verify;
-use crate::codec::{CodecError, Kind, Role, Welcome};
+use crate::codec::{CodecError, Hello, Role, Welcome};
 use crate::link::FramedStream;
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
+/// Serves one accepted connection to its end (its own thread).
 pub(super) fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let Some(mut link) = open_link(&shared, stream, peer) else {
+        return;
+    };
+    let hello = match read_hello(&mut link, peer) {
+        Ok(Some(hello)) => hello,
+        Ok(None) => return,
+        Err(e) => {
+            log(&shared, format_args!("{peer}: handshake failed: {e}"));
+            link.send_error(&format!("handshake: {e}"));
+            return;
+        }
+    };
+    let session = match join_session(&shared, &hello, peer) {
+        Ok(session) => session,
+        Err(refusal) => {
+            link.send_error(&refusal);
+            return;
+        }
+    };
+    if let Err(e) = serve_joined(&shared, &session, &mut link, &hello, peer) {
+        connection_failed(&shared, &session, &mut link, e, peer);
+    }
+    finish_connection(&shared, &session);
+}
+
+/// TLS (if configured), timeouts, and the challenge-response (if keyed): nobody without the
+/// key gets past this, so no session is created and no page is read for them.
+fn open_link(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Option<FramedStream> {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     let _ = stream.set_read_timeout(Some(shared.config.handshake_timeout));
@@ -27,8 +59,8 @@ pub(super) fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Soc
         Some(tls) => match tls.accept(stream) {
             Ok(plain) => plain,
             Err(e) => {
-                log(&shared, format_args!("{peer}: {e}"));
-                return;
+                log(shared, format_args!("{peer}: {e}"));
+                return None;
             }
         },
     };
@@ -36,134 +68,167 @@ pub(super) fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     let _ = stream.set_write_timeout(Some(shared.config.write_timeout));
     let mut link = FramedStream::new(stream);
     if let Some(key) = &shared.config.key {
-        // Nobody without the key gets past this: no session, no page.
         if let Err(e) = crate::link::handshake::accept(&mut link, key).map_err(link_err(peer)) {
-            log(&shared, format_args!("{peer}: authentication: {e}"));
+            log(shared, format_args!("{peer}: authentication: {e}"));
             link.send_error(&format!("authentication: {e}"));
-            return;
+            return None;
         }
     }
-    let hello = match read_frame(&mut link, peer) {
-        Ok(Some(h)) if h.kind == Kind::Hello => h,
-        Ok(Some(h)) => {
-            let e = CodecError::Unexpected {
-                got: h.kind,
-                expected: "Hello",
-            };
-            log(&shared, format_args!("{peer}: {e}"));
-            link.send_error(&format!("handshake: {e}"));
-            return;
+    Some(link)
+}
+
+/// The connection's `Hello` (`None`: it hung up first).
+fn read_hello(link: &mut FramedStream, peer: SocketAddr) -> Result<Option<Hello>, SourceError> {
+    let Some(h) = read_frame(link, peer)? else {
+        return Ok(None);
+    };
+    Hello::of(&h).map(Some).ok_or(SourceError::Protocol {
+        peer,
+        source: CodecError::Unexpected {
+            got: h.kind,
+            expected: "Hello",
+        },
+    })
+}
+
+/// The session this connection belongs to, its connection counted; or the refusal to send.
+fn join_session(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<Arc<Session>, String> {
+    let mut sessions = shared.sessions.lock().expect("poisoned");
+    let session = if hello.session == 0 {
+        if hello.role != Role::Urgent || hello.worker != 0 {
+            return Err("handshake: a new session starts on worker 0's urgent connection".into());
         }
-        Ok(None) => return,
-        Err(e) => {
-            log(&shared, format_args!("{peer}: handshake failed: {e}"));
-            link.send_error(&format!("handshake: {e}"));
-            return;
+        if sessions.len() >= shared.config.max_sessions {
+            return Err("source busy: too many sessions; retry later".into());
+        }
+        let id = shared.next_id.fetch_add(2, Ordering::Relaxed);
+        let s = Arc::new(new_session(shared, id, hello.workers, false));
+        sessions.insert(id, s.clone());
+        s
+    } else {
+        match sessions.get(&hello.session) {
+            Some(s) if s.workers == hello.workers => s.clone(),
+            Some(_) => return Err(JoinRefused::Finished.to_string()),
+            // A destination resuming a session this process never saw: the source was
+            // restarted. A static image is the same as before, so the session is rebuilt
+            // from what the destination says it has (its `Have` frames).
+            None if hello.resume && !shared.is_live => {
+                let s = Arc::new(new_session(shared, hello.session, hello.workers, true));
+                let id = hello.session;
+                log(
+                    shared,
+                    format_args!(
+                        "{peer}: resuming session {id:#x} of an earlier run of this source"
+                    ),
+                );
+                sessions.insert(id, s.clone());
+                s
+            }
+            None => return Err(unknown_session(hello)),
         }
     };
-    let role = hello.role().expect("decode checked the role");
-    let workers = hello.mask as u16;
-    let worker = hello.count;
-    let session = {
-        let mut sessions = shared.sessions.lock().expect("poisoned");
-        let session = if hello.page == 0 {
-            if role != Role::Urgent || worker != 0 {
-                drop(sessions);
-                link.send_error("handshake: a new session starts on worker 0's urgent connection");
-                return;
-            }
-            if sessions.len() >= shared.config.max_sessions {
-                drop(sessions);
-                link.send_error("source busy: too many sessions; retry later");
-                return;
-            }
-            let id = shared.next_id.fetch_add(2, Ordering::Relaxed);
-            let s = Arc::new(Session::new(
-                shared.image.layout(),
-                shared.is_live,
-                id,
-                workers,
-                false,
-            ));
-            sessions.insert(id, s.clone());
-            s
+    // Two per worker, plus one verify connection, plus the broken ones still closing.
+    let max = 4 * usize::from(hello.workers) + 1;
+    session
+        .life
+        .connection_opened(max)
+        .map_err(|r| r.to_string())?;
+    Ok(session)
+}
+
+fn new_session(shared: &Shared, id: u64, workers: u16, resumed: bool) -> Session {
+    Session::new(shared.image.layout(), shared.is_live, id, workers, resumed)
+}
+
+fn unknown_session(hello: &Hello) -> String {
+    format!(
+        "handshake: unknown session {:#x}{}",
+        hello.session,
+        if hello.resume {
+            " (a live source's memory cannot resume a migration after a restart)"
         } else {
-            match sessions.get(&hello.page) {
-                Some(s) if s.workers == workers && !s.finished.load(Ordering::Acquire) => s.clone(),
-                Some(_) => {
-                    drop(sessions);
-                    link.send_error("handshake: session is finished or the worker count differs");
-                    return;
-                }
-                // A destination resuming a session this process never saw: the source was
-                // restarted. A static image is the same as before, so the session is rebuilt
-                // from what the destination says it has (its `Have` frames).
-                None if hello.wants_resume() && !shared.is_live => {
-                    let s = Arc::new(Session::new(
-                        shared.image.layout(),
-                        shared.is_live,
-                        hello.page,
-                        workers,
-                        true,
-                    ));
-                    log(
-                        &shared,
-                        format_args!(
-                            "{peer}: resuming session {:#x} of an earlier run of this source",
-                            hello.page
-                        ),
-                    );
-                    sessions.insert(hello.page, s.clone());
-                    s
-                }
-                None => {
-                    drop(sessions);
-                    link.send_error(&format!(
-                        "handshake: unknown session {:#x}{}",
-                        hello.page,
-                        if hello.wants_resume() {
-                            " (a live source's memory cannot resume a migration after a restart)"
-                        } else {
-                            ""
-                        }
-                    ));
-                    return;
-                }
-            }
-        };
-        // Two per worker, plus one verify connection, plus the broken ones still closing.
-        if session.connections.load(Ordering::Acquire) > 4 * usize::from(workers) + 1 {
-            drop(sessions);
-            link.send_error("handshake: too many connections for this session");
-            return;
+            ""
         }
-        session.connections.fetch_add(1, Ordering::AcqRel);
-        session.idle_since_ms.store(0, Ordering::Release);
-        session
-    };
+    )
+}
+
+impl std::fmt::Display for JoinRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            JoinRefused::Finished => "handshake: session is finished or the worker count differs",
+            JoinRefused::TooMany => "handshake: too many connections for this session",
+        })
+    }
+}
+
+/// A joined connection: `Welcome` (and the zero map), precopy on a new session that offered
+/// it, then the role's loop.
+fn serve_joined(
+    shared: &Shared,
+    session: &Session,
+    link: &mut FramedStream,
+    hello: &Hello,
+    peer: SocketAddr,
+) -> Result<(), SourceError> {
+    let new = hello.session == 0;
+    let precopy = new && hello.precopy;
     // A new session of a live source takes its tracker and workload; without precopy the
     // workload stops now (pure postcopy).
-    let precopy = hello.page == 0 && hello.wants_precopy();
-    let mut live = None;
-    if hello.page == 0 && shared.is_live {
-        live = shared.live.lock().expect("poisoned").take();
-        if live.is_none() {
-            let e = SourceError::LiveUsed;
-            log(&shared, format_args!("{peer}: {e}"));
-            link.send_error(&e.to_string());
-            session.fail(e.to_string());
-            finish_connection(&shared, &session);
-            return;
-        }
-    }
+    let mut live = if new && shared.is_live {
+        Some(take_live(shared)?)
+    } else {
+        None
+    };
     let mut stopped_unix_us = 0;
-    if !precopy {
-        if let Some(l) = live.as_mut() {
-            l.workload.stop();
-            stopped_unix_us = unix_us();
-            session.switched_over.store(true, Ordering::Release);
+    if let (false, Some(l)) = (precopy, live.as_mut()) {
+        l.workload.stop();
+        stopped_unix_us = unix_us();
+        session.life.switch_over();
+    }
+    send_welcome(shared, session, link, hello, stopped_unix_us, peer)?;
+    let _ = link.socket().set_read_timeout(None);
+    if precopy {
+        run_precopy(shared, session, link, peer, live.as_mut())?;
+    }
+    drop(live);
+    if hello.resume {
+        session.recoveries.fetch_add(1, Ordering::Relaxed);
+        if hello.role == Role::Urgent {
+            session.life.worker_rejoined(hello.worker);
         }
     }
+    let worker = hello.worker;
+    match hello.role {
+        Role::Urgent => serve_urgent(shared, session, link, peer, worker),
+        Role::Bulk if hello.resume => {
+            resume_bulk(shared, session, link, peer, worker)?;
+            serve_bulk(shared, session, link, peer, worker)
+        }
+        Role::Bulk => serve_bulk(shared, session, link, peer, worker),
+        Role::Verify => serve_verify(shared, session, link, peer),
+    }
+}
+
+/// A live source's parts, which its one migration takes.
+fn take_live(shared: &Shared) -> Result<LiveParts, SourceError> {
+    shared
+        .live
+        .lock()
+        .expect("poisoned")
+        .take()
+        .ok_or(SourceError::LiveUsed)
+}
+
+/// `Welcome`, and the zero-page map when a new pure-postcopy session asked for it (the
+/// destination places those pages itself: neither a request nor the stream carries them).
+fn send_welcome(
+    shared: &Shared,
+    session: &Session,
+    link: &mut FramedStream,
+    hello: &Hello,
+    stopped_unix_us: u64,
+    peer: SocketAddr,
+) -> Result<(), SourceError> {
     let mut out = Vec::with_capacity(64 * 1024);
     Welcome {
         session: session.id,
@@ -172,64 +237,42 @@ pub(super) fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Soc
         stopped_unix_us,
     }
     .encode_into(&mut out);
-    if hello.wants_zero_map() && hello.page == 0 && !precopy {
-        // The zero-page map: the destination places these pages itself, so neither a request
-        // nor the stream needs to carry them.
-        encode_zero_map(shared.image.as_ref(), &session, &mut out);
+    if hello.zero_map && hello.session == 0 && !hello.precopy {
+        encode_zero_map(shared.image.as_ref(), session, &mut out);
     }
-    let result = link
-        .write_frames(&out)
+    link.write_frames(&out)
         .map_err(write_err("send Welcome", peer))
-        .and_then(|_| {
-            let _ = link.socket().set_read_timeout(None);
-            if precopy {
-                out.clear();
-                run_precopy(&shared, &session, &mut link, peer, live.as_mut())?;
-            }
-            drop(live.take());
-            if hello.wants_resume() {
-                session.recoveries.fetch_add(1, Ordering::Relaxed);
-                if role == Role::Urgent {
-                    session.rejoined.lock().expect("poisoned")[usize::from(worker)] = true;
-                }
-            }
-            match role {
-                Role::Urgent => serve_urgent(&shared, &session, &mut link, peer, worker),
-                Role::Bulk if hello.wants_resume() => {
-                    resume_bulk(&shared, &session, &mut link, peer, worker)?;
-                    serve_bulk(&shared, &session, &mut link, peer, worker)
-                }
-                Role::Bulk => serve_bulk(&shared, &session, &mut link, peer, worker),
-                Role::Verify => serve_verify(&shared, &session, &mut link, peer),
-            }
-        });
-    if let Err(e) = result {
-        // A broken connection (not a bad frame) is a network fault: the destination reconnects
-        // and resumes, so the session waits for it (up to the recovery timeout).
-        let broken = matches!(e, SourceError::Io { .. } | SourceError::Incomplete { .. })
-            && !shared.config.recovery_timeout.is_zero()
-            && !session.finished.load(Ordering::Acquire);
-        log(
-            &shared,
-            format_args!(
-                "session {:#x} {peer}: {e}{}",
-                session.id,
-                if broken {
-                    "; waiting for the destination to reconnect"
-                } else {
-                    ""
-                }
-            ),
-        );
-        if let SourceError::Protocol { .. } = e {
-            link.send_error(&e.to_string());
-        }
-        if broken {
-            let ms = (session.started.elapsed().as_millis() as u64).max(1);
-            session.broken_at_ms.store(ms, Ordering::Release);
-        } else if !session.finished.load(Ordering::Acquire) {
-            session.fail(e.to_string());
-        }
+        .map(|_| ())
+}
+
+/// What a connection's failure means for its session. A broken connection (not a bad frame) is
+/// a network fault: the destination reconnects and resumes, so the session waits for it (up to
+/// the recovery timeout). Anything else fails the session.
+fn connection_failed(
+    shared: &Shared,
+    session: &Session,
+    link: &mut FramedStream,
+    e: SourceError,
+    peer: SocketAddr,
+) {
+    let broken = matches!(e, SourceError::Io { .. } | SourceError::Incomplete { .. })
+        && !shared.config.recovery_timeout.is_zero()
+        && !session.life.is_finished();
+    let waiting = if broken {
+        "; waiting for the destination to reconnect"
+    } else {
+        ""
+    };
+    log(
+        shared,
+        format_args!("session {:#x} {peer}: {e}{waiting}", session.id),
+    );
+    if matches!(e, SourceError::Protocol { .. } | SourceError::LiveUsed) {
+        link.send_error(&e.to_string());
     }
-    finish_connection(&shared, &session);
+    if broken {
+        session.life.connection_broke();
+    } else {
+        session.life.fail(e.to_string());
+    }
 }

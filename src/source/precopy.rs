@@ -152,7 +152,7 @@ pub(super) fn run_precopy(
             merge_ranges(&mut dirty[b]);
         }
     }
-    session.switched_over.store(true, Ordering::Release);
+    session.life.switch_over();
     let mut dirty_pages = 0;
     let mut discarded = 0;
     for (b, ranges) in dirty.iter().enumerate() {

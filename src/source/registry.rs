@@ -5,7 +5,7 @@ use super::config::{LiveParts, SourceConfig};
 use super::session::{Session, SessionReport};
 use crate::image::Image;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 pub(super) struct Shared {
@@ -32,17 +32,7 @@ pub(super) fn finish_connection(shared: &Shared, session: &Arc<Session>) {
     // connected) waits for the others; `reap_idle` ends it if they never come.
     let ended = {
         let mut sessions = shared.sessions.lock().expect("poisoned");
-        if session.connections.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if session.finished.load(Ordering::Acquire) {
-                sessions.remove(&session.id).is_some()
-            } else {
-                let ms = (session.started.elapsed().as_millis() as u64).max(1);
-                session.idle_since_ms.store(ms, Ordering::Release);
-                false
-            }
-        } else {
-            false
-        }
+        session.life.connection_closed() && sessions.remove(&session.id).is_some()
     };
     if ended {
         record_end(shared, session);
@@ -72,28 +62,17 @@ pub(super) fn record_end(shared: &Shared, session: &Session) {
 /// Ends sessions that have had no connection for longer than the handshake timeout without
 /// completing (a destination that connected some workers and went away).
 pub(super) fn reap_idle(shared: &Shared) {
-    let handshake_ms = shared.config.handshake_timeout.as_millis() as u64;
-    let recovery_ms = shared.config.recovery_timeout.as_millis() as u64;
+    let (handshake, recovery) = (
+        shared.config.handshake_timeout,
+        shared.config.recovery_timeout,
+    );
     let mut reaped = Vec::new();
     {
         let mut sessions = shared.sessions.lock().expect("poisoned");
         sessions.retain(|_, s| {
-            let idle = s.idle_since_ms.load(Ordering::Acquire);
-            let now = s.started.elapsed().as_millis() as u64;
             // After a break the destination gets the recovery timeout to come back.
-            let broken = s.broken_at_ms.load(Ordering::Acquire) > 0;
-            let limit_ms = if broken { recovery_ms } else { handshake_ms };
-            let stale = s.connections.load(Ordering::Acquire) == 0
-                && idle > 0
-                && now.saturating_sub(idle) > limit_ms;
+            let stale = s.life.stale(handshake, recovery).is_some();
             if stale {
-                s.fail(format!(
-                    "no connection for {} s{} and {} of {} workers ended: the destination went away",
-                    limit_ms / 1000,
-                    if broken { " after a connection broke" } else { "" },
-                    s.ends_seen.load(Ordering::Acquire),
-                    s.workers
-                ));
                 reaped.push(s.clone());
             }
             !stale

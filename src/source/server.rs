@@ -148,9 +148,7 @@ impl SourceServer {
         while Instant::now() < deadline {
             let open = {
                 let sessions = self.shared.sessions.lock().expect("poisoned");
-                sessions
-                    .values()
-                    .any(|s| s.connections.load(Ordering::Acquire) > 0)
+                sessions.values().any(|s| s.life.connections() > 0)
             };
             if !open {
                 break;
@@ -162,12 +160,12 @@ impl SourceServer {
             sessions.drain().map(|(_, s)| s).collect()
         };
         for s in left {
-            if !s.all_ended() {
-                let open = s.connections.load(Ordering::Acquire);
-                s.fail(format!(
+            if !s.life.all_ended() {
+                let open = s.life.connections();
+                s.life.fail(format!(
                     "the source was stopped with the migration incomplete ({} of {} workers \
                      ended, {open} connection(s) open): the destination cannot finish",
-                    s.ends_seen.load(Ordering::Acquire),
+                    s.life.ends_seen(),
                     s.workers
                 ));
             }

@@ -2,11 +2,12 @@
 
 use super::conn::write_err;
 use super::error::SourceError;
+use super::lifecycle::{Lifecycle, Phase};
 use crate::layout::Layout;
 use crate::layout::PageBitmap;
 use crate::link::FramedStream;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -50,16 +51,8 @@ pub(super) struct Session {
     pub(super) workers: u16,
     pub(super) sent: Vec<PageBitmap>,
     pub(super) started: Instant,
-    pub(super) ends_seen: AtomicUsize,
-    /// Workers whose `End` arrived (a worker may send it twice across a reconnection).
-    pub(super) ended: Mutex<Vec<bool>>,
-    /// Workers whose urgent connection rejoined (a session rebuilt after a restart).
-    pub(super) rejoined: Mutex<Vec<bool>>,
-    /// Rebuilt from a destination's resume after this source restarted.
-    pub(super) resumed: bool,
-    /// Milliseconds after `started` when a connection last broke (0: never): the session then
-    /// waits up to the recovery timeout for the destination to come back.
-    pub(super) broken_at_ms: AtomicU64,
+    /// Its phase and connections: every transition is a method of [`Lifecycle`].
+    pub(super) life: Lifecycle,
     /// Connections that rejoined after a break.
     pub(super) recoveries: AtomicU64,
     /// Pages streamed again because a resumed destination did not have them.
@@ -67,20 +60,12 @@ pub(super) struct Session {
     /// Per worker, the generation of its stream: a resumed stream supersedes the one of the
     /// broken connection, which stops claiming pages at once.
     pub(super) bulk_gen: Vec<AtomicU64>,
-    pub(super) failed: Mutex<Option<String>>,
-    pub(super) finished: AtomicBool,
-    /// Connections open now; changed only under the sessions lock.
-    pub(super) connections: AtomicUsize,
-    /// Milliseconds after `started` when the last connection closed (0 while any is open).
-    pub(super) idle_since_ms: AtomicU64,
     pub(super) pages_urgent: AtomicU64,
     pub(super) pages_stream: AtomicU64,
     pub(super) pages_zero: AtomicU64,
     pub(super) pages_prefetched: AtomicU64,
     pub(super) requests: AtomicU64,
     pub(super) bytes_sent: AtomicU64,
-    /// The workload is stopped: the memory is what the destination must end up with.
-    pub(super) switched_over: AtomicBool,
     pub(super) precopy: Mutex<PrecopyStats>,
 }
 
@@ -108,49 +93,26 @@ impl Session {
                 .map(|b| PageBitmap::new(b.pages()))
                 .collect(),
             started: Instant::now(),
-            ends_seen: AtomicUsize::new(0),
-            ended: Mutex::new(vec![false; usize::from(workers)]),
-            rejoined: Mutex::new(vec![false; usize::from(workers)]),
-            resumed,
-            broken_at_ms: AtomicU64::new(0),
+            life: Lifecycle::new(workers, !live || resumed, resumed),
             recoveries: AtomicU64::new(0),
             pages_resent: AtomicU64::new(0),
             bulk_gen: (0..workers).map(|_| AtomicU64::new(0)).collect(),
-            failed: Mutex::new(None),
-            finished: AtomicBool::new(false),
-            connections: AtomicUsize::new(0),
-            idle_since_ms: AtomicU64::new(0),
             pages_urgent: AtomicU64::new(0),
             pages_stream: AtomicU64::new(0),
             pages_zero: AtomicU64::new(0),
             pages_prefetched: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
-            switched_over: AtomicBool::new(!live || resumed),
             precopy: Mutex::new(PrecopyStats::default()),
         }
     }
 
-    /// Whether every worker that must end has ended: all of them, or, for a session rebuilt
-    /// after a restart, every worker that came back (the others had finished before).
-    pub(super) fn all_ended(&self) -> bool {
-        if self.ends_seen.load(Ordering::Acquire) >= usize::from(self.workers) {
-            return true;
-        }
-        if !self.resumed {
-            return false;
-        }
-        let ended = self.ended.lock().expect("poisoned");
-        let rejoined = self.rejoined.lock().expect("poisoned");
-        rejoined.iter().any(|r| *r) && rejoined.iter().zip(ended.iter()).all(|(r, e)| !r || *e)
-    }
-
     pub(super) fn report(&self) -> SessionReport {
-        let error = self.failed.lock().expect("poisoned").clone();
+        let error = self.life.failure();
         let precopy = self.precopy.lock().expect("poisoned");
         SessionReport {
             session: self.id,
-            complete: error.is_none() && self.all_ended(),
+            complete: self.life.phase() == Phase::Complete,
             pages_urgent: self.pages_urgent.load(Ordering::Relaxed),
             pages_stream: self.pages_stream.load(Ordering::Relaxed),
             pages_zero: self.pages_zero.load(Ordering::Relaxed),
@@ -180,13 +142,5 @@ impl Session {
         self.bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
         out.clear();
         Ok(())
-    }
-
-    pub(super) fn fail(&self, why: String) {
-        let mut f = self.failed.lock().expect("poisoned");
-        if f.is_none() {
-            *f = Some(why);
-        }
-        self.finished.store(true, Ordering::Release);
     }
 }

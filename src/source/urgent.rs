@@ -41,7 +41,7 @@ pub(super) fn serve_urgent(
                 let block = h
                     .check(layout)
                     .map_err(|source| SourceError::Protocol { peer, source })?;
-                if !session.switched_over.load(Ordering::Acquire) {
+                if !session.life.is_switched_over() {
                     // The memory still changes: nothing may be served outside precopy yet.
                     return Err(SourceError::Protocol {
                         peer,
@@ -102,19 +102,18 @@ pub(super) fn serve_urgent(
                 session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
             }
             Kind::End => {
-                let first_end = {
-                    let mut ended = session.ended.lock().expect("poisoned");
-                    let slot = &mut ended[usize::from(worker)];
-                    !std::mem::replace(slot, true)
-                };
-                if first_end {
-                    session.ends_seen.fetch_add(1, Ordering::AcqRel);
-                }
+                session
+                    .life
+                    .worker_ended(worker)
+                    .map_err(|detail| SourceError::Protocol {
+                        peer,
+                        source: CodecError::BadBody {
+                            kind: Kind::End,
+                            detail: detail.into(),
+                        },
+                    })?;
                 Header::control(Kind::Ack, h.page).encode_into(&mut out);
                 session.flush(link, &mut out, "send Ack", peer)?;
-                if session.all_ended() {
-                    session.finished.store(true, Ordering::Release);
-                }
                 return Ok(());
             }
             other => {

@@ -10,7 +10,6 @@ use crate::image::{page_checksum, PageData};
 use crate::link::FramedStream;
 use std::io::Read;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 
 /// A verify connection: after `Run` from the destination (sent once its migration is done),
 /// the checksum of every page as it was at switchover, then `End`.
@@ -33,7 +32,7 @@ pub(super) fn serve_verify(
             })
         }
     }
-    if !session.switched_over.load(Ordering::Acquire) {
+    if !session.life.is_switched_over() {
         return Err(SourceError::Protocol {
             peer,
             source: CodecError::BadBody {
