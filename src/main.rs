@@ -93,7 +93,9 @@ mod tests {
     #[test]
     fn page_sizes_take_units() {
         assert!(parses("postcopy serve --image f --page-size 2M --insecure"));
-        assert!(parses("postcopy serve --synthetic 1G --prefetch-max 2 --insecure"));
+        assert!(parses(
+            "postcopy serve --synthetic 1G --prefetch-max 2 --insecure"
+        ));
         assert!(parses(
             "postcopy serve --image f --page-size 2097152 --insecure"
         ));

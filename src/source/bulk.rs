@@ -92,37 +92,61 @@ pub(super) fn serve_bulk(
         }
     }
     let gen = &session.bulk_gen[usize::from(worker)];
-    let my_gen = gen.fetch_add(1, Ordering::AcqRel) + 1;
-    let layout = shared.image.layout();
-    let max_page = layout.max_page_size() as usize;
-    let mut scratch = vec![0u8; max_page];
-    const FLUSH_BYTES: usize = 1 << 20;
-    let mut out: Vec<u8> = Vec::with_capacity(FLUSH_BYTES + 64 * 4096 + 4096);
-    let mut streamed = 0u64;
-    for (b, block) in layout.blocks.iter().enumerate() {
-        let (start, end) = crate::dest::shard(
-            block.pages(),
-            usize::from(worker),
-            usize::from(session.workers),
-        );
-        let sent = &session.sent[b];
+    let max_page = shared.image.layout().max_page_size() as usize;
+    let mut stream = Stream {
+        shared,
+        session,
+        link,
+        peer,
+        my_gen: gen.fetch_add(1, Ordering::AcqRel) + 1,
+        worker,
+        scratch: vec![0u8; max_page],
+        out: Vec::with_capacity(FLUSH_BYTES + 64 * 4096 + 4096),
+        streamed: 0,
+    };
+    for b in 0..shared.image.layout().blocks.len() {
+        if !stream.block(b)? {
+            return Ok(());
+        }
+    }
+    Header::control(Kind::End, stream.streamed).encode_into(&mut stream.out);
+    session.flush(stream.link, &mut stream.out, "stream pages", peer)?;
+    // Hold the connection until the destination closes it (it may still be placing pages).
+    let mut sink = [0u8; 64];
+    let _ = stream.link.socket().read(&mut sink);
+    Ok(())
+}
+
+/// Bytes queued before a write.
+const FLUSH_BYTES: usize = 1 << 20;
+
+/// One bulk connection's stream of its worker's shard.
+struct Stream<'a> {
+    shared: &'a Shared,
+    session: &'a Session,
+    link: &'a mut FramedStream,
+    peer: SocketAddr,
+    /// This stream's generation: a resumed stream of the worker supersedes it.
+    my_gen: u64,
+    worker: u16,
+    scratch: Vec<u8>,
+    out: Vec<u8>,
+    streamed: u64,
+}
+
+impl Stream<'_> {
+    /// Streams the unsent pages of the worker's shard of block `b`, in page order; `false`
+    /// when the stream must stop (the session finished, or a resumed stream took over).
+    fn block(&mut self, b: usize) -> Result<bool, SourceError> {
+        let block = &self.shared.image.layout().blocks[b];
+        let workers = usize::from(self.session.workers);
+        let (start, end) = crate::dest::shard(block.pages(), usize::from(self.worker), workers);
+        let sent = &self.session.sent[b];
         let max = u64::from(max_batch_pages(block.page_size));
         let mut p = start;
         while p < end {
-            if session.life.is_finished() {
-                // Every worker confirmed all its pages (by faults and this stream): end the
-                // stream cleanly rather than cut it; the destination may already have closed.
-                // (A failed session's stream is just closed: its error went on another link.)
-                if session.life.failure().is_none() {
-                    Header::control(Kind::End, streamed).encode_into(&mut out);
-                    let _ = session.flush(link, &mut out, "stream pages", peer);
-                }
-                return Ok(());
-            }
-            if gen.load(Ordering::Acquire) != my_gen {
-                // Superseded by a resumed stream: what this one claimed and did not deliver is
-                // what the destination will not have (and asks for).
-                return Ok(());
+            if !self.keep_going() {
+                return Ok(false);
             }
             let Some(first) = sent.next_clear(p, end) else {
                 break;
@@ -132,34 +156,51 @@ pub(super) fn serve_bulk(
             while first + n < end && n < max && sent.set(first + n) {
                 n += 1;
             }
-            if n == 0 {
-                p = first + 1;
-                continue;
-            }
-            let (pages_done, zeros) = encode_run(
-                shared.image.as_ref(),
-                b as u32,
-                first,
-                n,
-                block.page_size,
-                &mut scratch,
-                &mut out,
-            );
-            streamed += pages_done;
-            session
-                .pages_stream
-                .fetch_add(pages_done, Ordering::Relaxed);
-            session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
-            p = first + n;
-            if out.len() >= FLUSH_BYTES {
-                session.flush(link, &mut out, "stream pages", peer)?;
+            p = first + n.max(1);
+            if n > 0 {
+                self.send(b as u32, first, n, block.page_size)?;
             }
         }
+        Ok(true)
     }
-    Header::control(Kind::End, streamed).encode_into(&mut out);
-    session.flush(link, &mut out, "stream pages", peer)?;
-    // Hold the connection until the destination closes it (it may still be placing pages).
-    let mut sink = [0u8; 64];
-    let _ = link.socket().read(&mut sink);
-    Ok(())
+
+    fn send(&mut self, block: u32, first: u64, n: u64, page_size: u64) -> Result<(), SourceError> {
+        let image = self.shared.image.as_ref();
+        let (pages, zeros) = encode_run(
+            image,
+            block,
+            first,
+            n,
+            page_size,
+            &mut self.scratch,
+            &mut self.out,
+        );
+        self.streamed += pages;
+        self.session
+            .pages_stream
+            .fetch_add(pages, Ordering::Relaxed);
+        self.session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
+        if self.out.len() >= FLUSH_BYTES {
+            self.session
+                .flush(self.link, &mut self.out, "stream pages", self.peer)?;
+        }
+        Ok(())
+    }
+
+    /// Whether to go on. A finished session's stream ends: cleanly with `End` when every
+    /// worker confirmed all its pages (the destination may already have closed), just closed
+    /// when the session failed (its error went on another link). A superseded stream stops at
+    /// once: what it claimed and did not deliver, the destination asks for.
+    fn keep_going(&mut self) -> bool {
+        if self.session.life.is_finished() {
+            if self.session.life.failure().is_none() {
+                Header::control(Kind::End, self.streamed).encode_into(&mut self.out);
+                let _ = self
+                    .session
+                    .flush(self.link, &mut self.out, "stream pages", self.peer);
+            }
+            return false;
+        }
+        self.session.bulk_gen[usize::from(self.worker)].load(Ordering::Acquire) == self.my_gen
+    }
 }

@@ -39,6 +39,7 @@ mod server;
 mod session;
 mod urgent;
 mod verify;
+mod wake;
 
 pub use config::{LiveParts, PrecopyLimits, SourceConfig};
 pub use error::SourceError;

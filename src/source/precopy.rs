@@ -12,7 +12,7 @@ use crate::codec::{CodecError, DiscardSender, Header, Kind};
 use crate::link::FramedStream;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Sorts ranges and merges overlapping or adjacent ones.
 pub(super) fn merge_ranges(ranges: &mut Vec<(u64, u64)>) {
@@ -62,6 +62,20 @@ pub(super) fn send_ranges(
     Ok(sent)
 }
 
+/// One session's precopy: the connection, the buffers, and the rounds sent so far.
+struct Rounds<'a> {
+    shared: &'a Shared,
+    session: &'a Session,
+    link: &'a mut FramedStream,
+    peer: SocketAddr,
+    scratch: Vec<u8>,
+    out: Vec<u8>,
+    /// Pages sent per round (round 1: every page).
+    round_pages: Vec<u64>,
+    /// Per block, the ranges dirtied since they were last sent.
+    dirty: Vec<Vec<(u64, u64)>>,
+}
+
 /// The precopy phase on worker 0's urgent connection, right after `Welcome`: rounds, then the
 /// switchover (stop the workload, discards, `Run`). A static image has no tracker: one full
 /// round, then `Run`.
@@ -73,134 +87,171 @@ pub(super) fn run_precopy(
     mut live: Option<&mut LiveParts>,
 ) -> Result<(), SourceError> {
     let layout = shared.image.layout();
-    let limits = &shared.config.precopy;
-    let started = Instant::now();
-    let mut scratch = vec![0u8; layout.max_page_size() as usize];
-    let mut out: Vec<u8> = Vec::with_capacity((1 << 20) + (256 << 12) + 4096);
+    let mut rounds = Rounds {
+        shared,
+        session,
+        link,
+        peer,
+        scratch: vec![0u8; layout.max_page_size() as usize],
+        out: Vec::with_capacity((1 << 20) + (256 << 12) + 4096),
+        round_pages: Vec::new(),
+        dirty: vec![Vec::new(); layout.blocks.len()],
+    };
     // Tracking starts before the full pass reads anything: a write during the pass is caught.
     if let Some(l) = live.as_mut() {
         for t in l.trackers.iter_mut() {
             t.start()?;
         }
     }
-    let mut round_pages = Vec::new();
-    let mut total = 0;
-    for (b, block) in layout.blocks.iter().enumerate() {
-        total += send_ranges(
-            shared,
-            session,
-            link,
-            peer,
-            b as u32,
-            &[(0, block.pages())],
-            &mut scratch,
-            &mut out,
-        )?;
-        session.sent[b].set_range(0, block.pages());
-    }
-    Header::round(1, total).encode_into(&mut out);
-    session.flush(link, &mut out, "send precopy round", peer)?;
-    round_pages.push(total);
-    let mut dirty: Vec<Vec<(u64, u64)>> = vec![Vec::new(); layout.blocks.len()];
+    rounds.full_pass()?;
     if let Some(l) = live.as_mut() {
-        loop {
-            for (b, t) in l.trackers.iter_mut().enumerate() {
-                t.collect(&mut dirty[b])?;
-                merge_ranges(&mut dirty[b]);
-            }
-            let pages: u64 = dirty.iter().flatten().map(|r| r.1).sum();
-            if pages <= limits.max_dirty_pages
-                || round_pages.len() >= limits.max_rounds as usize
-                || started.elapsed() >= limits.max_duration
-            {
-                break; // these pages are discarded and fetched in postcopy
-            }
-            for (b, ranges) in dirty.iter_mut().enumerate() {
-                send_ranges(
-                    shared,
-                    session,
-                    link,
-                    peer,
-                    b as u32,
-                    ranges,
-                    &mut scratch,
-                    &mut out,
-                )?;
-                ranges.clear();
-            }
-            round_pages.push(pages);
-            Header::round(round_pages.len() as u64, pages).encode_into(&mut out);
-            session.flush(link, &mut out, "send precopy round", peer)?;
-        }
+        rounds.dirty_rounds(l)?;
     }
     // Before stopping the workload, wait until the destination has taken in everything sent
     // (it acknowledges each round): bytes still in socket buffers (tens of MiB on loopback)
     // would otherwise be drained during the downtime. Writes meanwhile land in the final set.
-    wait_round_ack(
-        link,
-        peer,
-        round_pages.len() as u64,
-        shared.config.write_timeout,
-    )?;
-    // Switchover: from here the memory no longer changes.
-    let mut stopped_unix_us = unix_us();
-    if let Some(l) = live.as_mut() {
-        l.workload.stop();
-        stopped_unix_us = unix_us();
-        for (b, t) in l.trackers.iter_mut().enumerate() {
-            t.collect(&mut dirty[b])?;
-            merge_ranges(&mut dirty[b]);
-        }
-    }
-    session.life.switch_over();
-    let mut dirty_pages = 0;
-    let mut discarded = 0;
-    for (b, ranges) in dirty.iter().enumerate() {
-        let mut tx = DiscardSender::init(b as u32);
-        for &(first, n) in ranges {
-            // Every page was sent by the full pass: all of these are stale on the destination.
-            session.sent[b].clear_range(first, n);
-            tx.range(first, n, &mut out);
-            dirty_pages += n;
-        }
-        discarded += tx.finish(&mut out).1;
-    }
-    {
-        let mut stats = session.precopy.lock().expect("poisoned");
-        stats.round_pages = round_pages;
-        stats.dirty_at_switchover = dirty_pages;
-        stats.discarded = discarded;
-    }
-    Header::run(dirty_pages, stopped_unix_us).encode_into(&mut out);
-    session.flush(link, &mut out, "send discards and Run", peer)?;
-    // Unregistering write-protection walks the whole range (~25 ms per GiB here): after Run,
-    // on a thread of its own at the lowest priority, so neither this connection's first
-    // requests (served right after we return) nor, on a shared host, the destination's
-    // switchover wait for it. The workload is stopped: nothing writes the memory any more.
-    if let Some(l) = live.as_mut() {
-        let mut trackers = std::mem::take(&mut l.trackers);
-        let id = session.id;
-        let verbose = shared.config.verbose;
-        // The memory stays mapped until its registration is gone.
-        let memory = shared.image.clone();
-        let spawned = std::thread::Builder::new()
-            .name("src-wp-stop".into())
-            .spawn(move || {
-                let _memory = memory;
-                let _ = crate::sys::set_thread_nice(19);
-                for t in trackers.iter_mut() {
-                    if let Err(e) = t.stop() {
-                        if verbose {
-                            eprintln!("postcopy serve: session {id:#x}: stop dirty tracking: {e}");
-                        }
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            return Err(io_err("spawn the dirty-tracking stop thread")(e));
-        }
+    let last_round = rounds.round_pages.len() as u64;
+    wait_round_ack(rounds.link, peer, last_round, shared.config.write_timeout)?;
+    rounds.switch_over(live.as_deref_mut())?;
+    if let Some(l) = live {
+        stop_tracking_in_background(shared, session, l)?;
     }
     Ok(())
+}
+
+impl Rounds<'_> {
+    /// Round 1: every page of every block.
+    fn full_pass(&mut self) -> Result<(), SourceError> {
+        let mut total = 0;
+        for (b, block) in self.shared.image.layout().blocks.iter().enumerate() {
+            total += self.send(b, &[(0, block.pages())])?;
+            self.session.sent[b].set_range(0, block.pages());
+        }
+        self.end_round(total)
+    }
+
+    /// Rounds of the pages dirtied meanwhile, until few are dirty or a limit holds (what is
+    /// dirty then is discarded at the switchover and fetched in postcopy).
+    fn dirty_rounds(&mut self, live: &mut LiveParts) -> Result<(), SourceError> {
+        let limits = &self.shared.config.precopy;
+        let started = std::time::Instant::now();
+        loop {
+            let pages = self.collect(live)?;
+            if pages <= limits.max_dirty_pages
+                || self.round_pages.len() >= limits.max_rounds as usize
+                || started.elapsed() >= limits.max_duration
+            {
+                return Ok(());
+            }
+            for b in 0..self.dirty.len() {
+                let ranges = std::mem::take(&mut self.dirty[b]);
+                self.send(b, &ranges)?;
+            }
+            self.end_round(pages)?;
+        }
+    }
+
+    /// Reads every tracker's dirty set into `dirty` (merged ranges); returns its pages.
+    fn collect(&mut self, live: &mut LiveParts) -> Result<u64, SourceError> {
+        for (b, t) in live.trackers.iter_mut().enumerate() {
+            t.collect(&mut self.dirty[b])?;
+            merge_ranges(&mut self.dirty[b]);
+        }
+        Ok(self.dirty.iter().flatten().map(|r| r.1).sum())
+    }
+
+    fn send(&mut self, block: usize, ranges: &[(u64, u64)]) -> Result<u64, SourceError> {
+        let Self {
+            shared,
+            session,
+            link,
+            peer,
+            scratch,
+            out,
+            ..
+        } = self;
+        send_ranges(
+            shared,
+            session,
+            link,
+            *peer,
+            block as u32,
+            ranges,
+            scratch,
+            out,
+        )
+    }
+
+    fn end_round(&mut self, pages: u64) -> Result<(), SourceError> {
+        self.round_pages.push(pages);
+        Header::round(self.round_pages.len() as u64, pages).encode_into(&mut self.out);
+        self.session
+            .flush(self.link, &mut self.out, "send precopy round", self.peer)
+    }
+
+    /// The switchover: the workload stops, so the memory no longer changes; what it dirtied
+    /// since it was sent goes out as `Discard` ranges (those pages become unsent: requests and
+    /// the stream carry their final content), then `Run`.
+    fn switch_over(&mut self, live: Option<&mut LiveParts>) -> Result<(), SourceError> {
+        let mut stopped_unix_us = unix_us();
+        if let Some(l) = live {
+            l.workload.stop();
+            stopped_unix_us = unix_us();
+            self.collect(l)?;
+        }
+        self.session.life.switch_over();
+        let (mut dirty_pages, mut discarded) = (0, 0);
+        for (b, ranges) in self.dirty.iter().enumerate() {
+            let mut tx = DiscardSender::init(b as u32);
+            for &(first, n) in ranges {
+                // Every page was sent by the full pass: all of these are stale on the destination.
+                self.session.sent[b].clear_range(first, n);
+                tx.range(first, n, &mut self.out);
+                dirty_pages += n;
+            }
+            discarded += tx.finish(&mut self.out).1;
+        }
+        {
+            let mut stats = self.session.precopy.lock().expect("poisoned");
+            stats.round_pages = std::mem::take(&mut self.round_pages);
+            stats.dirty_at_switchover = dirty_pages;
+            stats.discarded = discarded;
+        }
+        Header::run(dirty_pages, stopped_unix_us).encode_into(&mut self.out);
+        self.session
+            .flush(self.link, &mut self.out, "send discards and Run", self.peer)
+    }
+}
+
+/// Unregistering write-protection walks the whole range (~25 ms per GiB here): after Run, on a
+/// thread of its own at the lowest priority, so neither this connection's first requests
+/// (served right after we return) nor, on a shared host, the destination's switchover wait for
+/// it. The workload is stopped: nothing writes the memory any more.
+fn stop_tracking_in_background(
+    shared: &Shared,
+    session: &Session,
+    live: &mut LiveParts,
+) -> Result<(), SourceError> {
+    let mut trackers = std::mem::take(&mut live.trackers);
+    let id = session.id;
+    let verbose = shared.config.verbose;
+    // The memory stays mapped until its registration is gone.
+    let memory = shared.image.clone();
+    std::thread::Builder::new()
+        .name("src-wp-stop".into())
+        .spawn(move || {
+            let _memory = memory;
+            let _ = crate::sys::set_thread_nice(19);
+            for t in trackers.iter_mut() {
+                if let Err(e) = t.stop() {
+                    if verbose {
+                        eprintln!("postcopy serve: session {id:#x}: stop dirty tracking: {e}");
+                    }
+                }
+            }
+        })
+        .map(|_| ())
+        .map_err(io_err("spawn the dirty-tracking stop thread"))
 }
 
 /// Reads the destination's `Ack`s of precopy rounds until the one for `round`.

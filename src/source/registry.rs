@@ -6,7 +6,9 @@ use super::session::{Session, SessionReport};
 use crate::image::Image;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::wake::Wake;
 
 pub(super) struct Shared {
     pub(super) image: Arc<dyn Image>,
@@ -17,6 +19,10 @@ pub(super) struct Shared {
     pub(super) sessions: Mutex<HashMap<u64, Arc<Session>>>,
     pub(super) finished: Mutex<Vec<SessionReport>>,
     pub(super) next_id: AtomicU64,
+    /// Wakes the accept loop (a session ended, or the server was stopped).
+    pub(super) wake: Arc<Wake>,
+    /// Notified under `sessions` whenever a connection closes.
+    pub(super) closed: Condvar,
 }
 
 pub(super) fn log(shared: &Shared, msg: std::fmt::Arguments<'_>) {
@@ -32,7 +38,9 @@ pub(super) fn finish_connection(shared: &Shared, session: &Arc<Session>) {
     // connected) waits for the others; `reap_idle` ends it if they never come.
     let ended = {
         let mut sessions = shared.sessions.lock().expect("poisoned");
-        session.life.connection_closed() && sessions.remove(&session.id).is_some()
+        let ended = session.life.connection_closed() && sessions.remove(&session.id).is_some();
+        shared.closed.notify_all();
+        ended
     };
     if ended {
         record_end(shared, session);
@@ -57,6 +65,7 @@ pub(super) fn record_end(shared: &Shared, session: &Session) {
         ),
     );
     shared.finished.lock().expect("poisoned").push(r);
+    shared.wake.wake();
 }
 
 /// Ends sessions that have had no connection for longer than the handshake timeout without

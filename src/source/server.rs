@@ -10,7 +10,9 @@ use crate::image::Image;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::wake::Wake;
 use std::time::{Duration, Instant};
 
 /// The source page server.
@@ -20,14 +22,21 @@ pub struct SourceServer {
     pub(super) stop: Arc<AtomicBool>,
 }
 
+/// How often sessions whose destination went away are looked for.
+const REAP_EVERY: Duration = Duration::from_millis(500);
+
 /// A handle to stop a running server from another thread.
 #[derive(Clone, Debug)]
-pub struct StopHandle(Arc<AtomicBool>);
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    wake: Arc<Wake>,
+}
 
 impl StopHandle {
-    /// Asks [`SourceServer::run`] to return.
+    /// Asks [`SourceServer::run`] to return (it wakes at once).
     pub fn stop(&self) {
-        self.0.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        self.wake.wake();
     }
 }
 
@@ -86,6 +95,8 @@ impl SourceServer {
                 sessions: Mutex::new(HashMap::new()),
                 finished: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()) | 1),
+                wake: Arc::new(Wake::new().map_err(io_err("create the server's wake-up pair"))?),
+                closed: Condvar::new(),
             }),
             stop: Arc::new(AtomicBool::new(false)),
         })
@@ -100,38 +111,34 @@ impl SourceServer {
 
     /// A handle that stops [`run`](Self::run).
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle(self.stop.clone())
+        StopHandle {
+            stop: self.stop.clone(),
+            wake: self.shared.wake.clone(),
+        }
     }
 
     /// Accepts and serves connections until stopped, or (with `once`) until the first session
     /// ends. Returns the reports of the sessions that ended.
     pub fn run(&self) -> Result<Vec<SessionReport>, SourceError> {
-        let mut last_reap = Instant::now();
-        loop {
-            if self.stop.load(Ordering::Acquire) {
-                break;
-            }
-            if last_reap.elapsed() > Duration::from_millis(500) {
+        let mut next_reap = Instant::now() + REAP_EVERY;
+        while !self.stop.load(Ordering::Acquire) {
+            if Instant::now() >= next_reap {
                 reap_idle(&self.shared);
-                last_reap = Instant::now();
+                next_reap = Instant::now() + REAP_EVERY;
             }
             if self.shared.config.once && !self.shared.finished.lock().expect("poisoned").is_empty()
             {
                 break;
             }
-            match self.listener.accept() {
-                Ok((stream, peer)) => {
-                    let shared = self.shared.clone();
-                    std::thread::Builder::new()
-                        .name(format!("src-conn-{peer}"))
-                        .spawn(move || serve_connection(shared, stream, peer))
-                        .map_err(io_err("spawn connection thread"))?;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_err("accept")(e)),
+            // A connection, a stop, a session's end or the next reap: whichever comes first.
+            let wait = next_reap.saturating_duration_since(Instant::now());
+            if self
+                .shared
+                .wake
+                .wait(&self.listener, wait)
+                .map_err(io_err("wait for connections"))?
+            {
+                self.accept_all()?;
             }
         }
         self.drain_sessions();
@@ -140,23 +147,37 @@ impl SourceServer {
         ))
     }
 
+    /// Accepts every pending connection, a thread each.
+    fn accept_all(&self) -> Result<(), SourceError> {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    let shared = self.shared.clone();
+                    std::thread::Builder::new()
+                        .name(format!("src-conn-{peer}"))
+                        .spawn(move || serve_connection(shared, stream, peer))
+                        .map_err(io_err("spawn connection thread"))?;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err("accept")(e)),
+            }
+        }
+    }
+
     /// On stop, nothing goes unreported: sessions with open connections get
     /// [`STOP_GRACE`] to end on their own (a destination that has all its pages closes at
     /// once); every session left is then reported as ended by the stop, with its state.
     pub(super) fn drain_sessions(&self) {
-        let deadline = Instant::now() + STOP_GRACE;
-        while Instant::now() < deadline {
-            let open = {
-                let sessions = self.shared.sessions.lock().expect("poisoned");
-                sessions.values().any(|s| s.life.connections() > 0)
-            };
-            if !open {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
         let left: Vec<Arc<Session>> = {
-            let mut sessions = self.shared.sessions.lock().expect("poisoned");
+            let sessions = self.shared.sessions.lock().expect("poisoned");
+            let (mut sessions, _) = self
+                .shared
+                .closed
+                .wait_timeout_while(sessions, STOP_GRACE, |s| {
+                    s.values().any(|s| s.life.connections() > 0)
+                })
+                .expect("poisoned");
             sessions.drain().map(|(_, s)| s).collect()
         };
         for s in left {

@@ -22,13 +22,17 @@ pub(super) fn serve_urgent(
     // Replies to faults run ahead of the stream: raise this thread's priority where permitted
     // (root or CAP_SYS_NICE); best effort otherwise.
     let _ = crate::sys::set_thread_nice(-10);
-    let layout = shared.image.layout();
-    let max_page = layout.max_page_size() as usize;
-    let mut scratch = vec![0u8; max_page];
-    let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
+    let max_page = shared.image.layout().max_page_size() as usize;
+    let mut replies = Replies {
+        shared,
+        session,
+        worker,
+        prefetch: Prefetch::new(shared.config.prefetch_max),
+        scratch: vec![0u8; max_page],
+        out: Vec::with_capacity(1 << 20),
+    };
     // Requests are small frames, often several per fault: read ahead of them.
     link.buffer_reads(64 * 1024);
-    let mut prefetch = Prefetch::new(shared.config.prefetch_max);
     loop {
         let Some(h) = read_frame(link, peer)? else {
             return Err(SourceError::Incomplete {
@@ -37,70 +41,7 @@ pub(super) fn serve_urgent(
             });
         };
         match h.kind {
-            Kind::Request => {
-                let block = h
-                    .check(layout)
-                    .map_err(|source| SourceError::Protocol { peer, source })?;
-                if !session.life.is_switched_over() {
-                    // The memory still changes: nothing may be served outside precopy yet.
-                    return Err(SourceError::Protocol {
-                        peer,
-                        source: CodecError::Unexpected {
-                            got: h.kind,
-                            expected: "nothing before the switchover (precopy runs)",
-                        },
-                    });
-                }
-                session.requests.fetch_add(1, Ordering::Relaxed);
-                if !shared.config.urgent_delay.is_zero() {
-                    std::thread::sleep(shared.config.urgent_delay);
-                }
-                let count = u64::from(h.count);
-                let sent = &session.sent[h.block as usize];
-                sent.set_range(h.page, count);
-                // Prefetch: a fault right where the last reply ended means a sequential
-                // reader; send the next unsent pages of its shard with the reply, doubling
-                // the window while the pattern holds and dropping it when it breaks.
-                let (_, shard_end) = crate::dest::shard(
-                    block.pages(),
-                    usize::from(worker),
-                    usize::from(session.workers),
-                );
-                let window = prefetch.window(h.block, h.page);
-                let end = (h.page + count).min(shard_end);
-                let mut extra = 0;
-                while extra < window && end + extra < shard_end && sent.set(end + extra) {
-                    extra += 1;
-                }
-                prefetch.replied_up_to(h.block, end + extra);
-                // The requested pages go first, in frames of their own, so the faulting
-                // thread is woken before the prefetched pages are placed.
-                let (mut pages, mut zeros) = encode_run(
-                    shared.image.as_ref(),
-                    h.block,
-                    h.page,
-                    count,
-                    block.page_size,
-                    &mut scratch,
-                    &mut out,
-                );
-                if extra > 0 {
-                    let (p, z) = encode_run(
-                        shared.image.as_ref(),
-                        h.block,
-                        (h.page + count).min(shard_end),
-                        extra,
-                        block.page_size,
-                        &mut scratch,
-                        &mut out,
-                    );
-                    pages += p;
-                    zeros += z;
-                }
-                session.pages_urgent.fetch_add(pages, Ordering::Relaxed);
-                session.pages_prefetched.fetch_add(extra, Ordering::Relaxed);
-                session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
-            }
+            Kind::Request => replies.answer(&h, peer)?,
             Kind::End => {
                 session
                     .life
@@ -112,8 +53,8 @@ pub(super) fn serve_urgent(
                             detail: detail.into(),
                         },
                     })?;
-                Header::control(Kind::Ack, h.page).encode_into(&mut out);
-                session.flush(link, &mut out, "send Ack", peer)?;
+                Header::control(Kind::Ack, h.page).encode_into(&mut replies.out);
+                session.flush(link, &mut replies.out, "send Ack", peer)?;
                 return Ok(());
             }
             other => {
@@ -127,8 +68,82 @@ pub(super) fn serve_urgent(
             }
         }
         // Answer everything that arrived together in one write; never sit on a reply.
-        if link.buffered_bytes() == 0 || out.len() >= (1 << 20) {
-            session.flush(link, &mut out, "send pages", peer)?;
+        if link.buffered_bytes() == 0 || replies.out.len() >= (1 << 20) {
+            session.flush(link, &mut replies.out, "send pages", peer)?;
         }
+    }
+}
+
+/// What an urgent connection keeps between requests.
+struct Replies<'a> {
+    shared: &'a Shared,
+    session: &'a Session,
+    worker: u16,
+    prefetch: Prefetch,
+    scratch: Vec<u8>,
+    out: Vec<u8>,
+}
+
+impl Replies<'_> {
+    /// Queues the reply to a `Request` (checked against the layout): the pages asked for, in
+    /// frames of their own so the faulting thread is woken first, then a sequential reader's
+    /// prefetch.
+    fn answer(&mut self, h: &Header, peer: SocketAddr) -> Result<(), SourceError> {
+        let (shared, session) = (self.shared, self.session);
+        let block = h
+            .check(shared.image.layout())
+            .map_err(|source| SourceError::Protocol { peer, source })?;
+        if !session.life.is_switched_over() {
+            // The memory still changes: nothing may be served outside precopy yet.
+            return Err(SourceError::Protocol {
+                peer,
+                source: CodecError::Unexpected {
+                    got: h.kind,
+                    expected: "nothing before the switchover (precopy runs)",
+                },
+            });
+        }
+        session.requests.fetch_add(1, Ordering::Relaxed);
+        if !shared.config.urgent_delay.is_zero() {
+            std::thread::sleep(shared.config.urgent_delay);
+        }
+        let count = u64::from(h.count);
+        let sent = &session.sent[h.block as usize];
+        sent.set_range(h.page, count);
+        let (_, shard_end) = crate::dest::shard(
+            block.pages(),
+            usize::from(self.worker),
+            usize::from(session.workers),
+        );
+        let window = self.prefetch.window(h.block, h.page);
+        let end = (h.page + count).min(shard_end);
+        let mut extra = 0;
+        while extra < window && end + extra < shard_end && sent.set(end + extra) {
+            extra += 1;
+        }
+        self.prefetch.replied_up_to(h.block, end + extra);
+        let (mut pages, mut zeros) = self.encode(h.block, h.page, count, block.page_size);
+        if extra > 0 {
+            let (p, z) = self.encode(h.block, end, extra, block.page_size);
+            pages += p;
+            zeros += z;
+        }
+        session.pages_urgent.fetch_add(pages, Ordering::Relaxed);
+        session.pages_prefetched.fetch_add(extra, Ordering::Relaxed);
+        session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn encode(&mut self, block: u32, first: u64, count: u64, page_size: u64) -> (u64, u64) {
+        let image = self.shared.image.as_ref();
+        encode_run(
+            image,
+            block,
+            first,
+            count,
+            page_size,
+            &mut self.scratch,
+            &mut self.out,
+        )
     }
 }
