@@ -1,0 +1,72 @@
+//! What an embedder sets: the source, the workers, timeouts, zero pages, precopy, security.
+
+use crate::link::auth::Key;
+use std::time::Duration;
+
+/// Engine configuration.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Source address, `HOST:PORT`.
+    pub source: String,
+    /// Number of workers (each with its own uffd shard, ring and connections).
+    pub workers: usize,
+    /// Pin worker `w` to CPU `w % cpus`.
+    pub pin: bool,
+    /// Open bulk connections (the background stream).
+    pub stream: bool,
+    /// Give up when requests are outstanding and nothing arrives for this long.
+    pub stall_timeout: Duration,
+    /// Connect/handshake timeout.
+    pub connect_timeout: Duration,
+    /// Ask the source for its zero-page map and place those pages locally at start-up (no
+    /// fault, request or stream for them).
+    pub zero_map: bool,
+    /// How zero pages are placed.
+    pub zero_fill: ZeroFill,
+    /// Most bulk streams placing at once (0: one per worker). Fewer streams leave CPU to the
+    /// workload and the fault path on a small machine, at the cost of stream throughput.
+    pub max_streams: usize,
+    /// Offer the source a precopy phase (then call [`receive_precopy`] before
+    /// [`Engine::start`]). Off: pure postcopy.
+    pub precopy: bool,
+    /// The pre-shared key ([`crate::link::auth`]): prove it on every connection, MAC every frame.
+    /// `None`: no authentication (a trusted network only).
+    pub key: Option<Key>,
+    /// A connection that breaks in postcopy is reopened (with backoff) for this long before the
+    /// migration is given up; faulting threads stay blocked meanwhile. Zero: fail at once.
+    pub recovery_timeout: Duration,
+    /// TLS 1.3 to the source ([`crate::link::tls`]); `None`: plain TCP.
+    pub tls: Option<crate::link::tls::TlsClient>,
+}
+
+/// How the engine places a zero page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ZeroFill {
+    /// `UFFDIO_ZEROPAGE`: maps the shared zero page (cheap now, and no memory until written;
+    /// the first write then takes a copy-on-write fault and, with threads on several CPUs, a
+    /// TLB shootdown).
+    Zeropage,
+    /// `UFFDIO_COPY` from a zeroed buffer: a private page at once, no later copy-on-write.
+    Copy,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            source: "127.0.0.1:7070".into(),
+            workers: crate::sys::online_cpus(),
+            pin: true,
+            stream: true,
+            stall_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            zero_map: false,
+            zero_fill: ZeroFill::Zeropage,
+            max_streams: 0,
+            precopy: false,
+            key: None,
+            recovery_timeout: Duration::from_secs(60),
+            tls: None,
+        }
+    }
+}

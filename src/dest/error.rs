@@ -1,0 +1,88 @@
+//! The destination's errors, in words an operator can act on.
+
+use crate::codec::CodecError;
+use crate::sys::mem::MemError;
+use crate::sys::ring::RingError;
+use crate::sys::uffd::UffdError;
+
+/// Errors of the destination engine.
+#[derive(Debug, thiserror::Error)]
+pub enum DestError {
+    /// Could not reach the source.
+    #[error("cannot connect to source {addr}: {source}; is `postcopy serve` running there?")]
+    Connect {
+        /// Address tried.
+        addr: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A socket error.
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The source sent a malformed or out-of-range frame.
+    #[error("bad frame from source ({context}): {source}")]
+    Protocol {
+        /// Where.
+        context: String,
+        /// What was wrong.
+        source: CodecError,
+    },
+    /// The source reported an error.
+    #[error("source reported an error: {0}")]
+    Remote(String),
+    /// The source closed a connection early.
+    #[error("source closed the {0} connection before the migration completed ({1} pages of this worker still missing)")]
+    Closed(&'static str, u64),
+    /// The source could not be reached again after a connection broke.
+    #[error("the source has been unreachable for {seconds} s after a connection broke ({last}); {missing} pages of this worker are still missing, so the workload's memory is incomplete: restart the source with the same image within --recovery-timeout, or give up the migration")]
+    SourceLost {
+        /// Seconds tried.
+        seconds: u64,
+        /// Pages of the worker still missing.
+        missing: u64,
+        /// The last connection error.
+        last: String,
+    },
+    /// The source stopped answering.
+    #[error("source sent nothing for {seconds} s while {missing} pages were missing and requests were outstanding")]
+    Stalled {
+        /// Seconds waited.
+        seconds: u64,
+        /// Pages still missing in the worker's shard.
+        missing: u64,
+    },
+    /// A peer failed authentication, or a frame its integrity check.
+    #[error("{0}")]
+    Auth(#[from] crate::link::auth::AuthError),
+    /// TLS failed.
+    #[error("{0}")]
+    Tls(#[from] crate::link::tls::TlsError),
+    /// A userfaultfd operation failed.
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    /// An io_uring operation failed.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// A mapping failed.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// The layout cannot be served here.
+    #[error("layout not supported here: {0}")]
+    Unsupported(String),
+    /// Stopped by the embedder.
+    #[error("stopped before the migration completed")]
+    Stopped,
+    /// A worker thread panicked (a bug).
+    #[error("worker {0} panicked")]
+    Panicked(usize),
+}
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DestError {
+    let context = context.into();
+    move |source| DestError::Io { context, source }
+}

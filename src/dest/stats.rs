@@ -1,0 +1,99 @@
+//! Counters of one worker and the engine's report.
+
+/// Counters of one worker, merged into the engine report.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct WorkerStats {
+    /// Fault events read from the userfaultfd.
+    pub fault_events: u64,
+    /// Faults on pages already placed (woken, no request).
+    pub fault_already_placed: u64,
+    /// Faults on pages already requested (de-duplicated).
+    pub fault_deduplicated: u64,
+    /// Request frames sent (after coalescing).
+    pub requests: u64,
+    /// Pages asked for by those requests.
+    pub pages_requested: u64,
+    /// Pages placed from urgent replies.
+    pub pages_by_fault: u64,
+    /// Pages placed from the stream.
+    pub pages_by_stream: u64,
+    /// Pages placed from the source's zero-page map, without a fault or the stream.
+    pub pages_by_zero_map: u64,
+    /// Of the placed pages, zero pages (`UFFDIO_ZEROPAGE`).
+    pub pages_zero: u64,
+    /// Pages that arrived already placed (`EEXIST`: a stream page raced a request).
+    pub eexist: u64,
+    /// Placement ioctls issued (`COPY` + `ZEROPAGE`).
+    pub place_ioctls: u64,
+    /// Pages the VMM dropped (`UFFD_EVENT_REMOVE`): zero from then on, never refilled.
+    pub pages_removed: u64,
+    /// Zero pages placed for faults on removed pages.
+    pub pages_zero_after_remove: u64,
+    /// Connections reopened after a break.
+    pub recoveries: u64,
+    /// Pages requested after the stream ended because a break lost them in flight.
+    pub pages_swept: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// io_uring completions reaped.
+    pub completions: u64,
+    /// Loop iterations (submit-and-wait calls).
+    pub loops: u64,
+    /// A VMM's memory: fault service time on our side, event read → page placed (ns).
+    #[serde(skip)]
+    pub fault_service_ns: Option<hdrhistogram::Histogram<u64>>,
+    /// The worker ended (stopped, or its VMM's address space gone) while pages of its shard
+    /// were missing as far as it could see: [`EngineHandle::wait`] decides, once every worker
+    /// has joined (no placement in flight), whether the memory is complete after all.
+    #[serde(skip)]
+    pub ended_early: bool,
+}
+
+impl WorkerStats {
+    pub(crate) fn merge(&mut self, o: &WorkerStats) {
+        self.ended_early |= o.ended_early;
+        self.fault_events += o.fault_events;
+        self.fault_already_placed += o.fault_already_placed;
+        self.fault_deduplicated += o.fault_deduplicated;
+        self.requests += o.requests;
+        self.pages_requested += o.pages_requested;
+        self.pages_by_fault += o.pages_by_fault;
+        self.pages_by_stream += o.pages_by_stream;
+        self.pages_by_zero_map += o.pages_by_zero_map;
+        self.pages_zero += o.pages_zero;
+        self.eexist += o.eexist;
+        self.place_ioctls += o.place_ioctls;
+        self.pages_removed += o.pages_removed;
+        self.pages_zero_after_remove += o.pages_zero_after_remove;
+        self.recoveries += o.recoveries;
+        self.pages_swept += o.pages_swept;
+        self.bytes_received += o.bytes_received;
+        self.completions += o.completions;
+        self.loops += o.loops;
+        if let Some(h) = &o.fault_service_ns {
+            match &mut self.fault_service_ns {
+                Some(mine) => {
+                    let _ = mine.add(h);
+                }
+                None => self.fault_service_ns = Some(h.clone()),
+            }
+        }
+    }
+}
+
+/// What the engine did.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct EngineReport {
+    /// Workers.
+    pub workers: usize,
+    /// Merged counters.
+    pub totals: WorkerStats,
+    /// Per-worker counters.
+    pub per_worker: Vec<WorkerStats>,
+    /// From `enable_notify` (`Engine::start`) to the last page placed.
+    pub postcopy_seconds: f64,
+    /// A VMM's memory: from `enable_notify` to the first fault answered.
+    pub first_fault_served_seconds: Option<f64>,
+    /// A VMM's memory: fault service time on our side (event read → placed).
+    pub fault_service_us: Option<crate::report::LatencyUs>,
+}
