@@ -43,6 +43,7 @@ mod wake;
 
 pub use config::{LiveParts, PrecopyLimits, SourceConfig};
 pub use error::SourceError;
+pub use pages::encode_run;
 pub use prefetch::Prefetch;
 pub use server::{SourceServer, StopHandle};
 pub use session::SessionReport;

@@ -31,9 +31,10 @@ pub(super) fn encode_zero_map(image: &dyn Image, session: &Session, out: &mut Ve
     Header::control(Kind::Run, 0).encode_into(out);
 }
 
-/// Appends `Pages` frames for `[page, page + count)` of `block` to `out`, marking them sent.
-/// Returns (pages, zero pages).
-pub(super) fn encode_run(
+/// Appends `Pages` frames for `[page, page + count)` of `block` of `image` to `out`: the encoder
+/// every reply and stream batch goes through (at most a batch of pages per frame, zero pages as
+/// mask bits, no body for them). `scratch` holds one page. Returns (pages, zero pages).
+pub fn encode_run(
     image: &dyn Image,
     block: u32,
     page: u64,
