@@ -28,7 +28,7 @@ fn forge_error(link: &FramedStream) {
     let mut out = Vec::new();
     codec::encode_error(FORGED, &mut out);
     out.extend_from_slice(&[0u8; TAG_BYTES]);
-    let _ = (&*link.socket()).write_all(&out);
+    let _ = link.socket().write_all(&out);
 }
 
 /// The destination refused the frame for its MAC, not for its message.
