@@ -6,6 +6,8 @@
 //! fails while the thread is blocked, closing the userfaultfd wakes it onto live memory (it then
 //! reads a zero page) rather than onto an unmapped range.
 
+mod common;
+
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -120,7 +122,7 @@ fn join<T>(rx: mpsc::Receiver<T>, h: std::thread::JoinHandle<()>, what: &str) ->
     let v = rx
         .recv_timeout(TIMEOUT)
         .unwrap_or_else(|e| panic!("{what}: thread did not finish within {TIMEOUT:?}: {e}"));
-    h.join().expect("thread panicked");
+    common::join_within(h, TIMEOUT, what);
     v
 }
 
