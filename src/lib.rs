@@ -11,7 +11,8 @@
 //! Modules:
 //! - [`sys`]: the kernel interfaces (userfaultfd, io_uring, mmap, descriptor passing, dirty
 //!   log); the only `unsafe` code.
-//! - [`layout`]: RAM blocks and the atomic received bitmap.
+//! - [`layout`]: RAM blocks, the atomic received bitmap, and the split of a block among the
+//!   destination's workers ([`layout::shard`]).
 //! - [`codec`]: wire protocol v1, a pure codec.
 //! - [`link`]: what every connection does: the challenge-response, per-frame MACs, the one
 //!   framed reader and writer ([`link::FramedStream`]), TLS.

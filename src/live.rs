@@ -56,7 +56,7 @@ impl LiveImage {
                     let mut page = vec![0u8; layout.max_page_size() as usize];
                     for (b, block) in layout.blocks.iter().enumerate() {
                         let ps = block.page_size as usize;
-                        let (start, end) = crate::dest::shard(block.pages(), t, threads);
+                        let (start, end) = crate::layout::shard(block.pages(), t, threads);
                         for p in start..end {
                             if image.is_zero(b as u32, p) {
                                 continue; // fresh anonymous memory reads as zero

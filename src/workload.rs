@@ -211,7 +211,7 @@ pub fn run(ram: &DestRam, image: Option<&Synthetic>, config: &WorkloadConfig) ->
                             first_mismatch: None,
                             mismatch_count,
                         };
-                        let (start, end) = crate::dest::shard(total, t, threads);
+                        let (start, end) = crate::layout::shard(total, t, threads);
                         match pattern {
                             Pattern::Random => {
                                 for &g in &order[start as usize..end as usize] {
@@ -298,7 +298,7 @@ fn scan_pages(
                 s.spawn(move || {
                     let mut page = vec![0u8; max_page];
                     let mut scratch = vec![0u8; max_page];
-                    let (start, end) = crate::dest::shard(total, t, threads);
+                    let (start, end) = crate::layout::shard(total, t, threads);
                     let (mut bad, mut first) = (0, None);
                     for g in start..end {
                         let (b, p) = locate(ram, g);

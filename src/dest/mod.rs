@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::codec::CodecError;
-use crate::layout::{Layout, PageBitmap};
+use crate::layout::{shard, Layout, PageBitmap};
 use crate::link::auth::Key;
 use crate::sys::mem::{Mapping, MemError};
 use crate::sys::ring::RingError;
@@ -508,14 +508,6 @@ impl DestRam {
     pub fn complete(&self) -> bool {
         self.pages_received() == self.layout.total_pages()
     }
-}
-
-/// Pages `[start, end)` of a block of `pages` pages owned by worker `w` of `workers`.
-pub fn shard(pages: u64, w: usize, workers: usize) -> (u64, u64) {
-    (
-        pages * w as u64 / workers as u64,
-        pages * (w as u64 + 1) / workers as u64,
-    )
 }
 
 /// Counters of one worker, merged into the engine report.

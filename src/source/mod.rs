@@ -1265,7 +1265,7 @@ fn serve_urgent(
                 // Prefetch: a fault right where the last reply ended means a sequential
                 // reader; send the next unsent pages of its shard with the reply, doubling
                 // the window while the pattern holds and dropping it when it breaks.
-                let (_, shard_end) = crate::dest::shard(
+                let (_, shard_end) = crate::layout::shard(
                     block.pages(),
                     usize::from(worker),
                     usize::from(session.workers),
@@ -1363,7 +1363,7 @@ fn resume_bulk(
             Kind::Run => return Ok(()),
             Kind::Have => {
                 h.check_zero_map(layout).map_err(protocol)?;
-                let (start, end) = crate::dest::shard(
+                let (start, end) = crate::layout::shard(
                     layout.blocks[h.block as usize].pages(),
                     usize::from(worker),
                     usize::from(session.workers),
@@ -1425,7 +1425,7 @@ fn serve_bulk(
     let mut out: Vec<u8> = Vec::with_capacity(FLUSH_BYTES + 64 * 4096 + 4096);
     let mut streamed = 0u64;
     for (b, block) in layout.blocks.iter().enumerate() {
-        let (start, end) = crate::dest::shard(
+        let (start, end) = crate::layout::shard(
             block.pages(),
             usize::from(worker),
             usize::from(session.workers),
