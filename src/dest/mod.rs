@@ -638,8 +638,6 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     /// Nanoseconds after `started` at which some worker placed its shard's last page.
     pub(crate) last_placed_ns: Arc<AtomicU64>,
-    /// Pages placed by all threads (used by handlers without per-shard counts).
-    pub(crate) placed: AtomicU64,
     /// Streams that may run at once; a bulk half takes one before its first read and gives
     /// it back when its stream ends.
     pub(crate) stream_slots: std::sync::atomic::AtomicUsize,
@@ -695,7 +693,6 @@ impl EngineHandle {
             stop: stop.clone(),
             started,
             last_placed_ns: Arc::new(AtomicU64::new(0)),
-            placed: AtomicU64::new(0),
             stream_slots: std::sync::atomic::AtomicUsize::new(stream_slots),
             ready: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             first_served_ns: Arc::new(AtomicU64::new(0)),
