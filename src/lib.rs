@@ -25,6 +25,8 @@
 //! - [`workload`], [`report`], [`demo`]: the embedded default and its report.
 //! - [`baseline`], [`mod@bench`]: the simple handler and the benchmark against it.
 //! - [`probe`]: can this host do postcopy.
+//! - [`stats`]: measurements shared by the engine, the handler and the reports (a latency
+//!   summary, the wall clock of the downtime); [`rng`]: a seeded generator for patterns.
 #![deny(missing_docs)]
 
 pub mod baseline;
@@ -41,6 +43,8 @@ pub mod link;
 pub mod live;
 pub mod probe;
 pub mod report;
+pub mod rng;
 pub mod source;
+pub mod stats;
 pub mod sys;
 pub mod workload;

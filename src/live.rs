@@ -138,7 +138,7 @@ fn write_loop(
     writes: &AtomicU64,
 ) {
     let total = image.layout.total_pages();
-    let mut rng = crate::workload::Rng::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     let started = Instant::now();
     let mut done = 0u64;
     while !stop.load(Ordering::Acquire) {

@@ -605,7 +605,7 @@ pub struct EngineReport {
     /// A VMM's memory: from `enable_notify` to the first fault answered.
     pub first_fault_served_seconds: Option<f64>,
     /// A VMM's memory: fault service time on our side (event read → placed).
-    pub fault_service_us: Option<crate::report::LatencyUs>,
+    pub fault_service_us: Option<crate::stats::LatencyUs>,
 }
 
 /// The engine: builds the workers.
@@ -1009,7 +1009,7 @@ impl EngineHandle {
             .totals
             .fault_service_ns
             .as_ref()
-            .map(crate::report::LatencyUs::from_ns);
+            .map(crate::stats::LatencyUs::from_ns);
         Ok(report)
     }
 }

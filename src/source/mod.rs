@@ -45,6 +45,7 @@ use crate::layout::PageBitmap;
 use crate::link::auth::Key;
 use crate::link::{FramedStream, LinkError};
 use crate::live::SourceWorkload;
+use crate::stats::unix_us;
 
 /// Errors of the source server.
 #[derive(Debug, thiserror::Error)]
@@ -786,15 +787,6 @@ fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
         }
     }
     finish_connection(&shared, &session);
-}
-
-/// Microseconds since the Unix epoch (wall clock: comparable across processes on one host, and
-/// across hosts as far as their clocks agree).
-pub fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
 }
 
 /// Counts a connection of `session` closed; ends the session when it was the last one.
