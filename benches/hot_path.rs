@@ -159,8 +159,12 @@ fn receive_benches(c: &mut Criterion) {
             while got < BATCH * PAGE {
                 ring.read(rx.as_raw_fd(), slot, got, BATCH * PAGE - got, 0)
                     .expect("queue read");
-                let done = ring.submit_and_reap(1, None).expect("reap");
-                let n = done.first().map(|c| c.result).unwrap_or(0);
+                // `submit_and_reap` may return with nothing (a signal interrupted the wait).
+                let n = loop {
+                    if let Some(c) = ring.submit_and_reap(1, None).expect("reap").first() {
+                        break c.result;
+                    }
+                };
                 assert!(n > 0, "receive failed: {n}");
                 got += n as usize;
             }

@@ -7,7 +7,7 @@
 //! no io_uring. It speaks the same protocol (as one "worker") to the same source.
 
 use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,13 +41,15 @@ pub fn start(
         ));
     }
     let uffd = Arc::new(register_shard(&ram, |pages| (0, pages))?);
+    // Pages placed by both threads: the fault thread's end condition, as it has no shard.
+    let placed = Arc::new(AtomicU64::new(0));
     let session = connected.welcome.session;
     let mut jobs: Vec<(String, usize, Job)> = Vec::new();
-    let (u, r, control) = (uffd.clone(), ram.clone(), connected.control);
+    let (u, r, p, control) = (uffd.clone(), ram.clone(), placed.clone(), connected.control);
     jobs.push((
         "baseline-fault".into(),
         0,
-        Box::new(move |shared| fault_thread(&u, &r, control, &shared)),
+        Box::new(move |shared| fault_thread(&u, &r, &p, control, &shared)),
     ));
     if config.stream {
         let cfg = EngineConfig {
@@ -59,7 +61,7 @@ pub fn start(
         jobs.push((
             "baseline-stream".into(),
             0,
-            Box::new(move |shared| stream_thread(&u, &r, stream, &shared)),
+            Box::new(move |shared| stream_thread(&u, &r, &placed, stream, &shared)),
         ));
     }
     EngineHandle::spawn(ram, 1, 1, jobs)
@@ -83,10 +85,11 @@ fn read_frame(s: &mut FramedStream, ram: &DestRam) -> Result<Header, DestError> 
     })
 }
 
-/// Places a batch page by page; returns pages newly placed.
+/// Places a batch page by page, counting them in `placed_total`; returns pages newly placed.
 fn place(
     uffd: &Uffd,
     ram: &DestRam,
+    placed_total: &AtomicU64,
     h: &Header,
     body: &[u8],
     stats: &mut WorkerStats,
@@ -113,7 +116,7 @@ fn place(
                     if h.mask >> i & 1 == 1 {
                         stats.pages_zero += 1;
                     }
-                    let total = shared.placed.fetch_add(1, Ordering::AcqRel) + 1;
+                    let total = placed_total.fetch_add(1, Ordering::AcqRel) + 1;
                     if total == ram.layout.total_pages() {
                         let ns = shared.started.elapsed().as_nanos() as u64;
                         shared.last_placed_ns.fetch_max(ns, Ordering::AcqRel);
@@ -133,6 +136,7 @@ fn place(
 fn fault_thread(
     uffd: &Uffd,
     ram: &DestRam,
+    placed: &AtomicU64,
     mut s: FramedStream,
     shared: &Shared,
 ) -> Result<WorkerStats, DestError> {
@@ -142,7 +146,7 @@ fn fault_thread(
         .set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io("set timeout"))?;
     let total = ram.layout.total_pages();
-    while shared.placed.load(Ordering::Acquire) < total {
+    while placed.load(Ordering::Acquire) < total {
         if shared.stop.load(Ordering::Acquire) {
             return Err(DestError::Stopped);
         }
@@ -190,7 +194,7 @@ fn fault_thread(
                     },
                 });
             }
-            stats.pages_by_fault += place(uffd, ram, &h, s.body(), &mut stats, shared)?;
+            stats.pages_by_fault += place(uffd, ram, placed, &h, s.body(), &mut stats, shared)?;
             if h.block as usize == b && (h.page..h.page + u64::from(h.count)).contains(&page) {
                 break;
             }
@@ -207,6 +211,7 @@ fn fault_thread(
 fn stream_thread(
     uffd: &Uffd,
     ram: &DestRam,
+    placed: &AtomicU64,
     mut s: FramedStream,
     shared: &Shared,
 ) -> Result<WorkerStats, DestError> {
@@ -221,7 +226,7 @@ fn stream_thread(
         let h = read_frame(&mut s, ram)?;
         match h.kind {
             Kind::Pages => {
-                stats.pages_by_stream += place(uffd, ram, &h, s.body(), &mut stats, shared)?
+                stats.pages_by_stream += place(uffd, ram, placed, &h, s.body(), &mut stats, shared)?
             }
             Kind::End => return Ok(stats),
             other => {

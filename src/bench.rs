@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::demo::{
     run_destination, DemoConfig, DemoError, Handler, RunOutcome, RunSpec, SourceProcess,
 };
-use crate::report::LatencyUs;
+use crate::stats::LatencyUs;
 use crate::workload::WorkloadConfig;
 
 /// Bench parameters.

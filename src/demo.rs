@@ -20,8 +20,9 @@ use crate::image::{Image, Synthetic};
 use crate::layout::Layout;
 use crate::link::auth::{AuthError, Key};
 use crate::live::{DirtyWriter, LiveImage};
-use crate::report::{DemoReport, LatencyUs};
+use crate::report::DemoReport;
 use crate::source::{LiveParts, PrecopyLimits};
+use crate::stats::LatencyUs;
 use crate::sys::mem::MemError;
 use crate::workload::{self, Pattern, WorkloadConfig};
 
@@ -404,7 +405,7 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         None => crate::baseline::start(connected, ram.clone(), &engine_cfg)?,
     };
     let downtime_ms = (stopped_unix_us > 0)
-        .then(|| crate::source::unix_us().saturating_sub(stopped_unix_us) as f64 / 1000.0);
+        .then(|| crate::stats::unix_us().saturating_sub(stopped_unix_us) as f64 / 1000.0);
 
     let progress = spec.progress.then(|| Progress::start(ram.clone()));
     let wl = spec

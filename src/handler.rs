@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::dest::{self, DestError, DestRam, Engine, EngineConfig, ZeroFill};
 use crate::handover::{self, HandoverError, JsonVersion};
-use crate::report::LatencyUs;
+use crate::stats::LatencyUs;
 use crate::sys::uffd::Uffd;
 
 /// Errors of the handler server itself (a VMM's failure is in its [`VmmReport`]).

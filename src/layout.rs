@@ -337,10 +337,44 @@ impl PageBitmap {
     }
 }
 
+/// Pages `[start, end)` of a block of `pages` pages owned by worker `w` of `workers`.
+///
+/// The split of a block among the destination's workers (each registers, requests and is
+/// streamed exactly its shard); the source's bulk thread for worker `w` streams the same range.
+pub fn shard(pages: u64, w: usize, workers: usize) -> (u64, u64) {
+    (
+        pages * w as u64 / workers as u64,
+        pages * (w as u64 + 1) / workers as u64,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn shards_tile_a_block_in_order() {
+        assert_eq!(shard(10, 0, 1), (0, 10));
+        assert_eq!(
+            (0..3).map(|w| shard(10, w, 3)).collect::<Vec<_>>(),
+            vec![(0, 3), (3, 6), (6, 10)]
+        );
+        // More workers than pages: some shards are empty, none overlaps, all pages are owned.
+        assert_eq!(
+            (0..4).map(|w| shard(2, w, 4)).collect::<Vec<_>>(),
+            vec![(0, 0), (0, 1), (1, 1), (1, 2)]
+        );
+        // Sizes differ by at most one page, and the last shard ends at the block's end.
+        for (pages, workers) in [(1u64 << 36, 7usize), (4097, 64), (1, 1), (0, 2)] {
+            let shards: Vec<_> = (0..workers).map(|w| shard(pages, w, workers)).collect();
+            assert_eq!(shards[0].0, 0);
+            assert_eq!(shards[workers - 1].1, pages);
+            assert!(shards.windows(2).all(|s| s[0].1 == s[1].0));
+            let sizes: Vec<u64> = shards.iter().map(|(a, b)| b - a).collect();
+            assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+        }
+    }
 
     #[test]
     fn layout_rejects_bad_blocks() {

@@ -11,7 +11,8 @@
 //! Modules:
 //! - [`sys`]: the kernel interfaces (userfaultfd, io_uring, mmap, descriptor passing, dirty
 //!   log); the only `unsafe` code.
-//! - [`layout`]: RAM blocks and the atomic received bitmap.
+//! - [`layout`]: RAM blocks, the atomic received bitmap, and the split of a block among the
+//!   destination's workers ([`layout::shard`]).
 //! - [`codec`]: wire protocol v1, a pure codec.
 //! - [`link`]: what every connection does: the challenge-response, per-frame MACs, the one
 //!   framed reader and writer ([`link::FramedStream`]), TLS.
@@ -24,6 +25,8 @@
 //! - [`workload`], [`report`], [`demo`]: the embedded default and its report.
 //! - [`baseline`], [`mod@bench`]: the simple handler and the benchmark against it.
 //! - [`probe`]: can this host do postcopy.
+//! - [`stats`]: measurements shared by the engine, the handler and the reports (a latency
+//!   summary, the wall clock of the downtime); [`rng`]: a seeded generator for patterns.
 #![deny(missing_docs)]
 
 pub mod baseline;
@@ -40,6 +43,8 @@ pub mod link;
 pub mod live;
 pub mod probe;
 pub mod report;
+pub mod rng;
 pub mod source;
+pub mod stats;
 pub mod sys;
 pub mod workload;

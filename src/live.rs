@@ -56,7 +56,7 @@ impl LiveImage {
                     let mut page = vec![0u8; layout.max_page_size() as usize];
                     for (b, block) in layout.blocks.iter().enumerate() {
                         let ps = block.page_size as usize;
-                        let (start, end) = crate::dest::shard(block.pages(), t, threads);
+                        let (start, end) = crate::layout::shard(block.pages(), t, threads);
                         for p in start..end {
                             if image.is_zero(b as u32, p) {
                                 continue; // fresh anonymous memory reads as zero
@@ -138,7 +138,7 @@ fn write_loop(
     writes: &AtomicU64,
 ) {
     let total = image.layout.total_pages();
-    let mut rng = crate::workload::Rng::new(seed);
+    let mut rng = crate::rng::Rng::new(seed);
     let started = Instant::now();
     let mut done = 0u64;
     while !stop.load(Ordering::Acquire) {

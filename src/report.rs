@@ -1,44 +1,9 @@
 //! The migration report: JSON for tools, text for people.
 
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::dest::EngineReport;
-
-/// Fault latency percentiles in microseconds.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct LatencyUs {
-    /// Faults measured.
-    pub count: u64,
-    /// Median.
-    pub p50: f64,
-    /// 90th percentile.
-    pub p90: f64,
-    /// 99th percentile.
-    pub p99: f64,
-    /// 99.9th percentile.
-    pub p999: f64,
-    /// Maximum.
-    pub max: f64,
-}
-
-impl LatencyUs {
-    /// From a histogram of nanoseconds.
-    pub fn from_ns(h: &Histogram<u64>) -> LatencyUs {
-        if h.is_empty() {
-            return LatencyUs::default();
-        }
-        let us = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
-        LatencyUs {
-            count: h.len(),
-            p50: us(0.5),
-            p90: us(0.9),
-            p99: us(0.99),
-            p999: us(0.999),
-            max: h.max() as f64 / 1000.0,
-        }
-    }
-}
+use crate::stats::LatencyUs;
 
 /// The demo's report.
 #[derive(Clone, Debug, Default, Serialize)]

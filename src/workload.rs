@@ -18,6 +18,7 @@ use hdrhistogram::Histogram;
 use crate::dest::DestRam;
 use crate::image::{page_checksum, Synthetic};
 use crate::layout::PageBitmap;
+use crate::rng::Rng;
 
 /// The value the workload XORs into the first word of every page it claims.
 pub const WRITE_MARK: u64 = 0x5eed_cafe_f00d_beef;
@@ -61,33 +62,6 @@ pub struct WorkloadResult {
     /// Checksum of every page at its first touch (before the workload's write), by global
     /// page index.
     pub first_touch: Vec<u64>,
-}
-
-/// splitmix64: a small, good PRNG for patterns (not for anything secret).
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// A generator from a seed.
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x9e37_79b9_7f4a_7c15)
-    }
-    /// The next value.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in `[0, n)`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        ((u128::from(self.next_u64()) * u128::from(n)) >> 64) as u64
-    }
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }
 
 /// A random permutation of `0..n`.
@@ -211,7 +185,7 @@ pub fn run(ram: &DestRam, image: Option<&Synthetic>, config: &WorkloadConfig) ->
                             first_mismatch: None,
                             mismatch_count,
                         };
-                        let (start, end) = crate::dest::shard(total, t, threads);
+                        let (start, end) = crate::layout::shard(total, t, threads);
                         match pattern {
                             Pattern::Random => {
                                 for &g in &order[start as usize..end as usize] {
@@ -298,7 +272,7 @@ fn scan_pages(
                 s.spawn(move || {
                     let mut page = vec![0u8; max_page];
                     let mut scratch = vec![0u8; max_page];
-                    let (start, end) = crate::dest::shard(total, t, threads);
+                    let (start, end) = crate::layout::shard(total, t, threads);
                     let (mut bad, mut first) = (0, None);
                     for g in start..end {
                         let (b, p) = locate(ram, g);

@@ -4,11 +4,14 @@
 //! Each kernel test skips, with the reason printed, only if `UffdWpTracker::available()` says
 //! the host lacks the mechanism (Linux older than 6.7).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{join_within, TIMEOUT};
 use postcopy::dirty::{DirtyError, DirtyTracker, ManualTracker, UffdWpTracker};
 use postcopy::sys::mem::{base_page_size, Mapping};
 
@@ -243,7 +246,7 @@ fn concurrent_writes_are_never_lost() {
         collects += 1;
     }
     stop.store(true, Ordering::Relaxed);
-    let (written, writes) = writer.join().expect("writer");
+    let (written, writes) = join_within(writer, TIMEOUT, "writer thread after its stop");
     runs.clear();
     t.collect(&mut runs).expect("final collect");
     for p in expand(&runs) {
@@ -414,12 +417,17 @@ fn manual_tracker_loses_no_concurrent_mark() {
     });
     let mut got = BTreeSet::new();
     let mut runs = Vec::new();
+    let deadline = Instant::now() + TIMEOUT;
     while !marker.is_finished() {
+        assert!(
+            Instant::now() < deadline,
+            "the marking thread did not finish its 200000 marks within {TIMEOUT:?}"
+        );
         runs.clear();
         t.collect(&mut runs).unwrap();
         got.extend(expand(&runs));
     }
-    let marked = marker.join().unwrap();
+    let marked = join_within(marker, TIMEOUT, "marking thread");
     runs.clear();
     t.collect(&mut runs).unwrap();
     got.extend(expand(&runs));
@@ -447,7 +455,11 @@ fn trackers_are_object_safe_and_send() {
             t.start().unwrap();
         }
         // Dropped on another thread (stops tracking) before the memory is unmapped.
-        std::thread::spawn(move || drop(trackers)).join().unwrap();
+        join_within(
+            std::thread::spawn(move || drop(trackers)),
+            TIMEOUT,
+            "dropping the trackers on another thread",
+        );
         drop(m);
     }
 }

@@ -9,9 +9,9 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use common::*;
-use postcopy::dest::shard;
 use postcopy::dest::ZeroFill;
 use postcopy::image::page_checksum;
+use postcopy::layout::shard;
 use postcopy::workload::Pattern;
 
 /// 1. A full 64 MiB migration with the stream on, for each access pattern.

@@ -194,7 +194,7 @@ fn engine_connections_refuse_a_forged_error() {
                 if !wait_until(Duration::from_secs(20), || handle.is_finished()) {
                     handle.stop();
                 }
-                let r = handle.wait().map(|_| ());
+                let r = wait_engine(handle, STOP_GRACE, "engine (stopped after 20 s)").map(|_| ());
                 if let Some(t) = toucher {
                     join_within(t, Duration::from_secs(10), "touching thread");
                 }

@@ -15,7 +15,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{join_within, wait_until, MIB, TIMEOUT};
+use common::{join_on_drop, output_within, wait_until, Proc, IO_TIMEOUT, MIB, TIMEOUT};
 use postcopy::handler::{HandlerConfig, VmmReport};
 use postcopy::image::FileImage;
 use postcopy::source::{SourceConfig, SourceServer, StopHandle};
@@ -29,12 +29,21 @@ fn fake_vmm() -> &'static Path {
     BIN.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let manifest = root.join("tools/fake-vmm/Cargo.toml");
-        let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cargo
             .args(["build", "--release", "--quiet", "--manifest-path"])
-            .arg(&manifest)
-            .status()
-            .expect("run cargo to build tools/fake-vmm");
-        assert!(status.success(), "building tools/fake-vmm failed");
+            .arg(&manifest);
+        // A cold build on a small shared machine takes minutes; a hung one fails the test.
+        let out = output_within(
+            &mut cargo,
+            Duration::from_secs(20 * 60),
+            "cargo build of tools/fake-vmm",
+        );
+        assert!(
+            out.status.success(),
+            "building tools/fake-vmm failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         root.join("tools/fake-vmm/target/release/fake-vmm")
     })
 }
@@ -119,7 +128,11 @@ impl Rig {
             postcopy::handler::serve(&cfg, stop, move |rep| r.lock().unwrap().push(rep.clone()))
                 .expect("handler")
         });
-        assert!(wait_until(Duration::from_secs(5), || socket.exists()));
+        assert!(
+            wait_until(Duration::from_secs(5), || socket.exists()),
+            "the handler's socket {} did not appear within 5 s",
+            socket.display()
+        );
         Rig {
             dir,
             image,
@@ -140,11 +153,9 @@ impl Rig {
             .arg("--image")
             .arg(&self.image)
             .args(["--timeout", "60"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let out = cmd.output().expect("run fake-vmm");
+            .args(args);
+        // Bounded by its own --timeout 60, and here.
+        let out = output_within(&mut cmd, Duration::from_secs(90), "fake-vmm");
         let text = String::from_utf8_lossy(&out.stdout);
         let json: Value = serde_json::from_str(text.lines().last().unwrap_or("null"))
             .unwrap_or_else(|e| {
@@ -176,11 +187,11 @@ impl Drop for Rig {
         self.handler_stop
             .store(true, std::sync::atomic::Ordering::Release);
         if let Some(h) = self.handler.take() {
-            join_within(h, TIMEOUT, "handler");
+            join_on_drop(h, TIMEOUT, "handler");
         }
         self.source_stop.stop();
         if let Some(s) = self.source.take() {
-            join_within(s, TIMEOUT, "source");
+            join_on_drop(s, TIMEOUT, "source");
         }
         let _ = &self.dir;
     }
@@ -453,40 +464,39 @@ fn cli_serve_and_handler_restore_a_vmm() {
     let exe = env!("CARGO_BIN_EXE_postcopy");
     let key = dir.0.join("key");
     std::fs::write(&key, b"a test key of thirty-two bytes!!").unwrap();
-    let mut serve = Command::new(exe)
-        .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--image"])
-        .arg(&image)
-        .arg("--key-file")
-        .arg(&key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("postcopy serve");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(serve.stdout.take().unwrap()),
-        &mut line,
+    let mut serve = Proc::spawn(
+        Command::new(exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--image"])
+            .arg(&image)
+            .arg("--key-file")
+            .arg(&key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "postcopy serve",
     )
-    .unwrap();
+    .expect("postcopy serve");
+    let line = serve.stdout_line(IO_TIMEOUT);
     let addr = line
         .trim()
         .strip_prefix("listening on ")
         .expect("address line")
         .to_string();
     let socket = dir.0.join("h.sock");
-    let handler = Command::new(exe)
-        .args([
-            "handler", "--once", "--quiet", "--source", &addr, "--socket",
-        ])
-        .arg(&socket)
-        .arg("--key-file")
-        .arg(&key)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("postcopy handler");
-    let vmm = Command::new(fake_vmm())
-        .arg("--socket")
+    let handler = Proc::spawn(
+        Command::new(exe)
+            .args([
+                "handler", "--once", "--quiet", "--source", &addr, "--socket",
+            ])
+            .arg(&socket)
+            .arg("--key-file")
+            .arg(&key)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "postcopy handler --once (after its VMM)",
+    )
+    .expect("postcopy handler");
+    let mut vmm = Command::new(fake_vmm());
+    vmm.arg("--socket")
         .arg(&socket)
         .arg("--image")
         .arg(&image)
@@ -500,22 +510,12 @@ fn cli_serve_and_handler_restore_a_vmm() {
             "10",
             "--timeout",
             "60",
-        ])
-        .output()
-        .expect("fake-vmm");
+        ]);
+    let vmm = output_within(&mut vmm, Duration::from_secs(90), "fake-vmm");
     let json: Value = serde_json::from_slice(&vmm.stdout).expect("fake-vmm JSON");
     assert_verified(&json, vmm.status.code().unwrap_or(-1));
-    let mut handler = handler;
-    let ended = wait_until(Duration::from_secs(30), || {
-        matches!(handler.try_wait(), Ok(Some(_)))
-    });
-    if !ended {
-        let _ = handler.kill();
-    }
-    let out = handler.wait_with_output().expect("handler output");
-    assert!(ended, "postcopy handler --once did not exit after its VMM");
-    let _ = serve.kill();
-    let _ = serve.wait();
+    let out = handler.wait_output(Duration::from_secs(30));
+    serve.kill();
     assert!(
         out.status.success(),
         "{}",

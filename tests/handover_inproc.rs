@@ -36,6 +36,15 @@ fn image_file(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u64>) {
     (path, sums)
 }
 
+/// Where file page `p` (of `pages`) is mapped: `hi` holds the first half, `lo` the second.
+fn region_of<'a>(hi: &'a Mapping, lo: &'a Mapping, pages: u64, p: u64) -> (&'a Mapping, usize) {
+    if p < pages / 2 {
+        (hi, (p * PAGE) as usize)
+    } else {
+        (lo, ((p - pages / 2) * PAGE) as usize)
+    }
+}
+
 fn send_handover(sock: &UnixStream, json: &str, fd: i32) {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
     let iov = [std::io::IoSlice::new(json.as_bytes())];
@@ -80,17 +89,23 @@ fn handler_serves_a_vmm_and_its_removals() {
             r2.lock().unwrap().push(r.clone())
         })
     });
-    assert!(common::wait_until(Duration::from_secs(5), || socket.exists()));
+    assert!(
+        common::wait_until(Duration::from_secs(5), || socket.exists()),
+        "the handler's socket {} did not appear within 5 s",
+        socket.display()
+    );
 
     // The VMM: two regions, the second half of the file mapped at a lower address (so the
     // JSON goes out of address order), registered before the handover.
     let half = (SIZE / 2) as usize;
-    let a = Mapping::anonymous(half, "region a").unwrap();
-    let b = Mapping::anonymous(half, "region b").unwrap();
+    // Shared with the touching threads: if one is left blocked on a fault, its region stays
+    // mapped.
+    let a = Arc::new(Mapping::anonymous(half, "region a").unwrap());
+    let b = Arc::new(Mapping::anonymous(half, "region b").unwrap());
     let (lo, hi) = if a.addr() < b.addr() {
-        (&a, &b)
+        (a.clone(), b.clone())
     } else {
-        (&b, &a)
+        (b.clone(), a.clone())
     };
     // File order: `hi` holds [0, half), `lo` holds [half, SIZE).
     let uffd = Uffd::open(false).unwrap();
@@ -110,35 +125,34 @@ fn handler_serves_a_vmm_and_its_removals() {
     drop(uffd);
 
     let pages = SIZE / PAGE;
-    let region_of = |p: u64| -> (&Mapping, usize) {
-        if p < pages / 2 {
-            (hi, (p * PAGE) as usize)
-        } else {
-            (lo, ((p - pages / 2) * PAGE) as usize)
-        }
-    };
-    let bad = std::sync::atomic::AtomicU64::new(0);
-    std::thread::scope(|s| {
-        for t in 0..2u64 {
-            let (bad, sums, region_of) = (&bad, &sums, &region_of);
-            s.spawn(move || {
+    let sums = Arc::new(sums);
+    let touchers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (hi, lo, sums) = (hi.clone(), lo.clone(), sums.clone());
+            std::thread::spawn(move || {
+                let mut bad = 0u64;
                 let mut buf = vec![0u8; PAGE as usize];
                 let mut p = t;
                 while p < pages {
-                    let (m, off) = region_of((p * 7919) % pages);
+                    let (m, off) = region_of(&hi, &lo, pages, (p * 7919) % pages);
                     m.read_into(off, &mut buf);
                     if page_checksum(&buf) != sums[((p * 7919) % pages) as usize] {
-                        bad.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        bad += 1;
                     }
                     p += 2;
                 }
-            });
-        }
-    });
-    assert_eq!(bad.into_inner(), 0, "pages differ from the memory file");
+                bad
+            })
+        })
+        .collect();
+    let bad: u64 = touchers
+        .into_iter()
+        .map(|t| join_within(t, TIMEOUT, "touching thread (every page of both regions)"))
+        .sum();
+    assert_eq!(bad, 0, "pages differ from the memory file");
 
     // Balloon: drop 64 pages of the second region; they read zero and stay zero.
-    let (m, off) = region_of(pages / 2 + 100);
+    let (m, off) = region_of(&hi, &lo, pages, pages / 2 + 100);
     m.dontneed(off, 64 * PAGE as usize).unwrap();
     let mut buf = vec![0u8; PAGE as usize];
     for round in 0..2 {

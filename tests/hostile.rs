@@ -310,7 +310,11 @@ fn engine_vs_fake_spec(
     if !wait_until(stall + Duration::from_secs(10), || handle.is_finished()) {
         handle.stop();
     }
-    let result = handle.wait();
+    let result = wait_engine(
+        handle,
+        STOP_GRACE,
+        "engine (stopped past its stall timeout)",
+    );
     let elapsed = t0.elapsed();
     // The engine has ended: its userfaultfds are closed, so blocked touches have resumed.
     let touched = touchers

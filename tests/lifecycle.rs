@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{join_within, layout, MIB, PAGE, TIMEOUT};
+use common::{join_on_drop, join_within, layout, wait_engine, IO_TIMEOUT, MIB, PAGE, TIMEOUT};
 use postcopy::dest::{self, DestRam, Engine, EngineConfig};
 use postcopy::dirty::{DirtyTracker, UffdWpTracker};
 use postcopy::image::{page_checksum, Image, Synthetic};
@@ -39,7 +39,7 @@ impl Drop for LiveSource {
     fn drop(&mut self) {
         self.stop.stop();
         if let Some(t) = self.thread.take() {
-            let _ = join_within(t, Duration::from_secs(10), "live source");
+            join_on_drop(t, Duration::from_secs(10), "live source");
         }
     }
 }
@@ -226,7 +226,7 @@ fn discarded_pages_hold_the_new_content_never_the_stale_one() {
             );
         }
         let handle = Engine::start(connected, ram.clone(), &config).expect("start");
-        let report = handle.wait().expect("engine");
+        let report = wait_engine(handle, TIMEOUT, "engine").expect("engine");
         (ram, pre, report, written)
     });
     let (ram, pre, report, written) = join_within(t, TIMEOUT, "destination");
@@ -402,7 +402,7 @@ fn thp_is_off_during_postcopy_and_restored_after_cleanup() {
         "THP off during postcopy: {}",
         vm_flags(addr)
     );
-    let report = handle.wait().expect("engine");
+    let report = wait_engine(handle, TIMEOUT, "engine").expect("engine");
     assert!(
         has("hg") && !has("nh"),
         "THP back after cleanup: {}",
@@ -605,12 +605,13 @@ fn never_converging_source() -> LiveSource {
 /// `Welcome` header) and the session id.
 fn open_precopy_session(addr: &str, workers: u16) -> (std::net::TcpStream, u64) {
     let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
     send(
         &mut s,
         &header_bytes(&Header::hello(0, postcopy::codec::Role::Urgent, 0, workers).with_precopy()),
     );
     let mut head = [0u8; HEADER_BYTES];
-    std::io::Read::read_exact(&mut s, &mut head).expect("Welcome header");
+    std::io::Read::read_exact(&mut s, &mut head).expect("the precopy session's Welcome header");
     let h = Header::decode(&head).expect("decode");
     assert_eq!(h.kind, Kind::Welcome);
     (s, h.page)

@@ -144,7 +144,8 @@ fn a_dead_source_is_reported_within_the_recovery_timeout() {
     proxy.set_upstream("127.0.0.1:9".parse().unwrap()); // nothing listens there
     proxy.cut_all();
     let t0 = std::time::Instant::now();
-    let e = handle.wait().expect_err("the migration cannot finish");
+    let e = wait_engine(handle, TIMEOUT, "engine whose source is gone")
+        .expect_err("the migration cannot finish");
     let took = t0.elapsed();
     assert!(
         matches!(e, postcopy::dest::DestError::SourceLost { .. }),
@@ -169,34 +170,29 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// `postcopy serve` of the test image on `port`, each reply delayed by `delay_ms`.
-fn start_serve(port: u16, delay_ms: u64) -> std::process::Child {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_postcopy"))
-        .args([
-            "serve",
-            "--insecure",
-            "--quiet",
-            "--synthetic",
-            "64M",
-            "--seed",
-            "7",
-        ])
-        .args(["--zero-percent", "20", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--debug-urgent-delay-ms")
-        .arg(delay_ms.to_string())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("postcopy serve");
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
+/// `postcopy serve` of the test image on `port`, each reply delayed by `delay_ms` (killed when
+/// dropped).
+fn start_serve(port: u16, delay_ms: u64) -> Proc {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_postcopy"));
+    cmd.args([
+        "serve",
+        "--insecure",
+        "--quiet",
+        "--synthetic",
+        "64M",
+        "--seed",
+        "7",
+    ])
+    .args(["--zero-percent", "20", "--listen"])
+    .arg(format!("127.0.0.1:{port}"))
+    .arg("--debug-urgent-delay-ms")
+    .arg(delay_ms.to_string())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null());
+    let mut serve = Proc::spawn(&mut cmd, "postcopy serve").expect("postcopy serve");
+    let line = serve.stdout_line(IO_TIMEOUT);
     assert!(line.starts_with("listening on"), "{line}");
-    child
+    serve
 }
 
 #[test]
@@ -213,8 +209,7 @@ fn a_restarted_source_resumes_the_session() {
     let r2 = restarted.clone();
     let killer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(150));
-        let _ = first.kill(); // SIGKILL: no goodbye
-        let _ = first.wait();
+        first.kill(); // SIGKILL: no goodbye
         std::thread::sleep(Duration::from_millis(300));
         *r2.lock().unwrap() = Some(start_serve(port, 0));
     });
@@ -230,8 +225,7 @@ fn a_restarted_source_resumes_the_session() {
     );
     join_within(killer, TIMEOUT, "killer");
     if let Some(mut c) = restarted.lock().unwrap().take() {
-        let _ = c.kill();
-        let _ = c.wait();
+        c.kill();
     }
     out.assert_verified();
     let r = out.report();

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use common::*;
 use postcopy::dest::{self, EngineConfig};
@@ -21,7 +21,8 @@ impl Certs {
         let dir = std::env::temp_dir().join(format!("pc-tls-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
         for (name, cn) in [("a", "postcopy"), ("b", "postcopy")] {
-            let ok = Command::new("openssl")
+            let mut openssl = Command::new("openssl");
+            openssl
                 .args([
                     "req",
                     "-x509",
@@ -42,9 +43,11 @@ impl Certs {
                 .arg(dir.join(format!("{name}.key")))
                 .arg("-out")
                 .arg(dir.join(format!("{name}.pem")))
-                .stderr(std::process::Stdio::null())
-                .status()
-                .map(|s| s.success())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let ok = Proc::spawn(&mut openssl, "openssl req")
+                .map(|p| p.wait_output(TIMEOUT).status.success())
                 .unwrap_or(false);
             if !ok {
                 eprintln!("skipped: `openssl req` is not available to make a test certificate");
@@ -116,7 +119,7 @@ fn migration_over_tls_verifies() {
     let connected = dest::connect(&config).expect("connect over TLS");
     let ram = std::sync::Arc::new(dest::DestRam::new(&connected.welcome.layout).unwrap());
     let handle = dest::Engine::start(connected, ram.clone(), &config).expect("start");
-    let report = handle.wait().expect("migration over TLS");
+    let report = wait_engine(handle, TIMEOUT, "migration over TLS").expect("migration over TLS");
     assert!(ram.complete());
     let bad = verify_pages(&ram, &image, false);
     assert!(bad.is_empty(), "{} pages differ", bad.len());
@@ -125,7 +128,7 @@ fn migration_over_tls_verifies() {
         32 * MIB / PAGE
     );
     stop.stop();
-    let _ = t.join();
+    join_within(t, STOP_GRACE, "TLS source after its stop");
 }
 
 #[test]
@@ -157,5 +160,5 @@ fn untrusted_or_misnamed_source_is_refused() {
     };
     assert!(dest::connect(&config).is_err());
     stop.stop();
-    let _ = t.join();
+    join_within(t, STOP_GRACE, "TLS source after its stop");
 }

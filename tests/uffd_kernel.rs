@@ -6,6 +6,8 @@
 //! fails while the thread is blocked, closing the userfaultfd wakes it onto live memory (it then
 //! reads a zero page) rather than onto an unmapped range.
 
+mod common;
+
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -120,7 +122,7 @@ fn join<T>(rx: mpsc::Receiver<T>, h: std::thread::JoinHandle<()>, what: &str) ->
     let v = rx
         .recv_timeout(TIMEOUT)
         .unwrap_or_else(|e| panic!("{what}: thread did not finish within {TIMEOUT:?}: {e}"));
-    h.join().expect("thread panicked");
+    common::join_within(h, TIMEOUT, what);
     v
 }
 
@@ -417,10 +419,17 @@ fn io_uring_reads_fault_events() {
     let mut faults = Vec::new();
     let deadline = Instant::now() + TIMEOUT;
     while faults.len() < touched.len() {
-        assert!(Instant::now() < deadline, "fault events seen: {faults:x?}");
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "fault events of the touches of pages {touched:?} not read through io_uring within {TIMEOUT:?}; seen: {faults:x?}"
+        );
         let done = ring
-            .submit_and_reap(1, Some(TIMEOUT))
+            .submit_and_reap(1, Some(left))
             .expect("submit_and_reap");
+        if done.is_empty() {
+            continue; // interrupted (EINTR) or timed out early: wait again, to the deadline
+        }
         assert_eq!(done.len(), 1, "one read in flight: {done:?}");
         let c = done[0];
         assert_eq!(

@@ -5,9 +5,9 @@ use super::config::EngineConfig;
 use super::connect::Connected;
 use super::error::{io_err, DestError};
 use super::ram::DestRam;
-use super::shard;
 use super::stats::{EngineReport, WorkerStats};
 use super::worker;
+use crate::layout::shard;
 use crate::sys::uffd;
 use crate::sys::uffd::Uffd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,8 +44,6 @@ pub(crate) struct Shared {
     pub(crate) started: Instant,
     /// Nanoseconds after `started` at which some worker placed its shard's last page.
     pub(crate) last_placed_ns: Arc<AtomicU64>,
-    /// Pages placed by all threads (used by handlers without per-shard counts).
-    pub(crate) placed: AtomicU64,
     /// Streams that may run at once; a bulk half takes one before its first read and gives
     /// it back when its stream ends.
     pub(crate) stream_slots: std::sync::atomic::AtomicUsize,
@@ -101,7 +99,6 @@ impl EngineHandle {
             stop: stop.clone(),
             started,
             last_placed_ns: Arc::new(AtomicU64::new(0)),
-            placed: AtomicU64::new(0),
             stream_slots: std::sync::atomic::AtomicUsize::new(stream_slots),
             ready: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             first_served_ns: Arc::new(AtomicU64::new(0)),
@@ -418,7 +415,7 @@ impl EngineHandle {
             .totals
             .fault_service_ns
             .as_ref()
-            .map(crate::report::LatencyUs::from_ns);
+            .map(crate::stats::LatencyUs::from_ns);
         Ok(report)
     }
 }

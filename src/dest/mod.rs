@@ -42,11 +42,3 @@ pub use worker::coalesce_requests;
 pub(crate) use connect::{link_err, open_connection, open_connection_as};
 pub(crate) use engine::{register_shard, Job, Shared};
 pub(crate) use error::io_err;
-
-/// Pages `[start, end)` of a block of `pages` pages owned by worker `w` of `workers`.
-pub fn shard(pages: u64, w: usize, workers: usize) -> (u64, u64) {
-    (
-        pages * w as u64 / workers as u64,
-        pages * (w as u64 + 1) / workers as u64,
-    )
-}

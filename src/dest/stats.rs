@@ -95,5 +95,5 @@ pub struct EngineReport {
     /// A VMM's memory: from `enable_notify` to the first fault answered.
     pub first_fault_served_seconds: Option<f64>,
     /// A VMM's memory: fault service time on our side (event read → placed).
-    pub fault_service_us: Option<crate::report::LatencyUs>,
+    pub fault_service_us: Option<crate::stats::LatencyUs>,
 }

@@ -39,7 +39,7 @@ pub(super) fn resume_bulk(
             Kind::Run => return Ok(()),
             Kind::Have => {
                 h.check_zero_map(layout).map_err(protocol)?;
-                let (start, end) = crate::dest::shard(
+                let (start, end) = crate::layout::shard(
                     layout.blocks[h.block as usize].pages(),
                     usize::from(worker),
                     usize::from(session.workers),
@@ -140,7 +140,7 @@ impl Stream<'_> {
     fn block(&mut self, b: usize) -> Result<bool, SourceError> {
         let block = &self.shared.image.layout().blocks[b];
         let workers = usize::from(self.session.workers);
-        let (start, end) = crate::dest::shard(block.pages(), usize::from(self.worker), workers);
+        let (start, end) = crate::layout::shard(block.pages(), usize::from(self.worker), workers);
         let sent = &self.session.sent[b];
         let max = u64::from(max_batch_pages(block.page_size));
         let mut p = start;

@@ -15,11 +15,11 @@ use super::pages::encode_zero_map;
 use super::precopy::run_precopy;
 use super::registry::{finish_connection, log, Shared};
 use super::session::Session;
-use super::unix_us;
 use super::urgent::serve_urgent;
 use super::verify::serve_verify;
 use crate::codec::{CodecError, Hello, Role, Welcome};
 use crate::link::FramedStream;
+use crate::stats::unix_us;
 
 /// Serves one accepted connection to its end (its own thread).
 pub(super) fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {

@@ -47,12 +47,3 @@ pub use pages::encode_run;
 pub use prefetch::Prefetch;
 pub use server::{SourceServer, StopHandle};
 pub use session::SessionReport;
-
-/// Microseconds since the Unix epoch (wall clock: comparable across processes on one host, and
-/// across hosts as far as their clocks agree).
-pub fn unix_us() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
-}

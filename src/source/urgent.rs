@@ -110,7 +110,7 @@ impl Replies<'_> {
         let count = u64::from(h.count);
         let sent = &session.sent[h.block as usize];
         sent.set_range(h.page, count);
-        let (_, shard_end) = crate::dest::shard(
+        let (_, shard_end) = crate::layout::shard(
             block.pages(),
             usize::from(self.worker),
             usize::from(session.workers),

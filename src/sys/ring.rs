@@ -379,6 +379,11 @@ impl Ring {
 
     /// Submits what is queued and waits for at least `want` completions or `timeout`, then reaps
     /// every available completion in bulk. Returns them (slots are idle again).
+    ///
+    /// The wait may end early with fewer than `want` completions, possibly none: when
+    /// `io_uring_enter` is interrupted by a signal (`EINTR`), reaches the timeout (`ETIME`), or
+    /// finds the completion queue backed up (`EBUSY`). None of these is an error; a caller that
+    /// needs a particular completion reaps again (until its own deadline).
     pub fn submit_and_reap(
         &mut self,
         want: usize,
@@ -489,8 +494,30 @@ mod tests {
         assert_eq!(Token::decode(0), None);
     }
 
+    /// Reaps until the completion of `awaited` arrives and returns every completion reaped until
+    /// then (it last); fails naming `awaited` after `timeout`. One call of `submit_and_reap` is
+    /// not enough: it returns early, possibly with nothing, on `EINTR` (e.g. a signal to this
+    /// process for a sibling test's child), `ETIME` or `EBUSY`.
+    fn reap_until(ring: &mut Ring, awaited: Token, timeout: Duration) -> Vec<Completion> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut reaped = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no completion of {awaited:?} within {timeout:?}; reaped meanwhile: {reaped:?}"
+            );
+            let done = ring.submit_and_reap(1, Some(left)).unwrap();
+            reaped.extend_from_slice(done);
+            if reaped.iter().any(|c| c.token == awaited) {
+                return reaped;
+            }
+        }
+    }
+
     #[test]
     fn reads_a_socket_into_a_slot_and_writes_back() {
+        const WAIT: Duration = Duration::from_secs(5);
         let mut ring = Ring::new(&RingConfig {
             entries: 8,
             arena_bytes: vec![8192],
@@ -499,24 +526,34 @@ mod tests {
         let a = ring.add_slot(0, 0, 4096);
         let b = ring.add_slot(0, 4096, 4096);
         let (mut left, right) = std::os::unix::net::UnixStream::pair().unwrap();
+        // A reply that never comes fails the read below instead of hanging it.
+        left.set_read_timeout(Some(WAIT)).unwrap();
         ring.read(right.as_raw_fd(), a, 10, 100, 3).unwrap();
         assert!(ring.is_busy(a));
         left.write_all(b"hello ring").unwrap();
-        let done = ring
-            .submit_and_reap(1, Some(Duration::from_secs(5)))
-            .unwrap();
-        assert_eq!(done.len(), 1);
+        let read = Token {
+            kind: OpKind::Read,
+            slot: a,
+            tag: 3,
+        };
+        let done = reap_until(&mut ring, read, WAIT);
+        assert_eq!(done.len(), 1, "only the read was in flight: {done:?}");
         assert_eq!(done[0].result, 10);
         assert_eq!(done[0].token.tag, 3);
         assert_eq!(&ring.slot(a)[10..20], b"hello ring");
         ring.slot_mut(b)[..4].copy_from_slice(b"pong");
         ring.write(right.as_raw_fd(), b, 0, 4, 9).unwrap();
-        let done = ring
-            .submit_and_reap(1, Some(Duration::from_secs(5)))
-            .unwrap();
+        let write = Token {
+            kind: OpKind::Write,
+            slot: b,
+            tag: 9,
+        };
+        let done = reap_until(&mut ring, write, WAIT);
+        assert_eq!(done.len(), 1, "only the write was in flight: {done:?}");
         assert_eq!(done[0].result, 4);
         let mut got = [0u8; 4];
-        std::io::Read::read_exact(&mut left, &mut got).unwrap();
+        std::io::Read::read_exact(&mut left, &mut got)
+            .unwrap_or_else(|e| panic!("reading the ring's reply (\"pong\") from the socket: {e}"));
         assert_eq!(&got, b"pong");
         // A pending read is cancelled and drained on drop without touching freed memory.
         ring.read(right.as_raw_fd(), a, 0, 16, 0).unwrap();

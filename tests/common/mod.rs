@@ -5,17 +5,23 @@
 //! Every wait is bounded: a bug fails a test instead of hanging it. A destination runs on its own
 //! thread and reports through a channel read with `recv_timeout`; if the engine does not finish
 //! in time it is stopped (its userfaultfds close, so blocked touches resume) and the test fails.
+//! The bounded waits themselves: [`wait_until`] (a condition), [`join_within`] (a thread),
+//! [`wait_engine`] (an engine), [`read_line_within`] (a pipe), [`Proc`] (a child process), and
+//! [`IO_TIMEOUT`] on every socket a fake peer reads.
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use postcopy::codec::{self, Frame, Header, ImageInfo, HEADER_BYTES};
-use postcopy::dest::{self, DestError, DestRam, Engine, EngineConfig, EngineReport, ZeroFill};
+use postcopy::dest::{
+    self, DestError, DestRam, Engine, EngineConfig, EngineHandle, EngineReport, ZeroFill,
+};
 use postcopy::image::{page_checksum, Image, Synthetic};
 use postcopy::layout::Layout;
 use postcopy::source::{SessionReport, SourceConfig, SourceError, SourceServer, StopHandle};
@@ -29,6 +35,8 @@ pub const MIB: u64 = 1 << 20;
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 /// Bound on one socket read of a fake peer.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an engine (or a child process) may take to end once told to stop.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// A one-block layout of `size_bytes` in 4 KiB pages.
 pub fn layout(size_bytes: u64) -> Layout {
@@ -61,6 +69,151 @@ pub fn join_within<T>(t: JoinHandle<T>, timeout: Duration, what: &str) -> T {
         Ok(v) => v,
         Err(p) => std::panic::resume_unwind(p),
     }
+}
+
+/// As [`join_within`], for a `Drop`: while the test is already failing (unwinding), it only
+/// waits (bounded) and discards the thread's outcome, since a second panic would abort the whole
+/// test binary.
+pub fn join_on_drop<T>(t: JoinHandle<T>, timeout: Duration, what: &str) {
+    if std::thread::panicking() {
+        if wait_until(timeout, || t.is_finished()) {
+            let _ = t.join();
+        }
+    } else {
+        join_within(t, timeout, what);
+    }
+}
+
+/// Waits for an engine's workers to end within `timeout`, then returns
+/// [`EngineHandle::wait`]'s result. Past `timeout` the engine is stopped (its userfaultfds
+/// close, so blocked touches resume), given [`STOP_GRACE`] to end, and the test fails naming
+/// `what`.
+pub fn wait_engine(
+    handle: EngineHandle,
+    timeout: Duration,
+    what: &str,
+) -> Result<EngineReport, DestError> {
+    if !wait_until(timeout, || handle.is_finished()) {
+        handle.stop();
+        let ended = wait_until(STOP_GRACE, || handle.is_finished());
+        panic!(
+            "{what}: the engine did not end within {timeout:?} ({})",
+            if ended {
+                "it ended once stopped".to_string()
+            } else {
+                format!("nor within {STOP_GRACE:?} of its stop: its threads are leaked")
+            }
+        );
+    }
+    handle.wait()
+}
+
+/// Reads one line (with its newline, if any) from `r` on a helper thread, failing the test if
+/// none arrives within `timeout`. The reader is dropped once the line is read.
+pub fn read_line_within(r: impl Read + Send + 'static, timeout: Duration, what: &str) -> String {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(
+            std::io::BufReader::new(r)
+                .read_line(&mut line)
+                .map(|_| line),
+        );
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(Ok(line)) => line,
+        Ok(Err(e)) => panic!("{what}: reading a line failed: {e}"),
+        Err(_) => panic!("{what}: no line within {timeout:?}"),
+    }
+}
+
+/// A child process, killed and reaped on drop (a failing test leaves none running), whose waits
+/// are bounded.
+pub struct Proc {
+    child: Child,
+    what: String,
+}
+
+impl Proc {
+    /// Starts `cmd` (its stdio as `cmd` sets it); `what` names it in failures.
+    pub fn spawn(cmd: &mut Command, what: &str) -> std::io::Result<Proc> {
+        Ok(Proc {
+            child: cmd.spawn()?,
+            what: what.to_string(),
+        })
+    }
+
+    /// The first line of its (piped) stdout, within `timeout`; the rest of stdout is not read.
+    pub fn stdout_line(&mut self, timeout: Duration) -> String {
+        let out = self.child.stdout.take().expect("stdout is piped");
+        read_line_within(out, timeout, &format!("{}'s first line", self.what))
+    }
+
+    /// Kills it (SIGKILL) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for it to exit within `timeout` and returns its status and what it wrote to its
+    /// piped stdout and stderr (read meanwhile, so a full pipe cannot stall it). Past `timeout`
+    /// it is killed and the test fails naming it, with what it wrote.
+    pub fn wait_output(mut self, timeout: Duration) -> Output {
+        fn drain(r: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        }
+        let (out, err) = (
+            drain(self.child.stdout.take()),
+            drain(self.child.stderr.take()),
+        );
+        let exited = wait_until(timeout, || {
+            matches!(self.child.try_wait(), Ok(Some(_)) | Err(_))
+        });
+        if !exited {
+            self.kill();
+        }
+        let status = self.child.wait().expect("wait for a child process");
+        let what = format!("output of {}", self.what);
+        let stdout = join_within(out, STOP_GRACE, &what);
+        let stderr = join_within(err, STOP_GRACE, &what);
+        assert!(
+            exited,
+            "{} did not exit within {timeout:?}; stdout: {}\nstderr: {}",
+            self.what,
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// As [`Command::output`] (stdin closed, stdout and stderr captured), bounded by `timeout`.
+pub fn output_within(cmd: &mut Command, timeout: Duration, what: &str) -> Output {
+    let cmd = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    Proc::spawn(cmd, what)
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"))
+        .wait_output(timeout)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -155,7 +308,7 @@ impl Source {
         let t = self.thread.take().expect("source thread");
         let ended = wait_until(timeout, || t.is_finished());
         self.stop.stop();
-        let reports = t.join().expect("source thread panicked");
+        let reports = join_within(t, STOP_GRACE, "source server after its stop");
         assert!(
             ended,
             "source server did not end by itself within {timeout:?}"
@@ -362,11 +515,11 @@ where
         .expect("spawn destination");
     match rx.recv_timeout(TIMEOUT + Duration::from_secs(20)) {
         Ok(Ok(out)) => {
-            let _ = t.join();
+            join_within(t, STOP_GRACE, "destination thread after its report");
             out
         }
         Ok(Err(panic)) => {
-            let _ = t.join();
+            join_within(t, STOP_GRACE, "destination thread after its report");
             std::panic::resume_unwind(panic)
         }
         Err(e) => panic!("destination thread did not report within the bound: {e}"),
@@ -443,7 +596,7 @@ where
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    let engine = handle.wait();
+    let engine = wait_engine(handle, STOP_GRACE, "engine after its workload or its stop");
     let seconds = t0.elapsed().as_secs_f64();
     // The engine has ended: its userfaultfds are closed, so blocked touches have resumed.
     assert!(

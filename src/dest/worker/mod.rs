@@ -120,7 +120,7 @@ impl ShardState {
             .layout
             .blocks
             .iter()
-            .map(|b| super::shard(b.pages(), id, workers))
+            .map(|b| crate::layout::shard(b.pages(), id, workers))
             .collect();
         ShardState {
             id,

@@ -1,9 +1,10 @@
-//! The proxy against small upstream servers on 127.0.0.1. Every blocking read has a timeout, so a
-//! hang fails the test instead of stalling the run.
+//! The proxy against small upstream servers on 127.0.0.1. Every blocking read has a timeout, and
+//! every other wait (a thread, a condition, a child process) a deadline, so a hang fails the test
+//! instead of stalling the run.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -11,6 +12,74 @@ use std::time::{Duration, Instant};
 use chaos_proxy::{CutCause, Dir, Fault, Plan, Proxy, RandomCuts};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Polls `done` until it holds, failing the test naming `what` after [`TIMEOUT`].
+fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {TIMEOUT:?}");
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Joins a thread, failing the test if it does not end within [`TIMEOUT`] (it is then leaked).
+fn join_within<T>(t: thread::JoinHandle<T>, what: &str) -> T {
+    wait_for(&format!("{what} to end"), || t.is_finished());
+    t.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// A child process, killed and reaped on drop.
+struct Proc(Child);
+
+impl Proc {
+    /// Waits (bounded) for it to exit and collects its output, killing it past [`TIMEOUT`].
+    fn output(mut self, what: &str) -> Output {
+        let stdout = self.0.stdout.take();
+        let stderr = self.0.stderr.take();
+        let drain = |r: Option<Box<dyn Read + Send>>| {
+            thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = drain(stdout.map(|r| Box::new(r) as Box<dyn Read + Send>));
+        let err = drain(stderr.map(|r| Box::new(r) as Box<dyn Read + Send>));
+        wait_for(&format!("{what} to exit"), || {
+            !matches!(self.0.try_wait(), Ok(None))
+        });
+        let status = self.0.wait().unwrap();
+        Output {
+            status,
+            stdout: join_within(out, &format!("{what}'s stdout")),
+            stderr: join_within(err, &format!("{what}'s stderr")),
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Reads one line from `r` on a helper thread, failing the test after [`TIMEOUT`].
+fn read_line_within(r: impl Read + Send + 'static, what: &str) -> String {
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        let mut line = String::new();
+        let _ = tx.send(BufReader::new(r).read_line(&mut line).map(|_| line));
+    });
+    match rx.recv_timeout(TIMEOUT) {
+        Ok(r) => r.unwrap_or_else(|e| panic!("{what}: {e}")),
+        Err(_) => panic!("{what}: no line within {TIMEOUT:?}"),
+    }
+}
 
 /// A server on 127.0.0.1 running `handler` on a thread per connection.
 fn upstream(handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> SocketAddr {
@@ -151,7 +220,7 @@ fn cut_to_server_delivers_exactly_offset_bytes_then_eof() {
     assert_eq!(got.len(), N);
     assert!(got == pattern(N), "wrong bytes");
     assert_eq!(end, Ok(()));
-    w.join().unwrap();
+    join_within(w, "client writer");
     let cuts = proxy.stats().cuts;
     assert_eq!(cuts.len(), 1);
     assert_eq!(
@@ -243,7 +312,7 @@ fn random_run(seed: u64, cuts: usize) -> Vec<(usize, Dir, u64)> {
             let _ = writer.shutdown(Shutdown::Write);
         });
         let (got, _) = read_until_end(&mut client);
-        w.join().unwrap();
+        join_within(w, "client writer");
         assert!(got[..] == data[..got.len()], "echo corrupted");
         if got.len() == PER_CONN {
             intact += 1;
@@ -393,9 +462,9 @@ fn cut_all_and_drop_do_not_hang() {
     let mut c1 = connect(proxy.local_addr());
     let mut some = [0u8; 1000];
     c0.read_exact(&mut some).unwrap();
-    while proxy.stats().open < 2 {
-        thread::sleep(Duration::from_millis(5));
-    }
+    wait_for("two connections open through the proxy", || {
+        proxy.stats().open >= 2
+    });
     let start = Instant::now();
     assert_eq!(proxy.cut_all(), 2);
     let (_, end0) = read_until_end(&mut c0);
@@ -411,9 +480,9 @@ fn cut_all_and_drop_do_not_hang() {
     // Drop with a client that does not read (the proxy blocks writing to it) and a stalled one.
     let _c2 = connect(proxy.local_addr());
     let mut c3 = connect(proxy.local_addr());
-    while proxy.stats().open < 2 {
-        thread::sleep(Duration::from_millis(5));
-    }
+    wait_for("two connections open through the proxy", || {
+        proxy.stats().open >= 2
+    });
     thread::sleep(Duration::from_millis(100));
     let addr = proxy.local_addr();
     let (tx, rx) = mpsc::channel();
@@ -436,23 +505,22 @@ fn cli_prints_address_and_cuts() {
         let _ = s.write_all(&pattern(5000));
         let _ = read_until_end(&mut s);
     });
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chaos-proxy"))
-        .args([
-            "--upstream",
-            &server.to_string(),
-            "--cut",
-            "to-client:1K@1",
-            "--linger-ms",
-            "200",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let mut child = Proc(
+        Command::new(env!("CARGO_BIN_EXE_chaos-proxy"))
+            .args([
+                "--upstream",
+                &server.to_string(),
+                "--cut",
+                "to-client:1K@1",
+                "--linger-ms",
+                "200",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = read_line_within(child.0.stdout.take().unwrap(), "chaos-proxy's address line");
     let addr: SocketAddr = line
         .trim()
         .strip_prefix("listening on ")
@@ -466,24 +534,24 @@ fn cli_prints_address_and_cuts() {
     let mut c1 = connect(addr);
     assert_eq!(read_until_end(&mut c1).0, pattern(1024));
 
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let mut log = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut log)
-        .unwrap();
+    child.0.kill().unwrap();
+    let log = child.output("chaos-proxy after its kill").stderr;
+    let log = String::from_utf8_lossy(&log);
     assert!(
         log.contains("conn 1 cut (planned) to-client at offset 1024"),
         "{log}"
     );
 
-    let help = Command::new(env!("CARGO_BIN_EXE_chaos-proxy"))
-        .arg("--help")
-        .output()
-        .unwrap();
+    let help = Proc(
+        Command::new(env!("CARGO_BIN_EXE_chaos-proxy"))
+            .arg("--help")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    )
+    .output("chaos-proxy --help");
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("--random-cuts"));
 }
