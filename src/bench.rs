@@ -169,6 +169,46 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// The modes each run measures, in order.
+const MODES: [&str; 3] = ["full", "stream_only", "demand_only"];
+
+/// The rows of the table: metric, mode, whether lower is better, and the measured value.
+type Metric = (&'static str, &'static str, bool, fn(&Measurement) -> f64);
+
+/// The table's metrics, in order.
+const METRICS: [Metric; 8] = [
+    (
+        "time to all pages, workload running (s)",
+        "full",
+        true,
+        |m| m.seconds,
+    ),
+    (
+        "stream-only throughput (MiB/s)",
+        "stream_only",
+        false,
+        |m| m.throughput_mib_s,
+    ),
+    ("fault p50 with stream (us)", "full", true, |m| {
+        m.fault_latency_us.p50
+    }),
+    ("fault p99 with stream (us)", "full", true, |m| {
+        m.fault_latency_us.p99
+    }),
+    ("fault p99.9 with stream (us)", "full", true, |m| {
+        m.fault_latency_us.p999
+    }),
+    ("fault p50 demand-only (us)", "demand_only", true, |m| {
+        m.fault_latency_us.p50
+    }),
+    ("fault p99 demand-only (us)", "demand_only", true, |m| {
+        m.fault_latency_us.p99
+    }),
+    ("fault p99.9 demand-only (us)", "demand_only", true, |m| {
+        m.fault_latency_us.p999
+    }),
+];
+
 /// Runs the bench. Progress lines go to stderr unless `quiet`.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
     let d = &cfg.demo;
@@ -182,7 +222,30 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
         },
         false,
     )?;
-    let mut measurements = Vec::new();
+    let measurements = measure_all(cfg, &big, &small)?;
+    drop((big, small));
+    Ok(BenchReport {
+        size_bytes: d.size_bytes,
+        demand_size_bytes: cfg.demand_size_bytes,
+        runs: cfg.runs,
+        workers: d.workers,
+        threads: d.threads,
+        pattern: format!("{:?}", d.pattern).to_lowercase(),
+        zero_percent: d.zero_percent,
+        all_verified: measurements.iter().all(|m| m.verified),
+        table: table(&measurements),
+        measurements,
+    })
+}
+
+/// Every run of every mode for both handlers (alternating which goes first), against `big`
+/// except demand-only runs (`small`). A run that did not finish stops the bench.
+fn measure_all(
+    cfg: &BenchConfig,
+    big: &SourceProcess,
+    small: &SourceProcess,
+) -> Result<Vec<Measurement>, DemoError> {
+    let mut measurements = Vec::with_capacity(cfg.runs * MODES.len() * 2);
     let started = Instant::now();
     for run in 0..cfg.runs {
         let order = if run % 2 == 0 {
@@ -190,7 +253,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
         } else {
             [Handler::Baseline, Handler::Engine]
         };
-        for mode in ["full", "stream_only", "demand_only"] {
+        for mode in MODES {
             for handler in order {
                 let addr = if mode == "demand_only" {
                     &small.addr
@@ -198,21 +261,8 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
                     &big.addr
                 };
                 let m = measure(addr, handler, mode, cfg);
-                if !d.quiet {
-                    eprintln!(
-                        "  run {}/{} {:<8} {:<11} {:>7.3} s {:>6.0} MiB/s  p50 {:>7.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us{}  [{:.0} s]",
-                        run + 1,
-                        cfg.runs,
-                        m.handler,
-                        m.mode,
-                        m.seconds,
-                        m.throughput_mib_s,
-                        m.fault_latency_us.p50,
-                        m.fault_latency_us.p99,
-                        m.fault_latency_us.p999,
-                        if m.verified { "" } else { "  NOT VERIFIED" },
-                        started.elapsed().as_secs_f64()
-                    );
+                if !cfg.demo.quiet {
+                    eprintln!("{}", progress_line(&m, run, cfg.runs, started));
                 }
                 let stuck = m
                     .error
@@ -229,69 +279,59 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
             }
         }
     }
-    drop((big, small));
-    let pick = |handler: &str, mode: &str, f: &dyn Fn(&Measurement) -> f64| -> f64 {
-        median(
-            measurements
-                .iter()
-                .filter(|m| m.handler == handler && m.mode == mode && m.error.is_none())
-                .map(f)
-                .collect(),
-        )
-    };
-    let mut table = Vec::new();
-    let mut row = |metric: &str, mode: &str, lower: bool, f: &dyn Fn(&Measurement) -> f64| {
-        let (ours, baseline) = (pick("engine", mode, f), pick("baseline", mode, f));
-        table.push(Row {
-            metric: metric.into(),
-            ours,
-            baseline,
-            ratio: ours / baseline,
-            lower_is_better: lower,
-        });
-    };
-    row(
-        "time to all pages, workload running (s)",
-        "full",
-        true,
-        &|m| m.seconds,
-    );
-    row(
-        "stream-only throughput (MiB/s)",
-        "stream_only",
-        false,
-        &|m| m.throughput_mib_s,
-    );
-    row("fault p50 with stream (us)", "full", true, &|m| {
-        m.fault_latency_us.p50
-    });
-    row("fault p99 with stream (us)", "full", true, &|m| {
-        m.fault_latency_us.p99
-    });
-    row("fault p99.9 with stream (us)", "full", true, &|m| {
-        m.fault_latency_us.p999
-    });
-    row("fault p50 demand-only (us)", "demand_only", true, &|m| {
-        m.fault_latency_us.p50
-    });
-    row("fault p99 demand-only (us)", "demand_only", true, &|m| {
-        m.fault_latency_us.p99
-    });
-    row("fault p99.9 demand-only (us)", "demand_only", true, &|m| {
-        m.fault_latency_us.p999
-    });
-    Ok(BenchReport {
-        size_bytes: d.size_bytes,
-        demand_size_bytes: cfg.demand_size_bytes,
-        runs: cfg.runs,
-        workers: d.workers,
-        threads: d.threads,
-        pattern: format!("{:?}", d.pattern).to_lowercase(),
-        zero_percent: d.zero_percent,
-        all_verified: measurements.iter().all(|m| m.verified),
-        table,
-        measurements,
-    })
+    Ok(measurements)
+}
+
+/// The progress line of measurement `m` of run `run` (from 0) of `runs`.
+fn progress_line(m: &Measurement, run: usize, runs: usize, started: Instant) -> String {
+    format!(
+        "  run {}/{} {:<8} {:<11} {:>7.3} s {:>6.0} MiB/s  p50 {:>7.1} us  p99 {:>8.1} us  p99.9 {:>8.1} us{}  [{:.0} s]",
+        run + 1,
+        runs,
+        m.handler,
+        m.mode,
+        m.seconds,
+        m.throughput_mib_s,
+        m.fault_latency_us.p50,
+        m.fault_latency_us.p99,
+        m.fault_latency_us.p999,
+        if m.verified { "" } else { "  NOT VERIFIED" },
+        started.elapsed().as_secs_f64()
+    )
+}
+
+/// The medians and ratios of every metric.
+fn table(measurements: &[Measurement]) -> Vec<Row> {
+    METRICS
+        .iter()
+        .map(|&(metric, mode, lower, f)| {
+            let ours = pick(measurements, "engine", mode, f);
+            let baseline = pick(measurements, "baseline", mode, f);
+            Row {
+                metric: metric.into(),
+                ours,
+                baseline,
+                ratio: ours / baseline,
+                lower_is_better: lower,
+            }
+        })
+        .collect()
+}
+
+/// The median of `f` over the successful measurements of `handler` in `mode`.
+fn pick(
+    measurements: &[Measurement],
+    handler: &str,
+    mode: &str,
+    f: fn(&Measurement) -> f64,
+) -> f64 {
+    median(
+        measurements
+            .iter()
+            .filter(|m| m.handler == handler && m.mode == mode && m.error.is_none())
+            .map(f)
+            .collect(),
+    )
 }
 
 impl BenchReport {

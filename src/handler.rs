@@ -225,6 +225,8 @@ pub fn serve_vmm(config: &HandlerConfig, sock: UnixStream, stop: &AtomicBool) ->
     report
 }
 
+/// Receives the VMM's handover, serves it through the engine until the VMM exits (or `stop`),
+/// and fills in `report`.
 fn serve_vmm_inner(
     config: &HandlerConfig,
     sock: &UnixStream,
@@ -238,11 +240,22 @@ fn serve_vmm_inner(
     report.pid = h.pid;
     report.version = Some(h.version);
     report.regions = h.regions.len();
-    let huge = h.regions.iter().any(|r| {
+    let engine = start_engine(config, h, report)?;
+    let t_notify = t0.elapsed().as_secs_f64();
+    let vmm_gone = serve_until_gone(sock, &engine, stop)?;
+    let complete = engine.ram.complete();
+    engine.stop();
+    finish(engine.wait(), vmm_gone, complete, t_notify, report)
+}
+
+/// The engine settings for a VMM with `regions`: one worker, and zero pages by copying on
+/// hugetlbfs (it has no zero-page ioctl).
+fn engine_config(config: &HandlerConfig, regions: &[handover::GuestRegion]) -> EngineConfig {
+    let huge = regions.iter().any(|r| {
         r.page_size
             .is_some_and(|p| p > crate::sys::mem::base_page_size() as u64)
     });
-    let engine_cfg = EngineConfig {
+    EngineConfig {
         source: config.source.clone(),
         workers: 1,
         pin: false,
@@ -259,7 +272,17 @@ fn serve_vmm_inner(
         recovery_timeout: config.recovery_timeout,
         tls: config.tls.clone(),
         ..EngineConfig::default()
-    };
+    }
+}
+
+/// Connects to the source, maps the VMM's regions onto its image and starts the engine on the
+/// handed-over userfaultfd; `report.pages` is the pages of the regions.
+fn start_engine(
+    config: &HandlerConfig,
+    h: handover::Handover,
+    report: &mut VmmReport,
+) -> Result<dest::EngineHandle, String> {
+    let engine_cfg = engine_config(config, &h.regions);
     let uffd = Uffd::from_fd(h.uffd);
     let connected = dest::connect(&engine_cfg).map_err(|e| e.to_string())?;
     let segments =
@@ -268,21 +291,24 @@ fn serve_vmm_inner(
     let ram =
         Arc::new(DestRam::foreign(&connected.welcome.layout, segments).map_err(|e| e.to_string())?);
     let prepared = Engine::prepare(&connected, ram, &engine_cfg).map_err(|e| e.to_string())?;
-    let engine = prepared
+    prepared
         .enable_notify_external(connected, uffd)
-        .map_err(|e| e.to_string())?;
-    let t_notify = t0.elapsed().as_secs_f64();
-    // Serve until the VMM goes away (its socket closes) or we are told to stop.
+        .map_err(|e| e.to_string())
+}
+
+/// Serves until the engine finishes, `stop` is set, or the VMM goes away (its socket closes):
+/// returns whether it went away.
+fn serve_until_gone(
+    sock: &UnixStream,
+    engine: &dest::EngineHandle,
+    stop: &AtomicBool,
+) -> Result<bool, String> {
     sock.set_read_timeout(Some(Duration::from_millis(50)))
         .map_err(|e| e.to_string())?;
-    let mut vmm_gone = false;
     let mut sink = [0u8; 256];
     while !engine.is_finished() && !stop.load(Ordering::Acquire) {
         match (&*sock).read(&mut sink) {
-            Ok(0) => {
-                vmm_gone = true;
-                break;
-            }
+            Ok(0) => return Ok(true),
             Ok(_) => {} // nothing is expected after the handshake; ignore
             Err(e)
                 if matches!(
@@ -291,15 +317,23 @@ fn serve_vmm_inner(
                         | std::io::ErrorKind::TimedOut
                         | std::io::ErrorKind::Interrupted
                 ) => {}
-            Err(_) => {
-                vmm_gone = true;
-                break;
-            }
+            Err(_) => return Ok(true),
         }
     }
-    let complete = engine.ram.complete();
-    engine.stop();
-    match engine.wait() {
+    Ok(false)
+}
+
+/// The outcome of a VMM's engine run (`done`) into `report`, with `t_notify` (accept → notify
+/// on, s) to turn the engine's times into the VMM's. `complete`: every page was placed when
+/// the engine was stopped.
+fn finish(
+    done: Result<dest::EngineReport, DestError>,
+    vmm_gone: bool,
+    complete: bool,
+    t_notify: f64,
+    report: &mut VmmReport,
+) -> Result<(), String> {
+    match done {
         Ok(r) => {
             report.restore_seconds = Some(t_notify + r.postcopy_seconds);
             report.first_fault_served_ms = r

@@ -121,55 +121,70 @@ pub fn parse_regions(bytes: &[u8]) -> Result<(Vec<GuestRegion>, JsonVersion), Ha
     let mut regions = Vec::with_capacity(items.len());
     let mut version = JsonVersion::V1_12;
     for (index, item) in items.iter().enumerate() {
-        let obj = item.as_object().ok_or_else(|| HandoverError::Region {
-            index,
-            detail: "not a JSON object".into(),
-        })?;
-        let field = |name: &str| -> Result<Option<u64>, HandoverError> {
-            match obj.get(name) {
-                None | Some(serde_json::Value::Null) => Ok(None),
-                Some(v) => v.as_u64().map(Some).ok_or_else(|| HandoverError::Region {
-                    index,
-                    detail: format!("`{name}` is {v}, not an unsigned integer"),
-                }),
-            }
-        };
-        let need = |name: &str| -> Result<u64, HandoverError> {
-            field(name)?.ok_or_else(|| HandoverError::Region {
-                index,
-                detail: format!("`{name}` is missing"),
-            })
-        };
-        let base = need("base_host_virt_addr")?;
-        let size = need("size")?;
-        let offset = need("offset")?;
-        let kib = field("page_size_kib")?;
-        let bytes = field("page_size")?;
-        let (page_size, v) = match (bytes, kib) {
-            (Some(b), Some(k)) if b != k => {
-                return Err(HandoverError::Region {
-                    index,
-                    detail: format!("`page_size` {b} and `page_size_kib` {k} disagree"),
-                })
-            }
-            (Some(b), _) => (Some(b), JsonVersion::V1_12),
-            // Despite its name, `page_size_kib` carries bytes (Firecracker v1.7 to v1.11).
-            (None, Some(k)) => (Some(k), JsonVersion::V1_7),
-            (None, None) => (None, JsonVersion::V1_1),
-        };
-        version = match (version, v) {
-            (JsonVersion::V1_1, _) | (_, JsonVersion::V1_1) => JsonVersion::V1_1,
-            (JsonVersion::V1_7, _) | (_, JsonVersion::V1_7) => JsonVersion::V1_7,
-            _ => JsonVersion::V1_12,
-        };
-        regions.push(GuestRegion {
-            base_host_virt_addr: base,
-            size,
-            offset,
-            page_size,
-        });
+        let (region, v) = region_of(index, item)?;
+        version = oldest(version, v);
+        regions.push(region);
     }
     Ok((regions, version))
+}
+
+/// Region `index` of the list, and the JSON generation its page-size fields belong to.
+fn region_of(
+    index: usize,
+    item: &serde_json::Value,
+) -> Result<(GuestRegion, JsonVersion), HandoverError> {
+    let obj = item.as_object().ok_or_else(|| HandoverError::Region {
+        index,
+        detail: "not a JSON object".into(),
+    })?;
+    let field = |name: &str| -> Result<Option<u64>, HandoverError> {
+        match obj.get(name) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| HandoverError::Region {
+                index,
+                detail: format!("`{name}` is {v}, not an unsigned integer"),
+            }),
+        }
+    };
+    let need = |name: &str| -> Result<u64, HandoverError> {
+        field(name)?.ok_or_else(|| HandoverError::Region {
+            index,
+            detail: format!("`{name}` is missing"),
+        })
+    };
+    let base = need("base_host_virt_addr")?;
+    let size = need("size")?;
+    let offset = need("offset")?;
+    let kib = field("page_size_kib")?;
+    let bytes = field("page_size")?;
+    let (page_size, version) = match (bytes, kib) {
+        (Some(b), Some(k)) if b != k => {
+            return Err(HandoverError::Region {
+                index,
+                detail: format!("`page_size` {b} and `page_size_kib` {k} disagree"),
+            })
+        }
+        (Some(b), _) => (Some(b), JsonVersion::V1_12),
+        // Despite its name, `page_size_kib` carries bytes (Firecracker v1.7 to v1.11).
+        (None, Some(k)) => (Some(k), JsonVersion::V1_7),
+        (None, None) => (None, JsonVersion::V1_1),
+    };
+    let region = GuestRegion {
+        base_host_virt_addr: base,
+        size,
+        offset,
+        page_size,
+    };
+    Ok((region, version))
+}
+
+/// The older of two JSON generations (a list is as old as its oldest region).
+fn oldest(a: JsonVersion, b: JsonVersion) -> JsonVersion {
+    match (a, b) {
+        (JsonVersion::V1_1, _) | (_, JsonVersion::V1_1) => JsonVersion::V1_1,
+        (JsonVersion::V1_7, _) | (_, JsonVersion::V1_7) => JsonVersion::V1_7,
+        _ => JsonVersion::V1_12,
+    }
 }
 
 /// Maps the regions onto the source's layout (one block: the memory file), checking each:
@@ -179,49 +194,65 @@ pub fn segments_for(
     layout: &Layout,
 ) -> Result<Vec<Vec<Segment>>, HandoverError> {
     let block = &layout.blocks[0];
-    let ps = block.page_size;
     let mut segs = Vec::with_capacity(regions.len());
     for (index, r) in regions.iter().enumerate() {
-        let bad = |detail: String| HandoverError::Region { index, detail };
-        if let Some(p) = r.page_size {
-            if p != ps {
-                return Err(bad(format!(
-                    "page size {p} bytes, but the source serves the image in pages of {ps}: serve it with --page-size {p}"
-                )));
-            }
-        }
-        if r.size == 0 {
-            return Err(bad("size 0".into()));
-        }
-        if r.size % ps != 0 || r.offset % ps != 0 || r.base_host_virt_addr % ps != 0 {
+        segs.push((index, segment_of(index, r, block)?));
+    }
+    check_no_overlap(&segs, block.page_size)?;
+    let mut per_block = vec![Vec::new(); layout.blocks.len()];
+    per_block[0] = segs.into_iter().map(|(_, s)| s).collect();
+    Ok(per_block)
+}
+
+/// Region `index` as a segment of `block`: its page size is the block's, it is non-empty and
+/// page-aligned, nothing overflows, and it ends inside the image.
+fn segment_of(
+    index: usize,
+    r: &GuestRegion,
+    block: &crate::layout::Block,
+) -> Result<Segment, HandoverError> {
+    let ps = block.page_size;
+    let bad = |detail: String| HandoverError::Region { index, detail };
+    if let Some(p) = r.page_size {
+        if p != ps {
             return Err(bad(format!(
-                "base {:#x}, offset {} or size {} is not a multiple of the page size {ps}",
-                r.base_host_virt_addr, r.offset, r.size
+                "page size {p} bytes, but the source serves the image in pages of {ps}: serve it with --page-size {p}"
             )));
         }
-        let end = r
-            .offset
-            .checked_add(r.size)
-            .ok_or_else(|| bad("offset + size overflows".into()))?;
-        if r.base_host_virt_addr.checked_add(r.size).is_none() {
-            return Err(bad("base + size overflows".into()));
-        }
-        if end > block.size_bytes {
-            return Err(HandoverError::PastImage {
-                index,
-                end,
-                image_bytes: block.size_bytes,
-            });
-        }
-        segs.push((
-            index,
-            Segment {
-                first_page: r.offset / ps,
-                pages: r.size / ps,
-                host_addr: r.base_host_virt_addr as usize,
-            },
-        ));
     }
+    if r.size == 0 {
+        return Err(bad("size 0".into()));
+    }
+    if r.size % ps != 0 || r.offset % ps != 0 || r.base_host_virt_addr % ps != 0 {
+        return Err(bad(format!(
+            "base {:#x}, offset {} or size {} is not a multiple of the page size {ps}",
+            r.base_host_virt_addr, r.offset, r.size
+        )));
+    }
+    let end = r
+        .offset
+        .checked_add(r.size)
+        .ok_or_else(|| bad("offset + size overflows".into()))?;
+    if r.base_host_virt_addr.checked_add(r.size).is_none() {
+        return Err(bad("base + size overflows".into()));
+    }
+    if end > block.size_bytes {
+        return Err(HandoverError::PastImage {
+            index,
+            end,
+            image_bytes: block.size_bytes,
+        });
+    }
+    Ok(Segment {
+        first_page: r.offset / ps,
+        pages: r.size / ps,
+        host_addr: r.base_host_virt_addr as usize,
+    })
+}
+
+/// No two segments (by region index) overlap, neither in the memory file nor in the VMM's
+/// address space (pages of `ps` bytes).
+fn check_no_overlap(segs: &[(usize, Segment)], ps: u64) -> Result<(), HandoverError> {
     for (what, key) in [
         ("in the memory file", 0usize),
         ("in the VMM's address space", 1usize),
@@ -242,9 +273,7 @@ pub fn segments_for(
             }
         }
     }
-    let mut per_block = vec![Vec::new(); layout.blocks.len()];
-    per_block[0] = segs.into_iter().map(|(_, s)| s).collect();
-    Ok(per_block)
+    Ok(())
 }
 
 /// A VMM's handshake, received.

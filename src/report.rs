@@ -87,11 +87,19 @@ impl DemoReport {
 
     /// A readable summary.
     pub fn render(&self) -> String {
-        let l = &self.fault_latency_us;
-        let e = &self.engine.totals;
-        let mib = self.size_bytes as f64 / (1 << 20) as f64;
         let mut s = String::new();
-        use std::fmt::Write;
+        self.write_title(&mut s);
+        self.write_outcome(&mut s);
+        self.write_precopy(&mut s);
+        self.write_pages(&mut s);
+        self.write_faults(&mut s);
+        self.write_trouble(&mut s);
+        s
+    }
+
+    /// The title line: image, pattern, threads, workers, stream.
+    fn write_title(&self, s: &mut impl std::fmt::Write) {
+        let mib = self.size_bytes as f64 / (1 << 20) as f64;
         let _ = writeln!(
             s,
             "postcopy demo: {mib:.0} MiB, {} pages of {} B ({}% zero), pattern {}, {} workload threads, {} workers, stream {}",
@@ -103,6 +111,10 @@ impl DemoReport {
             self.workers,
             if self.stream { "on" } else { "off" }
         );
+    }
+
+    /// Whether every page verified, and how long postcopy took.
+    fn write_outcome(&self, s: &mut impl std::fmt::Write) {
         let _ = writeln!(
             s,
             "  verified        {}{}",
@@ -121,6 +133,10 @@ impl DemoReport {
             "  postcopy        {:.3} s  ({:.0} MiB/s)   total {:.3} s",
             self.postcopy_seconds, self.throughput_mib_s, self.total_seconds
         );
+    }
+
+    /// The precopy phase (when it ran) and the downtime (when known).
+    fn write_precopy(&self, s: &mut impl std::fmt::Write) {
         if self.precopy {
             let _ = writeln!(
                 s,
@@ -139,6 +155,10 @@ impl DemoReport {
                 "  downtime        {d:.1} ms (source workload stopped -> destination workload running)"
             );
         }
+    }
+
+    /// How the pages arrived.
+    fn write_pages(&self, s: &mut impl std::fmt::Write) {
         let _ = writeln!(
             s,
             "  pages           {} by fault, {} by stream, {} by zero map, {} zero, {} eexist races",
@@ -148,6 +168,12 @@ impl DemoReport {
             self.pages_zero,
             self.eexist
         );
+    }
+
+    /// The faults and their latency.
+    fn write_faults(&self, s: &mut impl std::fmt::Write) {
+        let l = &self.fault_latency_us;
+        let e = &self.engine.totals;
         let _ = writeln!(
             s,
             "  faults          {} (requests {}, deduplicated {}, already placed {})",
@@ -158,6 +184,10 @@ impl DemoReport {
             "  fault latency   p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us",
             l.p50, l.p90, l.p99, l.p999, l.max
         );
+    }
+
+    /// Recoveries (when any) and the error that ended the run (when any).
+    fn write_trouble(&self, s: &mut impl std::fmt::Write) {
         if self.recoveries > 0 {
             let _ = writeln!(
                 s,
@@ -168,6 +198,5 @@ impl DemoReport {
         if let Some(err) = &self.error {
             let _ = writeln!(s, "  error           {err}");
         }
-        s
     }
 }

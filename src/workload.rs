@@ -85,11 +85,112 @@ fn locate(ram: &DestRam, mut global: u64) -> (usize, u64) {
     panic!("global page index beyond the layout");
 }
 
-struct Toucher<'a> {
+/// Longest fault latency the histograms record: 60 s, in ns.
+const LATENCY_MAX_NS: u64 = 60_000_000_000;
+
+/// A fault-latency histogram (1 ns .. 60 s, 3 significant digits).
+fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_MAX_NS, 3).expect("valid histogram bounds")
+}
+
+/// What every workload thread shares: the memory, the pattern, and who claimed which page.
+struct Shared<'a> {
     ram: &'a DestRam,
     image: Option<&'a Synthetic>,
-    first_touch: &'a [AtomicU64],
-    claimed: &'a PageBitmap,
+    /// Checksum of every page at its first touch, by global page index.
+    first_touch: Vec<AtomicU64>,
+    /// The pages a thread has claimed (each is verified and written by that thread only).
+    claimed: PageBitmap,
+    /// Mismatches so far, every thread.
+    mismatch_count: AtomicU64,
+    /// `Random`: the permutation the threads split; empty otherwise.
+    order: Vec<u64>,
+    /// `Zipf`: a random ranking of the pages, hottest first; empty otherwise.
+    ranking: Vec<u64>,
+    total: u64,
+    threads: usize,
+    pattern: Pattern,
+    seed: u64,
+}
+
+impl<'a> Shared<'a> {
+    fn new(ram: &'a DestRam, image: Option<&'a Synthetic>, config: &WorkloadConfig) -> Self {
+        let total = ram.layout.total_pages();
+        let mut rng = Rng::new(config.seed);
+        let order: Vec<u64> = match config.pattern {
+            Pattern::Random => permutation(total, &mut rng),
+            Pattern::Sequential | Pattern::Zipf => Vec::new(),
+        };
+        // Zipf: hot pages are the front of a random ranking.
+        let ranking: Vec<u64> = match config.pattern {
+            Pattern::Zipf => permutation(total, &mut rng),
+            Pattern::Random | Pattern::Sequential => Vec::new(),
+        };
+        Shared {
+            ram,
+            image,
+            first_touch: (0..total).map(|_| AtomicU64::new(0)).collect(),
+            claimed: PageBitmap::new(total),
+            mismatch_count: AtomicU64::new(0),
+            order,
+            ranking,
+            total,
+            threads: config.threads.max(1),
+            pattern: config.pattern,
+            seed: config.seed,
+        }
+    }
+
+    /// Completes what the threads saw (`out`, see [`merge`]) with the first-touch checksums.
+    /// Any page no thread claimed (cannot happen: every pattern sweeps every page) would
+    /// escape verification: it counts as a mismatch rather than being trusted.
+    fn finish(self, mut out: WorkloadResult) -> WorkloadResult {
+        debug_assert!(out.first_touch.is_empty());
+        let unclaimed = self.total - self.claimed.count_ones();
+        debug_assert_eq!(
+            out.touches,
+            self.claimed.count_ones(),
+            "one claim, one touch"
+        );
+        out.first_touch = self
+            .first_touch
+            .into_iter()
+            .map(AtomicU64::into_inner)
+            .collect();
+        if unclaimed > 0 {
+            out.mismatches += unclaimed;
+            out.first_mismatch
+                .get_or_insert_with(|| format!("{unclaimed} pages were never touched"));
+        }
+        out
+    }
+}
+
+/// The sum of what the threads' `touchers` saw (the first mismatch is the first thread's).
+fn merge(touchers: Vec<Toucher<'_>>) -> WorkloadResult {
+    let mut out = WorkloadResult {
+        touches: 0,
+        faults: 0,
+        latency_ns: latency_histogram(),
+        mismatches: 0,
+        first_mismatch: None,
+        first_touch: Vec::new(),
+    };
+    for w in touchers {
+        out.touches += w.touches;
+        out.faults += w.faults;
+        out.latency_ns.add(&w.hist).expect("same bounds");
+        out.mismatches += w.mismatches;
+        if out.first_mismatch.is_none() {
+            out.first_mismatch = w.first_mismatch;
+        }
+    }
+    out
+}
+
+/// One workload thread: its scratch pages and what it saw.
+struct Toucher<'a> {
+    shared: &'a Shared<'a>,
     page: Vec<u8>,
     expect: Vec<u8>,
     touches: u64,
@@ -97,16 +198,71 @@ struct Toucher<'a> {
     hist: Histogram<u64>,
     mismatches: u64,
     first_mismatch: Option<String>,
-    mismatch_count: &'a AtomicU64,
 }
 
-impl Toucher<'_> {
+impl<'a> Toucher<'a> {
+    fn new(shared: &'a Shared<'a>) -> Self {
+        let max_page = shared.ram.layout.max_page_size() as usize;
+        Toucher {
+            shared,
+            page: vec![0u8; max_page],
+            expect: vec![0u8; max_page],
+            touches: 0,
+            faults: 0,
+            hist: latency_histogram(),
+            mismatches: 0,
+            first_mismatch: None,
+        }
+    }
+
+    /// Thread `t`'s share of the pattern.
+    fn walk(&mut self, t: usize) {
+        let s = self.shared;
+        let (start, end) = crate::layout::shard(s.total, t, s.threads);
+        match s.pattern {
+            Pattern::Random => {
+                for &g in &s.order[start as usize..end as usize] {
+                    self.touch(g);
+                }
+            }
+            Pattern::Sequential => {
+                for g in start..end {
+                    self.touch(g);
+                }
+            }
+            Pattern::Zipf => self.walk_zipf(t, start, end),
+        }
+    }
+
+    /// Zipf(1) draws (half as many as the shard's pages), then every page of the shard not
+    /// yet claimed.
+    fn walk_zipf(&mut self, t: usize, start: u64, end: u64) {
+        let s = self.shared;
+        // Zipf(1) by inversion of its continuous approximation: P(rank <= k) ~ ln k / ln n.
+        let mut rng = Rng::new(s.seed ^ ((t as u64 + 1) * 0x1234_5678_9abc));
+        let ln_n = (s.total as f64).ln();
+        for _ in 0..(end - start) / 2 {
+            let rank = ((rng.unit() * ln_n).exp() as u64)
+                .saturating_sub(1)
+                .min(s.total - 1);
+            self.touch(s.ranking[rank as usize]);
+        }
+        for g in start..end {
+            if !s.claimed.get(g) {
+                self.touch(g);
+            }
+        }
+    }
+
+    /// Touches page `global`, timing the fault if it was missing; the first toucher claims
+    /// it, checks it and writes to it.
     fn touch(&mut self, global: u64) {
-        let (b, page) = locate(self.ram, global);
-        let ps = self.ram.layout.blocks[b].page_size as usize;
+        let ram = self.shared.ram;
+        let (b, page) = locate(ram, global);
+        let ps = ram.layout.blocks[b].page_size as usize;
         let offset = page as usize * ps;
-        let region = &self.ram.regions[b];
-        let was_missing = !self.ram.received[b].get(page);
+        let region = &ram.regions[b];
+        let was_missing = !ram.received[b].get(page);
         let t0 = Instant::now();
         region.touch(offset);
         let dt = t0.elapsed().as_nanos() as u64;
@@ -114,14 +270,14 @@ impl Toucher<'_> {
             self.faults += 1;
             let _ = self.hist.record(dt.max(1));
         }
-        if !self.claimed.set(global) {
+        if !self.shared.claimed.set(global) {
             return; // another thread verifies and writes this page
         }
         self.touches += 1;
         region.read_into(offset, &mut self.page[..ps]);
         let got = page_checksum(&self.page[..ps]);
-        self.first_touch[global as usize].store(got, Ordering::Relaxed);
-        let want = match self.image {
+        self.shared.first_touch[global as usize].store(got, Ordering::Relaxed);
+        let want = match self.shared.image {
             Some(image) => {
                 image.fill(b as u32, page, &mut self.expect[..ps]);
                 page_checksum(&self.expect[..ps])
@@ -130,7 +286,7 @@ impl Toucher<'_> {
         };
         if got != want {
             self.mismatches += 1;
-            self.mismatch_count.fetch_add(1, Ordering::Relaxed);
+            self.shared.mismatch_count.fetch_add(1, Ordering::Relaxed);
             self.first_mismatch.get_or_insert_with(|| {
                 format!(
                     "block {b} page {page}: checksum {got:#018x}, expected {want:#018x} (first touch)"
@@ -144,77 +300,16 @@ impl Toucher<'_> {
 /// Runs the workload to completion: every page is touched (claimed) once, and checked at once
 /// against `image` when given.
 pub fn run(ram: &DestRam, image: Option<&Synthetic>, config: &WorkloadConfig) -> WorkloadResult {
-    let total = ram.layout.total_pages();
-    let threads = config.threads.max(1);
-    let claimed = PageBitmap::new(total);
-    let first_touch: Vec<AtomicU64> = (0..total).map(|_| AtomicU64::new(0)).collect();
-    let mismatch_count = AtomicU64::new(0);
-    let mut rng = Rng::new(config.seed);
-    let order: Vec<u64> = match config.pattern {
-        Pattern::Random => permutation(total, &mut rng),
-        Pattern::Sequential | Pattern::Zipf => Vec::new(),
-    };
-    // Zipf: hot pages are the front of a random ranking.
-    let ranking: Vec<u64> = match config.pattern {
-        Pattern::Zipf => permutation(total, &mut rng),
-        _ => Vec::new(),
-    };
-    let max_page = ram.layout.max_page_size() as usize;
-    let results: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
+    let shared = Shared::new(ram, image, config);
+    let touchers: Vec<Toucher<'_>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..shared.threads)
             .map(|t| {
-                let (claimed, order, ranking, mismatch_count, first_touch) =
-                    (&claimed, &order, &ranking, &mismatch_count, &first_touch);
-                let pattern = config.pattern;
-                let seed = config.seed;
+                let shared = &shared;
                 std::thread::Builder::new()
                     .name(format!("workload-{t}"))
                     .spawn_scoped(s, move || {
-                        let mut w = Toucher {
-                            ram,
-                            image,
-                            first_touch,
-                            claimed,
-                            page: vec![0u8; max_page],
-                            expect: vec![0u8; max_page],
-                            touches: 0,
-                            faults: 0,
-                            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3)
-                                .expect("valid histogram bounds"),
-                            mismatches: 0,
-                            first_mismatch: None,
-                            mismatch_count,
-                        };
-                        let (start, end) = crate::layout::shard(total, t, threads);
-                        match pattern {
-                            Pattern::Random => {
-                                for &g in &order[start as usize..end as usize] {
-                                    w.touch(g);
-                                }
-                            }
-                            Pattern::Sequential => {
-                                for g in start..end {
-                                    w.touch(g);
-                                }
-                            }
-                            Pattern::Zipf => {
-                                // Zipf(1) by inversion of its continuous approximation:
-                                // P(rank <= k) ~ ln k / ln n.
-                                let mut rng = Rng::new(seed ^ ((t as u64 + 1) * 0x1234_5678_9abc));
-                                let ln_n = (total as f64).ln();
-                                for _ in 0..(end - start) / 2 {
-                                    let rank = ((rng.unit() * ln_n).exp() as u64)
-                                        .saturating_sub(1)
-                                        .min(total - 1);
-                                    w.touch(ranking[rank as usize]);
-                                }
-                                for g in start..end {
-                                    if !claimed.get(g) {
-                                        w.touch(g);
-                                    }
-                                }
-                            }
-                        }
+                        let mut w = Toucher::new(shared);
+                        w.walk(t);
                         w
                     })
                     .expect("spawn workload thread")
@@ -225,33 +320,8 @@ pub fn run(ram: &DestRam, image: Option<&Synthetic>, config: &WorkloadConfig) ->
             .map(|h| h.join().expect("workload thread panicked"))
             .collect()
     });
-    let mut out = WorkloadResult {
-        touches: 0,
-        faults: 0,
-        latency_ns: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid bounds"),
-        mismatches: 0,
-        first_mismatch: None,
-        first_touch: Vec::new(),
-    };
-    for w in results {
-        out.touches += w.touches;
-        out.faults += w.faults;
-        out.latency_ns.add(&w.hist).expect("same bounds");
-        out.mismatches += w.mismatches;
-        if out.first_mismatch.is_none() {
-            out.first_mismatch = w.first_mismatch;
-        }
-    }
-    // Any page no thread claimed (cannot happen: every pattern sweeps every page) would
-    // escape verification: count it as a mismatch rather than trust it.
-    out.first_touch = first_touch.into_iter().map(AtomicU64::into_inner).collect();
-    let unclaimed = total - claimed.count_ones();
-    if unclaimed > 0 {
-        out.mismatches += unclaimed;
-        out.first_mismatch
-            .get_or_insert_with(|| format!("{unclaimed} pages were never touched"));
-    }
-    out
+    let out = merge(touchers);
+    shared.finish(out)
 }
 
 /// Reads every page of `ram` on `threads` threads and asks

@@ -1,0 +1,112 @@
+//! The `Hello` that opens every connection: its header fields (the session id in `page`, the
+//! role in `block`, the worker index in `count`, the worker count and the flags in `mask`) and
+//! the typed view [`Hello`].
+
+use super::{Header, Kind, Role, HELLO_PRECOPY, HELLO_RESUME, HELLO_ZERO_MAP};
+
+/// A `Hello`, field by field (its header carries the session id in `page`, the role in
+/// `block`, the worker index in `count`, the worker count and the flags in `mask`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// The session to join; 0 starts a new one.
+    pub session: u64,
+    /// What the connection carries.
+    pub role: Role,
+    /// The destination worker it belongs to.
+    pub worker: u16,
+    /// The destination's worker count.
+    pub workers: u16,
+    /// Send the zero-page map after `Welcome`.
+    pub zero_map: bool,
+    /// Precopy first.
+    pub precopy: bool,
+    /// Rejoining the session after a break.
+    pub resume: bool,
+}
+
+impl Hello {
+    /// The fields of a decoded `Hello` header (`decode` checked its role and worker count).
+    pub fn of(h: &Header) -> Option<Hello> {
+        if h.kind != Kind::Hello {
+            return None;
+        }
+        Some(Hello {
+            session: h.page,
+            role: h.role()?,
+            worker: h.count,
+            workers: h.workers() as u16,
+            zero_map: h.wants_zero_map(),
+            precopy: h.wants_precopy(),
+            resume: h.wants_resume(),
+        })
+    }
+}
+
+impl Header {
+    /// `Hello` for a connection of `role`, from worker `worker` of `workers`, joining
+    /// `session` (0 asks the source for a new session).
+    pub fn hello(session: u64, role: Role, worker: u16, workers: u16) -> Header {
+        Header {
+            count: worker,
+            block: match role {
+                Role::Urgent => 0,
+                Role::Bulk => 1,
+                Role::Verify => 2,
+            },
+            page: session,
+            mask: u64::from(workers),
+            ..Header::bare(Kind::Hello)
+        }
+    }
+
+    /// Asks (in a `Hello`) for the zero-page map after `Welcome`.
+    pub fn with_zero_map(mut self) -> Header {
+        debug_assert_eq!(self.kind, Kind::Hello);
+        self.mask |= HELLO_ZERO_MAP;
+        self
+    }
+
+    /// Offers (in a `Hello`) a precopy phase after `Welcome`.
+    pub fn with_precopy(mut self) -> Header {
+        debug_assert_eq!(self.kind, Kind::Hello);
+        self.mask |= HELLO_PRECOPY;
+        self
+    }
+
+    /// Marks (in a `Hello`) a connection that rejoins its session after a break.
+    pub fn with_resume(mut self) -> Header {
+        debug_assert_eq!(self.kind, Kind::Hello);
+        self.mask |= HELLO_RESUME;
+        self
+    }
+
+    /// Whether a `Hello` rejoins after a break.
+    pub fn wants_resume(&self) -> bool {
+        self.mask & HELLO_RESUME != 0
+    }
+
+    /// Whether a `Hello` offers a precopy phase.
+    pub fn wants_precopy(&self) -> bool {
+        self.mask & HELLO_PRECOPY != 0
+    }
+
+    /// Whether a `Hello` asks for the zero-page map.
+    pub fn wants_zero_map(&self) -> bool {
+        self.mask & HELLO_ZERO_MAP != 0
+    }
+
+    /// The worker count of a `Hello`.
+    pub fn workers(&self) -> u64 {
+        self.mask & 0xffff_ffff
+    }
+
+    /// The role of a `Hello`.
+    pub fn role(&self) -> Option<Role> {
+        match self.block {
+            0 => Some(Role::Urgent),
+            1 => Some(Role::Bulk),
+            2 => Some(Role::Verify),
+            _ => None,
+        }
+    }
+}
