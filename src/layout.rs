@@ -327,14 +327,6 @@ impl PageBitmap {
         }
         i - from
     }
-
-    /// The raw words, for sending a bitmap over the wire.
-    pub fn snapshot(&self) -> Vec<u64> {
-        self.words
-            .iter()
-            .map(|w| w.load(Ordering::Acquire))
-            .collect()
-    }
 }
 
 /// Pages `[start, end)` of a block of `pages` pages owned by worker `w` of `workers`.

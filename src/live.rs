@@ -23,13 +23,6 @@ pub trait SourceWorkload: Send {
     fn stop(&mut self);
 }
 
-/// A workload that is already stopped (a paused VM, or a static image served live).
-pub struct Stopped;
-
-impl SourceWorkload for Stopped {
-    fn stop(&mut self) {}
-}
-
 /// A source's live memory: one private anonymous mapping per block.
 pub struct LiveImage {
     layout: Layout,
