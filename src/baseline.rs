@@ -40,16 +40,18 @@ pub fn start(
             "the baseline handler is deliberately simple: it runs without authentication".into(),
         ));
     }
-    let uffd = Arc::new(register_shard(&ram, |pages| (0, pages))?);
-    // Pages placed by both threads: the fault thread's end condition, as it has no shard.
-    let placed = Arc::new(AtomicU64::new(0));
+    let placer = Arc::new(Placer {
+        uffd: Arc::new(register_shard(&ram, |pages| (0, pages))?),
+        ram: ram.clone(),
+        placed: Arc::new(AtomicU64::new(0)),
+    });
     let session = connected.welcome.session;
     let mut jobs: Vec<(String, usize, Job)> = Vec::new();
-    let (u, r, p, control) = (uffd.clone(), ram.clone(), placed.clone(), connected.control);
+    let (p, control) = (placer.clone(), connected.control);
     jobs.push((
         "baseline-fault".into(),
         0,
-        Box::new(move |shared| fault_thread(&u, &r, &p, control, &shared)),
+        Box::new(move |shared| fault_thread(&p, control, &shared)),
     ));
     if config.stream {
         let cfg = EngineConfig {
@@ -57,14 +59,21 @@ pub fn start(
             ..config.clone()
         };
         let stream = open_connection(&cfg, session, Role::Bulk, 0)?.link;
-        let (u, r) = (uffd, ram.clone());
         jobs.push((
             "baseline-stream".into(),
             0,
-            Box::new(move |shared| stream_thread(&u, &r, &placed, stream, &shared)),
+            Box::new(move |shared| stream_thread(&placer, stream, &shared)),
         ));
     }
     EngineHandle::spawn(ram, 1, 1, jobs)
+}
+
+/// What both threads place with: the one userfaultfd, the memory, and the count of pages
+/// placed (the fault thread's end condition, as it has no shard).
+struct Placer {
+    uffd: Arc<Uffd>,
+    ram: Arc<DestRam>,
+    placed: Arc<AtomicU64>,
 }
 
 /// Reads one frame (header, body), checked against the layout before its body is read.
@@ -85,16 +94,15 @@ fn read_frame(s: &mut FramedStream, ram: &DestRam) -> Result<Header, DestError> 
     })
 }
 
-/// Places a batch page by page, counting them in `placed_total`; returns pages newly placed.
+/// Places a batch page by page, counting them in `p.placed`; returns pages newly placed.
 fn place(
-    uffd: &Uffd,
-    ram: &DestRam,
-    placed_total: &AtomicU64,
+    p: &Placer,
     h: &Header,
     body: &[u8],
     stats: &mut WorkerStats,
     shared: &Shared,
 ) -> Result<u64, DestError> {
+    let (uffd, ram) = (&p.uffd, &p.ram);
     let b = h.block as usize;
     let ps = ram.layout.blocks[b].page_size as usize;
     let mut data = 0;
@@ -116,7 +124,7 @@ fn place(
                     if h.mask >> i & 1 == 1 {
                         stats.pages_zero += 1;
                     }
-                    let total = placed_total.fetch_add(1, Ordering::AcqRel) + 1;
+                    let total = p.placed.fetch_add(1, Ordering::AcqRel) + 1;
                     if total == ram.layout.total_pages() {
                         let ns = shared.started.elapsed().as_nanos() as u64;
                         shared.last_placed_ns.fetch_max(ns, Ordering::AcqRel);
@@ -134,12 +142,11 @@ fn place(
 }
 
 fn fault_thread(
-    uffd: &Uffd,
-    ram: &DestRam,
-    placed: &AtomicU64,
+    p: &Placer,
     mut s: FramedStream,
     shared: &Shared,
 ) -> Result<WorkerStats, DestError> {
+    let (uffd, ram, placed) = (&*p.uffd, &*p.ram, &*p.placed);
     let mut stats = WorkerStats::default();
     let mut msg = [0u8; MSG_BYTES];
     s.socket()
@@ -194,7 +201,7 @@ fn fault_thread(
                     },
                 });
             }
-            stats.pages_by_fault += place(uffd, ram, placed, &h, s.body(), &mut stats, shared)?;
+            stats.pages_by_fault += place(p, &h, s.body(), &mut stats, shared)?;
             if h.block as usize == b && (h.page..h.page + u64::from(h.count)).contains(&page) {
                 break;
             }
@@ -209,12 +216,11 @@ fn fault_thread(
 }
 
 fn stream_thread(
-    uffd: &Uffd,
-    ram: &DestRam,
-    placed: &AtomicU64,
+    p: &Placer,
     mut s: FramedStream,
     shared: &Shared,
 ) -> Result<WorkerStats, DestError> {
+    let ram = &*p.ram;
     let mut stats = WorkerStats::default();
     s.socket()
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -225,9 +231,7 @@ fn stream_thread(
         }
         let h = read_frame(&mut s, ram)?;
         match h.kind {
-            Kind::Pages => {
-                stats.pages_by_stream += place(uffd, ram, placed, &h, s.body(), &mut stats, shared)?
-            }
+            Kind::Pages => stats.pages_by_stream += place(p, &h, s.body(), &mut stats, shared)?,
             Kind::End => return Ok(stats),
             other => {
                 return Err(DestError::Protocol {

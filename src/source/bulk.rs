@@ -1,8 +1,9 @@
 //! A bulk connection: the background stream of a worker's shard, and its resumption after a
 //! break (`Have` frames).
 
-use super::conn::read_frame;
+use super::conn::next_frame;
 use super::error::SourceError;
+use super::joined::Joined;
 use super::pages::encode_run;
 use super::registry::Shared;
 use super::session::Session;
@@ -17,24 +18,17 @@ use std::time::Duration;
 /// A bulk connection rejoining after a break: the destination's `Have` frames say which pages
 /// of this worker's shard it has; the others are marked unsent so the stream sends them again
 /// (they may have been lost in flight with the old connection).
-pub(super) fn resume_bulk(
-    shared: &Shared,
-    session: &Session,
-    link: &mut FramedStream,
-    peer: SocketAddr,
-    worker: u16,
-) -> Result<(), SourceError> {
+pub(super) fn resume_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
+    let (shared, session, peer, worker) = (c.shared, c.session, c.peer, c.worker);
+    let link = &mut *c.link;
     // The broken connection's streamer stops claiming pages now.
     session.bulk_gen[usize::from(worker)].fetch_add(1, Ordering::AcqRel);
     let layout = shared.image.layout();
     let protocol = |source| SourceError::Protocol { peer, source };
     loop {
-        let Some(h) = read_frame(link, peer)? else {
-            return Err(SourceError::Incomplete {
-                session: session.id,
-                reason: format!("worker {worker}'s resumed bulk connection closed"),
-            });
-        };
+        let h = next_frame(link, peer, session.id, || {
+            format!("worker {worker}'s resumed bulk connection closed")
+        })?;
         match h.kind {
             Kind::Run => return Ok(()),
             Kind::Have => {
@@ -75,13 +69,9 @@ pub(super) fn resume_bulk(
     }
 }
 
-pub(super) fn serve_bulk(
-    shared: &Shared,
-    session: &Session,
-    link: &mut FramedStream,
-    peer: SocketAddr,
-    worker: u16,
-) -> Result<(), SourceError> {
+pub(super) fn serve_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
+    let (shared, session, peer, worker) = (c.shared, c.session, c.peer, c.worker);
+    let link = &mut *c.link;
     // The stream yields the CPU to urgent replies (best effort).
     let _ = crate::sys::set_thread_nice(19);
     // A destination connects its streams during precopy; they start at the switchover (a page

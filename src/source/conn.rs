@@ -49,3 +49,17 @@ pub(super) fn link_err(peer: SocketAddr) -> impl FnOnce(LinkError) -> SourceErro
         LinkError::Remote(message) => SourceError::Remote { peer, message },
     }
 }
+
+/// The next frame of a connection that must not end here: a destination that hangs up is an
+/// incomplete session (`closed` says which connection), which recovery may resume.
+pub(super) fn next_frame(
+    link: &mut FramedStream,
+    peer: SocketAddr,
+    session: u64,
+    closed: impl FnOnce() -> String,
+) -> Result<Header, SourceError> {
+    read_frame(link, peer)?.ok_or_else(|| SourceError::Incomplete {
+        session,
+        reason: closed(),
+    })
+}

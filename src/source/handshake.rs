@@ -10,6 +10,7 @@ use super::bulk::{resume_bulk, serve_bulk};
 use super::config::LiveParts;
 use super::conn::{link_err, read_frame, write_err};
 use super::error::SourceError;
+use super::joined::Joined;
 use super::lifecycle::JoinRefused;
 use super::pages::encode_zero_map;
 use super::precopy::run_precopy;
@@ -197,15 +198,21 @@ fn serve_joined(
             session.life.worker_rejoined(hello.worker);
         }
     }
-    let worker = hello.worker;
+    let mut c = Joined {
+        shared,
+        session,
+        link,
+        peer,
+        worker: hello.worker,
+    };
     match hello.role {
-        Role::Urgent => serve_urgent(shared, session, link, peer, worker),
+        Role::Urgent => serve_urgent(&mut c),
         Role::Bulk if hello.resume => {
-            resume_bulk(shared, session, link, peer, worker)?;
-            serve_bulk(shared, session, link, peer, worker)
+            resume_bulk(&mut c)?;
+            serve_bulk(&mut c)
         }
-        Role::Bulk => serve_bulk(shared, session, link, peer, worker),
-        Role::Verify => serve_verify(shared, session, link, peer),
+        Role::Bulk => serve_bulk(&mut c),
+        Role::Verify => serve_verify(c.shared, c.session, c.link, c.peer),
     }
 }
 

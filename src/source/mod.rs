@@ -30,6 +30,7 @@ mod config;
 mod conn;
 mod error;
 mod handshake;
+mod joined;
 mod lifecycle;
 mod pages;
 mod precopy;

@@ -1,24 +1,20 @@
 //! An urgent connection: requests for faulted pages, answered at once (with a prefetch for a
 //! sequential reader), then `End`/`Ack`.
 
-use super::conn::read_frame;
+use super::conn::next_frame;
 use super::error::SourceError;
+use super::joined::Joined;
 use super::pages::encode_run;
 use super::prefetch::Prefetch;
 use super::registry::Shared;
 use super::session::Session;
 use crate::codec::{CodecError, Header, Kind};
-use crate::link::FramedStream;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
-pub(super) fn serve_urgent(
-    shared: &Shared,
-    session: &Session,
-    link: &mut FramedStream,
-    peer: SocketAddr,
-    worker: u16,
-) -> Result<(), SourceError> {
+pub(super) fn serve_urgent(c: &mut Joined<'_>) -> Result<(), SourceError> {
+    let (shared, session, peer, worker) = (c.shared, c.session, c.peer, c.worker);
+    let link = &mut *c.link;
     // Replies to faults run ahead of the stream: raise this thread's priority where permitted
     // (root or CAP_SYS_NICE); best effort otherwise.
     let _ = crate::sys::set_thread_nice(-10);
@@ -34,12 +30,9 @@ pub(super) fn serve_urgent(
     // Requests are small frames, often several per fault: read ahead of them.
     link.buffer_reads(64 * 1024);
     loop {
-        let Some(h) = read_frame(link, peer)? else {
-            return Err(SourceError::Incomplete {
-                session: session.id,
-                reason: format!("worker {worker}'s urgent connection closed without End"),
-            });
-        };
+        let h = next_frame(link, peer, session.id, || {
+            format!("worker {worker}'s urgent connection closed without End")
+        })?;
         match h.kind {
             Kind::Request => replies.answer(&h, peer)?,
             Kind::End => {
