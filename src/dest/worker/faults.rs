@@ -63,7 +63,7 @@ impl Worker {
     /// Reads and handles every pending userfaultfd event with `read(2)`, under the write side
     /// of the placement lock (a VMM's memory; see `ShardState::place_lock`).
     pub(super) fn read_events_now(&mut self) -> Result<(), DestError> {
-        let state = self.state.clone().expect("events only after Go");
+        let state = self.state.clone();
         let _exclusive = state
             .place_lock
             .write()
@@ -89,7 +89,7 @@ impl Worker {
     /// pages read as zero from now on: they are done (not missing), never placed from the
     /// source, and a later fault on them gets a zero page.
     pub(super) fn on_remove(&mut self, start: usize, end: usize) {
-        let st = self.state.clone().expect("events only after Go");
+        let st = self.state.clone();
         let removed = st.removed.as_ref().expect("REMOVE only for a VMM's memory");
         for (b, block) in self.ram.layout.blocks.iter().enumerate() {
             let ps = block.page_size as usize;
@@ -266,7 +266,7 @@ impl Worker {
 
     /// Requests every page of the shard not yet placed (after a break lost stream pages).
     pub(super) fn request_missing(&mut self) -> Result<(), DestError> {
-        let st = self.state.clone().expect("after Go");
+        let st = self.state.clone();
         for (b, &(start, end)) in st.shard.iter().enumerate() {
             let mut p = start;
             while let Some(first) = self.ram.received[b].next_clear(p, end) {

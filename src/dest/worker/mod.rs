@@ -225,7 +225,8 @@ struct Worker {
     /// Which connection the I/O tags belong to (see `TAG_KIND_BITS`).
     epoch: u16,
     /// Set by `Go`; the loop runs only after it.
-    state: Option<Arc<ShardState>>,
+    /// The shard, from `Go`: a worker exists only once it has one.
+    state: Arc<ShardState>,
     ring: Ring,
     ram: Arc<DestRam>,
     shared: Arc<Shared>,
@@ -269,7 +270,7 @@ struct Worker {
 pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> Result<WorkerStats, DestError> {
     let half = setup.half;
     let go = setup.go.clone();
-    let mut w = Worker::new(setup, shared.clone())?;
+    let prepared = Prepared::new(setup, shared.clone())?;
     // Connected, ring and temp pages in place: faults can be served as soon as `Go` arrives.
     shared.ready.fetch_add(1, Ordering::AcqRel);
     let Ok(go) = go.recv() else {
@@ -277,14 +278,7 @@ pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> Result<WorkerStats, Dest
         return Err(DestError::Stopped);
     };
     let state = go.state.clone();
-    w.state = Some(go.state);
-    if let Some(control) = go.control {
-        let (stream, channel) = control
-            .into_parts()
-            .map_err(link_err("the handshake connection"))?;
-        w.stream = Some(stream);
-        w.channel = channel;
-    }
+    let mut w = prepared.start(go)?;
     let result = w.run().map(|()| w.stats);
     if half == Half::Bulk {
         // Whatever happened, the urgent half must not wait for this one any longer.
@@ -359,8 +353,23 @@ fn build_ring(half: Half, batch_bytes: usize) -> Result<(Ring, Slots), DestError
     Ok((ring, slots))
 }
 
-impl Worker {
-    fn new(setup: Setup, shared: Arc<Shared>) -> Result<Worker, DestError> {
+/// A worker half set up before the switchover: connected, its ring and temp pages in place.
+struct Prepared {
+    half: Half,
+    session: u64,
+    ram: Arc<DestRam>,
+    shared: Arc<Shared>,
+    config: EngineConfig,
+    /// Its own connection (`None`: it takes the handshake's, which `Go` carries).
+    stream: Option<TcpStream>,
+    channel: Option<Channel>,
+    ring: Ring,
+    slots: Slots,
+    zeros: Option<Mapping>,
+}
+
+impl Prepared {
+    fn new(setup: Setup, shared: Arc<Shared>) -> Result<Prepared, DestError> {
         let Setup {
             half,
             id,
@@ -399,12 +408,53 @@ impl Worker {
             .max()
             .expect("a validated layout has blocks") as usize;
         let (ring, slots) = build_ring(half, batch_bytes)?;
+        let zeros = match (zero_fill, has_huge) {
+            (ZeroFill::Copy, _) | (_, true) => {
+                Some(Mapping::anonymous(batch_bytes, "zero page source")?)
+            }
+            (ZeroFill::Zeropage, false) => None,
+        };
+        Ok(Prepared {
+            half,
+            session,
+            ram,
+            shared,
+            config,
+            stream,
+            channel,
+            ring,
+            slots,
+            zeros,
+        })
+    }
+
+    /// `Go` arrived: the worker gets its shard (and, worker 0's urgent half, the handshake's
+    /// connection).
+    fn start(self, go: Go) -> Result<Worker, DestError> {
+        let Prepared {
+            half,
+            session,
+            ram,
+            shared,
+            config,
+            mut stream,
+            mut channel,
+            ring,
+            slots,
+            zeros,
+        } = self;
+        if let Some(control) = go.control {
+            let (s, c) = control
+                .into_parts()
+                .map_err(link_err("the handshake connection"))?;
+            (stream, channel) = (Some(s), c);
+        }
         let unsealed_bytes = if config.key.is_some() { SEND_BYTES } else { 0 };
         Ok(Worker {
             half,
             session,
             epoch: 0,
-            state: None,
+            state: go.state,
             ring,
             ram,
             shared,
@@ -426,22 +476,17 @@ impl Worker {
             mm_gone: false,
             has_stream_slot: false,
             completions: Vec::with_capacity(256),
-            zeros: match (zero_fill, has_huge) {
-                (ZeroFill::Copy, _) | (_, true) => {
-                    Some(Mapping::anonymous(batch_bytes, "zero page source")?)
-                }
-                (ZeroFill::Zeropage, false) => None,
-            },
+            zeros,
             last_progress: Instant::now(),
             stats: WorkerStats::default(),
         })
     }
+}
 
-    /// The shard, set by `Go` before the loop runs.
+impl Worker {
+    /// The shard.
     fn st(&self) -> &ShardState {
-        self.state
-            .as_deref()
-            .expect("a worker runs its loop only after Go")
+        &self.state
     }
 
     fn stream_fd(&self) -> std::os::fd::RawFd {

@@ -101,7 +101,7 @@ impl Worker {
                 .place_extent(b, first, n, addr, fill, zero, origin)
                 .map(|_| ());
         }
-        let state = self.state.clone().expect("placement only after Go");
+        let state = self.state.clone();
         let mut off = 0;
         let mut waited = 0u32;
         let mut stalled_since: Option<Instant> = None;
@@ -241,9 +241,7 @@ impl Worker {
     /// Fault service time (event read → placed) of the faulted pages among `[first, first+n)`
     /// (a VMM's memory only).
     pub(super) fn record_fault_service(&mut self, b: usize, first: u64, n: u64) {
-        let Some(state) = self.state.clone() else {
-            return;
-        };
+        let state = self.state.clone();
         let Some(at) = &state.fault_at_ns else {
             return;
         };
@@ -286,9 +284,20 @@ impl Worker {
         if n == 0 {
             return;
         }
+        let (start, end) = self.st().shard[b];
+        assert!(
+            start <= first && first + n <= end,
+            "pages [{first}, {}) of block {b} placed outside the shard [{start}, {end})",
+            first + n
+        );
         let new = self.ram.received[b].set_range(first, n);
         debug_assert!(new == n || self.ram.is_foreign(), "a page was placed twice");
-        let left = self.st().missing.fetch_sub(new, Ordering::AcqRel) - new;
+        let before = self.st().missing.fetch_sub(new, Ordering::AcqRel);
+        assert!(
+            before >= new,
+            "the missing count would wrap: {before} - {new}"
+        );
+        let left = before - new;
         // Requests these pages answered (whichever half delivered them) are no longer awaited.
         let answered = self.st().requested[b].clear_range(first, n);
         if answered > 0 {

@@ -103,7 +103,7 @@ impl Worker {
     /// `Ack` was lost.
     fn requeue_requests(&mut self) {
         self.pending.clear();
-        let st = self.state.clone().expect("recovery only after Go");
+        let st = self.state.clone();
         for (b, &(start, end)) in st.shard.iter().enumerate() {
             for p in start..end {
                 if st.requested[b].get(p) {
