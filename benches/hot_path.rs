@@ -135,7 +135,7 @@ fn request_benches(c: &mut Criterion) {
 }
 
 fn receive_benches(c: &mut Criterion) {
-    use postcopy::sys::ring::{Ring, RingConfig};
+    use postcopy::sys::ring::{OpKind, Ring, RingConfig};
     use std::io::Write;
     use std::os::fd::AsRawFd;
     // A 64-page batch received from a socket into registered temp pages with READ_FIXED.
@@ -157,8 +157,15 @@ fn receive_benches(c: &mut Criterion) {
         b.iter(|| {
             let mut got = 0;
             while got < BATCH * PAGE {
-                ring.read(rx.as_raw_fd(), slot, got, BATCH * PAGE - got, 0)
-                    .expect("queue read");
+                ring.fixed(
+                    OpKind::Read,
+                    rx.as_raw_fd(),
+                    slot,
+                    got,
+                    BATCH * PAGE - got,
+                    0,
+                )
+                .expect("queue read");
                 // `submit_and_reap` may return with nothing (a signal interrupted the wait).
                 let n = loop {
                     if let Some(c) = ring.submit_and_reap(1, None).expect("reap").first() {

@@ -404,7 +404,7 @@ fn io_uring_reads_fault_events() {
     })
     .expect("io_uring");
     let slot = ring.add_slot(0, 0, 64 * MSG_BYTES);
-    ring.read(uffd.as_raw_fd(), slot, 0, 64 * MSG_BYTES, 7)
+    ring.fixed(OpKind::Read, uffd.as_raw_fd(), slot, 0, 64 * MSG_BYTES, 7)
         .expect("queue read");
 
     let touched = [0usize, 2];
@@ -449,7 +449,7 @@ fn io_uring_reads_fault_events() {
             }
         }
         if faults.len() < touched.len() {
-            ring.read(uffd.as_raw_fd(), slot, 0, 64 * MSG_BYTES, 7)
+            ring.fixed(OpKind::Read, uffd.as_raw_fd(), slot, 0, 64 * MSG_BYTES, 7)
                 .expect("re-arm read");
         }
     }

@@ -8,19 +8,20 @@ use crate::dirty::DirtyError;
 /// Errors of the source server.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// A socket error on a session (the most common: a broken connection, which recovery
+    /// may repair).
+    #[error("{context}: {source}")]
+    Io {
+        /// What we were doing.
+        context: String,
+        /// The error.
+        source: std::io::Error,
+    },
     /// Binding the listen address failed.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
         addr: String,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// A socket error on a session.
-    #[error("{context}: {source}")]
-    Io {
-        /// What we were doing.
-        context: String,
         /// The error.
         source: std::io::Error,
     },

@@ -295,32 +295,11 @@ impl Ring {
         (ptr, arena)
     }
 
-    /// Queues a read of up to `len_bytes` from `fd` into the slot at `offset_bytes` (a socket
-    /// receive, or whole userfaultfd messages). The slot is busy until its completion is reaped.
-    pub fn read(
-        &mut self,
-        fd: RawFd,
-        slot: SlotId,
-        offset_bytes: usize,
-        len_bytes: usize,
-        tag: u16,
-    ) -> Result<(), RingError> {
-        self.push_fixed(OpKind::Read, fd, slot, offset_bytes, len_bytes, tag)
-    }
-
-    /// Queues a write of `len_bytes` from the slot at `offset_bytes` to `fd` (a socket send).
-    pub fn write(
-        &mut self,
-        fd: RawFd,
-        slot: SlotId,
-        offset_bytes: usize,
-        len_bytes: usize,
-        tag: u16,
-    ) -> Result<(), RingError> {
-        self.push_fixed(OpKind::Write, fd, slot, offset_bytes, len_bytes, tag)
-    }
-
-    fn push_fixed(
+    /// Queues a fixed-buffer operation on the slot's bytes `[offset_bytes, offset_bytes +
+    /// len_bytes)`: [`OpKind::Read`] from `fd` into them (a socket receive, or whole userfaultfd
+    /// messages; up to `len_bytes`), or [`OpKind::Write`] of them to `fd` (a socket send). The
+    /// slot is busy until its completion is reaped.
+    pub fn fixed(
         &mut self,
         kind: OpKind,
         fd: RawFd,
@@ -340,7 +319,7 @@ impl Ring {
             OpKind::Write => opcode::WriteFixed::new(fd, ptr, len, arena)
                 .offset(u64::MAX)
                 .build(),
-            OpKind::Cancel | OpKind::Poll => unreachable!("no buffer I/O"),
+            OpKind::Cancel | OpKind::Poll => panic!("{kind:?} is not a fixed-buffer operation"),
         };
         self.push(entry.user_data(user_data))
             .inspect_err(|_| self.slots[slot.0 as usize].busy = false)
@@ -528,7 +507,8 @@ mod tests {
         let (mut left, right) = std::os::unix::net::UnixStream::pair().unwrap();
         // A reply that never comes fails the read below instead of hanging it.
         left.set_read_timeout(Some(WAIT)).unwrap();
-        ring.read(right.as_raw_fd(), a, 10, 100, 3).unwrap();
+        ring.fixed(OpKind::Read, right.as_raw_fd(), a, 10, 100, 3)
+            .unwrap();
         assert!(ring.is_busy(a));
         left.write_all(b"hello ring").unwrap();
         let read = Token {
@@ -542,7 +522,8 @@ mod tests {
         assert_eq!(done[0].token.tag, 3);
         assert_eq!(&ring.slot(a)[10..20], b"hello ring");
         ring.slot_mut(b)[..4].copy_from_slice(b"pong");
-        ring.write(right.as_raw_fd(), b, 0, 4, 9).unwrap();
+        ring.fixed(OpKind::Write, right.as_raw_fd(), b, 0, 4, 9)
+            .unwrap();
         let write = Token {
             kind: OpKind::Write,
             slot: b,
@@ -556,7 +537,8 @@ mod tests {
             .unwrap_or_else(|e| panic!("reading the ring's reply (\"pong\") from the socket: {e}"));
         assert_eq!(&got, b"pong");
         // A pending read is cancelled and drained on drop without touching freed memory.
-        ring.read(right.as_raw_fd(), a, 0, 16, 0).unwrap();
+        ring.fixed(OpKind::Read, right.as_raw_fd(), a, 0, 16, 0)
+            .unwrap();
         ring.submit_and_reap(0, Some(Duration::from_millis(1)))
             .unwrap();
     }
@@ -571,7 +553,9 @@ mod tests {
         .unwrap();
         let a = ring.add_slot(0, 0, 4096);
         let (_l, r) = std::os::unix::net::UnixStream::pair().unwrap();
-        ring.read(r.as_raw_fd(), a, 0, 16, 0).unwrap();
-        ring.read(r.as_raw_fd(), a, 0, 16, 0).unwrap();
+        ring.fixed(OpKind::Read, r.as_raw_fd(), a, 0, 16, 0)
+            .unwrap();
+        ring.fixed(OpKind::Read, r.as_raw_fd(), a, 0, 16, 0)
+            .unwrap();
     }
 }

@@ -138,27 +138,47 @@ impl Worker {
                 if foreign {
                     self.ring.poll_in(fd, events, TAG_UFFD)?;
                 } else {
-                    self.ring
-                        .read(fd, events, 0, EVENT_BATCH * MSG_BYTES, TAG_UFFD)?;
+                    self.ring.fixed(
+                        OpKind::Read,
+                        fd,
+                        events,
+                        0,
+                        EVENT_BATCH * MSG_BYTES,
+                        TAG_UFFD,
+                    )?;
                 }
             }
         }
         let fd = self.stream_fd();
         match self.recv {
-            Recv::Header { got } if !self.ring.is_busy(self.header) => {
-                self.ring
-                    .read(fd, self.header, got, HEADER_BYTES - got, self.tag(TAG_CONN))?
-            }
+            Recv::Header { got } if !self.ring.is_busy(self.header) => self.ring.fixed(
+                OpKind::Read,
+                fd,
+                self.header,
+                got,
+                HEADER_BYTES - got,
+                self.tag(TAG_CONN),
+            )?,
             Recv::Body { h, got } if !self.ring.is_busy(self.body) => {
                 // On an authenticated connection the MAC is read with the body, in one go.
                 let want = h.body_len as usize + self.tag_len();
-                self.ring
-                    .read(fd, self.body, got, want - got, self.tag(TAG_CONN))?
+                self.ring.fixed(
+                    OpKind::Read,
+                    fd,
+                    self.body,
+                    got,
+                    want - got,
+                    self.tag(TAG_CONN),
+                )?
             }
-            Recv::Tag { got, .. } if !self.ring.is_busy(self.tag) => {
-                self.ring
-                    .read(fd, self.tag, got, TAG_BYTES - got, self.tag(TAG_CONN))?
-            }
+            Recv::Tag { got, .. } if !self.ring.is_busy(self.tag) => self.ring.fixed(
+                OpKind::Read,
+                fd,
+                self.tag,
+                got,
+                TAG_BYTES - got,
+                self.tag(TAG_CONN),
+            )?,
             _ => {}
         }
         Ok(())

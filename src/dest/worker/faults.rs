@@ -215,7 +215,8 @@ impl Worker {
         let send = self.send.expect("sends only on the urgent half");
         self.send_progress = (0, len);
         let tag = self.tag(TAG_SEND);
-        self.ring.write(self.stream_fd(), send, 0, len, tag)?;
+        self.ring
+            .fixed(OpKind::Write, self.stream_fd(), send, 0, len, tag)?;
         self.ring.submit()?;
         Ok(())
     }
@@ -237,8 +238,14 @@ impl Worker {
             self.send_progress = (done, total);
             let send = self.send.expect("sends only on the urgent half");
             let tag = self.tag(TAG_SEND);
-            self.ring
-                .write(self.stream_fd(), send, done, total - done, tag)?;
+            self.ring.fixed(
+                OpKind::Write,
+                self.stream_fd(),
+                send,
+                done,
+                total - done,
+                tag,
+            )?;
             return Ok(());
         }
         self.send_progress = (0, 0);

@@ -45,7 +45,7 @@ use crate::link::framed::seal_frames;
 use crate::link::mac::{Channel, TAG_BYTES};
 use crate::link::FramedStream;
 use crate::sys::mem::Mapping;
-use crate::sys::ring::{Completion, Ring, RingConfig, SlotId};
+use crate::sys::ring::{Completion, OpKind, Ring, RingConfig, SlotId};
 use crate::sys::uffd::{Event, PlaceErrorKind, Uffd, MSG_BYTES};
 
 /// Fault messages read per completion.

@@ -50,6 +50,15 @@ fn errno_of(ret: libc::c_long) -> Option<Errno> {
     (ret < 0).then(Errno::last)
 }
 
+/// A placement ioctl's `mode`: its `DONTWAKE` bit when asked for.
+fn dontwake_mode(dontwake: bool, bit: u32) -> u64 {
+    if dontwake {
+        u64::from(bit)
+    } else {
+        0
+    }
+}
+
 impl Uffd {
     /// Opens a userfaultfd with `O_CLOEXEC | O_NONBLOCK` (so it can be read through io_uring
     /// and polled) and, when `user_mode_only`, `UFFD_USER_MODE_ONLY`. Tries `/dev/userfaultfd`
@@ -285,11 +294,7 @@ impl Uffd {
             dst: dst as u64,
             src: src as u64,
             len: len_bytes as u64,
-            mode: if dontwake {
-                u64::from(k::UFFDIO_COPY_MODE_DONTWAKE)
-            } else {
-                0
-            },
+            mode: dontwake_mode(dontwake, k::UFFDIO_COPY_MODE_DONTWAKE),
             copy: 0,
         };
         self.ioctl(UFFDIO_COPY, &mut c)
@@ -305,11 +310,7 @@ impl Uffd {
                 start: dst as u64,
                 len: len_bytes as u64,
             },
-            mode: if dontwake {
-                u64::from(k::UFFDIO_ZEROPAGE_MODE_DONTWAKE)
-            } else {
-                0
-            },
+            mode: dontwake_mode(dontwake, k::UFFDIO_ZEROPAGE_MODE_DONTWAKE),
             zeropage: 0,
         };
         self.ioctl(UFFDIO_ZEROPAGE, &mut z)
