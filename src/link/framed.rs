@@ -213,13 +213,8 @@ impl FramedStream {
             return Ok(frames.len());
         };
         self.tags.clear();
-        for_each_frame(frames, |start, end| {
-            let tag = c.tx.seal(
-                &frames[start..start + HEADER_BYTES],
-                &frames[start + HEADER_BYTES..end],
-            );
-            self.tags.push((end, tag));
-        });
+        let tags = &mut self.tags;
+        seal_each(&mut c.tx, frames, |_, end, tag| tags.push((end, tag)));
         let mut slices = Vec::with_capacity(2 * self.tags.len());
         let mut start = 0;
         for (end, tag) in &self.tags {
@@ -272,13 +267,17 @@ pub fn seal_frames(tx: Option<&mut FrameMac>, frames: &[u8], out: &mut Vec<u8>) 
         out.extend_from_slice(frames);
         return;
     };
-    for_each_frame(frames, |start, end| {
-        let tag = tx.seal(
-            &frames[start..start + HEADER_BYTES],
-            &frames[start + HEADER_BYTES..end],
-        );
+    seal_each(tx, frames, |start, end, tag| {
         out.extend_from_slice(&frames[start..end]);
         out.extend_from_slice(&tag);
+    });
+}
+
+/// Seals each whole frame of `frames` in order: `f(start, end, tag)` per frame.
+fn seal_each(tx: &mut FrameMac, frames: &[u8], mut f: impl FnMut(usize, usize, [u8; TAG_BYTES])) {
+    for_each_frame(frames, |start, end| {
+        let (header, body) = frames[start..end].split_at(HEADER_BYTES);
+        f(start, end, tx.seal(header, body));
     });
 }
 

@@ -36,15 +36,14 @@ pub(super) fn finish_connection(shared: &Shared, session: &Arc<Session>) {
     // The session ends when its last connection closes after it completed or failed. A
     // session whose connections all closed early (a fast worker finished before a slow one
     // connected) waits for the others; `reap_idle` ends it if they never come.
-    let ended = {
-        let mut sessions = shared.sessions.lock().expect("poisoned");
-        let ended = session.life.connection_closed() && sessions.remove(&session.id).is_some();
-        shared.closed.notify_all();
-        ended
-    };
-    if ended {
+    // Invariant: a session is always either in `sessions` or reported in `finished`; the
+    // report is recorded before the session leaves the map, under the same lock, so a stop
+    // that finds the map empty finds every report (the lock order is sessions → finished).
+    let mut sessions = shared.sessions.lock().expect("poisoned");
+    if session.life.connection_closed() && sessions.remove(&session.id).is_some() {
         record_end(shared, session);
     }
+    shared.closed.notify_all();
 }
 
 pub(super) fn record_end(shared: &Shared, session: &Session) {
@@ -75,19 +74,13 @@ pub(super) fn reap_idle(shared: &Shared) {
         shared.config.handshake_timeout,
         shared.config.recovery_timeout,
     );
-    let mut reaped = Vec::new();
-    {
-        let mut sessions = shared.sessions.lock().expect("poisoned");
-        sessions.retain(|_, s| {
-            // After a break the destination gets the recovery timeout to come back.
-            let stale = s.life.stale(handshake, recovery).is_some();
-            if stale {
-                reaped.push(s.clone());
-            }
-            !stale
-        });
-    }
-    for s in reaped {
-        record_end(shared, &s);
-    }
+    let mut sessions = shared.sessions.lock().expect("poisoned");
+    sessions.retain(|_, s| {
+        // After a break the destination gets the recovery timeout to come back.
+        let stale = s.life.stale(handshake, recovery).is_some();
+        if stale {
+            record_end(shared, s); // before it leaves the map (see finish_connection)
+        }
+        !stale
+    });
 }
