@@ -169,7 +169,7 @@ pub fn serve(
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(2));
+                wait_readable(&listener, Duration::from_millis(50));
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(source) => {
@@ -193,10 +193,33 @@ fn bind(path: &Path) -> Result<UnixListener, HandlerError> {
     if path.exists() && UnixStream::connect(path).is_err() {
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path).map_err(|source| HandlerError::Bind {
+    let err = |source| HandlerError::Bind {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    // Bound and listening under a temporary name, then renamed into place: a VMM that finds
+    // the path can connect (bind(2) creates the file before listen(2), and a connect in
+    // between is refused).
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(e)
+    })?;
+    Ok(listener)
+}
+
+/// Waits until `listener` has a connection or `timeout` passed (the stop flag is checked
+/// between): a VMM is accepted the moment it connects, not at the next tick of a sleep.
+fn wait_readable(listener: &UnixListener, timeout: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let ms = timeout.as_millis().min(u128::from(u16::MAX)) as u16;
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let _ = nix::poll::poll(&mut fds, PollTimeout::from(ms));
 }
 
 /// Serves one VMM connection to its end.

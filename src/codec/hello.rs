@@ -110,3 +110,47 @@ impl Header {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The typed view reads back every field a `Hello` was built with, through the wire bytes.
+    #[test]
+    fn hello_view_round_trips() {
+        for role in [Role::Urgent, Role::Bulk, Role::Verify] {
+            for (session, worker, workers) in [(0, 0, 1), (0x51, 3, 4), (u64::MAX - 1, 255, 256)] {
+                for flags in 0..8u8 {
+                    let mut h = Header::hello(session, role, worker, workers);
+                    if flags & 1 != 0 {
+                        h = h.with_zero_map();
+                    }
+                    if flags & 2 != 0 {
+                        h = h.with_precopy();
+                    }
+                    if flags & 4 != 0 {
+                        h = h.with_resume();
+                    }
+                    let mut bytes = [0u8; crate::codec::HEADER_BYTES];
+                    h.encode(&mut bytes);
+                    let decoded = Header::decode(&bytes).expect("a valid Hello");
+                    let want = Hello {
+                        session,
+                        role,
+                        worker,
+                        workers,
+                        zero_map: flags & 1 != 0,
+                        precopy: flags & 2 != 0,
+                        resume: flags & 4 != 0,
+                    };
+                    assert_eq!(Hello::of(&decoded), Some(want));
+                }
+            }
+        }
+        assert_eq!(
+            Hello::of(&Header::control(Kind::Run, 0)),
+            None,
+            "not a Hello"
+        );
+    }
+}
