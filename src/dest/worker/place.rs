@@ -217,7 +217,7 @@ impl Worker {
                         // Present in the VMM but maybe not by our hand (it may have written
                         // the page before handing over), or a precopy zero page that a huge
                         // page backed with zeros during precopy: count it done.
-                        self.mark_present(b, first + off as u64);
+                        self.mark_present(b, first + off as u64, origin);
                     }
                     off += 1;
                 }
@@ -265,9 +265,16 @@ impl Worker {
     }
 
     /// A page found present (`EEXIST`) that no placement of ours marked: count it done, so
-    /// the shard completes.
-    pub(super) fn mark_present(&mut self, b: usize, page: u64) {
+    /// the shard completes, and count it where it came from, so the report's page counts sum
+    /// to the layout (a precopy zero page that a huge page backed with zeros is a zero-map page
+    /// found present).
+    pub(super) fn mark_present(&mut self, b: usize, page: u64, origin: Origin) {
         if self.ram.received[b].set(page) {
+            match origin {
+                Origin::ZeroMap => self.stats.pages_by_zero_map += 1,
+                Origin::Reply => self.stats.pages_by_fault += 1,
+                Origin::Stream => self.stats.pages_by_stream += 1,
+            }
             let st = self.st();
             let left = st.missing.fetch_sub(1, Ordering::AcqRel) - 1;
             if st.requested[b].clear(page) {
@@ -291,7 +298,13 @@ impl Worker {
             first + n
         );
         let new = self.ram.received[b].set_range(first, n);
-        debug_assert!(new == n || self.ram.is_foreign(), "a page was placed twice");
+        // Fewer new bits than pages placed only where another half may have marked one of them
+        // present first (its zero-map placement found our page: `mark_present`), or in a VMM's
+        // memory.
+        debug_assert!(
+            new == n || self.ram.is_foreign() || origin == Origin::ZeroMap,
+            "a page was placed twice"
+        );
         let before = self.st().missing.fetch_sub(new, Ordering::AcqRel);
         assert!(
             before >= new,
