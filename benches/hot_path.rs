@@ -25,33 +25,24 @@ fn codec_benches(c: &mut Criterion) {
     let image = Synthetic::new(layout.clone(), 7, 25);
     let mut scratch = vec![0u8; PAGE];
     let mut out = Vec::with_capacity(HEADER_BYTES + BATCH * PAGE);
+    let mut encode = |out: &mut Vec<u8>| {
+        out.clear();
+        source::encode_run(
+            &image,
+            0,
+            4096,
+            BATCH as u64,
+            PAGE as u64,
+            &mut scratch,
+            out,
+        )
+    };
     let mut g = c.benchmark_group("codec");
     g.throughput(Throughput::Elements(BATCH as u64));
     g.bench_function("encode_64_page_batch", |b| {
-        b.iter(|| {
-            out.clear();
-            let run = source::encode_run(
-                &image,
-                0,
-                4096,
-                BATCH as u64,
-                PAGE as u64,
-                &mut scratch,
-                &mut out,
-            );
-            black_box((run, out.len()))
-        })
+        b.iter(|| black_box((encode(&mut out), out.len())))
     });
-    out.clear();
-    source::encode_run(
-        &image,
-        0,
-        4096,
-        BATCH as u64,
-        PAGE as u64,
-        &mut scratch,
-        &mut out,
-    );
+    encode(&mut out);
     let head: [u8; HEADER_BYTES] = out[..HEADER_BYTES].try_into().expect("header");
     g.bench_function("decode_and_check_64_page_header", |b| {
         b.iter(|| {
