@@ -44,6 +44,7 @@ pub fn start(
         uffd: Arc::new(register_shard(&ram, |pages| (0, pages))?),
         ram: ram.clone(),
         placed: Arc::new(AtomicU64::new(0)),
+        link_timeout: config.link_timeout,
     });
     let session = connected.welcome.session;
     let mut jobs: Vec<(String, usize, Job)> = Vec::new();
@@ -74,6 +75,8 @@ struct Placer {
     uffd: Arc<Uffd>,
     ram: Arc<DestRam>,
     placed: Arc<AtomicU64>,
+    /// A connection silent this long is dead.
+    link_timeout: Duration,
 }
 
 /// Reads one frame (header, body), checked against the layout before its body is read.
@@ -150,13 +153,18 @@ fn fault_thread(
     let mut stats = WorkerStats::default();
     let mut msg = [0u8; MSG_BYTES];
     s.socket()
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(p.link_timeout))
         .map_err(io("set timeout"))?;
+    let live = crate::link::Liveness::new(p.link_timeout);
     let total = ram.layout.total_pages();
     while placed.load(Ordering::Acquire) < total {
         if shared.stop.load(Ordering::Acquire) {
             return Err(DestError::Stopped);
         }
+        // Between faults the source hears a heartbeat now and then (it takes a silent urgent
+        // connection for a dead one).
+        s.heartbeat_if_due(&live)
+            .map_err(link_err("baseline: send a heartbeat"))?;
         let mut fds = [PollFd::new(uffd.as_fd(), PollFlags::POLLIN)];
         if nix::poll::poll(&mut fds, PollTimeout::from(100u16)).unwrap_or(0) == 0 {
             continue;
@@ -223,7 +231,7 @@ fn stream_thread(
     let ram = &*p.ram;
     let mut stats = WorkerStats::default();
     s.socket()
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(p.link_timeout))
         .map_err(io("set timeout"))?;
     loop {
         if shared.stop.load(Ordering::Acquire) {

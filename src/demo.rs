@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::codec::ImageInfo;
-use crate::dest::{
-    self, DestError, DestRam, Engine, EngineConfig, PrecopyReport, VerifyConnection, ZeroFill,
-};
+use crate::dest::{self, DestError, DestRam, Engine, EngineConfig, PrecopyReport, ZeroFill};
 use crate::dirty::{DirtyError, DirtyTracker, UffdWpTracker};
 use crate::image::{Image, Synthetic};
 use crate::layout::Layout;
@@ -331,6 +329,8 @@ pub struct RunOutcome {
     pub engine: Result<crate::dest::EngineReport, DestError>,
     /// Mismatches of the final check, and the first.
     pub final_mismatches: (u64, Option<String>),
+    /// The final check could not be made: the source's checksums could not be fetched.
+    pub verify_error: Option<DemoError>,
     /// Every page placed.
     pub complete: bool,
     /// The precopy phase, when one ran.
@@ -344,6 +344,7 @@ impl RunOutcome {
     pub fn verified(&self) -> bool {
         let wl_bad = self.workload.as_ref().map_or(0, |w| w.mismatches);
         match &self.engine {
+            Ok(_) if self.verify_error.is_some() => false,
             Ok(e) => {
                 self.complete
                     && wl_bad == 0
@@ -368,21 +369,15 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
             "the baseline handler does pure postcopy only".into(),
         ));
     }
-    let engine_cfg = engine_config(addr, spec);
+    let mut engine_cfg = engine_config(addr, spec);
     let mut connected = dest::connect(&engine_cfg)?;
     let layout = connected.welcome.layout.clone();
     let (image, zero_percent) = synthetic_image(&connected.welcome.image, &layout);
     let ram = Arc::new(DestRam::new(&layout)?);
-    // Contents known only to the source: ask it for checksums. The connection is opened now,
-    // while the session certainly exists (and not in the downtime), and used after the
-    // migration.
-    let verify = match image {
-        Some(_) => None,
-        None => Some(VerifyConnection::open(
-            &engine_cfg,
-            connected.welcome.session,
-        )?),
-    };
+    // Contents known only to the source: its checksums are fetched after the migration, and
+    // the workers' `End` says so (the source keeps the session until then).
+    engine_cfg.verify = image.is_none();
+    let session = connected.welcome.session;
     // Engine threads connect and set up during precopy; only registration is left for the
     // downtime.
     let prepared = match spec.handler {
@@ -417,14 +412,20 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         p.finish();
     }
     let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
-    let (bad, first) = final_check(&ram, image.as_ref(), verify, wl.as_ref(), threads)?;
+    let verify = (image.is_none()).then_some((&engine_cfg, session));
+    let (final_mismatches, verify_error) =
+        match final_check(&ram, image.as_ref(), verify, wl.as_ref(), threads) {
+            Ok(m) => (m, None),
+            Err(e) => ((0, None), Some(e)),
+        };
     Ok(RunOutcome {
+        verify_error,
         complete: ram.complete(),
         layout,
         zero_percent,
         workload: wl,
         engine,
-        final_mismatches: (bad, first),
+        final_mismatches,
         precopy,
         downtime_ms,
     })
@@ -504,14 +505,14 @@ impl Progress {
 fn final_check(
     ram: &DestRam,
     image: Option<&Synthetic>,
-    verify: Option<VerifyConnection>,
+    verify: Option<(&EngineConfig, u64)>,
     wl: Option<&workload::WorkloadResult>,
     threads: usize,
 ) -> Result<(u64, Option<String>), DemoError> {
     let (_, bad, first) = match (image, verify) {
         (Some(image), _) => workload::final_check(ram, image, threads, wl.is_some()),
-        (None, Some(v)) => {
-            let sums = v.fetch()?;
+        (None, Some((config, session))) => {
+            let sums = dest::fetch_checksums(config, session)?;
             workload::check_checksums(
                 ram,
                 &sums,
@@ -626,6 +627,11 @@ fn demo_report(cfg: &DemoConfig, out: RunOutcome) -> DemoReport {
     match out.engine {
         Ok(e) => add_engine(&mut report, layout, out.precopy.is_some(), e),
         Err(e) => report.error = Some(e.to_string()),
+    }
+    if let (None, Some(e)) = (&report.error, &out.verify_error) {
+        report.error = Some(format!(
+            "every page was placed, but the final check against the source failed: {e}"
+        ));
     }
     report
 }

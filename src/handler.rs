@@ -58,10 +58,10 @@ pub struct HandlerConfig {
     pub stream: bool,
     /// How long a VMM has to send its regions.
     pub handshake_timeout: Duration,
-    /// Engine timeouts (connect, stall).
+    /// The engine's connect timeout.
     pub connect_timeout: Duration,
-    /// Give up when the source sends nothing this long while pages are awaited.
-    pub stall_timeout: Duration,
+    /// A source connection silent this long (not even a heartbeat) is dead and replaced.
+    pub link_timeout: Duration,
     /// Per-VMM lines on stderr.
     pub verbose: bool,
     /// The pre-shared key for the source ([`crate::link::auth`]); `None`: no authentication.
@@ -81,7 +81,7 @@ impl Default for HandlerConfig {
             stream: true,
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
-            stall_timeout: Duration::from_secs(30),
+            link_timeout: crate::link::liveness::DEFAULT_LINK_TIMEOUT,
             verbose: true,
             key: None,
             recovery_timeout: Duration::from_secs(60),
@@ -283,7 +283,7 @@ fn engine_config(config: &HandlerConfig, regions: &[handover::GuestRegion]) -> E
         workers: 1,
         pin: false,
         stream: config.stream,
-        stall_timeout: config.stall_timeout,
+        link_timeout: config.link_timeout,
         connect_timeout: config.connect_timeout,
         // hugetlbfs has no zero-page ioctl.
         zero_fill: if huge {

@@ -318,6 +318,33 @@ impl PageBitmap {
         None
     }
 
+    /// The first set bit at or after `from` and before `end`, if any.
+    pub fn next_set(&self, from: u64, end: u64) -> Option<u64> {
+        let end = end.min(self.len);
+        let mut i = from;
+        while i < end {
+            let word = self.words[(i / 64) as usize].load(Ordering::Acquire) >> (i % 64);
+            if word != 0 {
+                let found = i + u64::from(word.trailing_zeros());
+                return (found < end).then_some(found);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        None
+    }
+
+    /// The runs of clear bits in `[0, end)`, as (first, length).
+    pub fn clear_runs(&self, end: u64) -> Vec<(u64, u64)> {
+        let mut runs = Vec::new();
+        let mut at = 0;
+        while let Some(first) = self.next_clear(at, end) {
+            let stop = self.next_set(first, end).unwrap_or(end.min(self.len));
+            runs.push((first, stop - first));
+            at = stop;
+        }
+        runs
+    }
+
     /// Length of the run of set bits starting at `from` (stopping at `end` or `max`).
     pub fn run_of_set(&self, from: u64, end: u64, max: u64) -> u64 {
         let end = end.min(self.len).min(from.saturating_add(max));
@@ -365,6 +392,34 @@ mod tests {
             assert!(shards.windows(2).all(|s| s[0].1 == s[1].0));
             let sizes: Vec<u64> = shards.iter().map(|(a, b)| b - a).collect();
             assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+        }
+    }
+
+    proptest! {
+        /// `clear_runs` and `next_set` agree with a plain scan, across word boundaries.
+        #[test]
+        fn clear_runs_cover_exactly_the_clear_bits(
+            bits in proptest::collection::vec(any::<bool>(), 0..300),
+        ) {
+            let n = bits.len() as u64;
+            let map = PageBitmap::new(n);
+            for (i, b) in bits.iter().enumerate() {
+                if *b {
+                    map.set(i as u64);
+                }
+            }
+            let mut clear = vec![false; bits.len()];
+            for (first, len) in map.clear_runs(n) {
+                prop_assert!(len > 0);
+                for i in first..first + len {
+                    clear[i as usize] = true;
+                }
+            }
+            prop_assert_eq!(clear, bits.iter().map(|b| !b).collect::<Vec<_>>());
+            for from in 0..n {
+                let want = (from..n).find(|&i| bits[i as usize]);
+                prop_assert_eq!(map.next_set(from, n), want);
+            }
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use postcopy::codec::{self, Frame, Header, Kind, Role, Welcome, HEADER_BYTES};
-use postcopy::dest::{self, DestError, DestRam, Engine, EngineConfig, VerifyConnection};
+use postcopy::dest::{self, DestError, DestRam, Engine, EngineConfig};
 use postcopy::link::auth::{AuthError, Key};
 use postcopy::link::handshake as auth;
 use postcopy::link::mac::TAG_BYTES;
@@ -71,7 +71,7 @@ fn config(fake: &FakeListener) -> EngineConfig {
         stream: false,
         key: Some(key()),
         connect_timeout: Duration::from_secs(5),
-        stall_timeout: Duration::from_secs(10),
+        link_timeout: Duration::from_secs(10),
         recovery_timeout: Duration::ZERO,
         ..Default::default()
     }
@@ -153,7 +153,7 @@ fn destination_verify_refuses_a_forged_error() {
             forge_error(&link);
             let _ = drain_until_closed(&mut link.socket().try_clone().unwrap(), IO_TIMEOUT);
         },
-        |cfg| VerifyConnection::open(&cfg, SESSION)?.fetch().map(|_| ()),
+        |cfg| dest::fetch_checksums(&cfg, SESSION).map(|_| ()),
     );
     assert_refused("verify", &e);
 }

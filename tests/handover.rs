@@ -118,7 +118,7 @@ impl Rig {
                 socket: socket.clone(),
                 source: addr,
                 verbose: false,
-                stall_timeout: Duration::from_secs(10),
+                link_timeout: Duration::from_secs(10),
                 ..Default::default()
             },
             reports.clone(),

@@ -3,7 +3,7 @@
 //!
 //! Destination side: a fake source (std `TcpListener` + `postcopy::codec`) answers the engine's
 //! `Hello`s, serves a legitimate page when asked, then misbehaves. The engine must fail with the
-//! right `DestError`, promptly (well before its stall timeout), and its received bitmaps must
+//! right `DestError`, promptly (well before its link timeout), and its received bitmaps must
 //! hold exactly the pages the fake legitimately sent, with the right contents.
 //!
 //! Source side: a fake destination client against a real in-process `SourceServer`: each bad
@@ -32,7 +32,7 @@ const SIZE: u64 = 16 * MIB;
 const PAGES: u64 = SIZE / PAGE;
 /// The page a helper thread faults on and the fake answers legitimately.
 const LEGIT: u64 = 10;
-/// An engine that fails because of a frame must fail well before this (its stall timeout).
+/// An engine that fails because of a frame must fail well before this (its link timeout).
 const STALL: Duration = Duration::from_secs(10);
 /// ... and within this.
 const PROMPT: Duration = Duration::from_secs(5);
@@ -186,7 +186,7 @@ struct Spec {
     workers: usize,
     stream: bool,
     touches: Vec<u64>,
-    /// The engine's stall timeout.
+    /// The engine's link timeout.
     stall: Duration,
     /// The session id the fake puts in the Welcome of each (role, worker) connection.
     welcome_session: fn(Role, u16) -> u64,
@@ -271,7 +271,7 @@ fn engine_vs_fake_spec(
         workers,
         pin: false,
         stream,
-        stall_timeout: stall,
+        link_timeout: stall,
         connect_timeout: Duration::from_secs(5),
         // These peers are hostile, not flaky: no reconnection (tests/recovery.rs covers it).
         recovery_timeout: Duration::ZERO,
@@ -310,11 +310,7 @@ fn engine_vs_fake_spec(
     if !wait_until(stall + Duration::from_secs(10), || handle.is_finished()) {
         handle.stop();
     }
-    let result = wait_engine(
-        handle,
-        STOP_GRACE,
-        "engine (stopped past its stall timeout)",
-    );
+    let result = wait_engine(handle, STOP_GRACE, "engine (stopped past its link timeout)");
     let elapsed = t0.elapsed();
     // The engine has ended: its userfaultfds are closed, so blocked touches have resumed.
     let touched = touchers
@@ -436,9 +432,9 @@ fn handshake_wrong_version() {
 #[test]
 fn handshake_error_frame_instead_of_welcome() {
     let reply = encode(&Frame::Error(
-        "source busy: too many sessions; retry later".into(),
+        "busy: too many sessions on this source; retry later".into(),
     ));
-    let e = handshake_error(reply, "source busy: too many sessions");
+    let e = handshake_error(reply, "busy: too many sessions");
     assert!(matches!(e, DestError::Remote(_)), "{e:?}");
 }
 
@@ -753,7 +749,7 @@ fn silent_source_stalls() {
         "{:?}",
         h.error()
     );
-    h.assert_error_names("source sent nothing for");
+    h.assert_error_names("nothing from the source on");
     h.assert_placed_exactly(&[]);
 }
 
@@ -781,7 +777,7 @@ fn partially_answering_source_stalls() {
         "{:?}",
         h.error()
     );
-    h.assert_error_names("source sent nothing for");
+    h.assert_error_names("nothing from the source on");
     h.assert_placed_exactly(&[LEGIT]);
 }
 

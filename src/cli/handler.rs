@@ -29,9 +29,10 @@ pub struct HandlerArgs {
     /// No background stream: every page comes by a fault.
     #[arg(long)]
     no_stream: bool,
-    /// Seconds the source may stay silent while pages are awaited.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
-    stall_timeout: u64,
+    /// Seconds without a byte (not even a heartbeat) after which a source connection is taken
+    /// as dead and replaced.
+    #[arg(long, alias = "stall-timeout", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
+    link_timeout: u64,
     /// No per-VMM lines on stderr.
     #[arg(long, short)]
     quiet: bool,
@@ -55,7 +56,7 @@ impl HandlerArgs {
             source: self.source.clone(),
             once: self.once,
             stream: !self.no_stream,
-            stall_timeout: Duration::from_secs(self.stall_timeout),
+            link_timeout: Duration::from_secs(self.link_timeout),
             verbose: !self.quiet,
             ..HandlerConfig::default()
         })

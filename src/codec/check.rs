@@ -26,7 +26,13 @@ impl Kind {
     /// The largest body a frame of this kind may declare in its header.
     fn body_max(self) -> u64 {
         match self {
-            Kind::Hello | Kind::Request | Kind::Run | Kind::End | Kind::Ack | Kind::Round => 0,
+            Kind::Hello
+            | Kind::Request
+            | Kind::Run
+            | Kind::End
+            | Kind::Ack
+            | Kind::Round
+            | Kind::Heartbeat => 0,
             Kind::Discard => (usize::from(MAX_DISCARD_RANGES) * DISCARD_RANGE_BYTES) as u64,
             Kind::Checksums => MAX_CHECKSUMS * 8,
             Kind::Challenge => 32,
@@ -97,7 +103,13 @@ impl Header {
             Kind::Discard => self.check_discard(),
             Kind::Challenge | Kind::Auth => self.check_auth(),
             Kind::Checksums => self.check_checksums(),
-            Kind::Welcome | Kind::Run | Kind::End | Kind::Ack | Kind::Error | Kind::Round => Ok(()),
+            Kind::Welcome
+            | Kind::Run
+            | Kind::End
+            | Kind::Ack
+            | Kind::Error
+            | Kind::Round
+            | Kind::Heartbeat => Ok(()),
         }
     }
 

@@ -54,6 +54,8 @@ pub enum Frame {
     End(u64),
     /// Ack.
     Ack(u64),
+    /// See [`Kind::Heartbeat`].
+    Heartbeat,
     /// Error with a message.
     Error(String),
     /// Zero-page bits of `pages` pages of `block` from `page`.
@@ -136,6 +138,7 @@ impl Frame {
             Frame::Run(v) => Header::control(Kind::Run, *v).encode_into(out),
             Frame::End(v) => Header::control(Kind::End, *v).encode_into(out),
             Frame::Ack(v) => Header::control(Kind::Ack, *v).encode_into(out),
+            Frame::Heartbeat => Header::heartbeat().encode_into(out),
             Frame::Error(m) => encode_error(m, out),
             Frame::ZeroMap {
                 block,
@@ -201,6 +204,7 @@ impl Frame {
             Kind::Run => Frame::Run(h.page),
             Kind::End => Frame::End(h.page),
             Kind::Ack => Frame::Ack(h.page),
+            Kind::Heartbeat => Frame::Heartbeat,
             Kind::Error => Frame::Error(decode_error(body)),
             Kind::Have => Frame::Have {
                 block: h.block,
@@ -274,7 +278,8 @@ fn check_in(h: &Header, layout: &Layout) -> Result<(), CodecError> {
         | Kind::Discard
         | Kind::Round
         | Kind::Challenge
-        | Kind::Auth => Ok(()),
+        | Kind::Auth
+        | Kind::Heartbeat => Ok(()),
     }
 }
 

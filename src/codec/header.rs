@@ -146,6 +146,11 @@ impl Header {
         }
     }
 
+    /// A `Heartbeat`: the sender is still there.
+    pub fn heartbeat() -> Header {
+        Header::bare(Kind::Heartbeat)
+    }
+
     /// `Welcome` header for `session` and a body of `body_len` bytes; `stopped_unix_us` rides
     /// in `mask`.
     pub(super) fn welcome(session: u64, stopped_unix_us: u64, body_len: u32) -> Header {

@@ -77,6 +77,13 @@ pub const HELLO_PRECOPY: u64 = 1 << 33;
 /// `Hello` flag: this connection rejoins its session after a break (recovery); a bulk
 /// connection then sends `Have` frames and `Run` before the stream restarts.
 pub const HELLO_RESUME: u64 = 1 << 34;
+/// How an `Error` frame's message begins when the refusal is transient (the destination tries
+/// again within its recovery timeout): the source is busy, or a session has too many
+/// connections while broken ones are still closing.
+pub const BUSY: &str = "busy: ";
+/// `End` flag (in `mask`): the destination will verify the migration on a verify connection
+/// once its workers ended, so the session completes only when that has been served.
+pub const END_VERIFY: u64 = 1;
 /// Most ranges in one `Discard` frame. QEMU sends 12 per command; ours is a 4 KiB body (256
 /// ranges of 16 bytes): few frames for a scattered dirty set, and a bounded read per frame.
 pub const MAX_DISCARD_RANGES: u16 = 256;
@@ -127,6 +134,10 @@ pub enum Kind {
     /// has (`mask` = pages covered, body = one bit per page), ended by `Run`; the source
     /// streams the others again.
     Have = 15,
+    /// either way on a connection that has had nothing else to send for a while: the peer is
+    /// still there (no body). Every reader skips it; a connection on which nothing at all
+    /// arrives for the link timeout is dead (see `link::liveness`).
+    Heartbeat = 16,
 }
 
 impl Kind {
@@ -147,6 +158,7 @@ impl Kind {
             13 => Kind::Challenge,
             14 => Kind::Auth,
             15 => Kind::Have,
+            16 => Kind::Heartbeat,
             _ => return None,
         })
     }

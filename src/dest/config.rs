@@ -14,8 +14,10 @@ pub struct EngineConfig {
     pub pin: bool,
     /// Open bulk connections (the background stream).
     pub stream: bool,
-    /// Give up when requests are outstanding and nothing arrives for this long.
-    pub stall_timeout: Duration,
+    /// A connection on which nothing (not even a heartbeat) arrives for this long is dead and
+    /// is replaced (recovery); also the bound of each reconnection's handshake. See
+    /// [`crate::link::liveness`].
+    pub link_timeout: Duration,
     /// Connect/handshake timeout.
     pub connect_timeout: Duration,
     /// Ask the source for its zero-page map and place those pages locally at start-up (no
@@ -37,6 +39,9 @@ pub struct EngineConfig {
     pub recovery_timeout: Duration,
     /// TLS 1.3 to the source ([`crate::link::tls`]); `None`: plain TCP.
     pub tls: Option<crate::link::tls::TlsClient>,
+    /// The embedder verifies the migration on a [`VerifyConnection`] once the workers ended:
+    /// each worker's `End` says so, and the source keeps the session until it was served.
+    pub verify: bool,
 }
 
 /// How the engine places a zero page.
@@ -51,6 +56,13 @@ pub enum ZeroFill {
     Copy,
 }
 
+impl EngineConfig {
+    /// The liveness rules of every connection ([`crate::link::liveness`]).
+    pub fn liveness(&self) -> crate::link::Liveness {
+        crate::link::Liveness::new(self.link_timeout)
+    }
+}
+
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
@@ -58,7 +70,7 @@ impl Default for EngineConfig {
             workers: crate::sys::online_cpus(),
             pin: true,
             stream: true,
-            stall_timeout: Duration::from_secs(30),
+            link_timeout: crate::link::liveness::DEFAULT_LINK_TIMEOUT,
             connect_timeout: Duration::from_secs(10),
             zero_map: false,
             zero_fill: ZeroFill::Zeropage,
@@ -67,6 +79,7 @@ impl Default for EngineConfig {
             key: None,
             recovery_timeout: Duration::from_secs(60),
             tls: None,
+            verify: false,
         }
     }
 }

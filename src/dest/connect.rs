@@ -4,6 +4,7 @@
 //! break) is opened here.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::time::{Duration, Instant};
 
 use super::{io_err, DestError, EngineConfig};
 use crate::codec::{page_bit, CodecError, Header, Kind, Role, Welcome, HEADER_BYTES};
@@ -48,6 +49,17 @@ pub(crate) fn link_err(context: &str) -> impl FnOnce(LinkError) -> DestError + '
     }
 }
 
+/// How a connection joins its session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Joining {
+    /// The first connection (a new session) or a worker's own connection.
+    Fresh,
+    /// A connection that replaces a broken one.
+    Rejoin,
+    /// Worker 0's urgent connection replacing one that broke in precopy.
+    RejoinPrecopy,
+}
+
 /// Opens a connection of `role` for `worker` and exchanges `Hello`/`Welcome`.
 pub(crate) fn open_connection(
     config: &EngineConfig,
@@ -55,18 +67,67 @@ pub(crate) fn open_connection(
     role: Role,
     worker: u16,
 ) -> Result<Opened, DestError> {
-    open_connection_as(config, session, role, worker, false)
+    open_connection_as(
+        config,
+        session,
+        role,
+        worker,
+        Joining::Fresh,
+        config.connect_timeout,
+    )
 }
 
-/// [`open_connection`], marked as rejoining its session after a break when `resume`.
+/// Whether an attempt to open a connection may succeed if tried again: the network failed,
+/// not the peer's checks (a refusal, a bad frame, a wrong key).
+pub(crate) fn retryable(e: &DestError) -> bool {
+    matches!(
+        e,
+        DestError::Connect { .. }
+            | DestError::Io { .. }
+            | DestError::Closed(..)
+            | DestError::Stalled { .. }
+    ) || matches!(e, DestError::Remote(m) if m.starts_with(crate::codec::BUSY))
+}
+
+/// Opens a connection like [`open_connection_as`], again and again with backoff (5 ms doubling
+/// to 0.5 s) while it fails in a [`retryable`] way, until `deadline`; each attempt's
+/// handshake is bounded by the time left. `stopped` is asked between attempts. The error is
+/// the last attempt's.
+pub(crate) fn open_with_retry(
+    config: &EngineConfig,
+    (session, role, worker): (u64, Role, u16),
+    joining: Joining,
+    deadline: Instant,
+    stopped: &dyn Fn() -> bool,
+) -> Result<Opened, DestError> {
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let within = left
+            .min(config.connect_timeout)
+            .max(Duration::from_millis(50));
+        match open_connection_as(config, session, role, worker, joining, within) {
+            Ok(o) => return Ok(o),
+            Err(e) if retryable(&e) && Instant::now() + backoff < deadline && !stopped() => {
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// [`open_connection`], joining as `joining` says, its connect and handshake bounded by
+/// `within`.
 pub(crate) fn open_connection_as(
     config: &EngineConfig,
     session: u64,
     role: Role,
     worker: u16,
-    resume: bool,
+    joining: Joining,
+    within: Duration,
 ) -> Result<Opened, DestError> {
-    let mut link = FramedStream::new(dial(config)?);
+    let mut link = FramedStream::new(dial(config, within)?);
     let context = format!("{role:?} connection of worker {worker}");
     if let Some(key) = &config.key {
         crate::link::handshake::connect(&mut link, key).map_err(link_err(&context))?;
@@ -77,10 +138,10 @@ pub(crate) fn open_connection_as(
     if want_zero_map {
         h = h.with_zero_map();
     }
-    if config.precopy && session == 0 {
+    if (config.precopy && session == 0) || joining == Joining::RejoinPrecopy {
         h = h.with_precopy();
     }
-    if resume {
+    if joining != Joining::Fresh {
         h = h.with_resume();
     }
     let mut hello = [0u8; HEADER_BYTES];
@@ -102,8 +163,9 @@ pub(crate) fn open_connection_as(
     })
 }
 
-/// TCP (and TLS) to the source, with the handshake timeout as the read timeout.
-fn dial(config: &EngineConfig) -> Result<TcpStream, DestError> {
+/// TCP (and TLS) to the source, `within` as the connect and the handshake's read timeout, and
+/// the link's `TCP_USER_TIMEOUT`.
+fn dial(config: &EngineConfig, within: Duration) -> Result<TcpStream, DestError> {
     let connect_err = |source| DestError::Connect {
         addr: config.source.clone(),
         source,
@@ -119,19 +181,19 @@ fn dial(config: &EngineConfig) -> Result<TcpStream, DestError> {
                 "no address",
             ))
         })?;
-    let mut stream =
-        TcpStream::connect_timeout(&addr, config.connect_timeout).map_err(connect_err)?;
+    let mut stream = TcpStream::connect_timeout(&addr, within).map_err(connect_err)?;
     stream
         .set_nodelay(true)
         .map_err(io_err("set TCP_NODELAY"))?;
+    config.liveness().apply(&stream);
     if let Some(tls) = &config.tls {
         stream
-            .set_read_timeout(Some(config.connect_timeout))
+            .set_read_timeout(Some(within))
             .map_err(io_err("set handshake timeout"))?;
         stream = tls.connect(stream)?;
     }
     stream
-        .set_read_timeout(Some(config.connect_timeout))
+        .set_read_timeout(Some(within))
         .map_err(io_err("set handshake timeout"))?;
     Ok(stream)
 }

@@ -189,7 +189,8 @@ impl Engine {
             n => n,
         };
         let handle = EngineHandle::spawn(ram, workers, streams, jobs)?;
-        let deadline = Instant::now() + config.connect_timeout;
+        // A connection whose handshake is cut is opened again, within the recovery timeout.
+        let deadline = Instant::now() + config.connect_timeout + config.recovery_timeout;
         while handle.ready.load(Ordering::Acquire) < handle.threads.len() {
             if handle.threads.iter().any(|t| t.is_finished()) || Instant::now() >= deadline {
                 // A thread failed its set-up (or is stuck connecting): report why.

@@ -48,12 +48,26 @@ pub enum DestError {
         /// The last connection error.
         last: String,
     },
-    /// The source stopped answering.
-    #[error("source sent nothing for {seconds} s while {missing} pages were missing and requests were outstanding")]
+    /// Precopy's connection broke and the source could not be reached again in time.
+    #[error("precopy: the source has been unreachable for {seconds} s after the precopy connection broke ({last}); {received} of {total} pages had arrived. The migration had not switched over: the workload still runs on the source and nothing is lost; start the migration again")]
+    PrecopyLost {
+        /// Seconds tried.
+        seconds: u64,
+        /// Pages received so far.
+        received: u64,
+        /// Pages of the image.
+        total: u64,
+        /// The break and the last connection error.
+        last: String,
+    },
+    /// Nothing arrived on a connection for the link timeout, not even a heartbeat.
+    #[error("nothing from the source on {connection} for {seconds} s, not even a heartbeat: the link is down or the source is stuck ({missing} pages still missing there)")]
     Stalled {
+        /// Which connection, and in which phase.
+        connection: String,
         /// Seconds waited.
         seconds: u64,
-        /// Pages still missing in the worker's shard.
+        /// Pages still missing (of the worker's shard; of the whole image in precopy).
         missing: u64,
     },
     /// A peer failed authentication, or a frame its integrity check.

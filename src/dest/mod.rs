@@ -28,17 +28,19 @@ mod error;
 mod precopy;
 mod ram;
 mod stats;
+mod verify;
 mod worker;
 
 pub use config::{EngineConfig, ZeroFill};
 pub use connect::{connect, Connected};
 pub use engine::{Engine, EngineHandle, PreparedEngine};
 pub use error::DestError;
-pub use precopy::{receive_precopy, PrecopyReport, VerifyConnection};
+pub use precopy::{receive_precopy, PrecopyReport};
 pub use ram::{DestRam, Segment};
 pub use stats::{EngineReport, WorkerStats};
+pub use verify::fetch_checksums;
 pub use worker::coalesce_requests;
 
-pub(crate) use connect::{link_err, open_connection, open_connection_as};
+pub(crate) use connect::{link_err, open_connection, open_with_retry, retryable, Joining};
 pub(crate) use engine::{register_shard, Job, Shared};
 pub(crate) use error::io_err;

@@ -1,16 +1,25 @@
-//! The destination's side of precopy ([`receive_precopy`]) and of end-to-end verification
-//! ([`VerifyConnection`]).
+//! The destination's side of precopy ([`receive_precopy`]).
 //!
 //! Precopy frames arrive on worker 0's urgent connection between `Welcome` and `Run`, before
 //! any userfaultfd is registered: pages are written straight into the blocks (they are plain
 //! memory then), zero pages for pages not yet present are only remembered (placed with
 //! `UFFDIO_ZEROPAGE` when the workers start, so untouched memory stays unallocated), and
 //! `Discard` ranges drop pages the source's workload wrote after they were sent.
+//!
+//! A break of the connection (the kernel reports it, or nothing, not even a heartbeat, arrives
+//! for the link timeout) resumes precopy: worker 0's urgent connection is opened again
+//! (`Hello` with resume and precopy), tells the source which pages are here (`Have`) and the
+//! last round taken in (`Run`), and the rounds go on. The source's workload keeps running
+//! meanwhile; if the source stays away past the recovery timeout, nothing was lost: the
+//! workload never left it.
 
 use std::time::Instant;
 
-use super::{io_err, link_err, open_connection, Connected, DestError, DestRam, EngineConfig};
-use crate::codec::{decode_discard, CodecError, Header, Kind, Role, HEADER_BYTES};
+use super::{
+    io_err, link_err, open_with_retry, retryable, Connected, DestError, DestRam, EngineConfig,
+    Joining,
+};
+use crate::codec::{self, decode_discard, CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::layout::{Layout, PageBitmap};
 use crate::link::{FramedStream, LinkError};
 
@@ -35,6 +44,8 @@ pub struct PrecopyReport {
     pub source_stopped_unix_us: u64,
     /// Bytes received in the phase.
     pub bytes_received: u64,
+    /// Times the precopy connection broke and precopy resumed on a new one.
+    pub recoveries: u64,
     /// From the call to `Run`.
     pub seconds: f64,
 }
@@ -53,6 +64,8 @@ struct PrecopyWriter<'r> {
     zero_pending: Vec<PageBitmap>,
     /// One zero page (a present page announced as zero is overwritten with it).
     zeros: Vec<u8>,
+    /// The number of the last `Round` taken in (every page of it is here).
+    last_round: u64,
     report: PrecopyReport,
 }
 
@@ -120,8 +133,8 @@ fn admit(h: &Header, layout: &Layout) -> Result<(), CodecError> {
 
 /// Receives the precopy phase into `ram` (built for the session's layout, not yet registered)
 /// until the source's `Run`. Then call [`super::Engine::start`] with the same `connected`: the
-/// pages still missing fault into the engine, zero pages announced here are placed first.
-/// A silent source is reported after `config.stall_timeout`.
+/// pages still missing fault into the engine, zero pages announced here are placed first. A
+/// broken connection is replaced within `config.recovery_timeout` and precopy resumes.
 pub fn receive_precopy(
     connected: &mut Connected,
     ram: &DestRam,
@@ -138,12 +151,7 @@ pub fn receive_precopy(
         ));
     }
     let started = Instant::now();
-    let link = &mut connected.control;
-    link.socket()
-        .set_read_timeout(Some(config.stall_timeout))
-        .map_err(io_err("set precopy timeout"))?;
-    // A long stream of large frames: read ahead (the buffer is empty again at Run).
-    link.buffer_reads(1 << 20);
+    prepare(&mut connected.control, config)?;
     let mut writer = PrecopyWriter {
         ram,
         zero_pending: ram
@@ -153,9 +161,40 @@ pub fn receive_precopy(
             .map(|b| PageBitmap::new(b.pages()))
             .collect(),
         zeros: vec![0u8; ram.layout.max_page_size() as usize],
+        last_round: 0,
         report: PrecopyReport::default(),
     };
-    receive_rounds(link, &mut writer, config)?;
+    loop {
+        match receive_rounds(&mut connected.control, &mut writer, config) {
+            Ok(()) => break,
+            Err(e) if retryable(&e) && !config.recovery_timeout.is_zero() => {
+                connected.control = rejoin(config, connected.welcome.session, &writer, e)?;
+                writer.report.recoveries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    finish(connected, writer, started)
+}
+
+/// Read timeout (the link timeout: the source sends while precopy runs) and read-ahead.
+fn prepare(link: &mut FramedStream, config: &EngineConfig) -> Result<(), DestError> {
+    link.socket()
+        .set_read_timeout(Some(config.link_timeout))
+        .map_err(io_err("set precopy timeout"))?;
+    // A long stream of large frames: read ahead (the buffer is empty again at Run).
+    link.buffer_reads(1 << 20);
+    Ok(())
+}
+
+/// After `Run`: nothing may follow it, the zero pages announced for absent pages are handed to
+/// the workers, and the report is made.
+fn finish(
+    connected: &mut Connected,
+    writer: PrecopyWriter<'_>,
+    started: Instant,
+) -> Result<PrecopyReport, DestError> {
+    let link = &mut connected.control;
     if link.buffered_bytes() > 0 {
         // Nothing may follow Run before the destination's first request.
         return Err(protocol(CONTEXT)(CodecError::BadBody {
@@ -166,6 +205,7 @@ pub fn receive_precopy(
     link.socket()
         .set_read_timeout(None)
         .map_err(io_err("clear precopy timeout"))?;
+    let ram = writer.ram;
     let mut report = writer.report;
     report.pages_zero_pending = writer.zero_pending.iter().map(PageBitmap::count_ones).sum();
     report.pages_by_precopy = ram.pages_received();
@@ -176,34 +216,91 @@ pub fn receive_precopy(
     Ok(report)
 }
 
-/// Frames until `Run`: pages, discards, and an `Ack` for each round's end.
+/// Opens worker 0's urgent connection again after `cause` broke it in precopy, with backoff
+/// until the recovery timeout, and tells the source what is here: `Have` frames (pages
+/// written, and zero pages announced) and `Run` with the last round taken in.
+fn rejoin(
+    config: &EngineConfig,
+    session: u64,
+    writer: &PrecopyWriter<'_>,
+    cause: DestError,
+) -> Result<FramedStream, DestError> {
+    let started = Instant::now();
+    let deadline = started + config.recovery_timeout;
+    let ram = writer.ram;
+    let opened = open_with_retry(
+        config,
+        (session, Role::Urgent, 0),
+        Joining::RejoinPrecopy,
+        deadline,
+        &|| false,
+    )
+    .map_err(|e| DestError::PrecopyLost {
+        seconds: started.elapsed().as_secs_f64().round() as u64,
+        received: ram.pages_received(),
+        total: ram.layout.total_pages(),
+        last: format!("{cause}; then: {e}"),
+    })?;
+    if opened.welcome.session != session || opened.welcome.layout != ram.layout {
+        return Err(protocol("precopy (resumed)")(CodecError::BadBody {
+            kind: Kind::Welcome,
+            detail: "a different session or layout than before the break".into(),
+        }));
+    }
+    let mut link = opened.link;
+    let mut out = Vec::new();
+    let per_frame = u64::from(codec::MAX_ZERO_MAP_BYTES) * 8;
+    for (b, block) in ram.layout.blocks.iter().enumerate() {
+        let held = |p: u64| ram.received[b].get(p) || writer.zero_pending[b].get(p);
+        let mut first = 0;
+        while first < block.pages() {
+            let n = (block.pages() - first).min(per_frame);
+            Header::have(b as u32, first, n).encode_into(&mut out);
+            codec::encode_page_bits(n, |i| held(first + i), &mut out);
+            first += n;
+        }
+    }
+    Header::control(Kind::Run, writer.last_round).encode_into(&mut out);
+    link.write_frames(&out)
+        .map_err(link_err("tell the source which precopy pages are here"))?;
+    prepare(&mut link, config)?;
+    Ok(link)
+}
+
+/// Frames until `Run`: pages, discards, and an `Ack` for each round's end; heartbeats while
+/// the backlog drains (the source waits for the last round's `Ack` with the link timeout).
 fn receive_rounds(
     link: &mut FramedStream,
     writer: &mut PrecopyWriter<'_>,
     config: &EngineConfig,
 ) -> Result<(), DestError> {
+    let missing = writer.ram.layout.total_pages() - writer.ram.pages_received();
     let read_err = |e: LinkError| match e {
         e if e.is_timeout() => DestError::Stalled {
-            seconds: config.stall_timeout.as_secs(),
-            missing: 0,
+            connection: "the precopy connection".into(),
+            seconds: config.link_timeout.as_secs(),
+            missing,
         },
-        LinkError::Io { source, .. } if source.kind() == std::io::ErrorKind::UnexpectedEof => {
-            DestError::Closed("precopy", 0)
-        }
         e => link_err(CONTEXT)(e),
     };
+    let closed = || DestError::Io {
+        context: "precopy: the source closed the connection".into(),
+        source: std::io::ErrorKind::UnexpectedEof.into(),
+    };
     let layout = &writer.ram.layout;
+    let live = config.liveness();
     loop {
         let h = link
             .read_frame_if(|h| admit(h, layout))
             .map_err(read_err)?
-            .ok_or(DestError::Closed("precopy", 0))?;
+            .ok_or_else(closed)?;
         writer.report.bytes_received += (HEADER_BYTES as u64) + u64::from(h.body_len);
         match h.kind {
             Kind::Pages => writer.pages(&h, link.body())?,
             Kind::Discard => writer.discard(&h, link.body())?,
             Kind::Round => {
                 writer.report.round_pages.push(h.mask);
+                writer.last_round = h.page;
                 // Everything before it is in place: the source may stop its workload without
                 // leaving bytes in flight for the downtime.
                 let mut ack = [0u8; HEADER_BYTES];
@@ -218,80 +315,7 @@ fn receive_rounds(
             }
             _ => unreachable!("admit() let only precopy frames through"),
         }
-    }
-}
-
-/// A verify connection of a session: opened while the migration runs (it keeps the session
-/// alive on the source), asked once the migration is done for the checksum of every page as
-/// it was at the source's switchover.
-pub struct VerifyConnection {
-    link: FramedStream,
-    layout: Layout,
-    timeout: std::time::Duration,
-}
-
-impl VerifyConnection {
-    /// Joins `session` on the source of `config` with a verify connection.
-    pub fn open(config: &EngineConfig, session: u64) -> Result<VerifyConnection, DestError> {
-        let opened = open_connection(config, session, Role::Verify, 0)?;
-        Ok(VerifyConnection {
-            link: opened.link,
-            layout: opened.welcome.layout,
-            timeout: config.stall_timeout,
-        })
-    }
-
-    /// Asks for the checksums and reads them: one xxh3 per page, blocks in layout order.
-    pub fn fetch(mut self) -> Result<Vec<u64>, DestError> {
-        const CONTEXT: &str = "verify connection";
-        let mut run = [0u8; HEADER_BYTES];
-        Header::control(Kind::Run, 0).encode(&mut run);
-        self.link
-            .write_frames(&run)
-            .map_err(link_err("ask for checksums"))?;
-        self.link
-            .socket()
-            .set_read_timeout(Some(self.timeout))
-            .map_err(io_err("set verify timeout"))?;
-        self.link.buffer_reads(64 * 1024);
-        let mut base = Vec::with_capacity(self.layout.blocks.len());
-        let mut total = 0;
-        for b in &self.layout.blocks {
-            base.push(total);
-            total += b.pages();
-        }
-        let mut sums = vec![0u64; total as usize];
-        let have = PageBitmap::new(total);
-        let layout = &self.layout;
-        loop {
-            let h = self
-                .link
-                .read_frame_if(|h| match h.kind {
-                    Kind::Checksums => h.check_zero_map(layout),
-                    Kind::End => Ok(()),
-                    got => Err(CodecError::Unexpected {
-                        got,
-                        expected: "Checksums or End",
-                    }),
-                })
-                .map_err(link_err(CONTEXT))?
-                .ok_or_else(|| DestError::Closed("verify", total - have.count_ones()))?;
-            if h.kind == Kind::End {
-                break;
-            }
-            let first = base[h.block as usize] + h.page;
-            for (i, c) in self.link.body().chunks_exact(8).enumerate() {
-                let g = first + i as u64;
-                sums[g as usize] = u64::from_le_bytes(c.try_into().expect("8 bytes"));
-                have.set(g);
-            }
-        }
-        if have.count_ones() != total {
-            return Err(protocol(CONTEXT)(CodecError::BadBody {
-                kind: Kind::End,
-                detail: format!("checksums for {} of {total} pages", have.count_ones()),
-            }));
-        }
-        Ok(sums)
+        link.heartbeat_if_due(&live)
+            .map_err(link_err("send a heartbeat in precopy"))?;
     }
 }

@@ -33,6 +33,11 @@ pub struct WorkerStats {
     pub recoveries: u64,
     /// Pages requested after the stream ended because a break lost them in flight.
     pub pages_swept: u64,
+    /// Workers whose last `Ack` was lost with its connection and whose source no longer
+    /// served the session when the worker came back (every page of it was here).
+    pub ends_unconfirmed: u64,
+    /// Heartbeats sent on the urgent connection while it had nothing else to send.
+    pub heartbeats: u64,
     /// Bytes received.
     pub bytes_received: u64,
     /// io_uring completions reaped.
@@ -67,6 +72,8 @@ impl WorkerStats {
         self.pages_zero_after_remove += o.pages_zero_after_remove;
         self.recoveries += o.recoveries;
         self.pages_swept += o.pages_swept;
+        self.ends_unconfirmed += o.ends_unconfirmed;
+        self.heartbeats += o.heartbeats;
         self.bytes_received += o.bytes_received;
         self.completions += o.completions;
         self.loops += o.loops;

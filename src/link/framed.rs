@@ -5,14 +5,18 @@
 //! frame read is `header ‖ body ‖ tag`: the header is decoded (which bounds the body per kind),
 //! the caller's admission check runs on the header before a byte of the body is read, and on an
 //! authenticated connection the MAC is checked before anything is returned. An `Error` frame is
-//! returned as [`LinkError::Remote`], so it too is acted on only once its MAC holds.
+//! returned as [`LinkError::Remote`], so it too is acted on only once its MAC holds. A
+//! `Heartbeat` frame is checked and skipped ([`super::liveness`]); a reader that waits for a
+//! peer while keeping the link alive uses [`FramedStream::next_frame_live`].
 //!
 //! The engine's io_uring receive path has its own state machine (a frame arrives in pieces
 //! there); its sealing uses [`seal_frames`], the same framing as [`FramedStream::write_frames`].
 
 use std::io::{IoSlice, Read, Write};
 use std::net::TcpStream;
+use std::time::{Duration, Instant};
 
+use super::liveness::{wait_readable, Liveness};
 use super::mac::{Channel, FrameMac, TAG_BYTES};
 use crate::codec::{self, CodecError, Header, Kind, HEADER_BYTES};
 
@@ -53,6 +57,15 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> LinkError {
     move |source| LinkError::Io { what, source }
 }
 
+/// What [`FramedStream::poll_frame`] found.
+#[derive(Debug)]
+pub enum Polled {
+    /// A frame (`None`: a clean end of stream between frames).
+    Frame(Option<Header>),
+    /// No frame yet (a heartbeat may have come or gone).
+    Idle,
+}
+
 /// Reads ahead of the frames (for connections with many small frames or a long stream); off
 /// until [`FramedStream::buffer_reads`].
 struct ReadAhead {
@@ -72,6 +85,10 @@ pub struct FramedStream {
     body_len: usize,
     /// Scratch of [`write_frames`](Self::write_frames): where each frame ends and its MAC.
     tags: Vec<(usize, [u8; TAG_BYTES])>,
+    /// When the last whole frame (a heartbeat included) arrived, or the connection opened.
+    last_rx: Instant,
+    /// When the last frame was written, or the connection opened.
+    last_tx: Instant,
 }
 
 impl std::fmt::Debug for FramedStream {
@@ -93,6 +110,8 @@ impl FramedStream {
             body: Vec::new(),
             body_len: 0,
             tags: Vec::new(),
+            last_rx: Instant::now(),
+            last_tx: Instant::now(),
         }
     }
 
@@ -156,10 +175,96 @@ impl FramedStream {
     }
 
     /// [`read_frame`](Self::read_frame), with `admit` run on the header before any byte of the
-    /// body is read (an `Error` frame is always admitted).
+    /// body is read (an `Error` frame is always admitted). `Heartbeat` frames are skipped.
     pub fn read_frame_if(
         &mut self,
-        admit: impl FnOnce(&Header) -> Result<(), CodecError>,
+        mut admit: impl FnMut(&Header) -> Result<(), CodecError>,
+    ) -> Result<Option<Header>, LinkError> {
+        loop {
+            match self.read_one(&mut admit)? {
+                Some(h) if h.kind == Kind::Heartbeat => {}
+                h => return Ok(h),
+            }
+        }
+    }
+
+    /// The next frame of a peer that may stay quiet for long (a request, a verification's
+    /// start), keeping the link alive meanwhile: see [`poll_frame`](Self::poll_frame).
+    pub fn next_frame_live(
+        &mut self,
+        live: &Liveness,
+        silence: Option<Duration>,
+        mut admit: impl FnMut(&Header) -> Result<(), CodecError>,
+    ) -> Result<Option<Header>, LinkError> {
+        loop {
+            if let Polled::Frame(h) = self.poll_frame(live, silence, &mut admit)? {
+                return Ok(h);
+            }
+        }
+    }
+
+    /// Waits at most one heartbeat interval for the next frame. While nothing arrives, a
+    /// `Heartbeat` goes out once nothing was sent for `live.heartbeat`, so the peer knows this
+    /// side is there; nothing at all from the peer for `silence` (`None`: no limit) is a dead
+    /// link (`TimedOut`). Once a frame has begun to arrive, the rest of it is read with the
+    /// socket's read timeout. A heartbeat from the peer is [`Polled::Idle`].
+    pub fn poll_frame(
+        &mut self,
+        live: &Liveness,
+        silence: Option<Duration>,
+        admit: &mut impl FnMut(&Header) -> Result<(), CodecError>,
+    ) -> Result<Polled, LinkError> {
+        if self.buffered_bytes() == 0 {
+            if silence.is_some_and(|s| self.last_rx.elapsed() >= s) {
+                return Err(io("the peer has been silent")(
+                    std::io::ErrorKind::TimedOut.into(),
+                ));
+            }
+            let beat_in = live.heartbeat.saturating_sub(self.last_tx.elapsed());
+            let dead_in = silence.map_or(beat_in, |s| s.saturating_sub(self.last_rx.elapsed()));
+            let readable = wait_readable(&self.stream, beat_in.min(dead_in))
+                .map_err(io("wait for a frame"))?;
+            if !readable {
+                self.heartbeat_if_due(live)?;
+                return Ok(Polled::Idle);
+            }
+        }
+        match self.read_one(admit)? {
+            Some(h) if h.kind == Kind::Heartbeat => Ok(Polled::Idle),
+            h => Ok(Polled::Frame(h)),
+        }
+    }
+
+    /// Sends a `Heartbeat` (sealed on an authenticated connection).
+    pub fn heartbeat(&mut self) -> Result<(), LinkError> {
+        let mut h = [0u8; HEADER_BYTES];
+        Header::heartbeat().encode(&mut h);
+        self.write_frames(&h).map(|_| ())
+    }
+
+    /// Sends a `Heartbeat` if nothing was written for `live.heartbeat`.
+    pub fn heartbeat_if_due(&mut self, live: &Liveness) -> Result<(), LinkError> {
+        if self.last_tx.elapsed() >= live.heartbeat {
+            self.heartbeat()?;
+        }
+        Ok(())
+    }
+
+    /// How long since the last frame arrived (or the connection opened, or
+    /// [`heard_now`](Self::heard_now)).
+    pub fn silent_for(&self) -> Duration {
+        self.last_rx.elapsed()
+    }
+
+    /// Counts the peer as heard from now (it had no reason to speak until now).
+    pub fn heard_now(&mut self) {
+        self.last_rx = Instant::now();
+    }
+
+    /// One frame, heartbeats included.
+    fn read_one(
+        &mut self,
+        admit: &mut impl FnMut(&Header) -> Result<(), CodecError>,
     ) -> Result<Option<Header>, LinkError> {
         let mut head = [0u8; HEADER_BYTES];
         if !self.fill(&mut head, true)? {
@@ -186,6 +291,7 @@ impl FramedStream {
             c.rx.open(&head, &self.body[..len], &tag)
                 .map_err(super::auth::AuthError::from)?;
         }
+        self.last_rx = Instant::now();
         if h.kind == Kind::Error {
             return Err(LinkError::Remote(codec::decode_error(&self.body[..len])));
         }
@@ -208,6 +314,7 @@ impl FramedStream {
     /// connection; frames and MACs go out with one writev, no copy of the pages. Returns the
     /// bytes written.
     pub fn write_frames(&mut self, frames: &[u8]) -> Result<usize, LinkError> {
+        self.last_tx = Instant::now();
         let Some(c) = self.channel.as_mut() else {
             self.stream.write_all(frames).map_err(io("write frames"))?;
             return Ok(frames.len());

@@ -5,6 +5,7 @@
 //! - [`mac`]: the per-frame MACs of an authenticated connection.
 //! - [`framed`]: [`FramedStream`], the one blocking reader and writer of frames (MAC checked
 //!   before a frame is returned, `Error` frames included).
+//! - [`liveness`]: heartbeats and the link timeout (when a silent connection is dead).
 //! - [`tls`]: optional TLS 1.3 under everything (a relay keeps the engine's io_uring path on a
 //!   plain socket).
 //!
@@ -13,7 +14,9 @@
 pub mod auth;
 pub mod framed;
 pub mod handshake;
+pub mod liveness;
 pub mod mac;
 pub mod tls;
 
-pub use framed::{FramedStream, LinkError};
+pub use framed::{FramedStream, LinkError, Polled};
+pub use liveness::Liveness;

@@ -1,7 +1,7 @@
 //! A bulk connection: the background stream of a worker's shard, and its resumption after a
 //! break (`Have` frames).
 
-use super::conn::next_frame;
+use super::conn::{next_frame, write_err};
 use super::error::SourceError;
 use super::joined::Joined;
 use super::pages::encode_run;
@@ -13,7 +13,6 @@ use crate::link::FramedStream;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 /// A bulk connection rejoining after a break: the destination's `Have` frames say which pages
 /// of this worker's shard it has; the others are marked unsent so the stream sends them again
@@ -76,10 +75,14 @@ pub(super) fn serve_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
     let _ = crate::sys::set_thread_nice(19);
     // A destination connects its streams during precopy; they start at the switchover (a page
     // streamed earlier could be dirtied after it was sent and arrive stale).
-    while !session.life.wait_switchover(Duration::from_secs(60)) {
+    // Meanwhile the connection carries heartbeats (its destination half reads it from `Go`).
+    let live = shared.config.liveness();
+    while !session.life.wait_switchover(live.heartbeat) {
         if session.life.is_finished() {
             return Ok(());
         }
+        link.heartbeat_if_due(&live)
+            .map_err(write_err("send a heartbeat", peer))?;
     }
     let gen = &session.bulk_gen[usize::from(worker)];
     let max_page = shared.image.layout().max_page_size() as usize;
@@ -101,7 +104,8 @@ pub(super) fn serve_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
     }
     Header::control(Kind::End, stream.streamed).encode_into(&mut stream.out);
     session.flush(stream.link, &mut stream.out, "stream pages", peer)?;
-    // Hold the connection until the destination closes it (it may still be placing pages).
+    // Hold the connection until the destination closes it (it may still be placing pages),
+    // at most the link timeout (the read timeout).
     let mut sink = [0u8; 64];
     let _ = stream.link.socket().read(&mut sink);
     Ok(())

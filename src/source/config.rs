@@ -34,6 +34,10 @@ pub struct SourceConfig {
     pub recovery_timeout: Duration,
     /// TLS 1.3 on every connection ([`crate::link::tls`]); `None`: plain TCP.
     pub tls: Option<crate::link::tls::TlsServer>,
+    /// A connection on which the destination should speak and nothing (not even a heartbeat)
+    /// arrives for this long is dead; heartbeats go out on idle connections at a quarter of it
+    /// ([`crate::link::liveness`]).
+    pub link_timeout: Duration,
 }
 
 /// When precopy stops sending rounds and switches over to postcopy. The first round (every
@@ -69,6 +73,13 @@ pub struct LiveParts {
     pub workload: Box<dyn SourceWorkload>,
 }
 
+impl SourceConfig {
+    /// The liveness rules of every connection ([`crate::link::liveness`]).
+    pub fn liveness(&self) -> crate::link::Liveness {
+        crate::link::Liveness::new(self.link_timeout)
+    }
+}
+
 impl Default for SourceConfig {
     fn default() -> Self {
         SourceConfig {
@@ -83,6 +94,7 @@ impl Default for SourceConfig {
             key: None,
             recovery_timeout: Duration::from_secs(60),
             tls: None,
+            link_timeout: crate::link::liveness::DEFAULT_LINK_TIMEOUT,
         }
     }
 }

@@ -48,7 +48,7 @@ pub enum SourceError {
     #[error("precopy: {0}")]
     Dirty(#[from] DirtyError),
     /// A live source serves one migration of its memory.
-    #[error("this live source already migrated its memory (its workload is stopped); start a new source for another migration")]
+    #[error("this live source's memory belongs to another migration: one that switched over (its workload is stopped; start a new source for another migration), or one still in precopy or waiting up to --recovery-timeout for its destination to come back (retry after it)")]
     LiveUsed,
     /// The session ended without the destination confirming every page.
     #[error(

@@ -13,12 +13,12 @@ use super::error::SourceError;
 use super::joined::Joined;
 use super::lifecycle::JoinRefused;
 use super::pages::encode_zero_map;
-use super::precopy::run_precopy;
+use super::precopy::{resume_precopy, run_precopy};
 use super::registry::{finish_connection, log, Shared};
 use super::session::Session;
 use super::urgent::serve_urgent;
 use super::verify::serve_verify;
-use crate::codec::{CodecError, Hello, Role, Welcome};
+use crate::codec::{CodecError, Hello, Role, Welcome, BUSY};
 use crate::link::FramedStream;
 use crate::stats::unix_us;
 
@@ -43,9 +43,12 @@ pub(super) fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Soc
             return;
         }
     };
+    // A connection that rejoins replaces the broken one of its (role, worker) at once.
+    session.supersede(&hello, peer, link.socket());
     if let Err(e) = serve_joined(&shared, &session, &mut link, &hello, peer) {
         connection_failed(&shared, &session, &mut link, e, peer);
     }
+    session.forget(&hello, peer);
     finish_connection(&shared, &session);
 }
 
@@ -54,6 +57,7 @@ pub(super) fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Soc
 fn open_link(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> Option<FramedStream> {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
+    shared.config.liveness().apply(&stream);
     let _ = stream.set_read_timeout(Some(shared.config.handshake_timeout));
     let stream = match &shared.config.tls {
         None => stream,
@@ -100,7 +104,9 @@ fn join_session(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<Arc<
             return Err("handshake: a new session starts on worker 0's urgent connection".into());
         }
         if sessions.len() >= shared.config.max_sessions {
-            return Err("source busy: too many sessions; retry later".into());
+            return Err(format!(
+                "{BUSY}too many sessions on this source; retry later"
+            ));
         }
         let id = shared.next_id.fetch_add(2, Ordering::Relaxed);
         let s = Arc::new(new_session(shared, id, hello.workers, false));
@@ -128,8 +134,9 @@ fn join_session(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<Arc<
             None => return Err(unknown_session(hello)),
         }
     };
-    // Two per worker, plus one verify connection, plus the broken ones still closing.
-    let max = 4 * usize::from(hello.workers) + 1;
+    // Two per worker and one verify connection, and as many again of broken ones still
+    // closing (a rejoining connection shuts the one it replaces down).
+    let max = 4 * usize::from(hello.workers) + 2;
     session
         .life
         .connection_opened(max)
@@ -157,7 +164,9 @@ impl std::fmt::Display for JoinRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             JoinRefused::Finished => "handshake: session is finished or the worker count differs",
-            JoinRefused::TooMany => "handshake: too many connections for this session",
+            JoinRefused::TooMany => {
+                "busy: too many connections for this session (broken ones are still closing); retry"
+            }
         })
     }
 }
@@ -173,6 +182,8 @@ fn serve_joined(
 ) -> Result<(), SourceError> {
     let new = hello.session == 0;
     let precopy = new && hello.precopy;
+    let rejoins_precopy =
+        hello.resume && hello.precopy && hello.role == Role::Urgent && hello.worker == 0;
     // A new session of a live source takes its tracker and workload; without precopy the
     // workload stops now (pure postcopy).
     let mut live = if new && shared.is_live {
@@ -186,10 +197,23 @@ fn serve_joined(
         stopped_unix_us = unix_us();
         session.life.switch_over();
     }
-    send_welcome(shared, session, link, hello, stopped_unix_us, peer)?;
-    let _ = link.socket().set_read_timeout(None);
+    if let Err(e) = send_welcome(shared, session, link, hello, stopped_unix_us, peer) {
+        // The destination never heard of this session: it starts a new one, which needs the
+        // live parts (precopy has not begun, they are untouched but for a stopped workload).
+        if let Some(l) = live.take() {
+            *shared.live.lock().expect("poisoned") = Some(l);
+        }
+        return Err(e);
+    }
+    // The rest of a frame that began to arrive comes within the link timeout, or the link
+    // is dead (an idle destination sends heartbeats).
+    let _ = link
+        .socket()
+        .set_read_timeout(Some(shared.config.link_timeout));
     if precopy {
-        run_precopy(shared, session, link, peer, live.as_mut())?;
+        run_precopy(shared, session, link, peer, live.take())?;
+    } else if rejoins_precopy {
+        resume_precopy(shared, session, link, peer)?;
     }
     drop(live);
     if hello.resume {

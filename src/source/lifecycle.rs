@@ -3,7 +3,8 @@
 //! deadlines; the hot path reads two mirrors of the phase without the lock.
 //!
 //! ```text
-//!            switch_over()              every worker's End (worker_ended)
+//!            switch_over()      every worker's End (worker_ended), and the verification
+//!                               when the destination announced one (verify_served)
 //!  Precopy ───────────────► Postcopy ───────────────────────────────────► Complete
 //!     │   (pure postcopy, a static   │
 //!     │    image or a resumed session start here)
@@ -13,7 +14,9 @@
 //! Beside the phase: the session's open connections, when the last one closed (`idle_since`)
 //! and when one broke (`broken_at`): with none open, a session waits for its destination for
 //! the handshake timeout, or the recovery timeout after a break, then fails
-//! ([`Lifecycle::stale`]). `Complete` and `Failed` are terminal; the first failure is kept.
+//! ([`Lifecycle::stale`]); one whose workers all ended but whose announced verification never
+//! came completes then (every page was confirmed). `Complete` and `Failed` are terminal; the
+//! first failure is kept.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
@@ -44,6 +47,11 @@ struct State {
     /// Rebuilt from a destination's resume after this source restarted: only the workers that
     /// come back must end (the others had finished before).
     resumed: bool,
+    /// A worker's `End` announced a verification, not served yet: the session completes once
+    /// it was.
+    verify_pending: bool,
+    /// The announced verification was served.
+    verified: bool,
     connections: usize,
     /// The last connection closed then (none open, not ended).
     idle_since: Option<Instant>,
@@ -100,6 +108,8 @@ impl Lifecycle {
                 ended: vec![false; usize::from(workers)],
                 rejoined: vec![false; usize::from(workers)],
                 resumed,
+                verify_pending: false,
+                verified: false,
                 connections: 0,
                 idle_since: None,
                 broken_at: None,
@@ -145,22 +155,39 @@ impl Lifecycle {
     /// once every worker that must end has ended. Refused before the switchover (a destination
     /// ends only once the memory is final: an `End` in precopy is a protocol error) and for a
     /// worker the session does not have.
-    pub(super) fn worker_ended(&self, worker: u16) -> Result<bool, &'static str> {
+    pub(super) fn worker_ended(&self, worker: u16, verify: bool) -> Result<bool, &'static str> {
         let mut s = self.lock();
         if !s.switched_over {
             return Err("End before the switchover");
+        }
+        if verify && !s.verified {
+            s.verify_pending = true;
         }
         let slot = s
             .ended
             .get_mut(usize::from(worker))
             .ok_or("End of an unknown worker")?;
         let first = !std::mem::replace(slot, true);
-        if s.phase == Phase::Postcopy && s.all_ended() {
+        self.complete_if_done(&mut s);
+        Ok(first)
+    }
+
+    /// The announced verification was served (its checksums and `End` written).
+    pub(super) fn verify_served(&self) {
+        let mut s = self.lock();
+        s.verify_pending = false;
+        s.verified = true;
+        self.complete_if_done(&mut s);
+    }
+
+    /// Postcopy → Complete once every worker that must end has ended and no verification is
+    /// pending.
+    fn complete_if_done(&self, s: &mut State) {
+        if s.phase == Phase::Postcopy && s.all_ended() && !s.verify_pending {
             s.phase = Phase::Complete;
             self.finished.store(true, Ordering::Release);
             self.changed.notify_all();
         }
-        Ok(first)
     }
 
     /// Worker `worker`'s urgent connection rejoined after a break.
@@ -241,7 +268,8 @@ impl Lifecycle {
     }
 
     /// With no connection open for longer than `handshake` (or `recovery` after a break), the
-    /// session is given up: returns why, having failed it.
+    /// session ends: returns why, having failed it (or completed it, when every worker ended
+    /// and only an announced verification is missing).
     pub(super) fn stale(&self, handshake: Duration, recovery: Duration) -> Option<String> {
         let mut s = self.lock();
         let idle = s.idle_since?;
@@ -253,8 +281,14 @@ impl Lifecycle {
         if idle.elapsed() <= limit {
             return None;
         }
+        if s.phase == Phase::Postcopy && s.all_ended() {
+            // Every page was confirmed; only the announced verification never came.
+            s.verify_pending = false;
+            self.complete_if_done(&mut s);
+            return Some("every worker ended; the announced verification never came".into());
+        }
         let why = format!(
-            "no connection for {} s{} and {} of {} workers ended: the destination went away",
+            "no connection for {} s{} and {} of {} workers ended: the destination went away{}",
             limit.as_secs(),
             if broken {
                 " after a connection broke"
@@ -262,7 +296,12 @@ impl Lifecycle {
                 ""
             },
             s.ends_seen(),
-            s.ended.len()
+            s.ended.len(),
+            if s.phase == Phase::Precopy {
+                " during precopy (the workload was not stopped: it still runs here)"
+            } else {
+                ""
+            }
         );
         s.phase = Phase::Failed(why.clone());
         self.finished.store(true, Ordering::Release);
@@ -295,15 +334,15 @@ mod tests {
         assert!(!l.is_switched_over());
         l.switch_over();
         assert_eq!(l.phase(), Phase::Postcopy);
-        assert_eq!(l.worker_ended(0), Ok(true));
+        assert_eq!(l.worker_ended(0, false), Ok(true));
         assert_eq!(
-            l.worker_ended(0),
+            l.worker_ended(0, false),
             Ok(false),
             "a second End of a worker is not its first"
         );
         assert_eq!(l.phase(), Phase::Postcopy);
-        assert_eq!(l.worker_ended(1), Ok(true));
-        assert!(l.worker_ended(2).is_err(), "no worker 2");
+        assert_eq!(l.worker_ended(1, false), Ok(true));
+        assert!(l.worker_ended(2, false).is_err(), "no worker 2");
         assert_eq!(l.phase(), Phase::Complete);
         assert!(l.is_finished() && l.is_switched_over());
         l.fail("late".into());
@@ -363,7 +402,7 @@ mod tests {
         let l = Lifecycle::new(3, true, true);
         l.worker_rejoined(1);
         assert!(!l.all_ended());
-        l.worker_ended(1).unwrap();
+        l.worker_ended(1, false).unwrap();
         assert_eq!(l.phase(), Phase::Complete);
     }
 
@@ -381,7 +420,7 @@ mod tests {
     #[test]
     fn no_worker_ends_in_precopy() {
         let l = Lifecycle::new(1, false, false);
-        assert!(l.worker_ended(0).is_err());
+        assert!(l.worker_ended(0, false).is_err());
         assert_eq!(l.phase(), Phase::Precopy);
     }
 }

@@ -35,6 +35,7 @@ mod lifecycle;
 mod pages;
 mod precopy;
 mod prefetch;
+mod progress;
 mod registry;
 mod server;
 mod session;

@@ -47,6 +47,17 @@ pub(super) fn finish_connection(shared: &Shared, session: &Arc<Session>) {
 }
 
 pub(super) fn record_end(shared: &Shared, session: &Session) {
+    if let Some(p) = session.precopy_slot.release() {
+        if super::progress::abandon(p, &shared.live) {
+            log(
+                shared,
+                format_args!(
+                    "session {:#x}: ended in precopy; the workload keeps running here",
+                    session.id
+                ),
+            );
+        }
+    }
     let r = session.report();
     log(
         shared,

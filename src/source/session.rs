@@ -3,10 +3,13 @@
 use super::conn::write_err;
 use super::error::SourceError;
 use super::lifecycle::{Lifecycle, Phase};
+use super::progress::PrecopySlot;
+use crate::codec::{Hello, Role};
 use crate::layout::Layout;
 use crate::layout::PageBitmap;
 use crate::link::FramedStream;
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -67,6 +70,12 @@ pub(super) struct Session {
     pub(super) requests: AtomicU64,
     pub(super) bytes_sent: AtomicU64,
     pub(super) precopy: Mutex<PrecopyStats>,
+    /// Precopy's progress between connections (a rejoining precopy connection resumes it).
+    pub(super) precopy_slot: PrecopySlot,
+    /// The open connection of each (role, worker), by its peer address: one that rejoins
+    /// shuts the one it replaces down, so that connection's thread, maybe blocked writing into
+    /// a dead link, lets go at once.
+    links: Mutex<HashMap<(u8, u16), (SocketAddr, TcpStream)>>,
 }
 
 #[derive(Default)]
@@ -104,6 +113,42 @@ impl Session {
             requests: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             precopy: Mutex::new(PrecopyStats::default()),
+            precopy_slot: PrecopySlot::new(),
+            links: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn link_key(hello: &Hello) -> (u8, u16) {
+        let role = match hello.role {
+            Role::Urgent => 0,
+            Role::Bulk => 1,
+            Role::Verify => 2,
+        };
+        (role, hello.worker)
+    }
+
+    /// This connection is now `hello`'s (role, worker): the one it replaces, if still open, is
+    /// shut down.
+    pub(super) fn supersede(&self, hello: &Hello, peer: SocketAddr, socket: &TcpStream) {
+        let Ok(clone) = socket.try_clone() else {
+            return;
+        };
+        let old = self
+            .links
+            .lock()
+            .expect("poisoned")
+            .insert(Session::link_key(hello), (peer, clone));
+        if let Some((_, old)) = old {
+            let _ = old.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// This connection ended: forget it (unless a rejoining one replaced it already).
+    pub(super) fn forget(&self, hello: &Hello, peer: SocketAddr) {
+        let mut links = self.links.lock().expect("poisoned");
+        let key = Session::link_key(hello);
+        if links.get(&key).is_some_and(|(p, _)| *p == peer) {
+            links.remove(&key);
         }
     }
 

@@ -1,14 +1,14 @@
 //! An urgent connection: requests for faulted pages, answered at once (with a prefetch for a
 //! sequential reader), then `End`/`Ack`.
 
-use super::conn::next_frame;
+use super::conn::poll_next;
 use super::error::SourceError;
 use super::joined::Joined;
 use super::pages::encode_run;
 use super::prefetch::Prefetch;
 use super::registry::Shared;
 use super::session::Session;
-use crate::codec::{CodecError, Header, Kind};
+use crate::codec::{CodecError, Header, Kind, END_VERIFY};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
@@ -29,16 +29,28 @@ pub(super) fn serve_urgent(c: &mut Joined<'_>) -> Result<(), SourceError> {
     };
     // Requests are small frames, often several per fault: read ahead of them.
     link.buffer_reads(64 * 1024);
+    let live = shared.config.liveness();
+    // Before the switchover a destination has no reason to speak here (its workers wait for
+    // `Go`); from then on it sends heartbeats while it has no request.
+    let mut listening = false;
     loop {
-        let h = next_frame(link, peer, session.id, || {
+        if !listening && session.life.is_switched_over() {
+            link.heard_now();
+            listening = true;
+        }
+        let silence = listening.then_some(live.timeout);
+        let Some(h) = poll_next(link, peer, &live, silence, session.id, || {
             format!("worker {worker}'s urgent connection closed without End")
-        })?;
+        })?
+        else {
+            continue;
+        };
         match h.kind {
             Kind::Request => replies.answer(&h, peer)?,
             Kind::End => {
                 session
                     .life
-                    .worker_ended(worker)
+                    .worker_ended(worker, h.mask & END_VERIFY != 0)
                     .map_err(|detail| SourceError::Protocol {
                         peer,
                         source: CodecError::BadBody {

@@ -1,6 +1,5 @@
 //! A verify connection: the checksum of every page as it was at switchover.
 
-use super::conn::read_frame;
 use super::error::SourceError;
 use super::registry::Shared;
 use super::session::Session;
@@ -19,7 +18,12 @@ pub(super) fn serve_verify(
     link: &mut FramedStream,
     peer: SocketAddr,
 ) -> Result<(), SourceError> {
-    match read_frame(link, peer)? {
+    // Opened once the destination's workers ended: its `Run` comes at once.
+    let live = shared.config.liveness();
+    let run = link
+        .next_frame_live(&live, Some(live.timeout), |_| Ok(()))
+        .map_err(super::conn::link_err(peer))?;
+    match run {
         Some(h) if h.kind == Kind::Run => {}
         None => return Ok(()),
         Some(h) => {
@@ -63,6 +67,7 @@ pub(super) fn serve_verify(
     }
     Header::control(Kind::End, layout.total_pages()).encode_into(&mut out);
     session.flush(link, &mut out, "send checksums", peer)?;
+    session.life.verify_served();
     let mut sink = [0u8; 64];
     let _ = link.socket().read(&mut sink);
     Ok(())

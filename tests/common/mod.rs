@@ -543,7 +543,7 @@ where
         workers: opts.workers,
         pin: opts.pin,
         stream: opts.stream,
-        stall_timeout: Duration::from_secs(20),
+        link_timeout: Duration::from_secs(20),
         connect_timeout: Duration::from_secs(10),
         zero_map: opts.zero_map,
         zero_fill: opts.zero_fill,
@@ -552,6 +552,7 @@ where
         key: opts.key.clone(),
         recovery_timeout: Duration::from_secs(20),
         tls: None,
+        verify: false,
     };
     let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
     let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {

@@ -86,7 +86,7 @@ impl Worker {
         let h = Header::decode(&raw).map_err(|e| self.protocol(e))?;
         match (h.kind, self.half) {
             (Kind::Pages, _) => self.check_pages(&h).map_err(|e| self.protocol(e))?,
-            (Kind::Error, _) => {}
+            (Kind::Error | Kind::Heartbeat, _) => {}
             (Kind::End, Half::Bulk) => {}
             (Kind::Ack, Half::Urgent) if self.end_sent => {}
             (got, half) => {
@@ -143,6 +143,8 @@ impl Worker {
                 self.finished = true;
                 self.recv = Recv::Idle;
             }
+            // The source is there (`on_recv` noted the progress).
+            Kind::Heartbeat => {}
             other => unreachable!("{other:?} was refused at its header"),
         }
         Ok(())

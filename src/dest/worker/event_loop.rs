@@ -22,6 +22,9 @@ impl Worker {
         let serve_after_end = self.half == Half::Urgent && self.ram.is_foreign();
         loop {
             if self.should_return(serve_after_end)? {
+                if self.half == Half::Urgent && !self.finished {
+                    self.say_goodbye();
+                }
                 self.release_stream_slot();
                 self.ring.cancel_all();
                 return Ok(());
@@ -37,15 +40,16 @@ impl Worker {
             let done = self.ring.submit_and_reap(1, Some(WAIT))?;
             self.completions.clear();
             self.completions.extend_from_slice(done);
-            if self.completions.is_empty() {
-                match self.check_stall() {
-                    // A connection that went silent is replaced like a broken one.
-                    Err(e) if self.recoverable(&e) => self.recover(e)?,
-                    r => r?,
-                }
-                continue;
+            if !self.completions.is_empty() {
+                self.handle_completions()?;
             }
-            self.handle_completions()?;
+            // Checked after every batch: a flood of fault events must not hide a dead link.
+            match self.check_stall() {
+                // A connection that went silent is replaced like a broken one.
+                Err(e) if self.recoverable(&e) => self.recover(e)?,
+                r => r?,
+            }
+            self.heartbeat_if_due()?;
         }
     }
 
@@ -65,14 +69,18 @@ impl Worker {
             self.send_end()?;
         }
         if self.half == Half::Urgent
+            && self.config.stream
             && self.missing() > 0
             && bulk_done
             && self.st().outstanding.load(Ordering::Acquire) == 0
             && self.pending.is_empty()
-            && self.stats.recoveries + self.sibling_recoveries() > 0
         {
-            // The stream ended, yet pages are missing: some were lost in flight when a
-            // connection broke. Ask for them (a tail sweep); nothing waits on luck.
+            // The stream ended (without one, every page comes by a request, and a request
+            // lost with a connection is asked again) and nothing is asked for, yet pages are
+            // missing: lost in flight
+            // when a connection broke, or made unsent after the stream passed them (a
+            // precopy that resumed after its switchover). Ask for them (a tail sweep; a page
+            // still in flight as a prefetch arrives twice, harmlessly): nothing waits on luck.
             self.request_missing()?;
         }
         Ok(self.finished && !serve_after_end)
@@ -112,19 +120,50 @@ impl Worker {
         }
     }
 
+    /// A connection on which nothing arrived for the link timeout is dead: the source sends
+    /// heartbeats while it has nothing else to say (see [`crate::link::liveness`]).
     pub(super) fn check_stall(&self) -> Result<(), DestError> {
-        let waiting = match self.half {
-            Half::Urgent => self.st().outstanding.load(Ordering::Acquire) > 0,
-            Half::Bulk => true,
-        };
         let idle = self.last_progress.elapsed();
-        if waiting && self.missing() > 0 && idle > self.config.stall_timeout {
+        if !self.finished && idle > self.config.link_timeout {
             return Err(DestError::Stalled {
+                connection: format!(
+                    "worker {}'s {} connection (postcopy)",
+                    self.st().id,
+                    self.conn_name()
+                ),
                 seconds: idle.as_secs(),
                 missing: self.missing(),
             });
         }
         Ok(())
+    }
+
+    /// The urgent half tells the source it is there when it has sent nothing for a while (not
+    /// after `End`: the source closes once it answered it).
+    fn heartbeat_if_due(&mut self) -> Result<(), DestError> {
+        let Some(send) = self.send else {
+            return Ok(());
+        };
+        if self.end_sent
+            || self.finished
+            || self.sending()
+            || self.ring.is_busy(send)
+            || self.last_sent.elapsed() < self.config.liveness().heartbeat
+        {
+            return Ok(());
+        }
+        let mut h = [0u8; HEADER_BYTES];
+        Header::heartbeat().encode(&mut h);
+        self.sealed.clear();
+        seal_frames(
+            self.channel.as_mut().map(|c| &mut c.tx),
+            &h,
+            &mut self.sealed,
+        );
+        let len = self.sealed.len();
+        self.ring.slot_mut(send)[..len].copy_from_slice(&self.sealed);
+        self.stats.heartbeats += 1;
+        self.start_send(len)
     }
 
     /// Re-arms every idle read.

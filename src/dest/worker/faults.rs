@@ -214,6 +214,7 @@ impl Worker {
         debug_assert!(!self.sending());
         let send = self.send.expect("sends only on the urgent half");
         self.send_progress = (0, len);
+        self.last_sent = Instant::now();
         let tag = self.tag(TAG_SEND);
         self.ring
             .fixed(OpKind::Write, self.stream_fd(), send, 0, len, tag)?;
@@ -258,7 +259,11 @@ impl Worker {
             return Ok(()); // after the requests in flight
         }
         let mut h = [0u8; HEADER_BYTES];
-        Header::control(Kind::End, self.st().id as u64).encode(&mut h);
+        let mut end = Header::control(Kind::End, self.st().id as u64);
+        if self.config.verify {
+            end.mask = codec::END_VERIFY;
+        }
+        end.encode(&mut h);
         self.sealed.clear();
         seal_frames(
             self.channel.as_mut().map(|c| &mut c.tx),
@@ -269,6 +274,32 @@ impl Worker {
         self.ring.slot_mut(send)[..len].copy_from_slice(&self.sealed);
         self.end_sent = true;
         self.start_send(len)
+    }
+
+    /// Tells the source that this worker stops before its shard is complete (the embedder
+    /// stopped the engine, or the VMM went away): an `Error` frame, so the source ends the
+    /// session at once instead of waiting for a reconnection. Best effort, one blocking write;
+    /// not while a frame is half sent (nothing may follow it then).
+    pub(super) fn say_goodbye(&mut self) {
+        if self.sending() {
+            return;
+        }
+        let why = if self.mm_gone {
+            "the destination stopped: its VMM went away before the migration completed"
+        } else {
+            "the destination stopped before the migration completed"
+        };
+        let mut frame = Vec::new();
+        codec::encode_error(why, &mut frame);
+        self.sealed.clear();
+        seal_frames(
+            self.channel.as_mut().map(|c| &mut c.tx),
+            &frame,
+            &mut self.sealed,
+        );
+        if let Some(stream) = self.stream.as_ref() {
+            let _ = std::io::Write::write_all(&mut &*stream, &self.sealed);
+        }
     }
 
     /// Requests every page of the shard not yet placed (after a break lost stream pages).

@@ -36,7 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    link_err, open_connection, DestError, DestRam, EngineConfig, Shared, WorkerStats, ZeroFill,
+    link_err, open_with_retry, DestError, DestRam, EngineConfig, Joining, Shared, WorkerStats,
+    ZeroFill,
 };
 use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::layout::PageBitmap;
@@ -262,6 +263,8 @@ struct Worker {
     /// Zeros to copy from when zero pages are placed with `UFFDIO_COPY` (never written).
     zeros: Option<Mapping>,
     last_progress: Instant,
+    /// When the last send began (the urgent half sends a heartbeat when it is long ago).
+    last_sent: Instant,
     stats: WorkerStats,
 }
 
@@ -288,15 +291,23 @@ pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> Result<WorkerStats, Dest
 }
 
 /// A worker half's own connection (the first connection, worker 0's urgent one, is the
-/// handshake's): it must join the same session with the same layout.
+/// handshake's): it must join the same session with the same layout. A network failure is
+/// tried again until the recovery timeout.
 fn join_as_worker(
     config: &EngineConfig,
-    session: u64,
-    role: Role,
-    id: usize,
+    (session, role, id): (u64, Role, usize),
     ram: &DestRam,
+    shared: &Shared,
 ) -> Result<(TcpStream, Option<Channel>), DestError> {
-    let opened = open_connection(config, session, role, id as u16)?;
+    let deadline = Instant::now() + config.recovery_timeout;
+    let stopped = || shared.stop.load(Ordering::Acquire);
+    let opened = open_with_retry(
+        config,
+        (session, role, id as u16),
+        Joining::Fresh,
+        deadline,
+        &stopped,
+    )?;
     let welcome = opened.welcome;
     if welcome.session != session || welcome.layout != ram.layout {
         return Err(DestError::Protocol {
@@ -394,7 +405,8 @@ impl Prepared {
         let (stream, channel) = match takes_control {
             true => (None, None),
             false => {
-                let (stream, channel) = join_as_worker(&config, session, role, id, &ram)?;
+                let (stream, channel) =
+                    join_as_worker(&config, (session, role, id), &ram, &shared)?;
                 (Some(stream), channel)
             }
         };
@@ -478,6 +490,7 @@ impl Prepared {
             completions: Vec::with_capacity(256),
             zeros,
             last_progress: Instant::now(),
+            last_sent: Instant::now(),
             stats: WorkerStats::default(),
         })
     }

@@ -153,7 +153,7 @@ impl Worker {
     /// (by the urgent half) and then its thread on a CPU: bounded by time (the stall timeout),
     /// not by a count of retries (on a loaded host that thread may wait a while).
     fn back_off_eagain(&mut self, since: Instant, waited: u32) -> Result<(), DestError> {
-        if since.elapsed() > self.config.stall_timeout {
+        if since.elapsed() > self.config.link_timeout {
             return Err(DestError::Unsupported(format!(
                 "the VMM's memory map kept changing (EAGAIN on every placement) for {} s",
                 since.elapsed().as_secs()

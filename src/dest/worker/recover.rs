@@ -5,11 +5,6 @@
 use super::*;
 
 impl Worker {
-    /// Recoveries of the other half of this worker (shared through the shard).
-    pub(super) fn sibling_recoveries(&self) -> u64 {
-        self.st().recoveries.load(Ordering::Acquire)
-    }
-
     /// Whether `e` is a broken connection that recovery may repair (not a protocol or
     /// authentication error: those end the session).
     pub(super) fn recoverable(&self, e: &DestError) -> bool {
@@ -39,7 +34,19 @@ impl Worker {
             Half::Urgent => Role::Urgent,
             Half::Bulk => Role::Bulk,
         };
-        let mut link = self.reconnect(role, &cause)?;
+        let mut link = match self.reconnect(role, &cause) {
+            Ok(link) => link,
+            Err(e) if self.half == Half::Urgent && self.end_sent && self.missing() == 0 => {
+                // Every page of the shard is here and End went out; its Ack was lost with the
+                // connection, and the source no longer serves the session (it counted every
+                // End and ended it, or it gave up): nothing is left to receive here.
+                self.finished = true;
+                self.stats.ends_unconfirmed += 1;
+                drop(e);
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         match self.half {
             Half::Urgent => self.requeue_requests(),
             Half::Bulk => {
@@ -60,31 +67,33 @@ impl Worker {
         self.flush_requests()
     }
 
-    /// Opens the half's connection again, rejoining the session, with backoff (5 ms doubling
-    /// to 0.5 s) until the recovery timeout; then the source is lost.
+    /// Opens the half's connection again, rejoining the session, with backoff until the
+    /// recovery timeout ([`open_with_retry`]); then the source is lost.
     fn reconnect(&mut self, role: Role, cause: &DestError) -> Result<FramedStream, DestError> {
         let id = self.st().id;
         let started = Instant::now();
         let deadline = started + self.config.recovery_timeout;
-        let mut backoff = Duration::from_millis(5);
-        let opened = loop {
-            if self.shared.stop.load(Ordering::Acquire) {
-                return Err(DestError::Stopped);
-            }
-            match crate::dest::open_connection_as(&self.config, self.session, role, id as u16, true)
-            {
-                Ok(o) => break o,
-                Err(_) if Instant::now() + backoff < deadline => {
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                Err(e) => {
-                    return Err(DestError::SourceLost {
-                        seconds: started.elapsed().as_secs_f64().round() as u64,
-                        missing: self.missing(),
-                        last: format!("{cause}; then: {e}"),
-                    })
-                }
+        let shared = self.shared.clone();
+        let stopped = move || shared.stop.load(Ordering::Acquire);
+        let attempt = open_with_retry(
+            &self.config,
+            (self.session, role, id as u16),
+            Joining::Rejoin,
+            deadline,
+            &stopped,
+        );
+        let opened = match attempt {
+            Ok(o) => o,
+            Err(_) if stopped() => return Err(DestError::Stopped),
+            Err(e) => {
+                return Err(DestError::SourceLost {
+                    seconds: started.elapsed().as_secs_f64().round() as u64,
+                    missing: self.missing(),
+                    last: format!(
+                        "the {} connection of worker {id}: {cause}; then: {e}",
+                        self.conn_name()
+                    ),
+                })
             }
         };
         if opened.welcome.session != self.session || opened.welcome.layout != self.ram.layout {

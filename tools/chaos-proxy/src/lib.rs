@@ -9,7 +9,11 @@
 //!   connection (see [cuts](#cuts));
 //! - [`Fault::Delay`]: sleep before forwarding each chunk read in one direction;
 //! - [`Fault::StallAt`]: at a byte offset, stop forwarding in one direction for a while, then go on;
-//! - [`RandomCuts`]: a number of cuts at seeded pseudo-random offsets across the run.
+//! - [`RandomCuts`]: a number of cuts at seeded pseudo-random offsets across the run;
+//! - [`RandomVictims`]: seeded blows (reset, FIN, silence) to connections picked at random among
+//!   all live ones, at seeded points of the total traffic ([`victims`]);
+//! - [`Proxy::silence_all`]: the whole link goes silent for a while (no byte forwarded on any
+//!   connection, new ones included), as when every packet is dropped.
 //!
 //! Connections are numbered from 0 in the order in which their upstream connect succeeded (an
 //! accepted connection whose upstream connect fails gets no number and is just closed).
@@ -54,6 +58,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+pub mod victims;
+pub use victims::{Blow, BlowEvent, RandomVictims};
 
 /// Size of each forwarding thread's buffer.
 pub const BUF_SIZE: usize = 64 * 1024;
@@ -207,6 +214,8 @@ pub struct Plan {
     pub every_connection: Vec<Fault>,
     /// Seeded random cuts.
     pub random_cuts: Option<RandomCuts>,
+    /// Seeded blows to random live connections.
+    pub victims: Option<RandomVictims>,
     /// Cut with `ECONNRESET` (`SO_LINGER` 0) instead of EOF; see [cuts](crate#cuts).
     pub reset: bool,
     /// The longest a cut connection is kept open so the peers can read what was forwarded before
@@ -229,6 +238,7 @@ impl Plan {
             per_connection: Vec::new(),
             every_connection: Vec::new(),
             random_cuts: None,
+            victims: None,
             reset: false,
             linger: DEFAULT_LINGER,
             log: false,
@@ -269,6 +279,8 @@ pub enum CutCause {
     Random,
     /// [`Proxy::cut_all`].
     CutAll,
+    /// One of the [`RandomVictims`].
+    Victim,
 }
 
 impl fmt::Display for CutCause {
@@ -277,6 +289,7 @@ impl fmt::Display for CutCause {
             CutCause::Planned => "planned",
             CutCause::Random => "random",
             CutCause::CutAll => "cut-all",
+            CutCause::Victim => "victim",
         })
     }
 }
@@ -331,6 +344,10 @@ pub struct Stats {
     pub bytes_to_client: u64,
     /// Every cut, in order.
     pub cuts: Vec<CutEvent>,
+    /// Every blow of the [`RandomVictims`], in order (their cuts are in `cuts` too).
+    pub blows: Vec<BlowEvent>,
+    /// Silences of the whole link ([`Proxy::silence_all`]), in order: when, and how long.
+    pub link_silences: Vec<(Duration, Duration)>,
 }
 
 /// The proxy: listens, and forwards every accepted connection on background threads until
@@ -373,9 +390,17 @@ impl Proxy {
             stats_cond: Condvar::new(),
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
             random_made: AtomicUsize::new(0),
+            silent_until_ns: AtomicU64::new(0),
+            next_blow_at: AtomicU64::new(u64::MAX),
+            victims: Mutex::new(None),
             conns: Mutex::new(Vec::new()),
             threads: Mutex::new(Vec::new()),
         });
+        if let Some(v) = &shared.plan.victims {
+            let (state, first) = v.start();
+            *lock(&shared.victims) = Some(state);
+            shared.next_blow_at.store(first, Ordering::Release);
+        }
         let s = shared.clone();
         let acceptor = thread::Builder::new()
             .name("chaos-accept".into())
@@ -433,6 +458,38 @@ impl Proxy {
             .count()
     }
 
+    /// Forwards nothing on any connection, open or opened meanwhile, for `duration` (from now):
+    /// the link goes silent both ways while every TCP connection stays up.
+    pub fn silence_all(&self, duration: Duration) {
+        let until = self.shared.started.elapsed() + duration;
+        self.shared
+            .silent_until_ns
+            .fetch_max(until.as_nanos() as u64, Ordering::AcqRel);
+        lock(&self.shared.stats)
+            .link_silences
+            .push((self.shared.started.elapsed(), duration));
+        self.shared.log(format_args!(
+            "the link is silent for {} ms",
+            duration.as_millis()
+        ));
+    }
+
+    /// Waits until at least `bytes` were forwarded in total (both directions), at most
+    /// `timeout`; whether they were.
+    pub fn wait_for_bytes(&self, bytes: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let total = self.shared.total_bytes();
+            if total >= bytes {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// Stops accepting, closes every connection at once (no linger) and joins all threads.
     /// Idempotent; also done on drop. Bounded by [`CONNECT_TIMEOUT`] (an upstream connect in
     /// progress).
@@ -486,6 +543,11 @@ struct Shared {
     stats_cond: Condvar,
     bytes: [AtomicU64; 2],
     random_made: AtomicUsize,
+    /// No connection forwards before this (ns since `started`): [`Proxy::silence_all`].
+    silent_until_ns: AtomicU64,
+    /// The total byte count at which the next victim's blow falls (`u64::MAX`: none).
+    next_blow_at: AtomicU64,
+    victims: Mutex<Option<victims::VictimState>>,
     conns: Mutex<Vec<Weak<Conn>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -506,6 +568,18 @@ impl Shared {
         threads.retain(|t| !t.is_finished());
         threads.push(handle);
         Ok(())
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.bytes[0].load(Ordering::Relaxed) + self.bytes[1].load(Ordering::Relaxed)
+    }
+
+    /// How long the whole link is still silent.
+    fn link_silence_left(&self) -> Option<Duration> {
+        let until = Duration::from_nanos(self.silent_until_ns.load(Ordering::Acquire));
+        until
+            .checked_sub(self.started.elapsed())
+            .filter(|d| !d.is_zero())
     }
 
     fn live_conns(&self) -> Vec<Arc<Conn>> {
@@ -629,6 +703,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
             bytes: [AtomicU64::new(0), AtomicU64::new(0)],
             cut: AtomicBool::new(false),
             halted: AtomicBool::new(false),
+            silent_until_ns: AtomicU64::new(0),
             state: Mutex::new(ConnState {
                 cut: false,
                 closing: false,
@@ -666,6 +741,9 @@ struct Conn {
     cut: AtomicBool,
     /// Set with `state.cut` or `state.closing`: forward nothing more.
     halted: AtomicBool,
+    /// This connection forwards nothing before this (ns since the proxy started): a victim's
+    /// silence.
+    silent_until_ns: AtomicU64,
     state: Mutex<ConnState>,
     /// Notified when `state` changes.
     cond: Condvar,
@@ -698,6 +776,36 @@ impl Conn {
 
     fn is_halted(&self) -> bool {
         self.halted.load(Ordering::SeqCst)
+    }
+
+    /// Not cut, not closing, some direction still forwarding: a victim may be drawn from it.
+    fn is_open(&self) -> bool {
+        let st = lock(&self.state);
+        !st.cut && !st.closing && st.forwarders > 0
+    }
+
+    /// Forwards nothing either way for `d` (a victim's silence).
+    fn silence(&self, shared: &Shared, d: Duration) {
+        let until = shared.started.elapsed() + d;
+        self.silent_until_ns
+            .fetch_max(until.as_nanos() as u64, Ordering::AcqRel);
+    }
+
+    /// Waits out this connection's silence and the link's; true if cut or closed meanwhile.
+    fn wait_silence(&self, shared: &Shared) -> bool {
+        loop {
+            let own = Duration::from_nanos(self.silent_until_ns.load(Ordering::Acquire))
+                .checked_sub(shared.started.elapsed())
+                .filter(|d| !d.is_zero());
+            match own.max(shared.link_silence_left()) {
+                Some(left) => {
+                    if self.sleep(left) {
+                        return true;
+                    }
+                }
+                None => return self.is_halted(),
+            }
+        }
     }
 
     /// Sleeps `dur`, or less if the connection is cut or closed meanwhile (then true).
@@ -749,6 +857,17 @@ impl Conn {
     /// Cuts the connection, unless it was already cut, closed or finished (or, for a random cut,
     /// all random cuts were made); whether it did.
     fn cut(self: &Arc<Self>, shared: &Arc<Shared>, cause: CutCause, dir: Option<Dir>) -> bool {
+        self.cut_with(shared, cause, dir, shared.plan.reset)
+    }
+
+    /// [`Conn::cut`], by reset (`reset`) or FIN.
+    fn cut_with(
+        self: &Arc<Self>,
+        shared: &Arc<Shared>,
+        cause: CutCause,
+        dir: Option<Dir>,
+        reset: bool,
+    ) -> bool {
         {
             let mut st = lock(&self.state);
             if st.cut || st.closing || st.forwarders == 0 {
@@ -790,14 +909,14 @@ impl Conn {
         shared.log(format_args!("{event}"));
         lock(&shared.stats).cuts.push(event);
         shared.stats_cond.notify_all();
-        if !(shared.plan.reset && sys::SUPPORTED) {
+        if !(reset && sys::SUPPORTED) {
             // FIN after the bytes already forwarded; the forwarders now only drain.
             self.shutdown_both(Shutdown::Write);
         }
         let (s, c) = (shared.clone(), self.clone());
         if shared
             .spawn(format!("chaos-{}-close", self.index), move || {
-                c.close_after_cut(&s)
+                c.close_after_cut(&s, reset)
             })
             .is_err()
         {
@@ -807,10 +926,10 @@ impl Conn {
     }
 
     /// Lets the peers read what was forwarded (at most the linger), then closes.
-    fn close_after_cut(&self, shared: &Shared) {
+    fn close_after_cut(&self, shared: &Shared, reset: bool) {
         let deadline = Instant::now() + shared.plan.linger;
         let mut st = lock(&self.state);
-        if shared.plan.reset && sys::SUPPORTED {
+        if reset && sys::SUPPORTED {
             drop(st);
             // Until the peers have acknowledged every byte: a reset drops unacknowledged ones.
             let unacked = |s: &TcpStream| sys::unacked_bytes(s).unwrap_or(0);
@@ -914,6 +1033,9 @@ fn forward(shared: &Arc<Shared>, conn: &Arc<Conn>, dir: Dir, plan: &DirPlan) {
         if !plan.delay.is_zero() {
             conn.sleep(plan.delay);
         }
+        if conn.wait_silence(shared) {
+            break 'fwd End::Halted;
+        }
         let mut pos = 0;
         while pos < n {
             if conn.is_halted() {
@@ -929,6 +1051,7 @@ fn forward(shared: &Arc<Shared>, conn: &Arc<Conn>, dir: Dir, plan: &DirPlan) {
                         done += k as u64;
                         conn.bytes[dir.idx()].fetch_add(k as u64, Ordering::SeqCst);
                         shared.bytes[dir.idx()].fetch_add(k as u64, Ordering::Relaxed);
+                        victims::after_bytes(shared, shared.total_bytes());
                     }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) => break 'fwd End::Error(e),

@@ -5,7 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::exit;
 use std::time::Duration;
 
-use chaos_proxy::{Dir, Fault, Plan, Proxy, RandomCuts};
+use chaos_proxy::{Dir, Fault, Plan, Proxy, RandomCuts, RandomVictims};
 use clap::{Parser, ValueEnum};
 
 const AFTER_HELP: &str = "\
@@ -16,6 +16,14 @@ forwarded, then EOF (with --reset: ECONNRESET). Offsets and sizes take K, M, G s
 Random cuts: connection i is given one cut at a direction and offset drawn from (--seed, i), as
 long as fewer than N random cuts were made; never more than N are made.
 
+Random victims: after a gap drawn from --victim-gap (bytes of all traffic, both directions,
+every connection), a connection drawn among all live ones gets a blow drawn from
+--victim-kinds: a reset, a FIN, or a silence (nothing forwarded either way) of a length drawn
+from --silence-ms; then the next gap, until N blows were dealt. Draws are seeded (--seed).
+
+--silence-all AT:MILLIS: once AT bytes were forwarded in total, the whole link goes silent
+(every connection, and every one opened meanwhile) for MILLIS.
+
 Prints `listening on ADDR` as the first line on stdout, then runs until killed; connections,
 stalls and cuts are logged to stderr.
 
@@ -23,7 +31,10 @@ Examples:
   chaos-proxy --upstream 127.0.0.1:4000 --cut to-client:1M          # cut conn 0 after 1 MiB
   chaos-proxy --upstream 127.0.0.1:4000 --cut to-server:100@2       # cut conn 2 after 100 B
   chaos-proxy --upstream 127.0.0.1:4000 --random-cuts 5 --seed 7 --max-offset 64M --reset
-  chaos-proxy --upstream 127.0.0.1:4000 --delay-us 200 --stall to-client:4M:2000";
+  chaos-proxy --upstream 127.0.0.1:4000 --delay-us 200 --stall to-client:4M:2000
+  chaos-proxy --upstream 127.0.0.1:4000 --victims 10 --seed 3 --victim-gap 1:32M \
+      --victim-kinds reset,fin,silence --silence-ms 100:3000
+  chaos-proxy --upstream 127.0.0.1:4000 --silence-all 64M:5000";
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum DirArg {
@@ -98,9 +109,71 @@ struct Args {
     #[arg(long)]
     reset: bool,
 
+    /// Deal N blows to random live connections (see below).
+    #[arg(long, value_name = "N")]
+    victims: Option<usize>,
+
+    /// Gap before each victim's blow, in bytes of total traffic: MIN:MAX.
+    #[arg(long, value_name = "MIN:MAX", default_value = "1:16M", value_parser = parse_size_range)]
+    victim_gap: (u64, u64),
+
+    /// Blows drawn from (comma-separated): reset, fin, silence.
+    #[arg(
+        long,
+        value_name = "KINDS",
+        default_value = "reset,fin",
+        value_delimiter = ','
+    )]
+    victim_kinds: Vec<KindArg>,
+
+    /// Length of a victim's silence in milliseconds: MIN:MAX.
+    #[arg(long, value_name = "MIN:MAX", default_value = "100:2000", value_parser = parse_millis_range)]
+    silence_ms: (u64, u64),
+
+    /// Once AT bytes were forwarded in total, silence the whole link for MILLIS. Repeatable.
+    #[arg(long = "silence-all", value_name = "AT:MILLIS", value_parser = parse_silence_all)]
+    silence_all: Vec<(u64, u64)>,
+
     /// Longest time a cut connection stays open for the peers to read what was forwarded.
     #[arg(long, value_name = "MILLIS", default_value_t = 1000)]
     linger_ms: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum KindArg {
+    Reset,
+    Fin,
+    Silence,
+}
+
+fn parse_pair<T>(s: &str, one: impl Fn(&str) -> Result<T, String>) -> Result<(T, T), String> {
+    let (a, b) = s.split_once(':').ok_or("expected MIN:MAX")?;
+    Ok((one(a)?, one(b)?))
+}
+
+fn parse_size_range(s: &str) -> Result<(u64, u64), String> {
+    let (lo, hi) = parse_pair(s, parse_size)?;
+    if lo > hi {
+        return Err(format!("{s:?}: MIN is larger than MAX"));
+    }
+    Ok((lo, hi))
+}
+
+fn parse_millis(s: &str) -> Result<u64, String> {
+    s.parse().map_err(|_| format!("not milliseconds: {s:?}"))
+}
+
+fn parse_millis_range(s: &str) -> Result<(u64, u64), String> {
+    let (lo, hi) = parse_pair(s, parse_millis)?;
+    if lo > hi {
+        return Err(format!("{s:?}: MIN is larger than MAX"));
+    }
+    Ok((lo, hi))
+}
+
+fn parse_silence_all(s: &str) -> Result<(u64, u64), String> {
+    let (at, millis) = s.split_once(':').ok_or("expected AT:MILLIS")?;
+    Ok((parse_size(at)?, parse_millis(millis)?))
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -194,6 +267,20 @@ fn plan(args: &Args) -> Plan {
             },
         });
     }
+    if let Some(blows) = args.victims {
+        let kind = |k| args.victim_kinds.contains(&k);
+        let (lo, hi) = args.silence_ms;
+        plan.victims = Some(RandomVictims {
+            seed: args.seed,
+            blows,
+            min_gap: args.victim_gap.0,
+            max_gap: args.victim_gap.1,
+            reset: kind(KindArg::Reset),
+            fin: kind(KindArg::Fin),
+            silence: kind(KindArg::Silence)
+                .then(|| (Duration::from_millis(lo), Duration::from_millis(hi))),
+        });
+    }
     plan
 }
 
@@ -222,6 +309,14 @@ fn main() {
         }
     };
     println!("listening on {}", proxy.local_addr());
+    let proxy = std::sync::Arc::new(proxy);
+    let mut silences = args.silence_all.clone();
+    silences.sort_unstable();
+    for (at, millis) in silences {
+        // Waits as long as it takes: the proxy runs until killed.
+        while !proxy.wait_for_bytes(at, Duration::from_secs(3600)) {}
+        proxy.silence_all(Duration::from_millis(millis));
+    }
     loop {
         std::thread::park();
     }
