@@ -331,6 +331,8 @@ pub struct RunOutcome {
     pub final_mismatches: (u64, Option<String>),
     /// The final check could not be made: the source's checksums could not be fetched.
     pub verify_error: Option<DemoError>,
+    /// When the page counts do not add up: which pages, and how each arrived.
+    pub audit: Option<String>,
     /// Every page placed.
     pub complete: bool,
     /// The precopy phase, when one ran.
@@ -418,7 +420,9 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
             Ok(m) => (m, None),
             Err(e) => ((0, None), Some(e)),
         };
+    let audit = placement_audit(&ram, engine.as_ref().ok(), precopy.as_ref());
     Ok(RunOutcome {
+        audit,
         verify_error,
         complete: ram.complete(),
         layout,
@@ -429,6 +433,60 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         precopy,
         downtime_ms,
     })
+}
+
+/// When the report's page counts do not sum to the layout, or a page is missing: what each
+/// path placed (by the per-page record) against what the counters say, and the first pages
+/// not placed or placed without being counted.
+fn placement_audit(
+    ram: &DestRam,
+    engine: Option<&crate::dest::EngineReport>,
+    precopy: Option<&PrecopyReport>,
+) -> Option<String> {
+    let total = ram.layout.total_pages();
+    let t = engine.map(|e| &e.totals);
+    let counted = t.map_or(0, |t| {
+        t.pages_by_fault + t.pages_by_stream + t.pages_by_zero_map
+    }) + precopy.map_or(0, |p| p.pages_by_precopy);
+    if counted == total && ram.complete() {
+        return None;
+    }
+    let by = ram.placed_by.counts();
+    let mut odd = Vec::new();
+    'blocks: for (b, block) in ram.layout.blocks.iter().enumerate() {
+        for p in 0..block.pages() {
+            let placed_by = ram.placed_by.get(b, p);
+            let received = ram.received[b].get(p);
+            if !received || placed_by == crate::dest::PlacedBy::Nothing {
+                let state = if received {
+                    "marked received, by no path"
+                } else {
+                    "missing"
+                };
+                odd.push(format!(
+                    "block {b} page {p}: {state} ({})",
+                    placed_by.describe()
+                ));
+                if odd.len() == 8 {
+                    break 'blocks;
+                }
+            }
+        }
+    }
+    Some(format!(
+        "the counts sum to {counted} of {total} pages; per page: {} by fault, {} by stream, {} by          zero map, {} by precopy, {} never placed; {} received{}",
+        by[1],
+        by[2],
+        by[3],
+        by[4],
+        by[0],
+        ram.pages_received(),
+        if odd.is_empty() {
+            String::new()
+        } else {
+            format!("; first: {}", odd.join("; "))
+        }
+    ))
 }
 
 /// The source's image when it is a synthetic one (its pages can be computed here), and its
@@ -602,6 +660,7 @@ fn demo_report(cfg: &DemoConfig, out: RunOutcome) -> DemoReport {
         fault_latency_us: LatencyUs::from_ns(&wl.latency_ns),
         mismatches: wl.mismatches + out.final_mismatches.0,
         first_mismatch: wl.first_mismatch.or(out.final_mismatches.1),
+        unverified_because: if verified { None } else { out.audit.clone() },
         pattern: format!("{:?}", cfg.pattern).to_lowercase(),
         threads: cfg.threads,
         workers: cfg.workers,

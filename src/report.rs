@@ -38,6 +38,10 @@ pub struct DemoReport {
     pub mismatches: u64,
     /// The first mismatch, if any.
     pub first_mismatch: Option<String>,
+    /// Why `verified` is false although no page mismatched: pages not placed, or placed and
+    /// counted by no path (the counts must sum to the layout), named with how each arrived.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unverified_because: Option<String>,
     /// Access pattern.
     pub pattern: String,
     /// Workload threads.
@@ -126,6 +130,7 @@ impl DemoReport {
             self.first_mismatch
                 .as_deref()
                 .map(|m| format!(" ({} mismatches; first: {m})", self.mismatches))
+                .or_else(|| self.unverified_because.as_ref().map(|w| format!(" ({w})")))
                 .unwrap_or_default()
         );
         let _ = writeln!(

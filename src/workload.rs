@@ -289,7 +289,8 @@ impl<'a> Toucher<'a> {
             self.shared.mismatch_count.fetch_add(1, Ordering::Relaxed);
             self.first_mismatch.get_or_insert_with(|| {
                 format!(
-                    "block {b} page {page}: checksum {got:#018x}, expected {want:#018x} (first touch)"
+                    "block {b} page {page} ({}): checksum {got:#018x}, expected {want:#018x} (first touch)",
+                    self.shared.ram.placed_by.get(b, page).describe()
                 )
             });
         }
@@ -389,7 +390,10 @@ pub fn final_check(
         image.fill(b as u32, p, expect);
         let want = page_checksum(expect);
         (got != want).then(|| {
-            format!("block {b} page {p}: checksum {got:#018x}, expected {want:#018x} (final check)")
+            format!(
+                "block {b} page {p} ({}): checksum {got:#018x}, expected {want:#018x} (final check)",
+                ram.placed_by.get(b, p).describe()
+            )
         })
     })
 }
@@ -414,7 +418,8 @@ pub fn check_checksums(
         if let Some(ft) = first_touch {
             if ft[g as usize] != want {
                 return Some(format!(
-                    "block {b} page {p}: checksum {:#018x} at first touch, source had {want:#018x}",
+                    "block {b} page {p} ({}): checksum {:#018x} at first touch, source had {want:#018x}",
+                    ram.placed_by.get(b, p).describe(),
                     ft[g as usize]
                 ));
             }
@@ -425,7 +430,8 @@ pub fn check_checksums(
         let got = page_checksum(page);
         (got != want).then(|| {
             format!(
-                "block {b} page {p}: checksum {got:#018x}, source had {want:#018x} (final check)"
+                "block {b} page {p} ({}): checksum {got:#018x}, source had {want:#018x} (final check)",
+                ram.placed_by.get(b, p).describe()
             )
         })
     })

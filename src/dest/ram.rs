@@ -2,6 +2,7 @@
 //! the received bitmaps; precopy writes and discards.
 
 use super::error::DestError;
+use super::origin::{PageOrigins, PlacedBy};
 use crate::layout::{Layout, PageBitmap};
 use crate::sys::mem::Mapping;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -18,6 +19,8 @@ pub struct DestRam {
     pub regions: Vec<Mapping>,
     /// One received bitmap per block.
     pub received: Vec<PageBitmap>,
+    /// Which path placed each page (read when a migration is checked).
+    pub placed_by: PageOrigins,
     /// THP was requested at init (and is restored at cleanup).
     thp: bool,
     /// `prepare_discard` has run (THP off).
@@ -100,6 +103,7 @@ impl DestRam {
                 .iter()
                 .map(|b| PageBitmap::new(b.pages()))
                 .collect(),
+            placed_by: PageOrigins::new(layout),
             thp,
             discard_ready: AtomicBool::new(false),
             segments,
@@ -161,6 +165,7 @@ impl DestRam {
             layout: layout.clone(),
             regions: Vec::new(),
             received,
+            placed_by: PageOrigins::new(layout),
             thp: false,
             discard_ready: AtomicBool::new(true),
             segments,
@@ -236,6 +241,8 @@ impl DestRam {
         assert_eq!(data.len() as u64, b.page_size, "one page of data");
         self.regions[block as usize].write_from((page * b.page_size) as usize, data);
         self.received[block as usize].set(page);
+        self.placed_by
+            .record(block as usize, page, 1, PlacedBy::Precopy);
         Ok(())
     }
 
@@ -256,6 +263,8 @@ impl DestRam {
         let ps = b.page_size as usize;
         self.regions[block as usize].dontneed(first as usize * ps, pages as usize * ps)?;
         self.received[block as usize].clear_range(first, pages);
+        self.placed_by
+            .record(block as usize, first, pages, PlacedBy::Nothing);
         Ok(())
     }
 

@@ -69,13 +69,17 @@ fn send(link: &mut FramedStream, frame: &Frame) -> Result<(), LinkError> {
     link.write_frames(&out).map(|_| ())
 }
 
-/// Reads one frame of `kind` with a body of `len` bytes; a peer that hangs up instead has not
-/// proved anything.
+/// Reads one frame of `kind` with a body of `len` bytes. A peer that hangs up instead has proved
+/// nothing; it is reported as a broken connection (a peer that refuses a proof says so in an
+/// `Error` frame), so a destination tries again.
 fn expect(link: &mut FramedStream, kind: Kind, len: usize) -> Result<Vec<u8>, LinkError> {
     match link.read_frame()? {
         Some(h) if h.kind == kind && link.body().len() == len => Ok(link.body().to_vec()),
         Some(h) if h.kind == kind => Err(AuthError::BadProof.into()),
         Some(h) => Err(unexpected(h.kind, "an authentication frame")),
-        None => Err(AuthError::BadProof.into()),
+        None => Err(LinkError::Io {
+            what: "the peer hung up during the challenge-response",
+            source: std::io::ErrorKind::UnexpectedEof.into(),
+        }),
     }
 }

@@ -443,6 +443,19 @@ impl DestOutcome {
             "each page placed exactly once: {:?}",
             r.totals
         );
+        // The counters agree with the per-page record of who placed what (a page placed and
+        // counted by no path, or by two, shows here).
+        let by = self.ram.placed_by.counts();
+        assert_eq!(
+            (by[0], by[1], by[2], by[3]),
+            (
+                0,
+                r.totals.pages_by_fault,
+                r.totals.pages_by_stream,
+                r.totals.pages_by_zero_map
+            ),
+            "per-page origins (none, fault, stream, zero map) against the counters"
+        );
         let bad = verify_pages(&self.ram, &self.image, true);
         assert!(
             bad.is_empty(),

@@ -36,8 +36,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    link_err, open_with_retry, DestError, DestRam, EngineConfig, Joining, Shared, WorkerStats,
-    ZeroFill,
+    link_err, open_with_retry, retryable, DestError, DestRam, EngineConfig, Joining, Shared,
+    WorkerStats, ZeroFill,
 };
 use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::layout::PageBitmap;
@@ -212,6 +212,16 @@ enum Origin {
     Stream,
     /// The source's zero-page map (urgent half, at start-up).
     ZeroMap,
+}
+
+impl Origin {
+    fn placed_by(self) -> super::PlacedBy {
+        match self {
+            Origin::Reply => super::PlacedBy::Fault,
+            Origin::Stream => super::PlacedBy::Stream,
+            Origin::ZeroMap => super::PlacedBy::ZeroMap,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]

@@ -270,6 +270,7 @@ impl Worker {
     /// found present).
     pub(super) fn mark_present(&mut self, b: usize, page: u64, origin: Origin) {
         if self.ram.received[b].set(page) {
+            self.ram.placed_by.record(b, page, 1, origin.placed_by());
             match origin {
                 Origin::ZeroMap => self.stats.pages_by_zero_map += 1,
                 Origin::Reply => self.stats.pages_by_fault += 1,
@@ -297,6 +298,7 @@ impl Worker {
             "pages [{first}, {}) of block {b} placed outside the shard [{start}, {end})",
             first + n
         );
+        self.ram.placed_by.record(b, first, n, origin.placed_by());
         let new = self.ram.received[b].set_range(first, n);
         // Fewer new bits than pages placed only where another half may have marked one of them
         // present first (its zero-map placement found our page: `mark_present`), or in a VMM's

@@ -85,6 +85,8 @@ impl Worker {
         let opened = match attempt {
             Ok(o) => o,
             Err(_) if stopped() => return Err(DestError::Stopped),
+            // Refused (a wrong key, a session the source ended): trying longer cannot help.
+            Err(e) if !retryable(&e) => return Err(e),
             Err(e) => {
                 return Err(DestError::SourceLost {
                     seconds: started.elapsed().as_secs_f64().round() as u64,
