@@ -415,11 +415,14 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
     }
     let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
     let verify = (image.is_none()).then_some((&engine_cfg, session));
-    let (final_mismatches, verify_error) =
-        match final_check(&ram, image.as_ref(), verify, wl.as_ref(), threads) {
+    let (final_mismatches, verify_error) = match &engine {
+        // The migration failed: its error says why; there is nothing to verify.
+        Err(_) => ((0, None), None),
+        Ok(_) => match final_check(&ram, image.as_ref(), verify, wl.as_ref(), threads) {
             Ok(m) => (m, None),
             Err(e) => ((0, None), Some(e)),
-        };
+        },
+    };
     let audit = placement_audit(&ram, engine.as_ref().ok(), precopy.as_ref());
     Ok(RunOutcome {
         audit,
@@ -704,6 +707,7 @@ fn add_precopy(report: &mut DemoReport, p: &PrecopyReport) {
     report.pages_dirty_at_switchover = p.pages_dirty_at_switchover;
     report.pages_discarded = p.pages_discarded;
     report.precopy_seconds = p.seconds;
+    report.precopy_recoveries = p.recoveries;
 }
 
 /// The engine's part of the report: its counters and postcopy's throughput.
@@ -719,7 +723,7 @@ fn add_engine(
     report.pages_by_zero_map = e.totals.pages_by_zero_map;
     report.pages_after_switchover = e.totals.pages_by_fault + e.totals.pages_by_stream;
     report.eexist = e.totals.eexist;
-    report.recoveries = e.totals.recoveries;
+    report.recoveries = e.totals.recoveries + report.precopy_recoveries;
     report.postcopy_seconds = e.postcopy_seconds;
     // What postcopy moved: everything without precopy, else what was left at switchover.
     let moved_bytes = if precopy {

@@ -77,6 +77,8 @@ pub struct DemoReport {
     pub dirty_rate: u64,
     /// Connections reopened after a break (recovery).
     pub recoveries: u64,
+    /// Of those, breaks of the precopy connection after which precopy resumed.
+    pub precopy_recoveries: u64,
     /// The engine's own counters.
     pub engine: EngineReport,
     /// Error that ended the run, if any.

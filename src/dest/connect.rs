@@ -130,7 +130,18 @@ pub(crate) fn open_connection_as(
     let mut link = FramedStream::new(dial(config, within)?);
     let context = format!("{role:?} connection of worker {worker}");
     if let Some(key) = &config.key {
-        crate::link::handshake::connect(&mut link, key).map_err(link_err(&context))?;
+        match crate::link::handshake::connect(&mut link, key) {
+            // The session's source proved a key before: it is the link that is slow or silent.
+            Err(LinkError::Auth(crate::link::auth::AuthError::NoChallenge))
+                if joining != Joining::Fresh || session != 0 =>
+            {
+                return Err(DestError::Io {
+                    context: format!("{context}: no answer within {within:?} while rejoining"),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                })
+            }
+            r => r.map_err(link_err(&context))?,
+        }
     }
     let mut h = Header::hello(session, role, worker, config.workers as u16);
     // With precopy, zero pages travel as flags in the precopy rounds instead of a map.

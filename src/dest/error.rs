@@ -39,7 +39,7 @@ pub enum DestError {
     #[error("source closed the {0} connection before the migration completed ({1} pages of this worker still missing)")]
     Closed(&'static str, u64),
     /// The source could not be reached again after a connection broke.
-    #[error("the source has been unreachable for {seconds} s after a connection broke ({last}); {missing} pages of this worker are still missing, so the workload's memory is incomplete: restart the source with the same image within --recovery-timeout, or give up the migration")]
+    #[error("in postcopy, the source has been unreachable for {seconds} s after a connection broke ({last}); {missing} pages of this worker are still missing, so the workload's memory is incomplete: restart the source with the same image within --recovery-timeout, or give up the migration")]
     SourceLost {
         /// Seconds tried.
         seconds: u64,
@@ -49,7 +49,7 @@ pub enum DestError {
         last: String,
     },
     /// Precopy's connection broke and the source could not be reached again in time.
-    #[error("precopy: the source has been unreachable for {seconds} s after the precopy connection broke ({last}); {received} of {total} pages had arrived. The migration had not switched over: the workload still runs on the source and nothing is lost; start the migration again")]
+    #[error("in precopy, the source has been unreachable for {seconds} s after the precopy connection broke ({last}); {received} of {total} pages had arrived. The migration had not switched over: the workload still runs on the source and nothing is lost; start the migration again")]
     PrecopyLost {
         /// Seconds tried.
         seconds: u64,

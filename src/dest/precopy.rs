@@ -274,12 +274,11 @@ fn receive_rounds(
     writer: &mut PrecopyWriter<'_>,
     config: &EngineConfig,
 ) -> Result<(), DestError> {
-    let missing = writer.ram.layout.total_pages() - writer.ram.pages_received();
-    let read_err = |e: LinkError| match e {
+    let read_err = |e: LinkError, ram: &DestRam| match e {
         e if e.is_timeout() => DestError::Stalled {
             connection: "the precopy connection".into(),
             seconds: config.link_timeout.as_secs(),
-            missing,
+            missing: ram.layout.total_pages() - ram.pages_received(),
         },
         e => link_err(CONTEXT)(e),
     };
@@ -292,7 +291,7 @@ fn receive_rounds(
     loop {
         let h = link
             .read_frame_if(|h| admit(h, layout))
-            .map_err(read_err)?
+            .map_err(|e| read_err(e, writer.ram))?
             .ok_or_else(closed)?;
         writer.report.bytes_received += (HEADER_BYTES as u64) + u64::from(h.body_len);
         match h.kind {
