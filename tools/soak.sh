@@ -31,7 +31,7 @@ done
 
 postcopy=target/release/postcopy
 [ -x "$postcopy" ] || { echo "soak: build first: cargo build --release" >&2; exit 2; }
-cargo build --release --quiet --manifest-path tools/chaos-proxy/Cargo.toml || exit 2
+cargo build --release --quiet --locked --manifest-path tools/chaos-proxy/Cargo.toml || exit 2
 proxy_bin=tools/chaos-proxy/target/release/chaos-proxy
 mkdir -p "$keep"
 work=$(mktemp -d /tmp/postcopy-soak.XXXXXX)

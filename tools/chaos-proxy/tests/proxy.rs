@@ -555,3 +555,100 @@ fn cli_prints_address_and_cuts() {
     assert!(help.status.success());
     assert!(String::from_utf8_lossy(&help.stdout).contains("--random-cuts"));
 }
+
+/// Echo traffic on `n` connections through `proxy` until each ends (a victim's cut) or
+/// `deadline`: returns how each ended (`true`: cut by EOF or reset).
+fn echo_traffic(proxy: &Proxy, n: usize, deadline: Instant) -> Vec<bool> {
+    let addr = proxy.local_addr();
+    let threads: Vec<_> = (0..n)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut s = connect(addr);
+                let chunk = pattern(4096);
+                let mut back = vec![0u8; 4096];
+                while Instant::now() < deadline {
+                    if s.write_all(&chunk).is_err() {
+                        return true;
+                    }
+                    match s.read_exact(&mut back) {
+                        Ok(()) => assert_eq!(back, chunk, "echoed intact"),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            panic!("an echo stalled")
+                        }
+                        Err(_) => return true,
+                    }
+                }
+                false
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| join_within(t, "an echo client"))
+        .collect()
+}
+
+#[test]
+fn victims_are_live_connections_and_every_blow_is_dealt() {
+    let up = upstream(echo);
+    let run = |seed| {
+        let plan = Plan {
+            victims: Some(chaos_proxy::RandomVictims {
+                seed,
+                blows: 3,
+                min_gap: 64 << 10,
+                max_gap: 256 << 10,
+                reset: true,
+                fin: true,
+                silence: None,
+            }),
+            ..Plan::none()
+        };
+        let proxy = Proxy::start(up, plan).unwrap();
+        // Three connections, so the three blows fall on distinct live ones.
+        let ended = echo_traffic(&proxy, 3, Instant::now() + Duration::from_secs(5));
+        let stats = proxy.stats();
+        (ended, stats)
+    };
+    let (ended, stats) = run(7);
+    assert_eq!(stats.blows.len(), 3, "{:?}", stats.blows);
+    assert!(
+        ended.iter().all(|cut| *cut),
+        "every connection was a victim: {ended:?}"
+    );
+    let mut victims: Vec<usize> = stats.blows.iter().map(|b| b.conn).collect();
+    victims.sort_unstable();
+    assert_eq!(victims, [0, 1, 2], "a victim is always a live connection");
+    assert!(stats.cuts.iter().all(|c| c.cause == CutCause::Victim));
+    // The draws (kind, point) depend on the seed only.
+    let kinds = |s: &chaos_proxy::Stats| s.blows.iter().map(|b| b.blow).collect::<Vec<_>>();
+    let (_, again) = run(7);
+    assert_eq!(kinds(&stats), kinds(&again), "same seed, same blows");
+}
+
+#[test]
+fn a_silent_link_forwards_nothing_then_everything() {
+    let up = upstream(echo);
+    let proxy = Proxy::start(up, Plan::none()).unwrap();
+    let mut before = connect(proxy.local_addr());
+    before.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    before.read_exact(&mut got).unwrap();
+    let silence = Duration::from_millis(400);
+    proxy.silence_all(silence);
+    let t0 = Instant::now();
+    // An open connection and one opened during the silence both wait it out, then get
+    // everything.
+    let mut during = connect(proxy.local_addr());
+    for s in [&mut before, &mut during] {
+        s.write_all(b"pong").unwrap();
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"pong");
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= silence - Duration::from_millis(20),
+        "forwarded during the silence ({waited:?})"
+    );
+    assert_eq!(proxy.stats().link_silences.len(), 1);
+}
