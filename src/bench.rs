@@ -106,6 +106,7 @@ fn measure(addr: &str, handler: Handler, mode: &str, cfg: &BenchConfig) -> Measu
         precopy: false,
         key: None,
         recovery_timeout: d.recovery_timeout,
+        link_timeout: d.link_timeout,
         tls: None,
     };
     let mut m = Measurement {

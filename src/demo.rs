@@ -105,6 +105,8 @@ pub struct DemoConfig {
     pub key_file: Option<PathBuf>,
     /// How long a broken connection may take to come back.
     pub recovery_timeout: Duration,
+    /// A connection silent this long is dead (both sides; passed to the local source).
+    pub link_timeout: Duration,
     /// TLS for the local source: its certificate and key files.
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// TLS for the destination: the trust.
@@ -203,6 +205,8 @@ fn serve_command(cfg: &DemoConfig, once: bool) -> Command {
         Some(k) => cmd.arg("--key-file").arg(k),
         None => cmd.arg("--insecure"),
     };
+    cmd.arg("--link-timeout")
+        .arg(cfg.link_timeout.as_secs().max(1).to_string());
     if let Some((c, k)) = &cfg.tls_files {
         cmd.arg("--tls-cert").arg(c).arg("--tls-key").arg(k);
     }
@@ -313,6 +317,8 @@ pub struct RunSpec {
     pub key: Option<crate::link::auth::Key>,
     /// How long a broken connection may take to come back (engine only).
     pub recovery_timeout: Duration,
+    /// A connection silent this long is dead.
+    pub link_timeout: Duration,
     /// TLS to the source.
     pub tls: Option<crate::link::tls::TlsClient>,
 }
@@ -521,6 +527,7 @@ fn engine_config(addr: &str, spec: &RunSpec) -> EngineConfig {
         precopy: spec.precopy,
         key: spec.key.clone(),
         recovery_timeout: spec.recovery_timeout,
+        link_timeout: spec.link_timeout,
         tls: spec.tls.clone(),
         ..EngineConfig::default()
     }
@@ -646,6 +653,7 @@ fn run_spec(cfg: &DemoConfig, key: Option<Key>) -> RunSpec {
         precopy: cfg.precopy,
         key,
         recovery_timeout: cfg.recovery_timeout,
+        link_timeout: cfg.link_timeout,
         tls: cfg.tls_client.clone(),
     }
 }

@@ -66,7 +66,7 @@ start_listener() {
 # Prints "seconds blows verified".
 run_one() {
   local pc=$1 seed=$2 blows=$3 limit=$4 tag="$work/run-$1-$2"
-  local src proxy gap_max=$(( 3 * mib * 1048576 / 2 / (blows > 0 ? blows : 1) ))
+  local src proxy gap_max=$(( mib * 1048576 / (blows > 0 ? blows : 1) ))
   src=$(start_listener "$tag.serve" "$postcopy" serve --listen 127.0.0.1:0 --once \
     --synthetic "${mib}M" --seed "$seed" --live --dirty-rate "$dirty_rate" \
     --precopy-max-seconds 3 --key-file "$key") || return 1

@@ -54,6 +54,10 @@ pub struct RunArgs {
     /// before the migration is given up; 0: fail at once.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_S))]
     pub recovery_timeout: u64,
+    /// Seconds without a byte, not even a heartbeat, after which a connection is taken as dead
+    /// and replaced (the detection bound of a silent link; heartbeats go out at a quarter of it).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
+    pub link_timeout: u64,
 }
 
 impl RunArgs {
@@ -83,6 +87,7 @@ impl RunArgs {
             precopy_limits: PrecopyLimits::default(),
             key_file: None,
             recovery_timeout: Duration::from_secs(self.recovery_timeout),
+            link_timeout: Duration::from_secs(self.link_timeout),
             tls_files: None,
             tls_client: None,
         })

@@ -82,6 +82,10 @@ pub struct ServeArgs {
     /// Seconds a session whose connection broke waits for its destination to reconnect.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_S))]
     recovery_timeout: u64,
+    /// Seconds without a byte, not even a heartbeat, after which a connection is taken as dead
+    /// and replaced (the detection bound of a silent link; heartbeats go out at a quarter of it).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
+    link_timeout: u64,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -117,6 +121,7 @@ impl ServeArgs {
             precopy: self.precopy.limits(),
             key,
             recovery_timeout: Duration::from_secs(self.recovery_timeout),
+            link_timeout: Duration::from_secs(self.link_timeout),
             tls,
             ..SourceConfig::default()
         }
