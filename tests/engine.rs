@@ -553,6 +553,7 @@ fn baseline_handler_verifies() {
                     precopy: false,
                     key: None,
                     recovery_timeout: std::time::Duration::from_secs(20),
+                    link_timeout: postcopy::link::liveness::DEFAULT_LINK_TIMEOUT,
                     tls: None,
                 },
             )

@@ -117,6 +117,7 @@ fn run_spec(precopy: bool) -> postcopy::demo::RunSpec {
         precopy,
         key: None,
         recovery_timeout: Duration::from_secs(20),
+        link_timeout: postcopy::link::liveness::DEFAULT_LINK_TIMEOUT,
         tls: None,
     }
 }

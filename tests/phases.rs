@@ -39,10 +39,20 @@ impl Drop for KeyFile {
     }
 }
 
-/// `postcopy serve --live --once` of a 64 MiB image whose workload writes 20000 pages/s.
+/// `postcopy serve --live` of a 64 MiB image whose workload writes 20000 pages/s (it exits once
+/// a session that switched over ended).
 fn live_source(key: &KeyFile, extra: &[&str]) -> (Proc, std::net::SocketAddr) {
+    live_source_writing(key, 20_000, extra)
+}
+
+/// [`live_source`] whose workload writes `pages_per_s`.
+fn live_source_writing(
+    key: &KeyFile,
+    pages_per_s: u64,
+    extra: &[&str],
+) -> (Proc, std::net::SocketAddr) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_postcopy"));
-    cmd.args(["serve", "--listen", "127.0.0.1:0", "--once", "--quiet"])
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--quiet"])
         .args([
             "--synthetic",
             "64M",
@@ -224,7 +234,7 @@ fn a_link_silent_past_the_recovery_timeout_fails_in_bounded_time() {
 fn serve_once_exits_within_a_second_of_its_session_end() {
     // A session that completes (with a prefetch window of one page, a sequential reader).
     let key = KeyFile::new("once");
-    let (serve, src) = live_source(&key, &["--prefetch-max", "1"]);
+    let (serve, src) = live_source(&key, &["--once", "--prefetch-max", "1"]);
     let (out, json, _) = demo(src, &key, &["--precopy", "off", "--pattern", "sequential"]);
     assert_verified(&out, &json, "--prefetch-max 1");
     let t0 = Instant::now();
@@ -239,7 +249,7 @@ fn serve_once_exits_within_a_second_of_its_session_end() {
     // A destination killed in postcopy: the session ends when the recovery timeout (2 s)
     // passes with nobody back; serve exits right after, non-zero.
     let key = KeyFile::new("killed");
-    let (serve, src) = live_source(&key, &["--recovery-timeout", "2"]);
+    let (serve, src) = live_source(&key, &["--once", "--recovery-timeout", "2"]);
     let proxy = std::sync::Arc::new(Proxy::start(src, Plan::none()).expect("proxy"));
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_postcopy"));
     cmd.args(["demo", "--quiet", "--precopy", "off", "--source"])
@@ -262,5 +272,56 @@ fn serve_once_exits_within_a_second_of_its_session_end() {
     assert!(
         took < Duration::from_secs(2 + 1),
         "serve --once exited {took:?} after its destination was killed (recovery timeout 2 s)"
+    );
+}
+
+#[test]
+fn a_live_source_whose_destination_is_gone_in_precopy_keeps_its_workload_for_the_next() {
+    // The first destination dies in precopy for good; the source gives that session up after
+    // its recovery timeout, its workload still running, and serves the next migration, which
+    // completes verified (and only then does the live source exit).
+    let key = KeyFile::new("gone");
+    // A workload too fast for precopy to converge: it runs its 3 s.
+    let (serve, src) = live_source_writing(
+        &key,
+        200_000,
+        &[
+            "--recovery-timeout",
+            "1",
+            "--precopy-max-dirty",
+            "0",
+            "--precopy-max-rounds",
+            "1000",
+        ],
+    );
+    let proxy = std::sync::Arc::new(Proxy::start(src, Plan::none()).expect("proxy"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_postcopy"));
+    cmd.args(["demo", "--quiet", "--precopy", "on", "--source"])
+        .arg(proxy.local_addr().to_string())
+        .arg("--key-file")
+        .arg(&key.0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut first = Proc::spawn(&mut cmd, "the first postcopy demo").expect("demo");
+    assert!(proxy.wait_for_bytes(16 << 20, TIMEOUT), "precopy began");
+    first.kill();
+    // Past the source's recovery timeout (1 s) and its reaping (~2 s after the kill), the
+    // second one migrates; until then the source says to retry, as an operator would.
+    let killed = Instant::now();
+    let (out, json) = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let (out, json, _) = demo(src, &key, &["--precopy", "on"]);
+        let busy = String::from_utf8_lossy(&out.stderr).contains("retry after it");
+        if !busy || killed.elapsed() > Duration::from_secs(10) {
+            break (out, json);
+        }
+    };
+    assert_verified(&out, &json, "the migration after the abandoned one");
+    let served = serve.wait_output(IO_TIMEOUT);
+    let log = String::from_utf8_lossy(&served.stderr);
+    assert!(
+        served.status.success(),
+        "the second session completed: {log}"
     );
 }

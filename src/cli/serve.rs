@@ -63,8 +63,10 @@ pub struct ServeArgs {
     #[arg(long, short)]
     quiet: bool,
     /// Live source (with --synthetic): hold the image in memory and run a workload that
-    /// writes it at --dirty-rate until the switchover of the one migration served; dirty
-    /// pages are tracked with userfaultfd write-protect + PAGEMAP_SCAN (Linux 6.7+).
+    /// writes it at --dirty-rate until the switchover of the one migration served (serve then
+    /// exits once that session ends; a migration given up in precopy leaves the workload
+    /// running and another may start); dirty pages are tracked with userfaultfd
+    /// write-protect + PAGEMAP_SCAN (Linux 6.7+).
     #[arg(long, requires = "synthetic")]
     live: bool,
     /// Live source: pages per second its workload writes (random pages).
@@ -91,11 +93,6 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
-    /// A live source's memory migrates once.
-    fn once(&self) -> bool {
-        self.once || self.live
-    }
-
     /// The image file, or the synthetic image.
     fn image(&self) -> Result<Arc<dyn Image>, MainError> {
         match (&self.image, self.synthetic) {
@@ -114,7 +111,7 @@ impl ServeArgs {
 
     fn config(&self, key: Option<Key>, tls: Option<TlsServer>) -> SourceConfig {
         SourceConfig {
-            once: self.once(),
+            once: self.once,
             prefetch_max: self.prefetch_max,
             urgent_delay: Duration::from_millis(self.debug_urgent_delay_ms),
             verbose: !self.quiet,
@@ -143,8 +140,9 @@ impl ServeArgs {
     }
 }
 
-/// Serves until stopped (with `--once` or `--live`: until the first session ends; failure if
-/// it did not complete). The first line on stdout is `listening on ADDR`.
+/// Serves until stopped (with `--once`: until the first session ends; `--live`: until a session
+/// that switched over ends; failure if none completed). The first line on stdout is
+/// `listening on ADDR`.
 pub fn cmd_serve(args: ServeArgs) -> Result<ExitCode, MainError> {
     let key = args.auth.key("serve")?;
     let tls = args.tls.server()?;
@@ -152,7 +150,7 @@ pub fn cmd_serve(args: ServeArgs) -> Result<ExitCode, MainError> {
     println!("listening on {}", server.local_addr());
     let _ = std::io::stdout().flush();
     let sessions = server.run()?;
-    if args.once() && !sessions.iter().any(|s| s.complete) {
+    if (args.once || args.live) && !sessions.iter().any(|s| s.complete) {
         return Err(MainError::SessionIncomplete);
     }
     Ok(ExitCode::SUCCESS)

@@ -242,6 +242,11 @@ impl FramedStream {
         self.write_frames(&h).map(|_| ())
     }
 
+    /// Whether the peer closed or reset the connection (checked without waiting).
+    pub fn peer_hung_up(&self) -> bool {
+        super::liveness::peer_hung_up(&self.stream)
+    }
+
     /// Sends a `Heartbeat` if nothing was written for `live.heartbeat`.
     pub fn heartbeat_if_due(&mut self, live: &Liveness) -> Result<(), LinkError> {
         if self.last_tx.elapsed() >= live.heartbeat {

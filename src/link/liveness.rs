@@ -60,10 +60,26 @@ impl Default for Liveness {
     }
 }
 
+/// Whether the peer of `socket` has closed or reset it (without waiting): for a side that only
+/// writes now and then (a stream waiting for the switchover), which would otherwise learn it
+/// only from its second write after the peer went away.
+pub(crate) fn peer_hung_up(socket: &TcpStream) -> bool {
+    if !matches!(wait_readable(socket, Duration::ZERO), Ok(true)) {
+        return false;
+    }
+    // Readable: an end of stream, a reset, or bytes (which stay queued).
+    let mut byte = [0u8; 1];
+    !matches!(socket.peek(&mut byte), Ok(1..))
+}
+
 /// Waits until `socket` has something to read (or an error or hang-up to report): true; or
 /// `within` passed: false.
 pub(crate) fn wait_readable(socket: &TcpStream, within: Duration) -> std::io::Result<bool> {
-    let ms = within.as_millis().clamp(1, u128::from(u16::MAX)) as u16;
+    // Zero: a check without waiting; otherwise at least 1 ms (no spinning on a sub-ms rest).
+    let ms = match within.as_millis() {
+        _ if within.is_zero() => 0,
+        ms => ms.clamp(1, u128::from(u16::MAX)) as u16,
+    };
     let mut fds = [PollFd::new(socket.as_fd(), PollFlags::POLLIN)];
     match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
         Ok(n) => Ok(n > 0),

@@ -77,9 +77,15 @@ pub(super) fn serve_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
     // streamed earlier could be dirtied after it was sent and arrive stale).
     // Meanwhile the connection carries heartbeats (its destination half reads it from `Go`).
     let live = shared.config.liveness();
-    while !session.life.wait_switchover(live.heartbeat) {
+    while !session.life.wait_switchover(live.heartbeat / 4) {
         if session.life.is_finished() {
             return Ok(());
+        }
+        if link.peer_hung_up() {
+            return Err(SourceError::Incomplete {
+                session: session.id,
+                reason: format!("worker {worker}'s bulk connection closed before the switchover"),
+            });
         }
         link.heartbeat_if_due(&live)
             .map_err(write_err("send a heartbeat", peer))?;

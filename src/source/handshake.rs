@@ -198,10 +198,17 @@ fn serve_joined(
         session.life.switch_over();
     }
     if let Err(e) = send_welcome(shared, session, link, hello, stopped_unix_us, peer) {
-        // The destination never heard of this session: it starts a new one, which needs the
-        // live parts (precopy has not begun, they are untouched but for a stopped workload).
-        if let Some(l) = live.take() {
-            *shared.live.lock().expect("poisoned") = Some(l);
+        if new {
+            // The destination never heard of this session: it starts a new one, which needs
+            // the live parts (precopy has not begun: they are untouched but for a stopped
+            // workload, whose memory is final then).
+            if let Some(l) = live.take() {
+                *shared.live.lock().expect("poisoned") = Some(l);
+            }
+            session.life.fail(format!(
+                "the first connection broke before its Welcome arrived ({e}); the destination \
+                 starts a new session"
+            ));
         }
         return Err(e);
     }

@@ -126,8 +126,7 @@ impl SourceServer {
                 reap_idle(&self.shared);
                 next_reap = Instant::now() + REAP_EVERY;
             }
-            if self.shared.config.once && !self.shared.finished.lock().expect("poisoned").is_empty()
-            {
+            if self.done() {
                 break;
             }
             // A connection, a stop, a session's end or the next reap: whichever comes first.
@@ -145,6 +144,20 @@ impl SourceServer {
         Ok(std::mem::take(
             &mut *self.shared.finished.lock().expect("poisoned"),
         ))
+    }
+
+    /// With `once`, a session ended; for a live source, a session that switched over ended
+    /// and took the live parts with it, and no other runs (its memory migrated once; one given
+    /// up in precopy, or before its first `Welcome` arrived, gave them back for another).
+    fn done(&self) -> bool {
+        // The lock order is sessions → finished.
+        let sessions = self.shared.sessions.lock().expect("poisoned");
+        let finished = self.shared.finished.lock().expect("poisoned");
+        (self.shared.config.once && !finished.is_empty())
+            || (self.shared.is_live
+                && sessions.is_empty()
+                && finished.iter().any(|r| r.switched_over)
+                && self.shared.live.lock().expect("poisoned").is_none())
     }
 
     /// Accepts every pending connection, a thread each.

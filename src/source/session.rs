@@ -21,6 +21,8 @@ pub struct SessionReport {
     pub session: u64,
     /// Whether the destination confirmed it had every page.
     pub complete: bool,
+    /// Whether the session switched over (a live source's workload stopped for it).
+    pub switched_over: bool,
     /// Pages sent in answer to requests.
     pub pages_urgent: u64,
     /// Pages sent by the background stream.
@@ -158,6 +160,7 @@ impl Session {
         SessionReport {
             session: self.id,
             complete: self.life.phase() == Phase::Complete,
+            switched_over: self.life.is_switched_over(),
             pages_urgent: self.pages_urgent.load(Ordering::Relaxed),
             pages_stream: self.pages_stream.load(Ordering::Relaxed),
             pages_zero: self.pages_zero.load(Ordering::Relaxed),
