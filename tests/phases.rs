@@ -60,8 +60,8 @@ fn live_source_writing(
             "5",
             "--live",
             "--dirty-rate",
-            "20000",
         ])
+        .arg(pages_per_s.to_string())
         .args(["--precopy-max-seconds", "3", "--key-file"])
         .arg(&key.0)
         .args(extra)
