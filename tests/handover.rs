@@ -15,7 +15,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{join_on_drop, output_within, wait_until, Proc, IO_TIMEOUT, MIB, TIMEOUT};
+use common::{
+    join_on_drop, join_within, output_within, wait_until, Proc, IO_TIMEOUT, MIB, TIMEOUT,
+};
 use postcopy::handler::{HandlerConfig, VmmReport};
 use postcopy::image::FileImage;
 use postcopy::source::{SourceConfig, SourceServer, StopHandle};
@@ -93,6 +95,12 @@ struct Rig {
 
 impl Rig {
     fn start(tag: &str, page_size: u64) -> Rig {
+        Rig::start_with(tag, page_size, false, true)
+    }
+
+    /// With `once`, the source's `run` returns when its first session ends; `stream` off: a
+    /// demand-only handler.
+    fn start_with(tag: &str, page_size: u64, once: bool, stream: bool) -> Rig {
         let dir = Dir::new(tag);
         let image = dir.0.join("vm.mem");
         image_file(&image, SIZE);
@@ -101,6 +109,7 @@ impl Rig {
             Arc::new(FileImage::open(&image, page_size).expect("image")),
             SourceConfig {
                 verbose: false,
+                once,
                 ..Default::default()
             },
         )
@@ -118,6 +127,7 @@ impl Rig {
                 socket: socket.clone(),
                 source: addr,
                 verbose: false,
+                stream,
                 link_timeout: Duration::from_secs(10),
                 ..Default::default()
             },
@@ -306,6 +316,24 @@ fn vmm_exiting_mid_restore_ends_its_session_only() {
     let (json, code) = rig.vmm(&["--threads", "2"]);
     assert_verified(&json, code);
     assert_eq!(rig.report(1).outcome, "complete");
+}
+
+#[test]
+fn a_vmm_exiting_early_ends_its_source_session_at_once() {
+    // Demand-only, the VMM leaves after 300 pages: the handler's engine stops and tells the
+    // source, whose session ends at once (no wait for a reconnection): a `--once` source
+    // returns within a second of the VMM's exit.
+    let mut rig = Rig::start_with("exit-once", 4096, true, false);
+    let (json, _) = rig.vmm(&["--exit-after-pages", "300", "--threads", "1"]);
+    let exited = std::time::Instant::now();
+    assert_eq!(json["exited_early"], true, "{json}");
+    let source = rig.source.take().expect("the source thread");
+    join_within(source, Duration::from_secs(5), "a --once source");
+    assert!(
+        exited.elapsed() < Duration::from_secs(1),
+        "the source's session ended {:?} after the VMM exited",
+        exited.elapsed()
+    );
 }
 
 /// Reserves `n` more 2 MiB pages for the test's life, restoring the previous count on drop.
