@@ -135,9 +135,8 @@ fn a_dead_source_is_reported_within_the_recovery_timeout() {
     // upstream so every reconnect fails.
     let r2 = ram.clone();
     let toucher = std::thread::spawn(move || {
-        let mut buf = vec![0u8; 4096];
         for p in 0..2000u64 {
-            r2.regions[0].read_into((p * 4096) as usize, &mut buf);
+            std::hint::black_box(r2.regions[0].touch((p * 4096) as usize));
         }
     });
     std::thread::sleep(Duration::from_millis(50));
@@ -233,5 +232,47 @@ fn a_restarted_source_resumes_the_session() {
     println!(
         "restart: {} recoveries, {} pages by fault",
         r.totals.recoveries, r.totals.pages_by_fault
+    );
+}
+
+#[test]
+fn a_panicking_source_thread_ends_its_session_cleanly() {
+    // A bug in a connection thread (here a test hook: a panic at the 5th request) must end that
+    // session with an error the destination hears at once, be reaped and reported, and not
+    // hang anything.
+    let src = Source::start(&SourceOptions {
+        size_bytes: 16 * MIB,
+        once: true,
+        panic_at_request: 5,
+        ..Default::default()
+    });
+    let config = postcopy::dest::EngineConfig {
+        source: src.addr.to_string(),
+        workers: 1,
+        stream: false,
+        pin: false,
+        recovery_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let connected = postcopy::dest::connect(&config).expect("connect");
+    let ram =
+        std::sync::Arc::new(postcopy::dest::DestRam::new(&connected.welcome.layout).expect("ram"));
+    let handle = postcopy::dest::Engine::start(connected, ram.clone(), &config).expect("engine");
+    let r2 = ram.clone();
+    let toucher = std::thread::spawn(move || {
+        for p in 0..64u64 {
+            std::hint::black_box(r2.regions[0].touch((p * 4096 * 7) as usize));
+        }
+    });
+    let e = wait_engine(handle, TIMEOUT, "engine whose source panicked")
+        .expect_err("the migration cannot finish");
+    assert!(e.to_string().contains("panicked"), "{e}");
+    join_within(toucher, TIMEOUT, "touching thread");
+    let reports = src.finish(TIMEOUT);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let why = reports[0].error.as_deref().unwrap_or_default();
+    assert!(
+        !reports[0].complete && why.contains("panicked"),
+        "{reports:?}"
     );
 }

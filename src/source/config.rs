@@ -22,6 +22,10 @@ pub struct SourceConfig {
     pub prefetch_max: u64,
     /// Test hook: delay before answering each urgent request (forces stream/request races).
     pub urgent_delay: Duration,
+    /// Test hook: the urgent connection's thread panics at its `n`-th request (0: never), to
+    /// show that a panic ends its session cleanly.
+    #[doc(hidden)]
+    pub debug_panic_at_request: u64,
     /// Print a line per session to stderr.
     pub verbose: bool,
     /// When precopy (offered by the destination) switches over.
@@ -89,6 +93,7 @@ impl Default for SourceConfig {
             write_timeout: Duration::from_secs(60),
             prefetch_max: 64,
             urgent_delay: Duration::ZERO,
+            debug_panic_at_request: 0,
             verbose: true,
             precopy: PrecopyLimits::default(),
             key: None,

@@ -45,11 +45,42 @@ pub(super) fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: Soc
     };
     // A connection that rejoins replaces the broken one of its (role, worker) at once.
     session.supersede(&hello, peer, link.socket());
-    if let Err(e) = serve_joined(&shared, &session, &mut link, &hello, peer) {
-        connection_failed(&shared, &session, &mut link, e, peer);
+    // A panic (a bug) ends this session with an error; the connection is still counted closed,
+    // so the session is reaped and reported like any other.
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        serve_joined(&shared, &session, &mut link, &hello, peer)
+    }));
+    match served {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => connection_failed(&shared, &session, &mut link, e, peer),
+        Err(panic) => connection_panicked(&shared, &session, &mut link, &*panic, peer),
     }
     session.forget(&hello, peer);
     finish_connection(&shared, &session);
+}
+
+/// A connection's thread panicked: the session fails with the panic's message (the destination
+/// is told), nothing else is affected.
+fn connection_panicked(
+    shared: &Shared,
+    session: &Session,
+    link: &mut FramedStream,
+    panic: &(dyn std::any::Any + Send),
+    peer: SocketAddr,
+) {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into());
+    let why =
+        format!("a connection thread of the source panicked (a bug; please report it): {what}");
+    log(
+        shared,
+        format_args!("session {:#x} {peer}: {why}", session.id),
+    );
+    link.send_error(&why);
+    session.life.fail(why);
 }
 
 /// TLS (if configured), timeouts, and the challenge-response (if keyed): nobody without the

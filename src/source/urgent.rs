@@ -108,7 +108,11 @@ impl Replies<'_> {
                 },
             });
         }
-        session.requests.fetch_add(1, Ordering::Relaxed);
+        let n = session.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        assert_ne!(
+            n, shared.config.debug_panic_at_request,
+            "debug_panic_at_request: request {n}"
+        );
         if !shared.config.urgent_delay.is_zero() {
             std::thread::sleep(shared.config.urgent_delay);
         }

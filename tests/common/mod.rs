@@ -238,6 +238,8 @@ pub struct SourceOptions {
     pub key: Option<postcopy::link::auth::Key>,
     /// How long a session with a broken connection waits for the destination.
     pub recovery_timeout: Duration,
+    /// The source's connection thread panics at this request (0: never).
+    pub panic_at_request: u64,
 }
 
 impl Default for SourceOptions {
@@ -251,6 +253,7 @@ impl Default for SourceOptions {
             prefetch_max: SourceConfig::default().prefetch_max,
             key: None,
             recovery_timeout: Duration::from_secs(20),
+            panic_at_request: 0,
         }
     }
 }
@@ -279,6 +282,7 @@ impl Source {
                 prefetch_max: opts.prefetch_max,
                 key: opts.key.clone(),
                 recovery_timeout: opts.recovery_timeout,
+                debug_panic_at_request: opts.panic_at_request,
                 ..Default::default()
             },
         )
