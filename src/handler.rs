@@ -120,6 +120,8 @@ pub struct VmmReport {
     pub pages_zero_after_remove: u64,
     /// `EEXIST` races (present already).
     pub eexist: u64,
+    /// Connections to the source reopened after a break.
+    pub recoveries: u64,
     /// The error, when the outcome is one.
     pub error: Option<String>,
 }
@@ -368,6 +370,7 @@ fn finish(
             report.pages_removed = r.totals.pages_removed;
             report.pages_zero_after_remove = r.totals.pages_zero_after_remove;
             report.eexist = r.totals.eexist;
+            report.recoveries = r.totals.recoveries;
             report.outcome = "complete".into();
             Ok(())
         }

@@ -91,16 +91,24 @@ struct Rig {
     handler: Option<std::thread::JoinHandle<()>>,
     source_stop: StopHandle,
     source: Option<std::thread::JoinHandle<()>>,
+    /// Between the handler and the source, when the rig was started with a plan.
+    proxy: Option<chaos_proxy::Proxy>,
 }
 
 impl Rig {
     fn start(tag: &str, page_size: u64) -> Rig {
-        Rig::start_with(tag, page_size, false, true)
+        Rig::start_with(tag, page_size, false, true, None)
     }
 
     /// With `once`, the source's `run` returns when its first session ends; `stream` off: a
-    /// demand-only handler.
-    fn start_with(tag: &str, page_size: u64, once: bool, stream: bool) -> Rig {
+    /// demand-only handler; with `plan`, the handler reaches the source through a chaos proxy.
+    fn start_with(
+        tag: &str,
+        page_size: u64,
+        once: bool,
+        stream: bool,
+        plan: Option<chaos_proxy::Plan>,
+    ) -> Rig {
         let dir = Dir::new(tag);
         let image = dir.0.join("vm.mem");
         image_file(&image, SIZE);
@@ -114,7 +122,11 @@ impl Rig {
             },
         )
         .expect("source");
-        let addr = server.local_addr().to_string();
+        let proxy = plan.map(|p| chaos_proxy::Proxy::start(server.local_addr(), p).expect("proxy"));
+        let addr = match &proxy {
+            Some(p) => p.local_addr().to_string(),
+            None => server.local_addr().to_string(),
+        };
         let source_stop = server.stop_handle();
         let source = std::thread::spawn(move || {
             server.run().expect("source run");
@@ -152,6 +164,7 @@ impl Rig {
             handler: Some(handler),
             source_stop,
             source: Some(source),
+            proxy,
         }
     }
 
@@ -323,7 +336,7 @@ fn a_vmm_exiting_early_ends_its_source_session_at_once() {
     // Demand-only, the VMM leaves after 300 pages: the handler's engine stops and tells the
     // source, whose session ends at once (no wait for a reconnection): a `--once` source
     // returns within a second of the VMM's exit.
-    let mut rig = Rig::start_with("exit-once", 4096, true, false);
+    let mut rig = Rig::start_with("exit-once", 4096, true, false, None);
     let (json, _) = rig.vmm(&["--exit-after-pages", "300", "--threads", "1"]);
     let exited = std::time::Instant::now();
     assert_eq!(json["exited_early"], true, "{json}");
@@ -334,6 +347,33 @@ fn a_vmm_exiting_early_ends_its_source_session_at_once() {
         "the source's session ended {:?} after the VMM exited",
         exited.elapsed()
     );
+}
+
+#[test]
+fn the_handlers_source_connections_survive_random_blows() {
+    // The handler's own connections to the source (handshake, urgent, bulk) get resets and
+    // FINs at random while a VMM restores: every restore completes verified.
+    for seed in 1..=4 {
+        let plan = chaos_proxy::Plan {
+            victims: Some(chaos_proxy::RandomVictims {
+                seed,
+                blows: 6,
+                min_gap: 1,
+                max_gap: SIZE / 6,
+                reset: true,
+                fin: true,
+                silence: None,
+            }),
+            ..chaos_proxy::Plan::none()
+        };
+        let rig = Rig::start_with("blows", 4096, false, true, Some(plan));
+        let (json, code) = rig.vmm(&["--threads", "2"]);
+        assert_verified(&json, code);
+        let r = rig.report(0);
+        assert_eq!(r.outcome, "complete", "seed {seed}: {r:?}");
+        let blows = rig.proxy.as_ref().map_or(0, |p| p.stats().blows.len());
+        println!("seed {seed}: {blows} blows, {} recoveries", r.recoveries);
+    }
 }
 
 /// Reserves `n` more 2 MiB pages for the test's life, restoring the previous count on drop.

@@ -325,3 +325,35 @@ fn a_live_source_whose_destination_is_gone_in_precopy_keeps_its_workload_for_the
         "the second session completed: {log}"
     );
 }
+
+#[test]
+fn a_cut_in_the_first_handshake_starts_the_migration_again() {
+    // The first connection (worker 0's urgent one) is cut before its Welcome: in the source's
+    // challenge (to the client: 64 B), in its proof (64 B more), in the destination's proof or
+    // its Hello (to the server: 96 B, then 48 B). The destination starts a new session; the
+    // one the source began gives its live parts back.
+    for (direction, offset_bytes) in [
+        (Dir::ToClient, 40),
+        (Dir::ToClient, 100),
+        (Dir::ToServer, 50),
+        (Dir::ToServer, 120),
+    ] {
+        let what = format!("{direction} cut at {offset_bytes} B");
+        let key = KeyFile::new("handshake");
+        let (serve, src) = live_source(&key, &[]);
+        let plan = Plan {
+            reset: true,
+            ..Plan::per_connection(vec![vec![Fault::CutAt {
+                direction,
+                offset_bytes,
+            }]])
+        };
+        let proxy = Proxy::start(src, plan).expect("proxy");
+        let (out, json, _) = demo(proxy.local_addr(), &key, &["--precopy", "on"]);
+        assert_verified(&out, &json, &what);
+        assert_eq!(proxy.stats().cuts.len(), 1, "{what}: the proxy cut");
+        drop(proxy);
+        let served = serve.wait_output(IO_TIMEOUT);
+        assert!(served.status.success(), "{what}: a session completed");
+    }
+}

@@ -89,16 +89,33 @@ pub(crate) fn retryable(e: &DestError) -> bool {
     ) || matches!(e, DestError::Remote(m) if m.starts_with(crate::codec::BUSY))
 }
 
+/// The first connection broke during its handshake (it was accepted, then cut): a new session
+/// may be tried. A source that is not there, refuses or answers nonsense is reported at once.
+fn broke_in_handshake(e: &DestError) -> bool {
+    retryable(e) && !matches!(e, DestError::Connect { .. } | DestError::Remote(_))
+}
+
 /// Opens a connection like [`open_connection_as`], again and again with backoff (5 ms doubling
 /// to 0.5 s) while it fails in a [`retryable`] way, until `deadline`; each attempt's
 /// handshake is bounded by the time left. `stopped` is asked between attempts. The error is
 /// the last attempt's.
 pub(crate) fn open_with_retry(
     config: &EngineConfig,
-    (session, role, worker): (u64, Role, u16),
+    target: (u64, Role, u16),
     joining: Joining,
     deadline: Instant,
     stopped: &dyn Fn() -> bool,
+) -> Result<Opened, DestError> {
+    open_while(config, target, joining, (deadline, stopped), retryable)
+}
+
+/// [`open_with_retry`], trying again while `again` holds for the error.
+fn open_while(
+    config: &EngineConfig,
+    (session, role, worker): (u64, Role, u16),
+    joining: Joining,
+    (deadline, stopped): (Instant, &dyn Fn() -> bool),
+    again: fn(&DestError) -> bool,
 ) -> Result<Opened, DestError> {
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -108,7 +125,7 @@ pub(crate) fn open_with_retry(
             .max(Duration::from_millis(50));
         match open_connection_as(config, session, role, worker, joining, within) {
             Ok(o) => return Ok(o),
-            Err(e) if retryable(&e) && Instant::now() + backoff < deadline && !stopped() => {
+            Err(e) if again(&e) && Instant::now() + backoff < deadline && !stopped() => {
                 std::thread::sleep(backoff);
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
@@ -279,7 +296,16 @@ pub fn connect(config: &EngineConfig) -> Result<Connected, DestError> {
             config.workers
         )));
     }
-    let opened = open_connection(config, 0, Role::Urgent, 0)?;
+    // A first connection cut in its handshake is tried again (a new session each time; the
+    // source gives up the one it began), within the recovery timeout.
+    let deadline = Instant::now() + config.recovery_timeout;
+    let opened = open_while(
+        config,
+        (0, Role::Urgent, 0),
+        Joining::Fresh,
+        (deadline, &|| false),
+        broke_in_handshake,
+    )?;
     Ok(Connected {
         welcome: opened.welcome,
         control: opened.link,
