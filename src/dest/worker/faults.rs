@@ -258,12 +258,7 @@ impl Worker {
         if self.sending() || self.ring.is_busy(send) {
             return Ok(()); // after the requests in flight
         }
-        let mut h = [0u8; HEADER_BYTES];
-        let mut end = Header::control(Kind::End, self.st().id as u64);
-        if self.config.verify {
-            end.mask = codec::END_VERIFY;
-        }
-        end.encode(&mut h);
+        let h = self.end_header();
         self.sealed.clear();
         seal_frames(
             self.channel.as_mut().map(|c| &mut c.tx),
@@ -276,21 +271,40 @@ impl Worker {
         self.start_send(len)
     }
 
-    /// Tells the source that this worker stops before its shard is complete (the embedder
-    /// stopped the engine, or the VMM went away): an `Error` frame, so the source ends the
-    /// session at once instead of waiting for a reconnection. Best effort, one blocking write;
-    /// not while a frame is half sent (nothing may follow it then).
+    /// This worker's `End` (announcing the embedder's verification when configured).
+    fn end_header(&self) -> [u8; HEADER_BYTES] {
+        let mut h = [0u8; HEADER_BYTES];
+        let mut end = Header::control(Kind::End, self.st().id as u64);
+        if self.config.verify {
+            end.mask = codec::END_VERIFY;
+        }
+        end.encode(&mut h);
+        h
+    }
+
+    /// Tells the source that this worker stops before it was confirmed (the embedder stopped
+    /// the engine, or the VMM went away), so the source ends the session at once instead of
+    /// waiting for a reconnection: its `End` when every page of the shard is here, else an
+    /// `Error` frame. Best effort, one blocking write; not while a frame is half sent (nothing
+    /// may follow it then).
     pub(super) fn say_goodbye(&mut self) {
-        if self.sending() {
+        if self.sending() || (self.end_sent && self.missing() == 0) {
             return;
         }
-        let why = if self.mm_gone {
-            "the destination stopped: its VMM went away before the migration completed"
-        } else {
-            "the destination stopped before the migration completed"
-        };
         let mut frame = Vec::new();
-        codec::encode_error(why, &mut frame);
+        if self.missing() == 0 {
+            // Every page of the shard is here (a VMM that leaves once restored, before the
+            // stream's end): that is this worker's `End`, not a failure.
+            frame.extend_from_slice(&self.end_header());
+            self.end_sent = true;
+        } else {
+            let why = if self.mm_gone {
+                "the destination stopped: its VMM went away before the migration completed"
+            } else {
+                "the destination stopped before the migration completed"
+            };
+            codec::encode_error(why, &mut frame);
+        }
         self.sealed.clear();
         seal_frames(
             self.channel.as_mut().map(|c| &mut c.tx),
