@@ -195,25 +195,7 @@ fn fault_thread(
             .map_err(link_err("baseline: send request"))?;
         stats.requests += 1;
         stats.pages_requested += 1;
-        // Read replies until the one carrying this page: the source may have sent more than
-        // asked for (a prefetch after an earlier reply), and those frames come first. (Its
-        // placement may find the page already there, placed by the stream thread.)
-        loop {
-            let h = read_frame(&mut s, ram)?;
-            if h.kind != Kind::Pages {
-                return Err(DestError::Protocol {
-                    context: "baseline".into(),
-                    source: CodecError::Unexpected {
-                        got: h.kind,
-                        expected: "Pages",
-                    },
-                });
-            }
-            stats.pages_by_fault += place(p, &h, s.body(), &mut stats, shared)?;
-            if h.block as usize == b && (h.page..h.page + u64::from(h.count)).contains(&page) {
-                break;
-            }
-        }
+        place_reply(p, &mut s, (b, page), &mut stats, shared)?;
     }
     let mut end = [0u8; HEADER_BYTES];
     Header::control(Kind::End, 0).encode(&mut end);
@@ -221,6 +203,34 @@ fn fault_thread(
         .map_err(link_err("baseline: send End"))?;
     while read_frame(&mut s, ram)?.kind != Kind::Ack {}
     Ok(stats)
+}
+
+/// Reads replies until the one carrying page `page` of block `b` and places them: the source
+/// may have sent more than asked for (a prefetch after an earlier reply), and those frames
+/// come first. (A placement may find its page already there, placed by the stream thread.)
+fn place_reply(
+    p: &Placer,
+    s: &mut FramedStream,
+    (b, page): (usize, u64),
+    stats: &mut WorkerStats,
+    shared: &Shared,
+) -> Result<(), DestError> {
+    loop {
+        let h = read_frame(s, &p.ram)?;
+        if h.kind != Kind::Pages {
+            return Err(DestError::Protocol {
+                context: "baseline".into(),
+                source: CodecError::Unexpected {
+                    got: h.kind,
+                    expected: "Pages",
+                },
+            });
+        }
+        stats.pages_by_fault += place(p, &h, s.body(), stats, shared)?;
+        if h.block as usize == b && (h.page..h.page + u64::from(h.count)).contains(&page) {
+            return Ok(());
+        }
+    }
 }
 
 fn stream_thread(

@@ -420,16 +420,16 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         p.finish();
     }
     let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
-    let verify = (image.is_none()).then_some((&engine_cfg, session));
+    let source = (&engine_cfg, session);
     let (final_mismatches, verify_error) = match &engine {
         // The migration failed: its error says why; there is nothing to verify.
         Err(_) => ((0, None), None),
-        Ok(_) => match final_check(&ram, image.as_ref(), verify, wl.as_ref(), threads) {
+        Ok(_) => match final_check(&ram, image.as_ref(), source, wl.as_ref(), threads) {
             Ok(m) => (m, None),
             Err(e) => ((0, None), Some(e)),
         },
     };
-    let audit = placement_audit(&ram, engine.as_ref().ok(), precopy.as_ref());
+    let audit = dest::placement_audit(&ram, engine.as_ref().ok(), precopy.as_ref());
     Ok(RunOutcome {
         audit,
         verify_error,
@@ -442,60 +442,6 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         precopy,
         downtime_ms,
     })
-}
-
-/// When the report's page counts do not sum to the layout, or a page is missing: what each
-/// path placed (by the per-page record) against what the counters say, and the first pages
-/// not placed or placed without being counted.
-fn placement_audit(
-    ram: &DestRam,
-    engine: Option<&crate::dest::EngineReport>,
-    precopy: Option<&PrecopyReport>,
-) -> Option<String> {
-    let total = ram.layout.total_pages();
-    let t = engine.map(|e| &e.totals);
-    let counted = t.map_or(0, |t| {
-        t.pages_by_fault + t.pages_by_stream + t.pages_by_zero_map
-    }) + precopy.map_or(0, |p| p.pages_by_precopy);
-    if counted == total && ram.complete() {
-        return None;
-    }
-    let by = ram.placed_by.counts();
-    let mut odd = Vec::new();
-    'blocks: for (b, block) in ram.layout.blocks.iter().enumerate() {
-        for p in 0..block.pages() {
-            let placed_by = ram.placed_by.get(b, p);
-            let received = ram.received[b].get(p);
-            if !received || placed_by == crate::dest::PlacedBy::Nothing {
-                let state = if received {
-                    "marked received, by no path"
-                } else {
-                    "missing"
-                };
-                odd.push(format!(
-                    "block {b} page {p}: {state} ({})",
-                    placed_by.describe()
-                ));
-                if odd.len() == 8 {
-                    break 'blocks;
-                }
-            }
-        }
-    }
-    Some(format!(
-        "the counts sum to {counted} of {total} pages; per page: {} by fault, {} by stream, {} by          zero map, {} by precopy, {} never placed; {} received{}",
-        by[1],
-        by[2],
-        by[3],
-        by[4],
-        by[0],
-        ram.pages_received(),
-        if odd.is_empty() {
-            String::new()
-        } else {
-            format!("; first: {}", odd.join("; "))
-        }
-    ))
 }
 
 /// The source's image when it is a synthetic one (its pages can be computed here), and its
@@ -569,17 +515,18 @@ impl Progress {
 }
 
 /// Checks every page after the migration: against the synthetic `image` when the source serves
-/// one, else against the source's checksums (`verify`). Returns the mismatches and the first.
+/// one, else against the checksums of `session` fetched from the source of `config`. Returns
+/// the mismatches and the first.
 fn final_check(
     ram: &DestRam,
     image: Option<&Synthetic>,
-    verify: Option<(&EngineConfig, u64)>,
+    (config, session): (&EngineConfig, u64),
     wl: Option<&workload::WorkloadResult>,
     threads: usize,
 ) -> Result<(u64, Option<String>), DemoError> {
-    let (_, bad, first) = match (image, verify) {
-        (Some(image), _) => workload::final_check(ram, image, threads, wl.is_some()),
-        (None, Some((config, session))) => {
+    let (_, bad, first) = match image {
+        Some(image) => workload::final_check(ram, image, threads, wl.is_some()),
+        None => {
             let sums = dest::fetch_checksums(config, session)?;
             workload::check_checksums(
                 ram,
@@ -589,7 +536,6 @@ fn final_check(
                 wl.is_some(),
             )
         }
-        (None, None) => unreachable!("a verify connection is opened for opaque images"),
     };
     Ok((bad, first))
 }

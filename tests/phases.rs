@@ -104,6 +104,24 @@ fn demo(addr: std::net::SocketAddr, key: &KeyFile, extra: &[&str]) -> (Output, S
     (out, json, took)
 }
 
+/// Silences the whole link for `length` once `at_bytes` were forwarded; the thread returns
+/// when the silence began.
+fn silence_at(
+    proxy: &std::sync::Arc<Proxy>,
+    at_bytes: u64,
+    length: Duration,
+) -> std::thread::JoinHandle<Instant> {
+    let p = proxy.clone();
+    std::thread::spawn(move || {
+        assert!(
+            p.wait_for_bytes(at_bytes, TIMEOUT),
+            "traffic reached the mark"
+        );
+        p.silence_all(length);
+        Instant::now()
+    })
+}
+
 fn field(json: &str, name: &str) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     v.get(name)?.as_u64()
@@ -168,14 +186,7 @@ fn a_link_silent_for_five_seconds_is_survived_in_precopy_and_postcopy() {
         let key = KeyFile::new("silent");
         let (serve, src) = live_source(&key, &[]);
         let proxy = std::sync::Arc::new(Proxy::start(src, Plan::none()).expect("proxy"));
-        let p = proxy.clone();
-        let silencer = std::thread::spawn(move || {
-            assert!(
-                p.wait_for_bytes(at_bytes, TIMEOUT),
-                "traffic reached the mark"
-            );
-            p.silence_all(Duration::from_secs(5));
-        });
+        let silencer = silence_at(&proxy, at_bytes, Duration::from_secs(5));
         let (out, json, took) = demo(proxy.local_addr(), &key, &["--precopy", precopy]);
         join_within(silencer, TIMEOUT, "silencer");
         assert_verified(&out, &json, &format!("precopy {precopy}"));
@@ -195,15 +206,7 @@ fn a_link_silent_past_the_recovery_timeout_fails_in_bounded_time() {
         let key = KeyFile::new("dead");
         let (_serve, src) = live_source(&key, &[]);
         let proxy = std::sync::Arc::new(Proxy::start(src, Plan::none()).expect("proxy"));
-        let p = proxy.clone();
-        let silencer = std::thread::spawn(move || {
-            assert!(
-                p.wait_for_bytes(at_bytes, TIMEOUT),
-                "traffic reached the mark"
-            );
-            p.silence_all(Duration::from_secs(120));
-            Instant::now()
-        });
+        let silencer = silence_at(&proxy, at_bytes, Duration::from_secs(120));
         let (out, json, _) = demo(
             proxy.local_addr(),
             &key,

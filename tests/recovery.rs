@@ -107,6 +107,28 @@ fn chaos(seeds: u64, size: u64, key: Option<postcopy::link::auth::Key>) {
     }
 }
 
+/// A one-worker, demand-only engine on `source` with a 2 s recovery timeout, started.
+fn demand_only_engine(
+    source: std::net::SocketAddr,
+) -> (
+    postcopy::dest::EngineHandle,
+    std::sync::Arc<postcopy::dest::DestRam>,
+) {
+    let config = postcopy::dest::EngineConfig {
+        source: source.to_string(),
+        workers: 1,
+        stream: false,
+        pin: false,
+        recovery_timeout: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let connected = postcopy::dest::connect(&config).expect("connect");
+    let ram =
+        std::sync::Arc::new(postcopy::dest::DestRam::new(&connected.welcome.layout).expect("ram"));
+    let handle = postcopy::dest::Engine::start(connected, ram.clone(), &config).expect("engine");
+    (handle, ram)
+}
+
 #[test]
 fn a_dead_source_is_reported_within_the_recovery_timeout() {
     // The source goes away for good in the middle of postcopy: the destination gives up after
@@ -119,18 +141,7 @@ fn a_dead_source_is_reported_within_the_recovery_timeout() {
         ..Default::default()
     });
     let proxy = Proxy::start(src.addr, Plan::none()).expect("proxy");
-    let config = postcopy::dest::EngineConfig {
-        source: proxy.local_addr().to_string(),
-        workers: 1,
-        stream: false,
-        pin: false,
-        recovery_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let connected = postcopy::dest::connect(&config).expect("connect");
-    let ram =
-        std::sync::Arc::new(postcopy::dest::DestRam::new(&connected.welcome.layout).expect("ram"));
-    let handle = postcopy::dest::Engine::start(connected, ram.clone(), &config).expect("engine");
+    let (handle, ram) = demand_only_engine(proxy.local_addr());
     // Fault a few pages, then kill the source's reachability: stop the source and the proxy
     // upstream so every reconnect fails.
     let r2 = ram.clone();
@@ -246,18 +257,7 @@ fn a_panicking_source_thread_ends_its_session_cleanly() {
         panic_at_request: 5,
         ..Default::default()
     });
-    let config = postcopy::dest::EngineConfig {
-        source: src.addr.to_string(),
-        workers: 1,
-        stream: false,
-        pin: false,
-        recovery_timeout: Duration::from_secs(2),
-        ..Default::default()
-    };
-    let connected = postcopy::dest::connect(&config).expect("connect");
-    let ram =
-        std::sync::Arc::new(postcopy::dest::DestRam::new(&connected.welcome.layout).expect("ram"));
-    let handle = postcopy::dest::Engine::start(connected, ram.clone(), &config).expect("engine");
+    let (handle, ram) = demand_only_engine(src.addr);
     let r2 = ram.clone();
     let toucher = std::thread::spawn(move || {
         for p in 0..64u64 {

@@ -21,6 +21,7 @@
 //! same split the source uses for its streams, so every page has exactly one placer and the
 //! workers share nothing but the (atomic) received bitmaps.
 
+mod audit;
 mod config;
 mod connect;
 mod engine;
@@ -32,6 +33,7 @@ mod stats;
 mod verify;
 mod worker;
 
+pub use audit::placement_audit;
 pub use config::{EngineConfig, ZeroFill};
 pub use connect::{connect, Connected};
 pub use engine::{Engine, EngineHandle, PreparedEngine};

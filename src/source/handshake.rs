@@ -215,34 +215,7 @@ fn serve_joined(
     let precopy = new && hello.precopy;
     let rejoins_precopy =
         hello.resume && hello.precopy && hello.role == Role::Urgent && hello.worker == 0;
-    // A new session of a live source takes its tracker and workload; without precopy the
-    // workload stops now (pure postcopy).
-    let mut live = if new && shared.is_live {
-        Some(take_live(shared)?)
-    } else {
-        None
-    };
-    let mut stopped_unix_us = 0;
-    if let (false, Some(l)) = (precopy, live.as_mut()) {
-        l.workload.stop();
-        stopped_unix_us = unix_us();
-        session.life.switch_over();
-    }
-    if let Err(e) = send_welcome(shared, session, link, hello, stopped_unix_us, peer) {
-        if new {
-            // The destination never heard of this session: it starts a new one, which needs
-            // the live parts (precopy has not begun: they are untouched but for a stopped
-            // workload, whose memory is final then).
-            if let Some(l) = live.take() {
-                *shared.live.lock().expect("poisoned") = Some(l);
-            }
-            session.life.fail(format!(
-                "the first connection broke before its Welcome arrived ({e}); the destination \
-                 starts a new session"
-            ));
-        }
-        return Err(e);
-    }
+    let mut live = welcome(shared, session, link, hello, peer)?;
     // The rest of a frame that began to arrive comes within the link timeout, or the link
     // is dead (an idle destination sends heartbeats).
     let _ = link
@@ -276,6 +249,45 @@ fn serve_joined(
         Role::Bulk => serve_bulk(&mut c),
         Role::Verify => serve_verify(c.shared, c.session, c.link, c.peer),
     }
+}
+
+/// `Welcome`, after a new session of a live source took its tracker and workload (without
+/// precopy the workload stops now: pure postcopy). Returns the live parts for precopy.
+fn welcome(
+    shared: &Shared,
+    session: &Session,
+    link: &mut FramedStream,
+    hello: &Hello,
+    peer: SocketAddr,
+) -> Result<Option<LiveParts>, SourceError> {
+    let new = hello.session == 0;
+    let mut live = if new && shared.is_live {
+        Some(take_live(shared)?)
+    } else {
+        None
+    };
+    let mut stopped_unix_us = 0;
+    if let (false, Some(l)) = (hello.precopy, live.as_mut()) {
+        l.workload.stop();
+        stopped_unix_us = unix_us();
+        session.life.switch_over();
+    }
+    let Err(e) = send_welcome(shared, session, link, hello, stopped_unix_us, peer) else {
+        return Ok(live);
+    };
+    if new {
+        // The destination never heard of this session: it starts a new one, which needs the
+        // live parts (precopy has not begun: they are untouched but for a stopped workload,
+        // whose memory is final then).
+        if let Some(l) = live.take() {
+            *shared.live.lock().expect("poisoned") = Some(l);
+        }
+        session.life.fail(format!(
+            "the first connection broke before its Welcome arrived ({e}); the destination \
+             starts a new session"
+        ));
+    }
+    Err(e)
 }
 
 /// A live source's parts, which its one migration takes.

@@ -154,16 +154,8 @@ impl Worker {
         }
         let mut h = [0u8; HEADER_BYTES];
         Header::heartbeat().encode(&mut h);
-        self.sealed.clear();
-        seal_frames(
-            self.channel.as_mut().map(|c| &mut c.tx),
-            &h,
-            &mut self.sealed,
-        );
-        let len = self.sealed.len();
-        self.ring.slot_mut(send)[..len].copy_from_slice(&self.sealed);
         self.stats.heartbeats += 1;
-        self.start_send(len)
+        self.send_control(&h)
     }
 
     /// Re-arms every idle read.

@@ -258,16 +258,26 @@ impl Worker {
         if self.sending() || self.ring.is_busy(send) {
             return Ok(()); // after the requests in flight
         }
-        let h = self.end_header();
+        self.end_sent = true;
+        self.send_control(&self.end_header())
+    }
+
+    /// Seals `frames` (on an authenticated connection) into `sealed`.
+    fn seal(&mut self, frames: &[u8]) {
         self.sealed.clear();
         seal_frames(
             self.channel.as_mut().map(|c| &mut c.tx),
-            &h,
+            frames,
             &mut self.sealed,
         );
+    }
+
+    /// Sends a control frame (the send slot is free): sealed, copied into the slot, submitted.
+    pub(super) fn send_control(&mut self, frame: &[u8]) -> Result<(), DestError> {
+        let send = self.send.expect("control frames go out on the urgent half");
+        self.seal(frame);
         let len = self.sealed.len();
         self.ring.slot_mut(send)[..len].copy_from_slice(&self.sealed);
-        self.end_sent = true;
         self.start_send(len)
     }
 
@@ -305,12 +315,7 @@ impl Worker {
             };
             codec::encode_error(why, &mut frame);
         }
-        self.sealed.clear();
-        seal_frames(
-            self.channel.as_mut().map(|c| &mut c.tx),
-            &frame,
-            &mut self.sealed,
-        );
+        self.seal(&frame);
         if let Some(stream) = self.stream.as_ref() {
             let _ = std::io::Write::write_all(&mut &*stream, &self.sealed);
         }
