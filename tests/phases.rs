@@ -360,3 +360,68 @@ fn a_cut_in_the_first_handshake_starts_the_migration_again() {
         assert!(served.status.success(), "{what}: a session completed");
     }
 }
+
+#[test]
+fn a_break_of_the_verify_connection_anywhere_is_recovered() {
+    // The verify connection is the last a migration opens; a fault-free run says its index and
+    // what it carries. Then it is cut (by reset and by FIN) in the checksums, inside their
+    // `End`, right after it, and inside the destination's `Ack`. Every run verifies, and the
+    // source's session completes: at once when the retry is served, or after its recovery
+    // timeout (2 s) when only the `Ack` was lost.
+    let key = KeyFile::new("verify");
+    let once = ["--once", "--recovery-timeout", "2"];
+    let args = ["--precopy", "off", "--workers", "1"];
+    let (serve, src) = live_source(&key, &once);
+    let proxy = Proxy::start(src, Plan::none()).expect("proxy");
+    let (out, json, _) = demo(proxy.local_addr(), &key, &args);
+    assert_verified(&out, &json, "without breaks");
+    assert!(serve.wait_output(IO_TIMEOUT).status.success());
+    let verify = proxy
+        .stats()
+        .finished
+        .into_iter()
+        .max_by_key(|c| c.conn)
+        .expect("connections");
+    drop(proxy);
+    let (t, s) = (verify.to_client, verify.to_server);
+    for reset in [true, false] {
+        for (direction, offset_bytes) in [
+            (Dir::ToClient, t / 2),
+            (Dir::ToClient, t - 1),
+            (Dir::ToClient, t),
+            (Dir::ToServer, s - 1),
+        ] {
+            let what = format!(
+                "verify connection {} by {} at {direction} {offset_bytes} B of {t}/{s}",
+                verify.conn,
+                if reset { "reset" } else { "FIN" }
+            );
+            let (serve, src) = live_source(&key, &once);
+            let mut per_connection = vec![vec![]; verify.conn];
+            per_connection.push(vec![Fault::CutAt {
+                direction,
+                offset_bytes,
+            }]);
+            let plan = Plan {
+                reset,
+                ..Plan::per_connection(per_connection)
+            };
+            let proxy = Proxy::start(src, plan).expect("proxy");
+            let (out, json, _) = demo(proxy.local_addr(), &key, &args);
+            assert_verified(&out, &json, &what);
+            assert_eq!(proxy.stats().cuts.len(), 1, "{what}: the proxy cut");
+            let t0 = Instant::now();
+            let served = serve.wait_output(IO_TIMEOUT);
+            assert!(
+                served.status.success(),
+                "{what}: the source's session completed: {}",
+                String::from_utf8_lossy(&served.stderr)
+            );
+            assert!(
+                t0.elapsed() < Duration::from_secs(2 + 2),
+                "{what}: serve --once exited {:?} after the destination",
+                t0.elapsed()
+            );
+        }
+    }
+}

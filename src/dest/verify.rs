@@ -96,5 +96,10 @@ fn fetch(
             },
         });
     }
+    // Tell the source they arrived: until then it keeps the verification open for a retry.
+    // A lost `Ack` costs nothing here; the source gives the session up as verified later.
+    let mut ack = [0u8; HEADER_BYTES];
+    Header::control(Kind::Ack, total).encode(&mut ack);
+    let _ = link.write_frames(&ack);
     Ok(sums)
 }

@@ -7,7 +7,6 @@ use crate::codec;
 use crate::codec::{CodecError, Header, Kind};
 use crate::image::{page_checksum, PageData};
 use crate::link::FramedStream;
-use std::io::Read;
 use std::net::SocketAddr;
 
 /// A verify connection: after `Run` from the destination (sent once its migration is done),
@@ -67,8 +66,23 @@ pub(super) fn serve_verify(
     }
     Header::control(Kind::End, layout.total_pages()).encode_into(&mut out);
     session.flush(link, &mut out, "send checksums", peer)?;
+    // Written is not received: only the destination's `Ack` says the checksums arrived. A
+    // break before it leaves the verification pending, so the destination's retry finds it.
+    let ack = link
+        .next_frame_live(&live, Some(live.timeout), |h| match h.kind {
+            Kind::Ack => Ok(()),
+            got => Err(CodecError::Unexpected {
+                got,
+                expected: "Ack (checksums received)",
+            }),
+        })
+        .map_err(super::conn::link_err(peer))?;
+    if ack.is_none() {
+        return Err(SourceError::Incomplete {
+            session: session.id,
+            reason: "the verify connection closed before the checksums were acknowledged".into(),
+        });
+    }
     session.life.verify_served();
-    let mut sink = [0u8; 64];
-    let _ = link.socket().read(&mut sink);
     Ok(())
 }

@@ -348,6 +348,19 @@ pub struct Stats {
     pub blows: Vec<BlowEvent>,
     /// Silences of the whole link ([`Proxy::silence_all`]), in order: when, and how long.
     pub link_silences: Vec<(Duration, Duration)>,
+    /// Every finished connection, in the order they finished.
+    pub finished: Vec<FinishedConn>,
+}
+
+/// What one connection forwarded, once it finished in both directions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FinishedConn {
+    /// The connection's number (0 for the first established).
+    pub conn: usize,
+    /// Bytes forwarded to the server.
+    pub to_server: u64,
+    /// Bytes forwarded to the client.
+    pub to_client: u64,
 }
 
 /// The proxy: listens, and forwards every accepted connection on background threads until
@@ -844,12 +857,19 @@ impl Conn {
         };
         self.cond.notify_all();
         if last {
-            lock(&shared.stats).open -= 1;
+            let done = FinishedConn {
+                conn: self.index,
+                to_server: self.bytes[Dir::ToServer.idx()].load(Ordering::SeqCst),
+                to_client: self.bytes[Dir::ToClient.idx()].load(Ordering::SeqCst),
+            };
+            {
+                let mut stats = lock(&shared.stats);
+                stats.open -= 1;
+                stats.finished.push(done);
+            }
             shared.log(format_args!(
                 "conn {}: closed; forwarded {} B to-server, {} B to-client",
-                self.index,
-                self.bytes[0].load(Ordering::SeqCst),
-                self.bytes[1].load(Ordering::SeqCst)
+                done.conn, done.to_server, done.to_client
             ));
         }
     }
