@@ -15,7 +15,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::codec::{CodecError, Header, Kind, Role, HEADER_BYTES};
 use crate::dest::{
-    link_err, open_connection, register_shard, Connected, DestError, DestRam, EngineConfig,
+    job, link_err, open_connection, register_shard, Connected, DestError, DestRam, EngineConfig,
     EngineHandle, Job, Shared, WorkerStats,
 };
 use crate::link::FramedStream;
@@ -52,7 +52,7 @@ pub fn start(
     jobs.push((
         "baseline-fault".into(),
         0,
-        Box::new(move |shared| fault_thread(&p, control, &shared)),
+        job(move |shared| fault_thread(&p, control, &shared)),
     ));
     if config.stream {
         let cfg = EngineConfig {
@@ -63,7 +63,7 @@ pub fn start(
         jobs.push((
             "baseline-stream".into(),
             0,
-            Box::new(move |shared| stream_thread(&placer, stream, &shared)),
+            job(move |shared| stream_thread(&placer, stream, &shared)),
         ));
     }
     EngineHandle::spawn(ram, 1, 1, jobs)

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::{
     join_on_drop, join_within, output_within, wait_until, Proc, IO_TIMEOUT, MIB, TIMEOUT,
 };
-use postcopy::handler::{HandlerConfig, VmmReport};
+use postcopy::handler::{HandlerConfig, Outcome, VmmReport};
 use postcopy::image::FileImage;
 use postcopy::source::{SourceConfig, SourceServer, StopHandle};
 use serde_json::Value;
@@ -109,6 +109,18 @@ impl Rig {
         stream: bool,
         plan: Option<chaos_proxy::Plan>,
     ) -> Rig {
+        Rig::start_tuned(tag, page_size, once, stream, plan, |_| {})
+    }
+
+    /// [`Rig::start_with`], with the handler's settings adjusted by `tune`.
+    fn start_tuned(
+        tag: &str,
+        page_size: u64,
+        once: bool,
+        stream: bool,
+        plan: Option<chaos_proxy::Plan>,
+        tune: impl FnOnce(&mut HandlerConfig),
+    ) -> Rig {
         let dir = Dir::new(tag);
         let image = dir.0.join("vm.mem");
         image_file(&image, SIZE);
@@ -134,18 +146,16 @@ impl Rig {
         let socket = dir.0.join("handler.sock");
         let reports: Arc<Mutex<Vec<VmmReport>>> = Arc::default();
         let handler_stop = Arc::new(AtomicBool::new(false));
-        let (cfg, r, stop) = (
-            HandlerConfig {
-                socket: socket.clone(),
-                source: addr,
-                verbose: false,
-                stream,
-                link_timeout: Duration::from_secs(10),
-                ..Default::default()
-            },
-            reports.clone(),
-            handler_stop.clone(),
-        );
+        let mut cfg = HandlerConfig {
+            socket: socket.clone(),
+            source: addr,
+            verbose: false,
+            stream,
+            link_timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        tune(&mut cfg);
+        let (r, stop) = (reports.clone(), handler_stop.clone());
         let handler = std::thread::spawn(move || {
             postcopy::handler::serve(&cfg, stop, move |rep| r.lock().unwrap().push(rep.clone()))
                 .expect("handler")
@@ -201,7 +211,13 @@ impl Rig {
                 > n),
             "no report {n} from the handler"
         );
-        self.reports.lock().unwrap()[n].clone()
+        let r = self.reports.lock().unwrap()[n].clone();
+        assert_eq!(
+            r.pages_accounted(),
+            r.pages,
+            "report {n}: every page ends one way, whatever the outcome: {r:?}"
+        );
+        r
     }
 }
 
@@ -234,7 +250,7 @@ fn every_json_version_restores_and_verifies() {
         assert_verified(&json, code);
         assert_eq!(json["pages_total"], SIZE / 4096);
         let r = rig.report(i);
-        assert_eq!(r.outcome, "complete", "{r:?}");
+        assert_eq!(r.outcome, Outcome::Complete, "{r:?}");
         assert!(r.pages_by_fault + r.pages_by_stream <= SIZE / 4096, "{r:?}");
         assert!(
             r.restore_seconds.is_some() && r.first_fault_served_ms.is_some(),
@@ -283,7 +299,7 @@ fn one_and_four_regions_out_of_address_order_and_the_stream_fills_the_rest() {
     let r = rig.report(1);
     assert_eq!(r.regions, 4);
     assert!(r.pages_by_stream > 0, "{r:?}");
-    assert_eq!(r.outcome, "complete");
+    assert_eq!(r.outcome, Outcome::Complete);
 }
 
 #[test]
@@ -291,7 +307,7 @@ fn concurrent_faults_on_one_page() {
     let rig = Rig::start("samepage", 4096);
     let (json, code) = rig.vmm(&["--same-page-threads", "8", "--threads", "2"]);
     assert_verified(&json, code);
-    assert_eq!(rig.report(0).outcome, "complete");
+    assert_eq!(rig.report(0).outcome, Outcome::Complete);
 }
 
 #[test]
@@ -321,14 +337,99 @@ fn vmm_exiting_mid_restore_ends_its_session_only() {
     assert_eq!(json["exited_early"], true, "{json}");
     let r = rig.report(0);
     assert!(
-        r.outcome == "vmm exited" || r.outcome == "complete",
+        matches!(r.outcome, Outcome::VmmExited | Outcome::Complete),
         "the session ends cleanly: {r:?}"
     );
     assert!(r.error.is_none(), "{r:?}");
     // The handler is still up for the next VMM.
     let (json, code) = rig.vmm(&["--threads", "2"]);
     assert_verified(&json, code);
-    assert_eq!(rig.report(1).outcome, "complete");
+    assert_eq!(rig.report(1).outcome, Outcome::Complete);
+}
+
+#[test]
+fn every_exit_path_reports_counters_that_add_up() {
+    // Demand-only, one toucher, so each way out lands mid-restore. `Rig::report` checks that
+    // the page fields add up to the VMM's pages in every report.
+    let pages = SIZE / 4096;
+    let rig = Rig::start_with(
+        "exit-paths",
+        4096,
+        false,
+        false,
+        Some(chaos_proxy::Plan::none()),
+    );
+    let (json, _) = rig.vmm(&["--exit-after-pages", "300", "--threads", "1"]);
+    assert_eq!(json["exited_early"], true, "{json}");
+    let r = rig.report(0);
+    assert_eq!(r.outcome, Outcome::VmmExited, "{r:?}");
+    assert!(r.error.is_none(), "{r:?}");
+    assert!(
+        r.faults >= 300 && r.pages_by_fault >= 300,
+        "the faults are counted: {r:?}"
+    );
+    assert!(r.pages_missing > 0 && r.restore_seconds.is_none(), "{r:?}");
+    assert!(
+        r.fault_service_us.is_some() && r.first_fault_served_ms.is_some(),
+        "{r:?}"
+    );
+
+    // The handler is stopped while a VMM restores.
+    let proxy = rig.proxy.as_ref().expect("a proxy");
+    let mark = proxy.stats().bytes_to_client + proxy.stats().bytes_to_server + 4 * MIB;
+    let json = std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let went_on = proxy.wait_for_bytes(mark, Duration::from_secs(20));
+            rig.handler_stop
+                .store(true, std::sync::atomic::Ordering::Release);
+            went_on
+        });
+        let json = rig.vmm(&["--threads", "1"]).0;
+        assert!(waiter.join().unwrap(), "the restore went on: {json}");
+        json
+    });
+    let r = rig.report(1);
+    assert_eq!(r.outcome, Outcome::Stopped, "{r:?} {json}");
+    assert!(r.pages_by_fault >= 1000 && r.pages_missing > 0, "{r:?}");
+    assert!(r.pages_by_fault < pages, "{r:?}");
+    drop(rig);
+
+    // The source is lost: the proxy goes away mid-restore, the handler gives up after its
+    // recovery timeout (1 s).
+    let rig = Rig::start_tuned(
+        "source-lost",
+        4096,
+        false,
+        false,
+        Some(chaos_proxy::Plan::none()),
+        |c| c.recovery_timeout = Duration::from_secs(1),
+    );
+    let proxy = rig.proxy.as_ref().expect("a proxy");
+    let t0 = Instant::now();
+    let json = std::thread::scope(|s| {
+        let waiter = s.spawn(|| {
+            let began = proxy.wait_for_bytes(4 * MIB, Duration::from_secs(20));
+            proxy.stop();
+            began
+        });
+        let json = rig.vmm(&["--threads", "1"]).0;
+        assert!(waiter.join().unwrap(), "the restore began: {json}");
+        json
+    });
+    let r = rig.report(0);
+    assert_eq!(r.outcome, Outcome::SourceLost, "{r:?} {json}");
+    assert!(
+        r.error
+            .as_deref()
+            .is_some_and(|e| e.contains("unreachable")),
+        "{r:?}"
+    );
+    assert!(r.pages_by_fault >= 1000 && r.pages_missing > 0, "{r:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "bounded: {:?}",
+        t0.elapsed()
+    );
 }
 
 #[test]
@@ -370,7 +471,7 @@ fn the_handlers_source_connections_survive_random_blows() {
         let (json, code) = rig.vmm(&["--threads", "2"]);
         assert_verified(&json, code);
         let r = rig.report(0);
-        assert_eq!(r.outcome, "complete", "seed {seed}: {r:?}");
+        assert_eq!(r.outcome, Outcome::Complete, "seed {seed}: {r:?}");
         let blows = rig.proxy.as_ref().map_or(0, |p| p.stats().blows.len());
         println!("seed {seed}: {blows} blows, {} recoveries", r.recoveries);
     }
@@ -433,7 +534,7 @@ fn two_mib_pages() {
         ]);
         assert_verified(&json, code);
         let r = rig.report(i);
-        assert_eq!(r.outcome, "complete", "{r:?}");
+        assert_eq!(r.outcome, Outcome::Complete, "{r:?}");
         assert_eq!(r.pages, 32);
     }
 }
@@ -505,7 +606,7 @@ fn bad_handshakes_get_clear_errors_and_the_handler_keeps_serving() {
     for (i, (json, fd, want)) in cases.iter().enumerate() {
         send_raw(&rig.socket, json, *fd);
         let r = rig.report(i);
-        assert_eq!(r.outcome, "error", "case {i}: {r:?}");
+        assert_eq!(r.outcome, Outcome::Error, "case {i}: {r:?}");
         let e = r.error.clone().unwrap_or_default();
         assert!(
             e.contains(want),
@@ -520,7 +621,7 @@ fn bad_handshakes_get_clear_errors_and_the_handler_keeps_serving() {
     // Still serving.
     let (json, code) = rig.vmm(&["--threads", "2"]);
     assert_verified(&json, code);
-    assert_eq!(rig.report(cases.len()).outcome, "complete");
+    assert_eq!(rig.report(cases.len()).outcome, Outcome::Complete);
 }
 
 /// The binaries as an operator runs them: `postcopy serve --image` and `postcopy handler`.

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{join_within, layout, MIB, PAGE, TIMEOUT};
-use postcopy::handler::{HandlerConfig, VmmReport};
+use postcopy::handler::{HandlerConfig, Outcome, VmmReport};
 use postcopy::image::{page_checksum, FileImage, Synthetic};
 use postcopy::source::{SourceConfig, SourceServer};
 use postcopy::sys::mem::Mapping;
@@ -171,7 +171,7 @@ fn handler_serves_a_vmm_and_its_removals() {
     let reports = reports.lock().unwrap();
     assert_eq!(reports.len(), 1);
     let rep = &reports[0];
-    assert_eq!(rep.outcome, "complete", "{rep:?}");
+    assert_eq!(rep.outcome, Outcome::Complete, "{rep:?}");
     assert_eq!(rep.regions, 2);
     assert_eq!(rep.pages, pages);
     assert!(rep.pages_removed >= 64, "{rep:?}");

@@ -1,8 +1,64 @@
-//! The audit of a migration whose page counts do not add up: what each path placed, by the
-//! per-page record ([`super::PageOrigins`]), against the counters, and the first pages missing
-//! or placed by no path.
+//! How each page ended, by the per-page record ([`super::PageOrigins`]): the tally a report
+//! gives on every exit path ([`page_tally`]), and the audit of a migration whose page counts do
+//! not add up ([`placement_audit`]): what each path placed against the counters, and the first
+//! pages missing or placed by no path.
 
 use super::{DestRam, EngineReport, PlacedBy, PrecopyReport};
+
+/// How each wanted page (a VMM's pages for memory of another process; every page otherwise)
+/// ended: exactly one field counts it, so the fields add up to [`PageTally::pages`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PageTally {
+    /// Placed by a fault's reply (a sequential reader's prefetch included).
+    pub by_fault: u64,
+    /// Placed by the background stream.
+    pub by_stream: u64,
+    /// Placed by the stream's working-set push, ahead of the rest.
+    pub by_working_set: u64,
+    /// Placed as zero pages from the source's zero map.
+    pub by_zero_map: u64,
+    /// Written by precopy (and not discarded).
+    pub by_precopy: u64,
+    /// Dropped by the VMM (`UFFD_EVENT_REMOVE`) before any placement: they read as zero.
+    pub removed_unplaced: u64,
+    /// Never placed: the engine ended first (the VMM exited, the source was lost, an error).
+    pub missing: u64,
+}
+
+impl PageTally {
+    /// The pages counted.
+    pub fn pages(&self) -> u64 {
+        self.by_fault
+            + self.by_stream
+            + self.by_working_set
+            + self.by_zero_map
+            + self.by_precopy
+            + self.removed_unplaced
+            + self.missing
+    }
+}
+
+/// How each wanted page of `ram` ended (read once the engine has ended: no page still moves).
+pub fn page_tally(ram: &DestRam) -> PageTally {
+    let mut t = PageTally::default();
+    for b in 0..ram.layout.blocks.len() {
+        for seg in ram.segments(b) {
+            for p in seg.first_page..seg.first_page + seg.pages {
+                let slot = match (ram.placed_by.get(b, p), ram.received[b].get(p)) {
+                    (PlacedBy::Fault, _) => &mut t.by_fault,
+                    (PlacedBy::Stream, _) => &mut t.by_stream,
+                    (PlacedBy::WorkingSet, _) => &mut t.by_working_set,
+                    (PlacedBy::ZeroMap, _) => &mut t.by_zero_map,
+                    (PlacedBy::Precopy, _) => &mut t.by_precopy,
+                    (PlacedBy::Nothing, true) => &mut t.removed_unplaced,
+                    (PlacedBy::Nothing, false) => &mut t.missing,
+                };
+                *slot += 1;
+            }
+        }
+    }
+    t
+}
 
 /// When the report's page counts do not sum to the layout, or a page is missing: what each
 /// path placed (by the per-page record) against what the counters say, and the first pages
@@ -43,9 +99,10 @@ pub fn placement_audit(
         }
     }
     Some(format!(
-        "the counts sum to {counted} of {total} pages; per page: {} by fault, {} by stream, {} by          zero map, {} by precopy, {} never placed; {} received{}",
+        "the counts sum to {counted} of {total} pages; per page: {} by fault, {} by stream, {} by the working set, {} by zero map, {} by precopy, {} never placed; {} received{}",
         by[1],
         by[2],
+        by[5],
         by[3],
         by[4],
         by[0],

@@ -5,7 +5,7 @@ use super::config::EngineConfig;
 use super::connect::Connected;
 use super::error::{io_err, DestError};
 use super::ram::DestRam;
-use super::stats::{EngineReport, WorkerStats};
+use super::stats::{EngineReport, JobEnd, WorkerStats};
 use super::worker;
 use crate::layout::shard;
 use crate::sys::uffd;
@@ -14,8 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A worker's end, reported over the control plane.
-type WorkerExit = (usize, Result<WorkerStats, DestError>);
+/// A thread's end, reported over the control plane.
+type WorkerExit = (usize, JobEnd);
 
 /// The engine: builds the workers.
 pub struct Engine;
@@ -82,8 +82,39 @@ pub(crate) fn register_shard(
     Ok(u)
 }
 
-/// A thread body of an engine: returns its counters or the error that ended it.
-pub(crate) type Job = Box<dyn FnOnce(Arc<Shared>) -> Result<WorkerStats, DestError> + Send>;
+/// A thread body of an engine: returns its counters and the error that ended it, if one did.
+pub(crate) type Job = Box<dyn FnOnce(Arc<Shared>) -> JobEnd + Send>;
+
+/// A [`Job`] from a body that keeps no counters when it fails.
+pub(crate) fn job(
+    f: impl FnOnce(Arc<Shared>) -> Result<WorkerStats, DestError> + Send + 'static,
+) -> Job {
+    Box::new(move |shared| match f(shared) {
+        Ok(stats) => (stats, Ok(())),
+        Err(e) => (WorkerStats::default(), Err(e)),
+    })
+}
+
+/// How an engine ended: its report (every thread's counters, whatever happened) and the first
+/// error, if any. [`EngineHandle::wait`] makes it a `Result`; a caller that reports on every exit
+/// path (the handler) keeps both.
+#[derive(Debug)]
+pub struct EngineEnd {
+    /// The counters and times (for a failed run: up to the failure).
+    pub report: EngineReport,
+    /// The first error to arrive (it stopped the other threads).
+    pub error: Option<DestError>,
+}
+
+impl EngineEnd {
+    /// The report if the engine ended without an error.
+    pub fn into_result(self) -> Result<EngineReport, DestError> {
+        match self.error {
+            None => Ok(self.report),
+            Some(e) => Err(e),
+        }
+    }
+}
 
 impl EngineHandle {
     /// Starts `jobs` (name, body) on their own threads with shared control-plane state.
@@ -112,12 +143,12 @@ impl EngineHandle {
                 .name(name)
                 .spawn(move || {
                     let stop = shared.stop.clone();
-                    let result = job(shared);
-                    if result.is_err() {
+                    let end = job(shared);
+                    if end.1.is_err() {
                         // One thread failing ends the migration: stop the others.
                         stop.store(true, Ordering::Release);
                     }
-                    let _ = exit_tx.send((w, result));
+                    let _ = exit_tx.send((w, end));
                 })
                 .map_err(io_err("spawn engine thread"))?;
             threads.push(t);
@@ -350,57 +381,34 @@ impl EngineHandle {
 
     /// Waits for every worker; the first error to arrive wins (and stops the others).
     pub fn wait(self) -> Result<EngineReport, DestError> {
-        let workers = self.threads.len();
-        let mut report = EngineReport {
-            workers: self.workers,
-            ..Default::default()
-        };
-        let mut stats: Vec<Option<WorkerStats>> = vec![None; workers];
-        let mut reported = vec![false; workers];
-        let mut first_err = None;
-        while reported.iter().any(|r| !r) {
-            match self.exits.recv_timeout(Duration::from_millis(100)) {
-                Ok((w, Ok(s))) => {
-                    reported[w] = true;
-                    stats[w] = Some(s);
-                }
-                Ok((w, Err(e))) => {
-                    reported[w] = true;
-                    self.stop.store(true, Ordering::Release);
-                    first_err.get_or_insert(e);
-                }
-                Err(_) => {
-                    // A worker that ended without reporting panicked (a bug): stop the rest.
-                    for (w, t) in self.threads.iter().enumerate() {
-                        if !reported[w] && t.is_finished() && self.exits.is_empty() {
-                            reported[w] = true;
-                            self.stop.store(true, Ordering::Release);
-                            first_err.get_or_insert(DestError::Panicked(w));
-                        }
-                    }
-                }
-            }
-        }
+        self.wait_end().into_result()
+    }
+
+    /// Waits for every worker and reports how the engine ended, its counters kept on every
+    /// exit path (complete, stopped, failed).
+    pub fn wait_end(self) -> EngineEnd {
+        let (stats, mut error) = self.collect();
         for t in self.threads {
             let _ = t.join();
         }
-        if let Some(e) = first_err {
-            return Err(e);
+        let mut report = EngineReport {
+            workers: self.workers,
+            per_worker: vec![WorkerStats::default(); self.workers],
+            ..Default::default()
+        };
+        for (thread, s) in stats.iter().enumerate() {
+            report.totals.merge(s);
+            report.per_worker[self.worker_of[thread]].merge(s);
         }
         // A worker that saw pages missing at its stop may have raced its sibling half's last
         // placement (placed, not yet marked): with every thread joined the bitmap is exact.
-        if stats.iter().flatten().any(|s| s.ended_early) && !self.ram.complete() {
-            return Err(DestError::Stopped);
+        if error.is_none() && stats.iter().any(|s| s.ended_early) && !self.ram.complete() {
+            error = Some(DestError::Stopped);
         }
         // incoming_cleanup: the workers' userfaultfds are closed (unregistered) and their
         // temp pages freed; huge pages go back on where they were wanted.
-        self.ram.restore_thp()?;
-        report.per_worker = vec![WorkerStats::default(); self.workers];
-        for (thread, s) in stats.into_iter().enumerate() {
-            if let Some(s) = s {
-                report.totals.merge(&s);
-                report.per_worker[self.worker_of[thread]].merge(&s);
-            }
+        if let Err(e) = self.ram.restore_thp() {
+            error.get_or_insert(e);
         }
         let last = self.last_placed_ns.load(Ordering::Acquire);
         let end_ns = if last > 0 {
@@ -417,6 +425,37 @@ impl EngineHandle {
             .fault_service_ns
             .as_ref()
             .map(crate::stats::LatencyUs::from_ns);
-        Ok(report)
+        EngineEnd { report, error }
+    }
+
+    /// Every thread's counters as it ends, and the first error; a thread that ended without
+    /// reporting panicked (a bug): the rest are stopped.
+    fn collect(&self) -> (Vec<WorkerStats>, Option<DestError>) {
+        let threads = self.threads.len();
+        let mut stats = vec![WorkerStats::default(); threads];
+        let mut reported = vec![false; threads];
+        let mut first_err = None;
+        while reported.iter().any(|r| !r) {
+            match self.exits.recv_timeout(Duration::from_millis(100)) {
+                Ok((w, (s, result))) => {
+                    reported[w] = true;
+                    stats[w] = s;
+                    if let Err(e) = result {
+                        self.stop.store(true, Ordering::Release);
+                        first_err.get_or_insert(e);
+                    }
+                }
+                Err(_) => {
+                    for (w, t) in self.threads.iter().enumerate() {
+                        if !reported[w] && t.is_finished() && self.exits.is_empty() {
+                            reported[w] = true;
+                            self.stop.store(true, Ordering::Release);
+                            first_err.get_or_insert(DestError::Panicked(w));
+                        }
+                    }
+                }
+            }
+        }
+        (stats, first_err)
     }
 }

@@ -33,10 +33,10 @@ mod stats;
 mod verify;
 mod worker;
 
-pub use audit::placement_audit;
+pub use audit::{page_tally, placement_audit, PageTally};
 pub use config::{EngineConfig, ZeroFill};
 pub use connect::{connect, Connected};
-pub use engine::{Engine, EngineHandle, PreparedEngine};
+pub use engine::{Engine, EngineEnd, EngineHandle, PreparedEngine};
 pub use error::DestError;
 pub use origin::{PageOrigins, PlacedBy};
 pub use precopy::{receive_precopy, PrecopyReport};
@@ -46,5 +46,5 @@ pub use verify::fetch_checksums;
 pub use worker::coalesce_requests;
 
 pub(crate) use connect::{link_err, open_connection, open_with_retry, retryable, Joining};
-pub(crate) use engine::{register_shard, Job, Shared};
+pub(crate) use engine::{job, register_shard, Job, Shared};
 pub(crate) use error::io_err;

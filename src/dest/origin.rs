@@ -21,6 +21,8 @@ pub enum PlacedBy {
     ZeroMap = 3,
     /// Written by precopy and not discarded.
     Precopy = 4,
+    /// The stream's push of the image's working set, ahead of the rest.
+    WorkingSet = 5,
 }
 
 impl PlacedBy {
@@ -30,6 +32,7 @@ impl PlacedBy {
             2 => PlacedBy::Stream,
             3 => PlacedBy::ZeroMap,
             4 => PlacedBy::Precopy,
+            5 => PlacedBy::WorkingSet,
             _ => PlacedBy::Nothing,
         }
     }
@@ -42,6 +45,7 @@ impl PlacedBy {
             PlacedBy::Stream => "placed by the stream",
             PlacedBy::ZeroMap => "placed as a zero page from the zero map",
             PlacedBy::Precopy => "written by precopy",
+            PlacedBy::WorkingSet => "placed by the working-set push",
         }
     }
 }
@@ -87,11 +91,11 @@ impl PageOrigins {
     }
 
     /// Pages per path (indexed by `PlacedBy as usize`).
-    pub fn counts(&self) -> [u64; 5] {
-        let mut counts = [0u64; 5];
+    pub fn counts(&self) -> [u64; 6] {
+        let mut counts = [0u64; 6];
         for block in &self.blocks {
             for o in block.iter() {
-                counts[usize::from(o.load(Ordering::Relaxed).min(4))] += 1;
+                counts[usize::from(o.load(Ordering::Relaxed).min(5))] += 1;
             }
         }
         counts

@@ -104,3 +104,7 @@ pub struct EngineReport {
     /// A VMM's memory: fault service time on our side (event read → placed).
     pub fault_service_us: Option<crate::stats::LatencyUs>,
 }
+
+/// An engine thread's end: its counters (everything it did, also when it failed) and how it
+/// ended.
+pub(crate) type JobEnd = (WorkerStats, Result<(), super::DestError>);

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::stats::JobEnd;
 use super::{
     link_err, open_with_retry, retryable, DestError, DestRam, EngineConfig, Joining, Shared,
     WorkerStats, ZeroFill,
@@ -280,24 +281,32 @@ struct Worker {
 
 /// A worker thread: set up (connection, ring, temp pages), report ready, wait for `Go`
 /// (sent by `enable_notify` after the switchover), then serve its shard.
-pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> Result<WorkerStats, DestError> {
+pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> JobEnd {
     let half = setup.half;
     let go = setup.go.clone();
-    let prepared = Prepared::new(setup, shared.clone())?;
+    let prepared = match Prepared::new(setup, shared.clone()) {
+        Ok(p) => p,
+        Err(e) => return (WorkerStats::default(), Err(e)),
+    };
     // Connected, ring and temp pages in place: faults can be served as soon as `Go` arrives.
     shared.ready.fetch_add(1, Ordering::AcqRel);
     let Ok(go) = go.recv() else {
         // The engine was dropped before `enable_notify`.
-        return Err(DestError::Stopped);
+        return (WorkerStats::default(), Err(DestError::Stopped));
     };
     let state = go.state.clone();
-    let mut w = prepared.start(go)?;
-    let result = w.run().map(|()| w.stats);
+    let result = prepared.start(go).map(|mut w| {
+        let r = w.run();
+        (w.stats, r)
+    });
     if half == Half::Bulk {
         // Whatever happened, the urgent half must not wait for this one any longer.
         state.bulk_done.store(true, Ordering::Release);
     }
-    result
+    match result {
+        Ok(end) => end,
+        Err(e) => (WorkerStats::default(), Err(e)),
+    }
 }
 
 /// A worker half's own connection (the first connection, worker 0's urgent one, is the

@@ -17,10 +17,13 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::dest::{self, DestError, DestRam, Engine, EngineConfig, ZeroFill};
-use crate::handover::{self, HandoverError, JsonVersion};
-use crate::stats::LatencyUs;
+use crate::dest::{self, DestRam, Engine, EngineConfig, ZeroFill};
+use crate::handover::{self, HandoverError};
 use crate::sys::uffd::Uffd;
+
+mod report;
+
+pub use report::{Outcome, VmmReport};
 
 /// Errors of the handler server itself (a VMM's failure is in its [`VmmReport`]).
 #[derive(Debug, thiserror::Error)]
@@ -88,42 +91,6 @@ impl Default for HandlerConfig {
             tls: None,
         }
     }
-}
-
-/// What serving one VMM did.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct VmmReport {
-    /// The VMM's pid (`SO_PEERCRED`).
-    pub pid: Option<i32>,
-    /// How it ended: `complete` (every page placed, then the VMM exited), `vmm exited`
-    /// (before every page was placed), or an error.
-    pub outcome: String,
-    /// JSON generation of its handshake.
-    pub version: Option<JsonVersion>,
-    /// Its regions.
-    pub regions: usize,
-    /// Pages in its regions.
-    pub pages: u64,
-    /// Connection accepted → last page placed.
-    pub restore_seconds: Option<f64>,
-    /// Connection accepted → first fault answered.
-    pub first_fault_served_ms: Option<f64>,
-    /// Fault service on our side: event read → page placed.
-    pub fault_service_us: Option<LatencyUs>,
-    /// Pages placed in answer to faults.
-    pub pages_by_fault: u64,
-    /// Pages placed from the background stream.
-    pub pages_by_stream: u64,
-    /// Pages the VMM removed (balloon); served as zero pages afterwards.
-    pub pages_removed: u64,
-    /// Zero pages placed for faults on removed pages.
-    pub pages_zero_after_remove: u64,
-    /// `EEXIST` races (present already).
-    pub eexist: u64,
-    /// Connections to the source reopened after a break.
-    pub recoveries: u64,
-    /// The error, when the outcome is one.
-    pub error: Option<String>,
 }
 
 /// Serves VMMs on `config.socket` until `stop` (or, with `once`, after the first VMM).
@@ -228,18 +195,18 @@ fn wait_readable(listener: &UnixListener, timeout: Duration) {
 pub fn serve_vmm(config: &HandlerConfig, sock: UnixStream, stop: &AtomicBool) -> VmmReport {
     let t0 = Instant::now();
     let mut report = VmmReport::default();
-    match serve_vmm_inner(config, &sock, stop, t0, &mut report) {
-        Ok(()) => {}
-        Err(e) => {
-            report.outcome = "error".into();
-            report.error = Some(e);
-        }
+    if let Err(e) = serve_vmm_inner(config, &sock, stop, t0, &mut report) {
+        report.outcome = Outcome::Error;
+        report.error = Some(e);
     }
     if config.verbose {
         eprintln!(
             "postcopy handler: VMM pid {}: {}{}",
             report.pid.map_or("?".into(), |p| p.to_string()),
-            report.outcome,
+            serde_json::to_value(report.outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
             report
                 .error
                 .as_deref()
@@ -251,7 +218,7 @@ pub fn serve_vmm(config: &HandlerConfig, sock: UnixStream, stop: &AtomicBool) ->
 }
 
 /// Receives the VMM's handover, serves it through the engine until the VMM exits (or `stop`),
-/// and fills in `report`.
+/// and fills in `report` (on every path once the engine ran).
 fn serve_vmm_inner(
     config: &HandlerConfig,
     sock: &UnixStream,
@@ -262,15 +229,23 @@ fn serve_vmm_inner(
     let _ = sock.set_nonblocking(false);
     let h = handover::receive(sock, config.handshake_timeout)
         .map_err(|e: HandoverError| e.to_string())?;
+    let handed_over = Instant::now();
+    report.handover_ms = Some((handed_over - t0).as_secs_f64() * 1000.0);
     report.pid = h.pid;
     report.version = Some(h.version);
     report.regions = h.regions.len();
     let engine = start_engine(config, h, report)?;
-    let t_notify = t0.elapsed().as_secs_f64();
+    // The engine's times run from its release (`Go`); the VMM's from its handover.
+    let released_s = handed_over.elapsed().as_secs_f64();
     let vmm_gone = serve_until_gone(sock, &engine, stop)?;
-    let complete = engine.ram.complete();
     engine.stop();
-    finish(engine.wait(), vmm_gone, complete, t_notify, report)
+    let ram = engine.ram.clone();
+    report.engine_ended(engine.wait_end(), &ram, vmm_gone);
+    report.first_fault_served_ms = report
+        .first_fault_served_ms
+        .map(|ms| ms + released_s * 1000.0);
+    report.restore_seconds = report.restore_seconds.map(|s| s + released_s);
+    Ok(())
 }
 
 /// The engine settings for a VMM with `regions`: one worker, and zero pages by copying on
@@ -346,47 +321,4 @@ fn serve_until_gone(
         }
     }
     Ok(false)
-}
-
-/// The outcome of a VMM's engine run (`done`) into `report`, with `t_notify` (accept → notify
-/// on, s) to turn the engine's times into the VMM's. `complete`: every page was placed when
-/// the engine was stopped.
-fn finish(
-    done: Result<dest::EngineReport, DestError>,
-    vmm_gone: bool,
-    complete: bool,
-    t_notify: f64,
-    report: &mut VmmReport,
-) -> Result<(), String> {
-    match done {
-        Ok(r) => {
-            report.restore_seconds = Some(t_notify + r.postcopy_seconds);
-            report.first_fault_served_ms = r
-                .first_fault_served_seconds
-                .map(|s| (t_notify + s) * 1000.0);
-            report.fault_service_us = r.fault_service_us.clone();
-            report.pages_by_fault = r.totals.pages_by_fault;
-            report.pages_by_stream = r.totals.pages_by_stream;
-            report.pages_removed = r.totals.pages_removed;
-            report.pages_zero_after_remove = r.totals.pages_zero_after_remove;
-            report.eexist = r.totals.eexist;
-            report.recoveries = r.totals.recoveries;
-            report.outcome = "complete".into();
-            Ok(())
-        }
-        // The VMM went away first: its memory is gone, nothing is lost here.
-        Err(DestError::Stopped) if vmm_gone || !complete => {
-            report.outcome = if vmm_gone { "vmm exited" } else { "stopped" }.into();
-            Ok(())
-        }
-        Err(DestError::Uffd(e)) if vmm_gone || is_mm_gone(&e) => {
-            report.outcome = "vmm exited".into();
-            Ok(())
-        }
-        Err(e) => Err(e.to_string()),
-    }
-}
-
-fn is_mm_gone(e: &crate::sys::uffd::UffdError) -> bool {
-    matches!(e, crate::sys::uffd::UffdError::Place(p) if p.kind == crate::sys::uffd::PlaceErrorKind::MmGone)
 }
