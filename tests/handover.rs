@@ -437,7 +437,10 @@ fn a_vmm_exiting_early_ends_its_source_session_at_once() {
     // Demand-only, the VMM leaves after 300 pages: the handler's engine stops and tells the
     // source, whose session ends at once (no wait for a reconnection): a `--once` source
     // returns within a second of the VMM's exit.
-    let mut rig = Rig::start_with("exit-once", 4096, true, false, None);
+    // No prepared sessions: the VMM's must be the source's first.
+    let mut rig = Rig::start_tuned("exit-once", 4096, true, false, None, |c| {
+        c.prepared_sessions = 0
+    });
     let (json, _) = rig.vmm(&["--exit-after-pages", "300", "--threads", "1"]);
     let exited = std::time::Instant::now();
     assert_eq!(json["exited_early"], true, "{json}");
@@ -694,4 +697,48 @@ fn cli_serve_and_handler_restore_a_vmm() {
     assert_eq!(report["outcome"], "complete", "{report}");
     assert_eq!(report["regions"], 2);
     assert!(report["restore_seconds"].as_f64().is_some(), "{report}");
+}
+
+#[test]
+fn prepared_sessions_serve_handovers_and_survive_idling_and_breaks() {
+    // A link timeout of 1 s: a prepared session idle for 3 s lives on its heartbeats. Each
+    // VMM after the first finds one ready (the keeper replaced the one taken while the last
+    // restore ran), and every restore verifies.
+    let rig = Rig::start_tuned(
+        "prepared",
+        4096,
+        false,
+        true,
+        Some(chaos_proxy::Plan::none()),
+        |c| c.link_timeout = Duration::from_secs(1),
+    );
+    let (json, code) = rig.vmm(&["--threads", "2"]);
+    assert_verified(&json, code);
+    let r = rig.report(0);
+    assert_eq!(r.outcome, Outcome::Complete, "{r:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    let (json, code) = rig.vmm(&["--threads", "2"]);
+    assert_verified(&json, code);
+    let r = rig.report(1);
+    assert!(
+        r.session_prepared,
+        "idle for 3 s, three link timeouts: {r:?}"
+    );
+    assert_eq!((r.outcome, r.recoveries), (Outcome::Complete, 0), "{r:?}");
+    // Every connection is cut while the prepared ones wait: they are replaced (or the VMM
+    // connects on arrival), and the restore verifies.
+    let proxy = rig.proxy.as_ref().expect("a proxy");
+    proxy.cut_all();
+    let (json, code) = rig.vmm(&["--threads", "2"]);
+    assert_verified(&json, code);
+    let r = rig.report(2);
+    assert_eq!(r.outcome, Outcome::Complete, "{r:?}");
+    let (json, code) = rig.vmm(&["--threads", "1", "--touch-percent", "10"]);
+    assert_verified(&json, code);
+    let r = rig.report(3);
+    assert!(r.session_prepared, "{r:?}");
+    assert!(
+        r.first_fault_served_ms.is_some_and(|ms| ms < 1000.0),
+        "{r:?}"
+    );
 }

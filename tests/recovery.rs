@@ -72,6 +72,8 @@ fn chaos(seeds: u64, size: u64, key: Option<postcopy::link::auth::Key>) {
             &DestOptions {
                 threads: 2,
                 key: key.clone(),
+                // Half the seeds with the handler's late-joining bulk halves.
+                bulk_joins_after_go: seed % 2 == 0,
                 ..Default::default()
             },
         );

@@ -44,6 +44,11 @@ pub struct HandlerArgs {
     recovery_timeout: u64,
     #[command(flatten)]
     tls: TlsArgs,
+    /// Source sessions kept ready (connected and authenticated) before any VMM connects, so a
+    /// handover's first fault waits for nothing else; replenished as VMMs take them. 0: each
+    /// VMM connects on arrival.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=64))]
+    prepared_sessions: u64,
 }
 
 impl HandlerArgs {
@@ -58,6 +63,7 @@ impl HandlerArgs {
             stream: !self.no_stream,
             link_timeout: Duration::from_secs(self.link_timeout),
             verbose: !self.quiet,
+            prepared_sessions: self.prepared_sessions as usize,
             ..HandlerConfig::default()
         })
     }

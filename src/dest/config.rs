@@ -14,6 +14,10 @@ pub struct EngineConfig {
     pub pin: bool,
     /// Open bulk connections (the background stream).
     pub stream: bool,
+    /// The bulk halves connect only once released (`Go`), beside the urgent halves already
+    /// serving faults: nothing but the urgent connection is on the first fault's path (the
+    /// handler's prepared sessions). Off: they connect in [`super::Engine::prepare`].
+    pub bulk_joins_after_go: bool,
     /// A connection on which nothing (not even a heartbeat) arrives for this long is dead and
     /// is replaced (recovery); also the bound of each reconnection's handshake. See
     /// [`crate::link::liveness`].
@@ -70,6 +74,7 @@ impl Default for EngineConfig {
             workers: crate::sys::online_cpus(),
             pin: true,
             stream: true,
+            bulk_joins_after_go: false,
             link_timeout: crate::link::liveness::DEFAULT_LINK_TIMEOUT,
             connect_timeout: Duration::from_secs(10),
             zero_map: false,

@@ -313,3 +313,20 @@ pub fn connect(config: &EngineConfig) -> Result<Connected, DestError> {
         precopy: config.precopy,
     })
 }
+
+impl Connected {
+    /// Keeps a session prepared ahead of its use (a handler's pool) alive: reads the source's
+    /// heartbeats and sends ours, without waiting. An error means the session is no longer
+    /// usable: drop it and open another.
+    pub fn keep_alive(&mut self, live: &crate::link::liveness::Liveness) -> Result<(), DestError> {
+        self.control
+            .keep_alive(live)
+            .map_err(link_err("a prepared session's connection"))
+    }
+
+    /// Ends a session prepared ahead of its use that no VMM took: the source hears why and
+    /// drops it at once instead of waiting for a reconnection.
+    pub fn release(mut self, why: &str) {
+        self.control.send_error(why);
+    }
+}

@@ -21,7 +21,10 @@ use crate::dest::{self, DestRam, Engine, EngineConfig, ZeroFill};
 use crate::handover::{self, HandoverError};
 use crate::sys::uffd::Uffd;
 
+mod pool;
 mod report;
+
+use pool::Pool;
 
 pub use report::{Outcome, VmmReport};
 
@@ -73,6 +76,9 @@ pub struct HandlerConfig {
     pub recovery_timeout: Duration,
     /// TLS to the source.
     pub tls: Option<crate::link::tls::TlsClient>,
+    /// Source sessions kept prepared (connected, authenticated) before any VMM connects, so
+    /// that a handover's first fault waits for nothing else; 0: each VMM connects on arrival.
+    pub prepared_sessions: usize,
 }
 
 impl Default for HandlerConfig {
@@ -89,6 +95,7 @@ impl Default for HandlerConfig {
             key: None,
             recovery_timeout: Duration::from_secs(60),
             tls: None,
+            prepared_sessions: 2,
         }
     }
 }
@@ -108,6 +115,11 @@ pub fn serve(
             source,
         })?;
     let on_report = Arc::new(on_report);
+    let pool = Arc::new(Pool::start(
+        pool_config(config),
+        config.prepared_sessions,
+        config.verbose,
+    ));
     let active = Arc::new(AtomicUsize::new(0));
     let mut served = 0usize;
     let result = loop {
@@ -120,16 +132,17 @@ pub fn serve(
             Ok((sock, _)) => {
                 served += 1;
                 active.fetch_add(1, Ordering::AcqRel);
-                let (config, on_report, done, stop) = (
+                let (config, on_report, done, stop, pool) = (
                     config.clone(),
                     on_report.clone(),
                     active.clone(),
                     stop.clone(),
+                    pool.clone(),
                 );
                 let spawned = std::thread::Builder::new()
                     .name(format!("vmm-{served}"))
                     .spawn(move || {
-                        let r = serve_vmm(&config, sock, &stop);
+                        let r = serve_vmm_from(&config, sock, &stop, Some(&pool));
                         on_report(&r);
                         done.fetch_sub(1, Ordering::AcqRel);
                     });
@@ -191,11 +204,21 @@ fn wait_readable(listener: &UnixListener, timeout: Duration) {
     let _ = nix::poll::poll(&mut fds, PollTimeout::from(ms));
 }
 
-/// Serves one VMM connection to its end.
+/// Serves one VMM connection to its end (its source session opened on arrival).
 pub fn serve_vmm(config: &HandlerConfig, sock: UnixStream, stop: &AtomicBool) -> VmmReport {
+    serve_vmm_from(config, sock, stop, None)
+}
+
+/// [`serve_vmm`], with a session from `pool` when one is ready.
+fn serve_vmm_from(
+    config: &HandlerConfig,
+    sock: UnixStream,
+    stop: &AtomicBool,
+    pool: Option<&Pool>,
+) -> VmmReport {
     let t0 = Instant::now();
     let mut report = VmmReport::default();
-    if let Err(e) = serve_vmm_inner(config, &sock, stop, t0, &mut report) {
+    if let Err(e) = serve_vmm_inner((config, pool), &sock, stop, t0, &mut report) {
         report.outcome = Outcome::Error;
         report.error = Some(e);
     }
@@ -220,7 +243,7 @@ pub fn serve_vmm(config: &HandlerConfig, sock: UnixStream, stop: &AtomicBool) ->
 /// Receives the VMM's handover, serves it through the engine until the VMM exits (or `stop`),
 /// and fills in `report` (on every path once the engine ran).
 fn serve_vmm_inner(
-    config: &HandlerConfig,
+    (config, pool): (&HandlerConfig, Option<&Pool>),
     sock: &UnixStream,
     stop: &AtomicBool,
     t0: Instant,
@@ -234,7 +257,7 @@ fn serve_vmm_inner(
     report.pid = h.pid;
     report.version = Some(h.version);
     report.regions = h.regions.len();
-    let engine = start_engine(config, h, report)?;
+    let engine = start_engine(config, pool, h, report)?;
     // The engine's times run from its release (`Go`); the VMM's from its handover.
     let released_s = handed_over.elapsed().as_secs_f64();
     let vmm_gone = serve_until_gone(sock, &engine, stop)?;
@@ -271,7 +294,18 @@ fn engine_config(config: &HandlerConfig, regions: &[handover::GuestRegion]) -> E
         key: config.key.clone(),
         recovery_timeout: config.recovery_timeout,
         tls: config.tls.clone(),
+        // The VMM's first fault waits for the urgent connection only.
+        bulk_joins_after_go: true,
         ..EngineConfig::default()
+    }
+}
+
+/// The settings of the pool's sessions: a VMM's, but a first connection cut in its handshake
+/// is retried for a few seconds only (the keeper tries again anyway, and must stop promptly).
+fn pool_config(config: &HandlerConfig) -> EngineConfig {
+    EngineConfig {
+        recovery_timeout: config.recovery_timeout.min(Duration::from_secs(5)),
+        ..engine_config(config, &[])
     }
 }
 
@@ -279,12 +313,19 @@ fn engine_config(config: &HandlerConfig, regions: &[handover::GuestRegion]) -> E
 /// handed-over userfaultfd; `report.pages` is the pages of the regions.
 fn start_engine(
     config: &HandlerConfig,
+    pool: Option<&Pool>,
     h: handover::Handover,
     report: &mut VmmReport,
 ) -> Result<dest::EngineHandle, String> {
     let engine_cfg = engine_config(config, &h.regions);
     let uffd = Uffd::from_fd(h.uffd);
-    let connected = dest::connect(&engine_cfg).map_err(|e| e.to_string())?;
+    let connected = match pool.and_then(Pool::take) {
+        Some(c) => {
+            report.session_prepared = true;
+            c
+        }
+        None => dest::connect(&engine_cfg).map_err(|e| e.to_string())?,
+    };
     let segments =
         handover::segments_for(&h.regions, &connected.welcome.layout).map_err(|e| e.to_string())?;
     report.pages = segments.iter().flatten().map(|s| s.pages).sum();

@@ -235,6 +235,36 @@ impl FramedStream {
         }
     }
 
+    /// Keeps an idle link alive without waiting: reads the heartbeats that arrived, sends one if
+    /// due. Any other frame, the peer's close, or nothing from it for `live.timeout` is an
+    /// error: the link is not idle any more, or dead.
+    pub fn keep_alive(&mut self, live: &Liveness) -> Result<(), LinkError> {
+        while self.buffered_bytes() > 0
+            || wait_readable(&self.stream, Duration::ZERO).map_err(io("wait for a frame"))?
+        {
+            match self.read_one(&mut |_| Ok(()))? {
+                Some(h) if h.kind == Kind::Heartbeat => {}
+                Some(h) => {
+                    return Err(LinkError::Protocol(CodecError::Unexpected {
+                        got: h.kind,
+                        expected: "Heartbeat (an idle link)",
+                    }))
+                }
+                None => {
+                    return Err(io("the peer closed an idle link")(
+                        std::io::ErrorKind::UnexpectedEof.into(),
+                    ))
+                }
+            }
+        }
+        if self.last_rx.elapsed() >= live.timeout {
+            return Err(io("the peer has been silent")(
+                std::io::ErrorKind::TimedOut.into(),
+            ));
+        }
+        self.heartbeat_if_due(live)
+    }
+
     /// Sends a `Heartbeat` (sealed on an authenticated connection).
     pub fn heartbeat(&mut self) -> Result<(), LinkError> {
         let mut h = [0u8; HEADER_BYTES];

@@ -370,6 +370,8 @@ pub struct DestOptions {
     pub max_streams: usize,
     /// Authenticate with this key.
     pub key: Option<postcopy::link::auth::Key>,
+    /// The bulk halves connect once released (as the handler's do).
+    pub bulk_joins_after_go: bool,
 }
 
 impl Default for DestOptions {
@@ -385,6 +387,7 @@ impl Default for DestOptions {
             zero_fill: ZeroFill::Zeropage,
             max_streams: 0,
             key: None,
+            bulk_joins_after_go: false,
         }
     }
 }
@@ -560,6 +563,7 @@ where
         workers: opts.workers,
         pin: opts.pin,
         stream: opts.stream,
+        bulk_joins_after_go: opts.bulk_joins_after_go,
         link_timeout: Duration::from_secs(20),
         connect_timeout: Duration::from_secs(10),
         zero_map: opts.zero_map,

@@ -386,11 +386,13 @@ fn build_ring(half: Half, batch_bytes: usize) -> Result<(Ring, Slots), DestError
 /// A worker half set up before the switchover: connected, its ring and temp pages in place.
 struct Prepared {
     half: Half,
+    id: usize,
     session: u64,
     ram: Arc<DestRam>,
     shared: Arc<Shared>,
     config: EngineConfig,
-    /// Its own connection (`None`: it takes the handshake's, which `Go` carries).
+    /// Its own connection (`None`: it takes the handshake's, which `Go` carries, or a bulk
+    /// half joins once released).
     stream: Option<TcpStream>,
     channel: Option<Channel>,
     ring: Ring,
@@ -421,7 +423,8 @@ impl Prepared {
             Half::Urgent => Role::Urgent,
             Half::Bulk => Role::Bulk,
         };
-        let (stream, channel) = match takes_control {
+        let joins_later = half == Half::Bulk && config.bulk_joins_after_go;
+        let (stream, channel) = match takes_control || joins_later {
             true => (None, None),
             false => {
                 let (stream, channel) =
@@ -447,6 +450,7 @@ impl Prepared {
         };
         Ok(Prepared {
             half,
+            id,
             session,
             ram,
             shared,
@@ -464,6 +468,7 @@ impl Prepared {
     fn start(self, go: Go) -> Result<Worker, DestError> {
         let Prepared {
             half,
+            id,
             session,
             ram,
             shared,
@@ -478,6 +483,10 @@ impl Prepared {
             let (s, c) = control
                 .into_parts()
                 .map_err(link_err("the handshake connection"))?;
+            (stream, channel) = (Some(s), c);
+        } else if stream.is_none() {
+            // A bulk half that joins only once released (`bulk_joins_after_go`).
+            let (s, c) = join_as_worker(&config, (session, Role::Bulk, id), &ram, &shared)?;
             (stream, channel) = (Some(s), c);
         }
         let unsealed_bytes = if config.key.is_some() { SEND_BYTES } else { 0 };
