@@ -84,10 +84,10 @@ fn read_frame(s: &mut FramedStream, ram: &DestRam) -> Result<Header, DestError> 
     let h = s
         .read_frame_if(|h| match h.kind {
             Kind::Pages => h.check(&ram.layout).map(|_| ()),
-            Kind::End | Kind::Ack => Ok(()),
+            Kind::End | Kind::Ack | Kind::Run => Ok(()),
             got => Err(CodecError::Unexpected {
                 got,
-                expected: "Pages, End or Ack",
+                expected: "Pages, Run, End or Ack",
             }),
         })
         .map_err(link_err("baseline"))?;
@@ -250,6 +250,8 @@ fn stream_thread(
         let h = read_frame(&mut s, ram)?;
         match h.kind {
             Kind::Pages => stats.pages_by_stream += place(p, &h, s.body(), &mut stats, shared)?,
+            // A working-set push follows: the baseline places it like any stream page.
+            Kind::Run => {}
             Kind::End => return Ok(stats),
             other => {
                 return Err(DestError::Protocol {

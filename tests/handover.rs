@@ -112,6 +112,17 @@ impl Rig {
         Rig::start_tuned(tag, page_size, once, stream, plan, |_| {})
     }
 
+    /// [`Rig::start_with`] whose source learns the image's working set into `ws_file` and
+    /// pushes it (`replay`).
+    fn start_learning(tag: &str, ws_file: &str, replay: bool) -> Rig {
+        let ws = |dir: &Path| postcopy::source::WorkingSetConfig {
+            path: Some(dir.join(ws_file)),
+            replay,
+            reset: false,
+        };
+        Rig::start_full(tag, 4096, (false, true), None, |_| {}, Some(&ws))
+    }
+
     /// [`Rig::start_with`], with the handler's settings adjusted by `tune`.
     fn start_tuned(
         tag: &str,
@@ -120,6 +131,18 @@ impl Rig {
         stream: bool,
         plan: Option<chaos_proxy::Plan>,
         tune: impl FnOnce(&mut HandlerConfig),
+    ) -> Rig {
+        Rig::start_full(tag, page_size, (once, stream), plan, tune, None)
+    }
+
+    /// Every knob: the source's working set from `ws` (given the rig's directory).
+    fn start_full(
+        tag: &str,
+        page_size: u64,
+        (once, stream): (bool, bool),
+        plan: Option<chaos_proxy::Plan>,
+        tune: impl FnOnce(&mut HandlerConfig),
+        ws: Option<&dyn Fn(&Path) -> postcopy::source::WorkingSetConfig>,
     ) -> Rig {
         let dir = Dir::new(tag);
         let image = dir.0.join("vm.mem");
@@ -130,6 +153,7 @@ impl Rig {
             SourceConfig {
                 verbose: false,
                 once,
+                working_set: ws.map(|ws| ws(&dir.0)),
                 ..Default::default()
             },
         )
@@ -741,4 +765,49 @@ fn prepared_sessions_serve_handovers_and_survive_idling_and_breaks() {
         r.first_fault_served_ms.is_some_and(|ms| ms < 1000.0),
         "{r:?}"
     );
+}
+
+#[test]
+fn a_learned_working_set_is_pushed_to_the_next_restore() {
+    // The first restore of the image records (its stream holds back while faults come); the
+    // second, touching the same pages in the same order, gets them pushed first and faults on
+    // few. The set is persisted, and a file for another image is refused.
+    let rig = Rig::start_learning("ws", "vm.ws", true);
+    let touch = ["--threads", "1", "--touch-percent", "25", "--seed", "7"];
+    let (json, code) = rig.vmm(&touch);
+    assert_verified(&json, code);
+    let first = rig.report(0);
+    assert_eq!(first.pages_by_working_set, 0, "{first:?}");
+    assert!(first.faults >= 2000, "recorded by faults: {first:?}");
+    let file = rig.dir.0.join("vm.ws");
+    assert!(
+        wait_until(Duration::from_secs(10), || file.exists()),
+        "the working set was saved"
+    );
+    let (json, code) = rig.vmm(&touch);
+    assert_verified(&json, code);
+    let second = rig.report(1);
+    assert!(second.pages_by_working_set > 0, "{second:?}");
+    assert!(
+        second.faults * 2 < first.faults,
+        "replayed: {} faults after {}",
+        second.faults,
+        first.faults
+    );
+    let layout = postcopy::layout::Layout::single("f", SIZE, 4096).unwrap();
+    let config = postcopy::source::WorkingSetConfig {
+        path: Some(file.clone()),
+        replay: true,
+        reset: false,
+    };
+    let (saved, problem) = postcopy::source::WorkingSet::open(&layout, config.clone());
+    assert!(problem.is_none(), "{problem:?}");
+    assert!(
+        saved.len() as u64 >= first.faults.min(4096) / 2,
+        "{}",
+        saved.len()
+    );
+    let other = postcopy::layout::Layout::single("f", SIZE / 2, 4096).unwrap();
+    let (refused, problem) = postcopy::source::WorkingSet::open(&other, config);
+    assert!(refused.is_empty() && problem.is_some(), "{problem:?}");
 }

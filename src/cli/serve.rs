@@ -11,7 +11,7 @@ use postcopy::image::{FileImage, Image, Synthetic};
 use postcopy::layout::Layout;
 use postcopy::link::auth::Key;
 use postcopy::link::tls::TlsServer;
-use postcopy::source::{SourceConfig, SourceServer};
+use postcopy::source::{SourceConfig, SourceServer, WorkingSetConfig};
 
 use super::args::{AuthArgs, PrecopyArgs, TlsArgs};
 use super::parse::{
@@ -90,9 +90,42 @@ pub struct ServeArgs {
     link_timeout: u64,
     #[command(flatten)]
     tls: TlsArgs,
+    /// Where the image's working set is kept: the pages restores ask for first, learned from
+    /// their faults and pushed first in every later session's stream. Default: beside the
+    /// image file, IMAGE.working-set (a synthetic image has none unless this is given).
+    #[arg(long, value_name = "PATH")]
+    working_set: Option<PathBuf>,
+    /// Neither learn a working set nor push one.
+    #[arg(long, conflicts_with_all = ["working_set", "working_set_reset", "working_set_record_only"])]
+    no_working_set: bool,
+    /// Forget the learned working set: start empty (the file is replaced at the next save).
+    #[arg(long)]
+    working_set_reset: bool,
+    /// Learn the working set but do not push it (to record a reference restore first).
+    #[arg(long)]
+    working_set_record_only: bool,
 }
 
 impl ServeArgs {
+    /// What to do with the image's working set (none for a live source: its memory changes).
+    fn working_set(&self) -> Option<WorkingSetConfig> {
+        if self.no_working_set || self.live {
+            return None;
+        }
+        let path = self.working_set.clone().or_else(|| {
+            self.image.as_ref().map(|i| {
+                let mut p = i.as_os_str().to_owned();
+                p.push(".working-set");
+                PathBuf::from(p)
+            })
+        })?;
+        Some(WorkingSetConfig {
+            path: Some(path),
+            replay: !self.working_set_record_only,
+            reset: self.working_set_reset,
+        })
+    }
+
     /// The image file, or the synthetic image.
     fn image(&self) -> Result<Arc<dyn Image>, MainError> {
         match (&self.image, self.synthetic) {
@@ -120,6 +153,7 @@ impl ServeArgs {
             recovery_timeout: Duration::from_secs(self.recovery_timeout),
             link_timeout: Duration::from_secs(self.link_timeout),
             tls,
+            working_set: self.working_set(),
             ..SourceConfig::default()
         }
     }

@@ -17,6 +17,8 @@ pub struct WorkerStats {
     pub pages_by_fault: u64,
     /// Pages placed from the stream.
     pub pages_by_stream: u64,
+    /// Pages placed from the stream's push of the image's working set (ahead of the rest).
+    pub pages_by_working_set: u64,
     /// Pages placed from the source's zero-page map, without a fault or the stream.
     pub pages_by_zero_map: u64,
     /// Of the placed pages, zero pages (`UFFDIO_ZEROPAGE`).
@@ -64,6 +66,7 @@ impl WorkerStats {
         self.pages_requested += o.pages_requested;
         self.pages_by_fault += o.pages_by_fault;
         self.pages_by_stream += o.pages_by_stream;
+        self.pages_by_working_set += o.pages_by_working_set;
         self.pages_by_zero_map += o.pages_by_zero_map;
         self.pages_zero += o.pages_zero;
         self.eexist += o.eexist;

@@ -6,13 +6,14 @@ use super::error::SourceError;
 use super::joined::Joined;
 use super::pages::encode_run;
 use super::registry::Shared;
-use super::session::Session;
+use super::session::{Session, WsMode};
 use crate::codec;
 use crate::codec::{max_batch_pages, CodecError, Header, Kind};
 use crate::link::FramedStream;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 /// A bulk connection rejoining after a break: the destination's `Have` frames say which pages
 /// of this worker's shard it has; the others are marked unsent so the stream sends them again
@@ -71,8 +72,6 @@ pub(super) fn resume_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
 pub(super) fn serve_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
     let (shared, session, peer, worker) = (c.shared, c.session, c.peer, c.worker);
     let link = &mut *c.link;
-    // The stream yields the CPU to urgent replies (best effort).
-    let _ = crate::sys::set_thread_nice(19);
     // A destination connects its streams during precopy; they start at the switchover (a page
     // streamed earlier could be dirtied after it was sent and arrive stale).
     // Meanwhile the connection carries heartbeats (its destination half reads it from `Go`).
@@ -90,6 +89,13 @@ pub(super) fn serve_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
         link.heartbeat_if_due(&live)
             .map_err(write_err("send a heartbeat", peer))?;
     }
+    let recording = matches!(
+        session.working_set(shared.working_set.as_ref()),
+        WsMode::Record
+    );
+    if recording && !hold_while_recording(session, link, &live, (peer, worker))? {
+        return Ok(());
+    }
     let gen = &session.bulk_gen[usize::from(worker)];
     let max_page = shared.image.layout().max_page_size() as usize;
     let mut stream = Stream {
@@ -103,6 +109,12 @@ pub(super) fn serve_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
         out: Vec::with_capacity(FLUSH_BYTES + 64 * 4096 + 4096),
         streamed: 0,
     };
+    // The working-set push is what the restore waits for: at the default priority. The rest
+    // of the stream yields the CPU to urgent replies (best effort).
+    if !stream.push_working_set()? {
+        return Ok(());
+    }
+    let _ = crate::sys::set_thread_nice(19);
     for b in 0..shared.image.layout().blocks.len() {
         if !stream.block(b)? {
             return Ok(());
@@ -119,6 +131,42 @@ pub(super) fn serve_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
 
 /// Bytes queued before a write.
 const FLUSH_BYTES: usize = 1 << 20;
+
+/// A recording session's stream starts once no request came for this long.
+const RECORD_QUIET: Duration = Duration::from_millis(200);
+
+/// A session recording the image's working set: the stream holds back while the destination's
+/// faults come, so that every page the restore touches is asked for (and learned) rather than
+/// streamed unseen; it starts once no request came for [`RECORD_QUIET`] (the restore's burst
+/// is over). `false`: the session finished meanwhile.
+fn hold_while_recording(
+    session: &Session,
+    link: &mut FramedStream,
+    live: &crate::link::Liveness,
+    (peer, worker): (SocketAddr, u16),
+) -> Result<bool, SourceError> {
+    let held = session.started.elapsed();
+    loop {
+        if session.life.is_finished() {
+            return Ok(false);
+        }
+        let last = Duration::from_nanos(session.last_request_ns.load(Ordering::Relaxed));
+        let quiet = session.started.elapsed().saturating_sub(last.max(held));
+        if quiet >= RECORD_QUIET {
+            return Ok(true);
+        }
+        if link.peer_hung_up() {
+            return Err(SourceError::Incomplete {
+                session: session.id,
+                reason: format!("worker {worker}'s bulk connection closed while recording"),
+            });
+        }
+        link.heartbeat_if_due(live)
+            .map_err(write_err("send a heartbeat", peer))?;
+        // A deadline, not a poll: the stream may start no earlier than this.
+        std::thread::sleep(RECORD_QUIET - quiet);
+    }
+}
 
 /// One bulk connection's stream of its worker's shard.
 struct Stream<'a> {
@@ -161,6 +209,67 @@ impl Stream<'_> {
                 self.send(b as u32, first, n, block.page_size)?;
             }
         }
+        Ok(true)
+    }
+
+    /// Pushes the image's working set ahead of the rest, in the order it was learned, this
+    /// worker's share of it, between `Run(1)` and `Run(0)` (the destination counts those pages
+    /// as the push). Pages already sent are skipped; when replies to faults ran ahead in the
+    /// order (`ws_front`), the push jumps there, and a second pass sends what it jumped over.
+    /// `false` when the stream must stop.
+    fn push_working_set(&mut self) -> Result<bool, SourceError> {
+        let snap = match self.session.working_set(self.shared.working_set.as_ref()) {
+            WsMode::Replay(snap) => snap.clone(),
+            WsMode::Off | WsMode::Record => return Ok(true),
+        };
+
+        let layout = self.shared.image.layout();
+        let workers = usize::from(self.session.workers);
+        let shards: Vec<(u64, u64)> = layout
+            .blocks
+            .iter()
+            .map(|b| crate::layout::shard(b.pages(), usize::from(self.worker), workers))
+            .collect();
+        let mine = |b: u32, p: u64| (shards[b as usize].0..shards[b as usize].1).contains(&p);
+        let order = snap.order();
+        Header::control(Kind::Run, 1).encode_into(&mut self.out);
+        let mut pushed = 0;
+        for pass in 0..2 {
+            let mut i = 0;
+            while i < order.len() {
+                if !self.keep_going() {
+                    return Ok(false);
+                }
+                if pass == 0 {
+                    i = i.max(self.session.ws_front.load(Ordering::Relaxed) as usize);
+                }
+                let Some(&(b, first)) = order.get(i) else {
+                    break;
+                };
+                let block = &layout.blocks[b as usize];
+                let (sent, max) = (
+                    &self.session.sent[b as usize],
+                    max_batch_pages(block.page_size),
+                );
+                let mut n = 0u64;
+                while n < u64::from(max)
+                    && order.get(i + n as usize) == Some(&(b, first + n))
+                    && mine(b, first + n)
+                    && sent.set(first + n)
+                {
+                    n += 1;
+                }
+                i += (n as usize).max(1);
+                if n > 0 {
+                    self.send(b, first, n, block.page_size)?;
+                    pushed += n;
+                }
+            }
+        }
+        Header::control(Kind::Run, 0).encode_into(&mut self.out);
+        self.session
+            .pages_working_set
+            .fetch_add(pushed, Ordering::Relaxed);
         Ok(true)
     }
 

@@ -42,6 +42,10 @@ pub struct SourceConfig {
     /// arrives for this long is dead; heartbeats go out on idle connections at a quarter of it
     /// ([`crate::link::liveness`]).
     pub link_timeout: Duration,
+    /// The image's working set, learned from the requests and pushed first in every session's
+    /// stream ([`super::WorkingSet`]); `None`: neither learned nor pushed. A live source never
+    /// has one (its memory changes).
+    pub working_set: Option<super::WorkingSetConfig>,
 }
 
 /// When precopy stops sending rounds and switches over to postcopy. The first round (every
@@ -100,6 +104,7 @@ impl Default for SourceConfig {
             recovery_timeout: Duration::from_secs(60),
             tls: None,
             link_timeout: crate::link::liveness::DEFAULT_LINK_TIMEOUT,
+            working_set: None,
         }
     }
 }

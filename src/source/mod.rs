@@ -42,6 +42,7 @@ mod session;
 mod urgent;
 mod verify;
 mod wake;
+mod working_set;
 
 pub use config::{LiveParts, PrecopyLimits, SourceConfig};
 pub use error::SourceError;
@@ -49,3 +50,4 @@ pub use pages::encode_run;
 pub use prefetch::Prefetch;
 pub use server::{SourceServer, StopHandle};
 pub use session::SessionReport;
+pub use working_set::{Snapshot, WorkingSet, WorkingSetConfig, WorkingSetError};

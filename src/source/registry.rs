@@ -23,6 +23,8 @@ pub(super) struct Shared {
     pub(super) wake: Arc<Wake>,
     /// Notified under `sessions` whenever a connection closes.
     pub(super) closed: Condvar,
+    /// The image's learned working set (a static image with `SourceConfig::working_set`).
+    pub(super) working_set: Option<super::WorkingSet>,
 }
 
 pub(super) fn log(shared: &Shared, msg: std::fmt::Arguments<'_>) {

@@ -85,9 +85,20 @@ impl SourceServer {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or(1);
+        let working_set = match (&config.working_set, &live) {
+            (Some(ws), None) => {
+                let (ws, problem) = super::WorkingSet::open(image.layout(), ws.clone());
+                if let Some(p) = problem {
+                    eprintln!("postcopy serve: {p}");
+                }
+                Some(ws)
+            }
+            _ => None,
+        };
         Ok(SourceServer {
             listener,
             shared: Arc::new(Shared {
+                working_set,
                 image,
                 is_live: live.is_some(),
                 live: Mutex::new(live),

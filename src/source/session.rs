@@ -4,6 +4,7 @@ use super::conn::write_err;
 use super::error::SourceError;
 use super::lifecycle::{Lifecycle, Phase};
 use super::progress::PrecopySlot;
+use super::working_set::{Snapshot, WorkingSet};
 use crate::codec::{Hello, Role};
 use crate::layout::Layout;
 use crate::layout::PageBitmap;
@@ -11,7 +12,7 @@ use crate::link::FramedStream;
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// What one session did, from the source's side.
@@ -31,6 +32,8 @@ pub struct SessionReport {
     pub pages_zero: u64,
     /// Of the urgent pages, those sent ahead of a sequential reader (prefetch).
     pub pages_prefetched: u64,
+    /// Of the streamed pages, those pushed first as the image's working set.
+    pub pages_working_set: u64,
     /// Requests received.
     pub requests: u64,
     /// Bytes written.
@@ -55,6 +58,9 @@ pub(super) struct Session {
     pub(super) id: u64,
     pub(super) workers: u16,
     pub(super) sent: Vec<PageBitmap>,
+    /// Pages sent on an urgent connection (in a reply): a reply that follows the working set
+    /// skips these, not pages only the push sent (they may still be in flight).
+    pub(super) replied: Vec<PageBitmap>,
     pub(super) started: Instant,
     /// Its phase and connections: every transition is a method of [`Lifecycle`].
     pub(super) life: Lifecycle,
@@ -69,6 +75,14 @@ pub(super) struct Session {
     pub(super) pages_stream: AtomicU64,
     pub(super) pages_zero: AtomicU64,
     pub(super) pages_prefetched: AtomicU64,
+    pub(super) pages_working_set: AtomicU64,
+    /// How it uses the image's working set, decided when first asked ([`Session::working_set`]).
+    ws_mode: std::sync::OnceLock<WsMode>,
+    /// While replaying: how far into the set's order the faults' replies reached (the push
+    /// jumps there).
+    pub(super) ws_front: AtomicU64,
+    /// Nanoseconds after `started` of the last request (kept with a working set).
+    pub(super) last_request_ns: AtomicU64,
     pub(super) requests: AtomicU64,
     pub(super) bytes_sent: AtomicU64,
     pub(super) precopy: Mutex<PrecopyStats>,
@@ -78,6 +92,17 @@ pub(super) struct Session {
     /// shuts the one it replaces down, so that connection's thread, maybe blocked writing into
     /// a dead link, lets go at once.
     links: Mutex<HashMap<(u8, u16), (SocketAddr, TcpStream)>>,
+}
+
+/// How a session uses the image's working set.
+pub(super) enum WsMode {
+    /// There is none.
+    Off,
+    /// It records it: the stream holds back while faults come, so each is asked for.
+    Record,
+    /// It replays this snapshot: the stream pushes it first, replies to faults on it carry
+    /// the pages that follow in its order.
+    Replay(Arc<Snapshot>),
 }
 
 #[derive(Default)]
@@ -103,6 +128,11 @@ impl Session {
                 .iter()
                 .map(|b| PageBitmap::new(b.pages()))
                 .collect(),
+            replied: layout
+                .blocks
+                .iter()
+                .map(|b| PageBitmap::new(b.pages()))
+                .collect(),
             started: Instant::now(),
             life: Lifecycle::new(workers, !live || resumed, resumed),
             recoveries: AtomicU64::new(0),
@@ -112,12 +142,27 @@ impl Session {
             pages_stream: AtomicU64::new(0),
             pages_zero: AtomicU64::new(0),
             pages_prefetched: AtomicU64::new(0),
+            pages_working_set: AtomicU64::new(0),
+            ws_mode: std::sync::OnceLock::new(),
+            ws_front: AtomicU64::new(0),
+            last_request_ns: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
             precopy: Mutex::new(PrecopyStats::default()),
             precopy_slot: PrecopySlot::new(),
             links: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// How this session uses the image's working set `ws`, decided the first time it is asked
+    /// (its first request, or its stream's start: for a session prepared ahead, when a VMM
+    /// uses it): record it while it is empty, else replay the set as it is then.
+    pub(super) fn working_set(&self, ws: Option<&WorkingSet>) -> &WsMode {
+        self.ws_mode.get_or_init(|| match ws {
+            None => WsMode::Off,
+            Some(ws) if ws.records_now() => WsMode::Record,
+            Some(ws) => WsMode::Replay(ws.snapshot()),
+        })
     }
 
     fn link_key(hello: &Hello) -> (u8, u16) {
@@ -165,6 +210,7 @@ impl Session {
             pages_stream: self.pages_stream.load(Ordering::Relaxed),
             pages_zero: self.pages_zero.load(Ordering::Relaxed),
             pages_prefetched: self.pages_prefetched.load(Ordering::Relaxed),
+            pages_working_set: self.pages_working_set.load(Ordering::Relaxed),
             requests: self.requests.load(Ordering::Relaxed),
             bytes_sent: self.bytes_sent.load(Ordering::Relaxed),
             seconds: self.started.elapsed().as_secs_f64(),

@@ -7,7 +7,8 @@ use super::joined::Joined;
 use super::pages::encode_run;
 use super::prefetch::Prefetch;
 use super::registry::Shared;
-use super::session::Session;
+use super::session::{Session, WsMode};
+use super::working_set::Snapshot;
 use crate::codec::{CodecError, Header, Kind, END_VERIFY};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -26,6 +27,11 @@ pub(super) fn serve_urgent(c: &mut Joined<'_>) -> Result<(), SourceError> {
         prefetch: Prefetch::new(shared.config.prefetch_max),
         scratch: vec![0u8; max_page],
         out: Vec::with_capacity(1 << 20),
+        asked: Vec::with_capacity(if shared.working_set.is_some() {
+            4096
+        } else {
+            0
+        }),
     };
     // Requests are small frames, often several per fault: read ahead of them.
     link.buffer_reads(64 * 1024);
@@ -87,6 +93,19 @@ struct Replies<'a> {
     prefetch: Prefetch,
     scratch: Vec<u8>,
     out: Vec<u8>,
+    /// The requests (block, first page, pages) in arrival order, for the working set.
+    asked: Vec<(u32, u64, u64)>,
+}
+
+impl Drop for Replies<'_> {
+    /// However the connection ended, what it was asked for extends the image's working set.
+    fn drop(&mut self) {
+        if let Some(ws) = &self.shared.working_set {
+            if let Err(e) = ws.learn(&self.asked) {
+                super::registry::log(self.shared, format_args!("{e}"));
+            }
+        }
+    }
 }
 
 impl Replies<'_> {
@@ -117,30 +136,108 @@ impl Replies<'_> {
             std::thread::sleep(shared.config.urgent_delay);
         }
         let count = u64::from(h.count);
-        let sent = &session.sent[h.block as usize];
-        sent.set_range(h.page, count);
+        let last = h.page + count - 1;
+        if shared.working_set.is_some() {
+            self.asked.push((h.block, h.page, count));
+            let ns = session.started.elapsed().as_nanos() as u64;
+            session.last_request_ns.store(ns, Ordering::Relaxed);
+        }
+        session.sent[h.block as usize].set_range(h.page, count);
+        session.replied[h.block as usize].set_range(h.page, count);
+        let (mut pages, mut zeros) = self.encode(h.block, h.page, count, block.page_size);
+        let followed = match session.working_set(shared.working_set.as_ref()) {
+            WsMode::Replay(snap) => snap
+                .position(h.block, last)
+                .map(|at| self.follow_working_set(&snap.clone(), at)),
+            WsMode::Off | WsMode::Record => None,
+        };
+        let (p, z, extra) = match followed {
+            Some(f) => f,
+            None => self.prefetch_sequential(h.block, (h.page, last + 1), block),
+        };
+        pages += p;
+        zeros += z;
+        session.pages_urgent.fetch_add(pages, Ordering::Relaxed);
+        session.pages_prefetched.fetch_add(extra, Ordering::Relaxed);
+        session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A sequential reader's prefetch after a request of `[first, next)`: the pages from `next`
+    /// (its window), those not sent yet. Returns (pages, zero pages, pages prefetched).
+    fn prefetch_sequential(
+        &mut self,
+        b: u32,
+        (first, next): (u64, u64),
+        block: &crate::layout::Block,
+    ) -> (u64, u64, u64) {
+        let session = self.session;
+        let sent = &session.sent[b as usize];
         let (_, shard_end) = crate::layout::shard(
             block.pages(),
             usize::from(self.worker),
             usize::from(session.workers),
         );
-        let window = self.prefetch.window(h.block, h.page);
-        let end = (h.page + count).min(shard_end);
+        let window = self.prefetch.window(b, first);
+        let end = next.min(shard_end);
         let mut extra = 0;
         while extra < window && end + extra < shard_end && sent.set(end + extra) {
             extra += 1;
         }
-        self.prefetch.replied_up_to(h.block, end + extra);
-        let (mut pages, mut zeros) = self.encode(h.block, h.page, count, block.page_size);
-        if extra > 0 {
-            let (p, z) = self.encode(h.block, end, extra, block.page_size);
-            pages += p;
-            zeros += z;
+        self.prefetch.replied_up_to(b, end + extra);
+        if extra == 0 {
+            return (0, 0, 0);
         }
-        session.pages_urgent.fetch_add(pages, Ordering::Relaxed);
-        session.pages_prefetched.fetch_add(extra, Ordering::Relaxed);
-        session.pages_zero.fetch_add(zeros, Ordering::Relaxed);
-        Ok(())
+        let (p, z) = self.encode(b, end, extra, block.page_size);
+        (p, z, extra)
+    }
+
+    /// A reply to a fault on a page of the working set (at `at` in its order) carries the
+    /// pages that follow it there, up to the prefetch window: those of this worker's shard no
+    /// reply sent yet. A restore touching them in that order finds them placed. Pages the push
+    /// sent are included: a fault on the set means the restore overtook the push's placement,
+    /// so those are likely still in flight behind it (the later copy finds the page present).
+    /// The push jumps past them (`ws_front`). Returns (pages, zero pages, pages prefetched).
+    fn follow_working_set(&mut self, snap: &Snapshot, at: usize) -> (u64, u64, u64) {
+        let (session, layout) = (self.session, self.shared.image.layout());
+        let window = self.shared.config.prefetch_max;
+        let order = snap.order();
+        let limit = order.len().min(at + 1 + 4 * window as usize);
+        let (mut pages, mut zeros, mut claimed) = (0, 0, 0);
+        let mut run: Option<(u32, u64, u64)> = None;
+        let mut j = at + 1;
+        while j < limit && claimed < window {
+            let (b, p) = order[j];
+            j += 1;
+            let block = &layout.blocks[b as usize];
+            let (start, end) = crate::layout::shard(
+                block.pages(),
+                usize::from(self.worker),
+                usize::from(session.workers),
+            );
+            if !(start..end).contains(&p) || !session.replied[b as usize].set(p) {
+                continue;
+            }
+            session.sent[b as usize].set(p);
+            claimed += 1;
+            run = match run {
+                Some((rb, first, n)) if rb == b && first + n == p => Some((rb, first, n + 1)),
+                done => {
+                    if let Some((rb, first, n)) = done {
+                        let (x, z) =
+                            self.encode(rb, first, n, layout.blocks[rb as usize].page_size);
+                        (pages, zeros) = (pages + x, zeros + z);
+                    }
+                    Some((b, p, 1))
+                }
+            };
+        }
+        if let Some((rb, first, n)) = run {
+            let (x, z) = self.encode(rb, first, n, layout.blocks[rb as usize].page_size);
+            (pages, zeros) = (pages + x, zeros + z);
+        }
+        session.ws_front.fetch_max(j as u64, Ordering::Relaxed);
+        (pages, zeros, claimed)
     }
 
     fn encode(&mut self, block: u32, first: u64, count: u64, page_size: u64) -> (u64, u64) {

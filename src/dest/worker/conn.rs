@@ -87,13 +87,13 @@ impl Worker {
         match (h.kind, self.half) {
             (Kind::Pages, _) => self.check_pages(&h).map_err(|e| self.protocol(e))?,
             (Kind::Error | Kind::Heartbeat, _) => {}
-            (Kind::End, Half::Bulk) => {}
+            (Kind::End | Kind::Run, Half::Bulk) => {}
             (Kind::Ack, Half::Urgent) if self.end_sent => {}
             (got, half) => {
                 return Err(self.protocol(CodecError::Unexpected {
                     got,
                     expected: match half {
-                        Half::Bulk => "Pages or End",
+                        Half::Bulk => "Pages, Run (a working-set push) or End",
                         Half::Urgent => "Pages or Ack",
                     },
                 }))
@@ -143,6 +143,8 @@ impl Worker {
                 self.finished = true;
                 self.recv = Recv::Idle;
             }
+            // The stream's push of the image's working set begins (1) or ends (0).
+            Kind::Run => self.in_push = h.page != 0,
             // The source is there (`on_recv` noted the progress).
             Kind::Heartbeat => {}
             other => unreachable!("{other:?} was refused at its header"),

@@ -211,6 +211,8 @@ enum Origin {
     Reply,
     /// The background stream (bulk half).
     Stream,
+    /// The stream's push of the image's working set (bulk half).
+    WorkingSet,
     /// The source's zero-page map (urgent half, at start-up).
     ZeroMap,
 }
@@ -220,6 +222,7 @@ impl Origin {
         match self {
             Origin::Reply => super::PlacedBy::Fault,
             Origin::Stream => super::PlacedBy::Stream,
+            Origin::WorkingSet => super::PlacedBy::WorkingSet,
             Origin::ZeroMap => super::PlacedBy::ZeroMap,
         }
     }
@@ -264,6 +267,8 @@ struct Worker {
     /// Faulted pages to request: (block, page).
     pending: Vec<(u32, u64)>,
     end_sent: bool,
+    /// Bulk half: the stream is in its working-set push (between `Run(1)` and `Run(0)`).
+    in_push: bool,
     /// Urgent half: the source acknowledged our End. Bulk half: the stream's End arrived.
     finished: bool,
     /// A placement found the VMM's address space gone (`ESRCH`): the worker ends.
@@ -512,6 +517,7 @@ impl Prepared {
             send_progress: (0, 0),
             pending: Vec::with_capacity(16 * 1024),
             end_sent: false,
+            in_push: false,
             finished: false,
             mm_gone: false,
             has_stream_slot: false,

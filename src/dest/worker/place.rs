@@ -53,6 +53,11 @@ impl Worker {
         let count = usize::from(h.count);
         let mut i = 0;
         let mut data_pages = 0;
+        let origin = match self.half {
+            Half::Urgent => Origin::Reply,
+            Half::Bulk if self.in_push => Origin::WorkingSet,
+            Half::Bulk => Origin::Stream,
+        };
         while i < count {
             let zero = h.mask >> i & 1 == 1;
             let mut n = 1;
@@ -65,10 +70,6 @@ impl Worker {
                 let src = self.ring.slot_addr(self.body, data_pages * ps);
                 data_pages += n;
                 Fill::Copy(src)
-            };
-            let origin = match self.half {
-                Half::Urgent => Origin::Reply,
-                Half::Bulk => Origin::Stream,
             };
             self.place_run(h.block as usize, h.page + i as u64, n, fill, zero, origin)?;
             i += n;
@@ -275,6 +276,7 @@ impl Worker {
                 Origin::ZeroMap => self.stats.pages_by_zero_map += 1,
                 Origin::Reply => self.stats.pages_by_fault += 1,
                 Origin::Stream => self.stats.pages_by_stream += 1,
+                Origin::WorkingSet => self.stats.pages_by_working_set += 1,
             }
             let st = self.st();
             let left = st.missing.fetch_sub(1, Ordering::AcqRel) - 1;
@@ -322,6 +324,7 @@ impl Worker {
         match origin {
             Origin::Reply => self.stats.pages_by_fault += new,
             Origin::Stream => self.stats.pages_by_stream += new,
+            Origin::WorkingSet => self.stats.pages_by_working_set += new,
             Origin::ZeroMap => self.stats.pages_by_zero_map += new,
         }
         if zero {
