@@ -308,9 +308,11 @@ fn stream_races_request_eexist() {
     let t = &out.report().totals;
     let faulted = touched.iter().filter(|r| r.1).count();
     assert!(faulted > 0, "no toucher faulted: {touched:?}");
+    // Each race ends one way: the second copy found the page placed (dropped without an
+    // ioctl), or both were placed at once (EEXIST).
     assert!(
-        t.eexist > 0,
-        "no EEXIST race observed: {t:?}; touches {touched:?}"
+        t.eexist + t.pages_duplicate > 0,
+        "no race observed: {t:?}; touches {touched:?}"
     );
     let src = source.finish(Duration::from_secs(20));
     assert!(src[0].complete, "{src:?}");

@@ -7,7 +7,7 @@ pub struct WorkerStats {
     pub fault_events: u64,
     /// Faults on pages already placed (woken, no request).
     pub fault_already_placed: u64,
-    /// Faults on pages already requested (de-duplicated).
+    /// Faults on pages already requested, or in the stream batch being placed (de-duplicated).
     pub fault_deduplicated: u64,
     /// Request frames sent (after coalescing).
     pub requests: u64,
@@ -23,7 +23,10 @@ pub struct WorkerStats {
     pub pages_by_zero_map: u64,
     /// Of the placed pages, zero pages (`UFFDIO_ZEROPAGE`).
     pub pages_zero: u64,
-    /// Pages that arrived already placed (`EEXIST`: a stream page raced a request).
+    /// Pages that arrived again after the other half placed them (a fault's reply and the
+    /// stream both carried them), dropped without an ioctl.
+    pub pages_duplicate: u64,
+    /// Placements that found the page present (`EEXIST`: both halves placed it at once).
     pub eexist: u64,
     /// Placement ioctls issued (`COPY` + `ZEROPAGE`).
     pub place_ioctls: u64,
@@ -70,6 +73,7 @@ impl WorkerStats {
         self.pages_by_zero_map += o.pages_by_zero_map;
         self.pages_zero += o.pages_zero;
         self.eexist += o.eexist;
+        self.pages_duplicate += o.pages_duplicate;
         self.place_ioctls += o.place_ioctls;
         self.pages_removed += o.pages_removed;
         self.pages_zero_after_remove += o.pages_zero_after_remove;

@@ -66,8 +66,10 @@ pub struct VmmReport {
     pub pages_removed: u64,
     /// Zero pages placed for faults on removed pages.
     pub pages_zero_after_remove: u64,
-    /// Placements that found the page present already (`EEXIST`: a fault's reply and the
-    /// stream raced to it).
+    /// Pages that arrived twice (a fault's reply and the stream both carried them, the
+    /// stream's copy already in flight when the fault came): the second copy is dropped.
+    pub pages_duplicate: u64,
+    /// Placements that found the page present (`EEXIST`: both copies were placed at once).
     pub eexist: u64,
     /// Connections to the source reopened after a break.
     pub recoveries: u64,
@@ -103,6 +105,7 @@ impl VmmReport {
         self.pages_removed = r.totals.pages_removed;
         self.pages_zero_after_remove = r.totals.pages_zero_after_remove;
         self.eexist = r.totals.eexist;
+        self.pages_duplicate = r.totals.pages_duplicate;
         self.recoveries = r.totals.recoveries;
         self.first_fault_served_ms = r.first_fault_served_seconds.map(|s| s * 1000.0);
         if tally.missing == 0 {

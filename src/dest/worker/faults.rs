@@ -153,6 +153,9 @@ impl Worker {
             // may race us to it; `EEXIST` then counts it done).
             let fill = self.zero_fill_for(b);
             self.place_run(b, page, 1, fill, true, Origin::ZeroMap)?;
+        } else if self.st().bulk_is_placing(b, page) {
+            // In the stream's batch being placed now: its placement wakes the thread.
+            self.stats.fault_deduplicated += 1;
         } else if self.st().requested[b].set(page) {
             self.st().outstanding.fetch_add(1, Ordering::AcqRel);
             if let Some(at) = &self.st().fault_at_ns {
@@ -327,8 +330,9 @@ impl Worker {
         for (b, &(start, end)) in st.shard.iter().enumerate() {
             let mut p = start;
             while let Some(first) = self.ram.received[b].next_clear(p, end) {
-                // Removed pages count as received: never asked for.
-                if st.requested[b].set(first) {
+                // Removed pages count as received: never asked for. Zero-map pages are placed
+                // here (by the bulk half, or at their fault), never asked for either.
+                if !self.in_zero_map(b, first) && st.requested[b].set(first) {
                     st.outstanding.fetch_add(1, Ordering::AcqRel);
                     self.pending.push((b as u32, first));
                 }

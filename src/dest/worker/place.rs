@@ -49,6 +49,19 @@ impl Worker {
     /// Places a received batch: runs of zero pages with `UFFDIO_ZEROPAGE`, runs of data pages
     /// with one `UFFDIO_COPY` from the temp pages.
     pub(super) fn place_batch(&mut self, h: &Header) -> Result<(), DestError> {
+        if self.half == Half::Urgent {
+            return self.place_batch_runs(h);
+        }
+        let st = self.state.clone();
+        let batch = super::pack_batch(h.block, h.page, u64::from(h.count));
+        st.placing.store(batch, Ordering::Release);
+        let placed = self.place_batch_runs(h);
+        st.placing.store(super::NOT_PLACING, Ordering::Release);
+        placed
+    }
+
+    /// [`place_batch`](Self::place_batch)'s runs.
+    fn place_batch_runs(&mut self, h: &Header) -> Result<(), DestError> {
         let ps = self.ram.layout.blocks[h.block as usize].page_size as usize;
         let count = usize::from(h.count);
         let mut i = 0;
@@ -187,11 +200,23 @@ impl Worker {
         origin: Origin,
     ) -> Result<usize, DestError> {
         let ps = self.ram.layout.blocks[b].page_size as usize;
+        let ram = self.ram.clone();
+        let received = &ram.received[b];
         let mut off = 0;
         let mut retries = 0;
         while off < n {
+            // A page the other half placed already (a fault's reply and the stream both carried
+            // it): this copy is dropped without an ioctl.
+            if received.get(first + off as u64) {
+                self.stats.pages_duplicate += 1;
+                off += 1;
+                continue;
+            }
+            let run = (off + 1..n)
+                .find(|&i| received.get(first + i as u64))
+                .unwrap_or(n);
             let dst = base + off * ps;
-            let len = (n - off) * ps;
+            let len = (run - off) * ps;
             self.stats.place_ioctls += 1;
             let result = match fill {
                 // `src` points into a ring-owned temp page arena that no operation targets now.
@@ -202,7 +227,7 @@ impl Worker {
                 Fill::Zero => self.st().uffd.zeropage(dst, len, false),
             };
             let (placed, err) = match result {
-                Ok(()) => (n - off, None),
+                Ok(()) => (run - off, None),
                 Err(e) => (e.done_bytes / ps, Some(e)),
             };
             self.mark_placed(b, first + off as u64, placed as u64, zero, origin);
@@ -211,7 +236,8 @@ impl Worker {
             match e.kind {
                 PlaceErrorKind::Partial => {}
                 PlaceErrorKind::Exists => {
-                    // Already placed (a stream page raced a request): make sure its waiters run.
+                    // Placed by the other half between our look and the ioctl (a real race):
+                    // make sure its waiters run.
                     self.stats.eexist += 1;
                     self.st().uffd.wake(base + off * ps, ps)?;
                     if self.ram.is_foreign() || origin == Origin::ZeroMap {

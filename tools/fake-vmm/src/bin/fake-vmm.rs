@@ -105,6 +105,16 @@ struct Args {
     #[arg(long, value_name = "P", default_value_t = 100.0)]
     touch_percent: f64,
 
+    /// Touch in file order instead (the first P% of the pages)
+    #[arg(long)]
+    sequential: bool,
+
+    /// Like Firecracker during `PUT /snapshot/load`: right after the handover, before the touch
+    /// phase, write to N pages spread evenly over the memory (each write flips byte 0 of its
+    /// page; the verification expects the flipped byte)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    load_writes: u64,
+
     /// Before the main touch phase, K threads touch the same page at once (barrier)
     #[arg(long, value_name = "K", default_value_t = 0)]
     same_page_threads: usize,
@@ -394,6 +404,22 @@ fn touch(mem: &Mem, page: u64, buf: &mut [u8]) -> u64 {
     ns
 }
 
+/// The pages `--load-writes N` writes: N spread evenly over `pages_total`, in file order.
+fn load_write_pages(n: u64, pages_total: u64) -> Vec<u64> {
+    let n = n.min(pages_total);
+    (0..n).map(|i| i * pages_total / n.max(1)).collect()
+}
+
+/// Writes `byte` at byte 0 of `page`: a write fault if it is missing (the handler places the
+/// page first, then the write lands).
+fn load_write(mem: &Mem, page: u64, byte: u8) {
+    let addr = mem.addr_of(page);
+    // SAFETY: `addr` is the first byte of a page of a region mapping of ours (read-write,
+    // mapped until exit); a volatile one-byte write, which may block in the fault until the
+    // handler places the page.
+    unsafe { std::ptr::write_volatile(addr as *mut u8, byte) };
+}
+
 fn main() {
     let args = Args::parse();
     let code = match run(args) {
@@ -639,8 +665,17 @@ fn run(args: Args) -> Result<bool, Fatal> {
     let n = args.regions;
     let mut rng = Rng::new(args.seed);
 
-    let expected = hash_image(&file, size, ps, args.threads)
+    let mut expected = hash_image(&file, size, ps, args.threads)
         .map_err(|e| Fatal::Setup(format!("reading the image {}: {e}", args.image.display())))?;
+    let mut load_writes = Vec::new();
+    for page in load_write_pages(args.load_writes, pages_total) {
+        let mut buf = vec![0u8; ps];
+        file.read_exact_at(&mut buf, page * ps as u64)
+            .map_err(setup("reading the image for --load-writes"))?;
+        buf[0] ^= 0xff;
+        expected[page as usize] = xxh3_64(&buf);
+        load_writes.push((page, buf[0]));
+    }
     drop(file);
 
     // Regions: pages split as evenly as possible, in file order.
@@ -772,9 +807,12 @@ fn run(args: Args) -> Result<bool, Fatal> {
         emit: Mutex::new(()),
         skeleton,
     }));
-    // The touch order: a random permutation of every page; the first P% are touched.
+    // The touch order: a random permutation of every page (or file order); the first P% are
+    // touched.
     let mut order: Vec<u64> = (0..pages_total).collect();
-    rng.shuffle(&mut order);
+    if !args.sequential {
+        rng.shuffle(&mut order);
+    }
     let k = if args.touch_percent >= 100.0 {
         pages_total
     } else {
@@ -814,6 +852,9 @@ fn run(args: Args) -> Result<bool, Fatal> {
     drop(uffd_fd);
     if args.exit_after_pages == Some(0) {
         run.exit_early();
+    }
+    for &(page, byte) in &load_writes {
+        load_write(&run.mem, page, byte);
     }
 
     let result = touch_and_verify(&args, run, &order[..k as usize], &order, t_start);
