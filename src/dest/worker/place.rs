@@ -204,17 +204,19 @@ impl Worker {
         let received = &ram.received[b];
         let mut off = 0;
         let mut retries = 0;
+        // A page the other half placed already, or (a reply's page) one in the stream batch
+        // being placed now: a fault's reply and the stream both carried it, and this copy is
+        // dropped without an ioctl (the other placement wakes the faulting thread).
+        let state = self.state.clone();
+        let urgent = self.half == Half::Urgent;
+        let taken = |p: u64| received.get(p) || (urgent && state.bulk_is_placing(b, p));
         while off < n {
-            // A page the other half placed already (a fault's reply and the stream both carried
-            // it): this copy is dropped without an ioctl.
-            if received.get(first + off as u64) {
+            if taken(first + off as u64) {
                 self.stats.pages_duplicate += 1;
                 off += 1;
                 continue;
             }
-            let run = (off + 1..n)
-                .find(|&i| received.get(first + i as u64))
-                .unwrap_or(n);
+            let run = (off + 1..n).find(|&i| taken(first + i as u64)).unwrap_or(n);
             let dst = base + off * ps;
             let len = (run - off) * ps;
             self.stats.place_ioctls += 1;
