@@ -218,7 +218,9 @@ impl Worker {
             };
             self.mark_placed(b, first + off as u64, placed as u64, zero, origin);
             off += placed;
-            let Some(e) = err else { break };
+            let Some(e) = err else {
+                continue; // the run ended at a page placed already: go on after it
+            };
             match e.kind {
                 PlaceErrorKind::Partial => {}
                 PlaceErrorKind::Exists => {
