@@ -7,7 +7,7 @@ pub struct WorkerStats {
     pub fault_events: u64,
     /// Faults on pages already placed (woken, no request).
     pub fault_already_placed: u64,
-    /// Faults on pages already requested (de-duplicated).
+    /// Faults on pages already requested, or in the stream batch being placed (de-duplicated).
     pub fault_deduplicated: u64,
     /// Request frames sent (after coalescing).
     pub requests: u64,

@@ -153,6 +153,9 @@ impl Worker {
             // may race us to it; `EEXIST` then counts it done).
             let fill = self.zero_fill_for(b);
             self.place_run(b, page, 1, fill, true, Origin::ZeroMap)?;
+        } else if self.st().bulk_is_placing(b, page) {
+            // In the stream's batch being placed now: its placement wakes the thread.
+            self.stats.fault_deduplicated += 1;
         } else if self.st().requested[b].set(page) {
             self.st().outstanding.fetch_add(1, Ordering::AcqRel);
             if let Some(at) = &self.st().fault_at_ns {

@@ -106,9 +106,36 @@ pub(crate) struct ShardState {
     fault_at_ns: Option<Vec<Box<[AtomicU64]>>>,
     /// Connections of this worker replaced after a break (either half).
     recoveries: AtomicU64,
+    /// The batch the bulk half is placing now ([`pack_batch`]; `NOT_PLACING`: none): a fault
+    /// on one of its pages waits for that placement, whose wake frees the thread, instead of
+    /// asking the source for a copy already in hand.
+    placing: AtomicU64,
+}
+
+/// No batch being placed (or one [`pack_batch`] cannot represent).
+const NOT_PLACING: u64 = u64::MAX;
+
+/// A batch packed in one word (block 8 bits, first page 48, pages 8), so a reader never sees
+/// half of one batch and half of another.
+fn pack_batch(b: u32, first: u64, n: u64) -> u64 {
+    if b < 0xff && first < 1 << 48 && n < 0x100 {
+        u64::from(b) << 56 | first << 8 | n
+    } else {
+        NOT_PLACING
+    }
 }
 
 impl ShardState {
+    /// Whether the bulk half is placing page `page` of block `b` right now.
+    fn bulk_is_placing(&self, b: usize, page: u64) -> bool {
+        let v = self.placing.load(Ordering::Acquire);
+        if v == NOT_PLACING {
+            return false;
+        }
+        let (block, first, n) = ((v >> 56) as usize, (v >> 8) & ((1 << 48) - 1), v & 0xff);
+        block == b && (first..first + n).contains(&page)
+    }
+
     pub(crate) fn new(
         id: usize,
         uffd: Uffd,
@@ -154,6 +181,7 @@ impl ShardState {
             }),
             place_lock: std::sync::RwLock::new(()),
             recoveries: AtomicU64::new(0),
+            placing: AtomicU64::new(NOT_PLACING),
             fault_at_ns: foreign.then(|| {
                 ram.layout
                     .blocks

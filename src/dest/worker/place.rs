@@ -49,6 +49,19 @@ impl Worker {
     /// Places a received batch: runs of zero pages with `UFFDIO_ZEROPAGE`, runs of data pages
     /// with one `UFFDIO_COPY` from the temp pages.
     pub(super) fn place_batch(&mut self, h: &Header) -> Result<(), DestError> {
+        if self.half == Half::Urgent {
+            return self.place_batch_runs(h);
+        }
+        let st = self.state.clone();
+        let batch = super::pack_batch(h.block, h.page, u64::from(h.count));
+        st.placing.store(batch, Ordering::Release);
+        let placed = self.place_batch_runs(h);
+        st.placing.store(super::NOT_PLACING, Ordering::Release);
+        placed
+    }
+
+    /// [`place_batch`](Self::place_batch)'s runs.
+    fn place_batch_runs(&mut self, h: &Header) -> Result<(), DestError> {
         let ps = self.ram.layout.blocks[h.block as usize].page_size as usize;
         let count = usize::from(h.count);
         let mut i = 0;
@@ -191,9 +204,12 @@ impl Worker {
         let received = &ram.received[b];
         let mut off = 0;
         let mut retries = 0;
-        // A page the other half placed already (a fault's reply and the stream both carried
-        // it): this copy is dropped without an ioctl (that placement woke its waiters).
-        let taken = |p: u64| received.get(p);
+        // A page the other half placed already, or (a reply's page) one in the stream batch
+        // being placed now: a fault's reply and the stream both carried it, and this copy is
+        // dropped without an ioctl (the other placement wakes the faulting thread).
+        let state = self.state.clone();
+        let urgent = self.half == Half::Urgent;
+        let taken = |p: u64| received.get(p) || (urgent && state.bulk_is_placing(b, p));
         while off < n {
             if taken(first + off as u64) {
                 self.stats.pages_duplicate += 1;
