@@ -3,12 +3,13 @@
 //! from a remote `postcopy serve` instead of a local file.
 //!
 //! Per VMM connection (each on its own thread; several VMMs may restore from one source at
-//! once, each in its own session): receive the regions and the userfaultfd, connect to the
-//! source, map the regions onto the source's image by `offset` ([`DestRam::foreign`]), and serve
-//! through the engine (one worker: an urgent half for faults and REMOVE events, a bulk half for
-//! the background stream) until every page is placed and then until the VMM exits (its socket
-//! closes): pages it removes later are served as zero pages. One line of JSON per VMM on
-//! stdout ([`VmmReport`]).
+//! once, each in its own session): receive the regions and the userfaultfd, take a source
+//! session prepared before the VMM came (`pool`; or connect now if none is ready), map the
+//! regions onto the source's image by `offset` ([`DestRam::foreign`]), and serve through the
+//! engine (one worker: an urgent half for faults and REMOVE events, a bulk half for the
+//! background stream, which joins once released) until every page is placed and then until the
+//! VMM exits (its socket closes): pages it removes later are served as zero pages. One line of
+//! JSON per VMM on stdout ([`VmmReport`]), on every exit path (`report`).
 
 use std::io::Read;
 use std::os::unix::net::{UnixListener, UnixStream};
