@@ -32,8 +32,8 @@ pub struct EngineConfig {
     /// Most bulk streams placing at once (0: one per worker). Fewer streams leave CPU to the
     /// workload and the fault path on a small machine, at the cost of stream throughput.
     pub max_streams: usize,
-    /// Offer the source a precopy phase (then call [`receive_precopy`] before
-    /// [`Engine::start`]). Off: pure postcopy.
+    /// Offer the source a precopy phase (then call [`super::receive_precopy`] before
+    /// [`super::Engine::start`]). Off: pure postcopy.
     pub precopy: bool,
     /// The pre-shared key ([`crate::link::auth`]): prove it on every connection, MAC every frame.
     /// `None`: no authentication (a trusted network only).
@@ -43,7 +43,7 @@ pub struct EngineConfig {
     pub recovery_timeout: Duration,
     /// TLS 1.3 to the source ([`crate::link::tls`]); `None`: plain TCP.
     pub tls: Option<crate::link::tls::TlsClient>,
-    /// The embedder verifies the migration on a [`VerifyConnection`] once the workers ended:
+    /// The embedder verifies the migration with [`super::fetch_checksums`] once the workers ended:
     /// each worker's `End` says so, and the source keeps the session until it was served.
     pub verify: bool,
 }

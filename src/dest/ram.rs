@@ -56,7 +56,7 @@ impl DestRam {
     /// `postcopy_ram_incoming_init` for memory that wants transparent huge pages (as a VMM's
     /// guest RAM usually does): `MADV_HUGEPAGE` on the 4 KiB-page blocks, so precopy fills
     /// them a huge page at a time; [`prepare_discard`](Self::prepare_discard) turns THP off
-    /// before discards and faults, and [`EngineHandle::wait`] turns it back on.
+    /// before discards and faults, and [`super::EngineHandle::wait`] turns it back on.
     pub fn with_thp(layout: &Layout) -> Result<DestRam, DestError> {
         Self::map(layout, true)
     }
@@ -215,7 +215,7 @@ impl DestRam {
     }
 
     /// `postcopy_ram_prepare_discard`: `MADV_NOHUGEPAGE` on every 4 KiB-page block, so that
-    /// discards and faults work page by page. Idempotent; [`Engine::start`] calls it too.
+    /// discards and faults work page by page. Idempotent; [`super::Engine::start`] calls it too.
     pub fn prepare_discard(&self) -> Result<(), DestError> {
         // A foreign process's memory is its own business (`discard_ready` is set for it).
         if self.discard_ready.swap(true, Ordering::AcqRel) {

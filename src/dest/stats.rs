@@ -53,7 +53,7 @@ pub struct WorkerStats {
     #[serde(skip)]
     pub fault_service_ns: Option<hdrhistogram::Histogram<u64>>,
     /// The worker ended (stopped, or its VMM's address space gone) while pages of its shard
-    /// were missing as far as it could see: [`EngineHandle::wait`] decides, once every worker
+    /// were missing as far as it could see: [`super::EngineHandle::wait`] decides, once every worker
     /// has joined (no placement in flight), whether the memory is complete after all.
     #[serde(skip)]
     pub ended_early: bool,

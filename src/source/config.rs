@@ -10,7 +10,7 @@ use crate::live::SourceWorkload;
 /// Source configuration.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
-    /// Serve one session, then return from [`SourceServer::run`].
+    /// Serve one session, then return from [`super::SourceServer::run`].
     pub once: bool,
     /// Time a new connection has to send its `Hello`.
     pub handshake_timeout: Duration,
