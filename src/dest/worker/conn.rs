@@ -85,7 +85,15 @@ impl Worker {
             .expect("header slot is HEADER_BYTES long");
         let h = Header::decode(&raw).map_err(|e| self.protocol(e))?;
         match (h.kind, self.half) {
-            (Kind::Pages, _) => self.check_pages(&h).map_err(|e| self.protocol(e))?,
+            (Kind::Pages, half) => {
+                self.check_pages(&h).map_err(|e| self.protocol(e))?;
+                if half == Half::Bulk {
+                    // From its checked header on, the batch is the bulk half's to place: the
+                    // urgent half defers to it (cleared once placed, or if the link breaks).
+                    let batch = super::pack_batch(h.block, h.page, u64::from(h.count));
+                    self.st().placing.store(batch, Ordering::Release);
+                }
+            }
             (Kind::Error | Kind::Heartbeat, _) => {}
             (Kind::End | Kind::Run, Half::Bulk) => {}
             (Kind::Ack, Half::Urgent) if self.end_sent => {}

@@ -334,6 +334,7 @@ pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> JobEnd {
     });
     if half == Half::Bulk {
         // Whatever happened, the urgent half must not wait for this one any longer.
+        state.placing.store(NOT_PLACING, Ordering::Release);
         state.bulk_done.store(true, Ordering::Release);
     }
     match result {

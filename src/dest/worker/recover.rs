@@ -22,6 +22,12 @@ impl Worker {
     /// half tells the source which pages of its shard it has, and the stream resumes with the
     /// others. Faulting threads stay blocked meanwhile; nothing placed is lost.
     pub(super) fn recover(&mut self, cause: DestError) -> Result<(), DestError> {
+        if self.half == Half::Bulk {
+            // A batch cut short is not placed: the resumed stream sends its pages again.
+            self.st()
+                .placing
+                .store(super::NOT_PLACING, Ordering::Release);
+        }
         if let Some(old) = self.stream.take() {
             // Its operations in flight complete now (as stale: new epoch) and free their slots.
             let _ = old.shutdown(std::net::Shutdown::Both);
