@@ -122,6 +122,20 @@ fn silence_at(
     })
 }
 
+/// A plan that cuts connection `conn` (0: the first) once `offset_bytes` went `direction`, by
+/// reset or by FIN.
+fn one_cut(conn: usize, (direction, offset_bytes): (Dir, u64), reset: bool) -> Plan {
+    let mut per_connection = vec![vec![]; conn];
+    per_connection.push(vec![Fault::CutAt {
+        direction,
+        offset_bytes,
+    }]);
+    Plan {
+        reset,
+        ..Plan::per_connection(per_connection)
+    }
+}
+
 fn field(json: &str, name: &str) -> Option<u64> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     v.get(name)?.as_u64()
@@ -150,13 +164,7 @@ fn a_break_in_precopy_resumes_precopy_while_the_workload_runs() {
         let what = format!("{direction} cut at {offset_bytes} B (reset: {reset})");
         let key = KeyFile::new("precopy");
         let (serve, src) = live_source(&key, &[]);
-        let plan = Plan {
-            reset,
-            ..Plan::per_connection(vec![vec![Fault::CutAt {
-                direction,
-                offset_bytes,
-            }]])
-        };
+        let plan = one_cut(0, (direction, offset_bytes), reset);
         let proxy = Proxy::start(src, plan).expect("proxy");
         let (out, json, _) = demo(proxy.local_addr(), &key, &["--precopy", "on"]);
         assert_verified(&out, &json, &what);
@@ -344,13 +352,7 @@ fn a_cut_in_the_first_handshake_starts_the_migration_again() {
         let what = format!("{direction} cut at {offset_bytes} B");
         let key = KeyFile::new("handshake");
         let (serve, src) = live_source(&key, &[]);
-        let plan = Plan {
-            reset: true,
-            ..Plan::per_connection(vec![vec![Fault::CutAt {
-                direction,
-                offset_bytes,
-            }]])
-        };
+        let plan = one_cut(0, (direction, offset_bytes), true);
         let proxy = Proxy::start(src, plan).expect("proxy");
         let (out, json, _) = demo(proxy.local_addr(), &key, &["--precopy", "on"]);
         assert_verified(&out, &json, &what);
@@ -397,15 +399,7 @@ fn a_break_of_the_verify_connection_anywhere_is_recovered() {
                 if reset { "reset" } else { "FIN" }
             );
             let (serve, src) = live_source(&key, &once);
-            let mut per_connection = vec![vec![]; verify.conn];
-            per_connection.push(vec![Fault::CutAt {
-                direction,
-                offset_bytes,
-            }]);
-            let plan = Plan {
-                reset,
-                ..Plan::per_connection(per_connection)
-            };
+            let plan = one_cut(verify.conn, (direction, offset_bytes), reset);
             let proxy = Proxy::start(src, plan).expect("proxy");
             let (out, json, _) = demo(proxy.local_addr(), &key, &args);
             assert_verified(&out, &json, &what);

@@ -19,14 +19,7 @@ cargo build --release --quiet --manifest-path tools/fake-vmm/Cargo.toml
 bin=target/release/postcopy
 t=tools/fake-vmm/target/release
 img=$tmp/vm.mem
-python3 - "$img" "$size_mib" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-with open(path, "wb") as f:
-    zero = bytes(4096)
-    for i in range(mib * 256):
-        f.write(zero if i % 4 == 0 else os.urandom(4096))
-PY
+python3 tools/make-image.py "$img" "$size_mib"
 port=$((20000 + RANDOM % 20000))
 head -c 32 /dev/urandom >"$tmp/key"   # authenticated, as in production
 $bin serve --listen 127.0.0.1:$port --image "$img" --quiet --key-file "$tmp/key" >/dev/null 2>&1 &

@@ -33,14 +33,7 @@ cargo build --release --quiet --manifest-path tools/fake-vmm/Cargo.toml
 bin=target/release/postcopy
 t=tools/fake-vmm/target/release
 img=$tmp/vm.mem
-python3 - "$img" "$mib" <<'PY'
-import os, sys
-path, mib = sys.argv[1], int(sys.argv[2])
-with open(path, "wb") as f:
-    zero = bytes(4096)
-    for i in range(mib * 256):
-        f.write(zero if i % 4 == 0 else os.urandom(4096))
-PY
+python3 tools/make-image.py "$img" "$mib"
 head -c 32 /dev/urandom >"$tmp/key"
 port=$((20000 + RANDOM % 20000))
 $bin serve --listen 127.0.0.1:$port --image "$img" --working-set "$tmp/ws" --quiet \

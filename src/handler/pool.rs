@@ -8,6 +8,7 @@
 //! being served. A session that breaks while it waits is dropped and replaced; the sessions
 //! no VMM took are released (the source hears why) when the handler stops.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -31,7 +32,7 @@ struct Inner {
     want: usize,
     live: Liveness,
     verbose: bool,
-    ready: Mutex<Vec<Connected>>,
+    ready: Mutex<VecDeque<Connected>>,
     /// Notified when a session is taken or the pool stops.
     changed: Condvar,
     stop: AtomicBool,
@@ -45,7 +46,7 @@ impl Pool {
             config,
             want,
             verbose,
-            ready: Mutex::new(Vec::with_capacity(want)),
+            ready: Mutex::new(VecDeque::with_capacity(want)),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
         });
@@ -65,7 +66,7 @@ impl Pool {
     pub(super) fn take(&self) -> Option<Connected> {
         let mut ready = self.inner.lock();
         // The oldest first: sessions are used in the order the source began them.
-        let mut taken = (!ready.is_empty()).then(|| ready.remove(0))?;
+        let mut taken = ready.pop_front()?;
         drop(ready);
         self.inner.changed.notify_all();
         // It may have broken since the keeper's last look.
@@ -87,7 +88,7 @@ impl Drop for Pool {
 }
 
 impl Inner {
-    fn lock(&self) -> MutexGuard<'_, Vec<Connected>> {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Connected>> {
         self.ready.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -141,7 +142,7 @@ fn keep(inner: &Inner) {
                     inner.log(format_args!("the source answers again"));
                 }
                 (failing, backoff) = (false, Duration::from_millis(100));
-                inner.lock().push(c);
+                inner.lock().push_back(c);
             }
             Err(e) => {
                 if !failing {

@@ -148,7 +148,7 @@ impl Replies<'_> {
         let followed = match session.working_set(shared.working_set.as_ref()) {
             WsMode::Replay(snap) => snap
                 .position(h.block, last)
-                .map(|at| self.follow_working_set(&snap.clone(), at)),
+                .map(|at| self.follow_working_set(snap, at)),
             WsMode::Off | WsMode::Record => None,
         };
         let (p, z, extra) = match followed {
