@@ -21,7 +21,8 @@
 //! # Cuts
 //!
 //! A cut stops forwarding in both directions at once; the bytes forwarded before it are delivered
-//! (in the cut direction exactly `offset_bytes`). Then, by default, both sockets are shut down for
+//! (in the cut direction exactly `offset_bytes`; a cut at offset 0 falls before any byte in
+//! either direction, as the connection is accepted). Then, by default, both sockets are shut down for
 //! writing, so both peers read the remaining data and then EOF; whatever they still send is read and
 //! discarded until they close, or for at most [`Plan::linger`], after which both sockets are shut down
 //! completely and closed (a peer still writing then gets `EPIPE`/`ECONNRESET`). With
@@ -730,6 +731,17 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
             conns.push(Arc::downgrade(&conn));
         }
         shared.log(format_args!("conn {index}: {peer} -> {upstream}"));
+        // A cut at offset 0 falls before any byte in either direction: made here, before a
+        // forwarder could pass on what the other side sends first.
+        for (dir, plan) in [(Dir::ToServer, &to_server), (Dir::ToClient, &to_client)] {
+            if let Some(&Event {
+                offset: 0,
+                kind: EventKind::Cut(cause),
+            }) = plan.events.first()
+            {
+                conn.cut(shared, cause, Some(dir));
+            }
+        }
         for (dir, plan) in [(Dir::ToServer, to_server), (Dir::ToClient, to_client)] {
             let (s, c) = (shared.clone(), conn.clone());
             let spawned = shared.spawn(format!("chaos-{index}-{dir}"), move || {
