@@ -191,7 +191,7 @@ fn fault_thread(
         }
         let mut req = [0u8; HEADER_BYTES];
         Header::request(b as u32, page, 1).encode(&mut req);
-        s.write_frames(&req)
+        s.write_frames(&mut req)
             .map_err(link_err("baseline: send request"))?;
         stats.requests += 1;
         stats.pages_requested += 1;
@@ -199,7 +199,7 @@ fn fault_thread(
     }
     let mut end = [0u8; HEADER_BYTES];
     Header::control(Kind::End, 0).encode(&mut end);
-    s.write_frames(&end)
+    s.write_frames(&mut end)
         .map_err(link_err("baseline: send End"))?;
     while read_frame(&mut s, ram)?.kind != Kind::Ack {}
     Ok(stats)

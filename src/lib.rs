@@ -14,7 +14,7 @@
 //! - [`layout`]: RAM blocks, the atomic received bitmap, and the split of a block among the
 //!   destination's workers ([`layout::shard`]).
 //! - [`codec`]: wire protocol v1, a pure codec.
-//! - [`link`]: what every connection does: the challenge-response, per-frame MACs, the one
+//! - [`link`]: what every connection does: the challenge-response, per-frame seals, the one
 //!   framed reader and writer ([`link::FramedStream`]), TLS.
 //! - [`image`]: what a source serves (a file or a synthetic image).
 //! - [`source`]: the source page server (precopy, switchover, recovery); [`live`]: a live

@@ -11,7 +11,7 @@ use postcopy::codec::{Frame, Header, Kind, Role};
 use postcopy::dest::{self, DestError, EngineConfig};
 use postcopy::link::auth::{Key, NONCE_BYTES};
 use postcopy::link::framed::seal_frames;
-use postcopy::link::mac::TAG_BYTES;
+use postcopy::link::seal::TAG_BYTES;
 
 fn key(s: &str) -> Key {
     Key::from_secret(format!("{s:-<32}").as_bytes())
@@ -83,7 +83,7 @@ fn keyed_destination_refuses_an_unauthenticated_source() {
     assert!(e.to_string().contains("no authentication challenge"), "{e}");
 }
 
-/// Reads a raw frame's header and body (no MAC).
+/// Reads a raw frame's header and body (no tag).
 fn raw(s: &mut TcpStream) -> (Header, Vec<u8>) {
     let (h, frame) = read_raw_frame(s).expect("read").expect("a frame");
     (h, frame[postcopy::codec::HEADER_BYTES..].to_vec())
@@ -158,7 +158,7 @@ fn a_source_without_the_key_places_nothing() {
 
 #[test]
 fn tampered_and_replayed_frames_end_the_session() {
-    // A source that knows the key authenticates, then sends a Welcome whose MAC is wrong.
+    // A source that knows the key authenticates, then sends a Welcome whose tag is wrong.
     let k = key("right");
     for case in ["tampered", "replayed"] {
         let fake = FakeListener::bind();

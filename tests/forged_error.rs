@@ -1,4 +1,4 @@
-//! An `Error` frame whose MAC does not hold is never acted on, on any authenticated connection
+//! An `Error` frame whose tag does not hold is never acted on, on any authenticated connection
 //! of either side: the connection ends with an integrity failure, and the forged message is
 //! never shown as the peer's. (A peer that could inject an unauthenticated `Error` could end any
 //! migration, or make an operator act on a message it wrote.)
@@ -14,7 +14,7 @@ use postcopy::codec::{self, Frame, Header, Kind, Role, Welcome, HEADER_BYTES};
 use postcopy::dest::{self, DestError, DestRam, Engine, EngineConfig};
 use postcopy::link::auth::{AuthError, Key};
 use postcopy::link::handshake as auth;
-use postcopy::link::mac::TAG_BYTES;
+use postcopy::link::seal::TAG_BYTES;
 use postcopy::link::{FramedStream, LinkError};
 
 const FORGED: &str = "FORGED: stop the migration";
@@ -24,7 +24,7 @@ fn key() -> Key {
     Key::from_secret(b"forged error test key, 32 bytes")
 }
 
-/// Writes an `Error` frame with a MAC trailer of zeros: what a peer without the key could
+/// Writes an `Error` frame with a tag of zeros: what a peer without the key could
 /// inject into an authenticated connection.
 fn forge_error(link: &FramedStream) {
     let mut out = Vec::new();
@@ -33,7 +33,7 @@ fn forge_error(link: &FramedStream) {
     let _ = link.socket().write_all(&out);
 }
 
-/// The destination refused the frame for its MAC, not for its message.
+/// The destination refused the frame for its tag, not for its message.
 fn assert_refused(what: &str, e: &DestError) {
     assert!(
         matches!(e, DestError::Auth(AuthError::BadTag { .. })),
@@ -60,7 +60,7 @@ fn welcome(link: &mut FramedStream, size_bytes: u64) {
         image: codec::ImageInfo::Opaque,
         stopped_unix_us: 0,
     });
-    link.write_frames(&encode(&frame)).expect("send Welcome");
+    link.write_frames(&mut encode(&frame)).expect("send Welcome");
 }
 
 fn config(fake: &FakeListener) -> EngineConfig {
@@ -222,7 +222,7 @@ fn source_refuses_a_forged_error_on_every_connection_kind() {
         auth::connect(&mut link, &key()).expect("authenticate");
         let mut h = [0u8; HEADER_BYTES];
         hello.encode(&mut h);
-        link.write_frames(&h).expect("Hello");
+        link.write_frames(&mut h).expect("Hello");
         let w = link.read_frame().expect("Welcome").expect("a frame");
         assert_eq!(w.kind, Kind::Welcome);
         let welcome = Welcome::decode_body(&w, link.body()).unwrap();

@@ -141,7 +141,7 @@ impl TlsArgs {
 #[derive(clap::Args, Debug)]
 pub struct AuthArgs {
     /// Pre-shared key file (the same on both hosts; at least 16 random bytes, e.g. `head -c 32
-    /// /dev/urandom > key`): every connection proves it holds the key, every frame is MACed.
+    /// /dev/urandom > key`): every connection proves it holds the key, every frame is sealed (AES-GCM: authenticated, pages encrypted).
     #[arg(long, conflicts_with = "insecure")]
     pub key_file: Option<PathBuf>,
     /// Run without authentication (a trusted network only: anyone who can connect can read

@@ -52,8 +52,9 @@ pub use welcome::{ImageInfo, Welcome};
 
 /// Frame magic: the bytes `PCPY` read as a little-endian u32.
 pub const MAGIC: u32 = u32::from_le_bytes(*b"PCPY");
-/// Protocol version.
-pub const VERSION: u8 = 1;
+/// Protocol version (2: frames of an authenticated connection are sealed with AES-128-GCM,
+/// [`crate::link::seal`]; 1 carried a BLAKE3 MAC).
+pub const VERSION: u8 = 2;
 /// Header size.
 pub const HEADER_BYTES: usize = 32;
 /// Most pages in one `Pages` frame (the zero mask is 64 bits).

@@ -35,7 +35,7 @@ pub struct EngineConfig {
     /// Offer the source a precopy phase (then call [`super::receive_precopy`] before
     /// [`super::Engine::start`]). Off: pure postcopy.
     pub precopy: bool,
-    /// The pre-shared key ([`crate::link::auth`]): prove it on every connection, MAC every frame.
+    /// The pre-shared key ([`crate::link::auth`]): prove it on every connection, seal every frame.
     /// `None`: no authentication (a trusted network only).
     pub key: Option<Key>,
     /// A connection that breaks in postcopy is reopened (with backoff) for this long before the

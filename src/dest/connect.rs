@@ -174,7 +174,7 @@ pub(crate) fn open_connection_as(
     }
     let mut hello = [0u8; HEADER_BYTES];
     h.encode(&mut hello);
-    link.write_frames(&hello).map_err(link_err("send Hello"))?;
+    link.write_frames(&mut hello).map_err(link_err("send Hello"))?;
     let welcome = read_welcome(&mut link, config).map_err(link_err(&context))?;
     let zero_map = if want_zero_map {
         Some(read_zero_map(&mut link, &welcome.layout).map_err(link_err(&context))?)
@@ -226,7 +226,7 @@ fn dial(config: &EngineConfig, within: Duration) -> Result<TcpStream, DestError>
     Ok(stream)
 }
 
-/// Reads the source's `Welcome` (an `Error` frame is the source's refusal, its MAC checked).
+/// Reads the source's `Welcome` (an `Error` frame is the source's refusal, its tag checked).
 fn read_welcome(link: &mut FramedStream, config: &EngineConfig) -> Result<Welcome, LinkError> {
     let keyless = config.key.is_none();
     let h = link

@@ -261,7 +261,7 @@ fn rejoin(
         }
     }
     Header::control(Kind::Run, writer.last_round).encode_into(&mut out);
-    link.write_frames(&out)
+    link.write_frames(&mut out)
         .map_err(link_err("tell the source which precopy pages are here"))?;
     prepare(&mut link, config)?;
     Ok(link)
@@ -304,7 +304,7 @@ fn receive_rounds(
                 // leaving bytes in flight for the downtime.
                 let mut ack = [0u8; HEADER_BYTES];
                 Header::control(Kind::Ack, h.page).encode(&mut ack);
-                link.write_frames(&ack)
+                link.write_frames(&mut ack)
                     .map_err(link_err("acknowledge a precopy round"))?;
             }
             Kind::Run => {

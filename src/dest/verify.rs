@@ -44,7 +44,7 @@ fn fetch(
 ) -> Result<Vec<u64>, DestError> {
     let mut run = [0u8; HEADER_BYTES];
     Header::control(Kind::Run, 0).encode(&mut run);
-    link.write_frames(&run)
+    link.write_frames(&mut run)
         .map_err(link_err("ask for checksums"))?;
     // The source computes them as it sends: nothing for the link timeout is a dead link.
     link.socket()
@@ -100,6 +100,6 @@ fn fetch(
     // A lost `Ack` costs nothing here; the source gives the session up as verified later.
     let mut ack = [0u8; HEADER_BYTES];
     Header::control(Kind::Ack, total).encode(&mut ack);
-    let _ = link.write_frames(&ack);
+    let _ = link.write_frames(&mut ack);
     Ok(sums)
 }

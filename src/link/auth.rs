@@ -3,7 +3,7 @@
 //! A page server that places whatever bytes it receives into a VM's memory is a
 //! remote-code-execution hole unless its peer is authenticated; a source that serves memory to
 //! anyone leaks it. With a key (`--key-file`, the same file on both hosts), every connection
-//! starts with a mutual challenge-response and every frame after it carries a MAC:
+//! starts with a mutual challenge-response and every frame after it is sealed:
 //!
 //! ```text
 //! source                                              destination
@@ -11,19 +11,19 @@
 //!                             ◄─────────────────────── Auth(nonce_d: 32 B, tag_d: 32 B)
 //!   verify tag_d = MAC(K, "dest"   ‖ nonce_s ‖ nonce_d)
 //!   Auth(tag_s: 32 B)         ───────────────────────►  verify tag_s = MAC(K, "source" ‖ nonce_s ‖ nonce_d)
-//!   then every frame: header ‖ body ‖ tag (16 B) = MAC(K_dir, seq ‖ header ‖ body)
+//!   then every frame: header ‖ AES-128-GCM(K_dir, nonce = seq, aad = header, body) ‖ tag (16 B)
 //! ```
 //!
 //! `K` is derived from the key file with BLAKE3's KDF; the per-direction frame keys `K_dir`
 //! from `K` and both nonces, so they are fresh per connection; `seq` counts frames per
-//! direction, so a frame cannot be replayed, reordered or moved to another connection. The MAC
-//! is BLAKE3 in keyed mode (a PRF), truncated to 128 bits; comparisons are constant-time. A peer
-//! without the key is refused before any page is served or placed. Confidentiality is not
-//! provided (that is what TLS would add).
+//! direction, so a frame cannot be replayed, reordered or moved to another connection. Frames
+//! are sealed with AES-128-GCM ([`super::seal`]): headers authenticated, bodies (the pages)
+//! encrypted and authenticated. The proofs are BLAKE3 in keyed mode (a PRF); comparisons are
+//! constant-time. A peer without the key is refused before any page is served or placed.
 
 use std::path::Path;
 
-use super::mac::{BadTag, FrameMac};
+use super::seal::{BadTag, FrameSeal, KEY_BYTES};
 
 /// Bytes of a nonce.
 pub const NONCE_BYTES: usize = 32;
@@ -52,7 +52,7 @@ pub enum AuthError {
     /// The peer's proof did not match: another key, or no key.
     #[error("the peer failed authentication: it does not hold the same key (check --key-file on both sides)")]
     BadProof,
-    /// A frame's MAC did not match: tampered, replayed, reordered, or another key.
+    /// A frame's tag did not hold: tampered, replayed, reordered, or another key.
     #[error(
         "frame {seq} failed its integrity check (tampered, replayed or from another connection)"
     )]
@@ -179,14 +179,15 @@ impl Key {
         &self,
         nonce_s: &[u8; NONCE_BYTES],
         nonce_d: &[u8; NONCE_BYTES],
-    ) -> (FrameMac, FrameMac) {
-        let s2d = *self
-            .mac(b"postcopy frames source to dest", nonce_s, nonce_d)
-            .as_bytes();
-        let d2s = *self
-            .mac(b"postcopy frames dest to source", nonce_s, nonce_d)
-            .as_bytes();
-        (FrameMac::new(s2d), FrameMac::new(d2s))
+    ) -> (FrameSeal, FrameSeal) {
+        let key = |label: &[u8]| -> [u8; KEY_BYTES] {
+            self.mac(label, nonce_s, nonce_d).as_bytes()[..KEY_BYTES]
+                .try_into()
+                .expect("a BLAKE3 output has 32 bytes")
+        };
+        let s2d = key(b"postcopy v2 frames source to dest");
+        let d2s = key(b"postcopy v2 frames dest to source");
+        (FrameSeal::new(&s2d), FrameSeal::new(&d2s))
     }
 }
 
@@ -214,20 +215,28 @@ mod tests {
         assert!(Key::check(&k.dest_proof(&ns, &nd), &k.source_proof(&ns, &nd)).is_err());
         let (mut s2d_tx, _) = k.frame_keys(&ns, &nd);
         let (mut s2d_rx, _) = k.frame_keys(&ns, &nd);
-        let t0 = s2d_tx.seal(b"header", b"body");
-        let t1 = s2d_tx.seal(b"header", b"body");
+        let (mut b0, mut b1) = (*b"body", *b"body");
+        let t0 = s2d_tx.seal(b"header", &mut b0);
+        let t1 = s2d_tx.seal(b"header", &mut b1);
         assert_ne!(t0, t1, "the sequence number is in the tag");
-        assert!(
-            s2d_rx.clone().open(b"header", b"body", &t1).is_err(),
-            "reordered"
-        );
-        assert!(
-            s2d_rx.clone().open(b"header", b"bodY", &t0).is_err(),
-            "tampered"
-        );
-        s2d_rx.open(b"header", b"body", &t0).unwrap();
-        s2d_rx.open(b"header", b"body", &t1).unwrap();
-        let (mut other_rx, _) = other.frame_keys(&ns, &nd);
-        assert!(other_rx.open(b"header", b"body", &t0).is_err());
+        assert_ne!(b0, *b"body", "the body is encrypted");
+        assert_ne!(b0, b1, "each frame has its own nonce");
+        let opens = |rx: &FrameSeal, header: &[u8], body: [u8; 4], tag: &[u8]| {
+            let mut body = body;
+            rx.clone().open(header, &mut body, tag).map(|()| body)
+        };
+        assert!(opens(&s2d_rx, b"header", b1, &t1).is_err(), "reordered");
+        let mut tampered = b0;
+        tampered[0] ^= 1;
+        assert!(opens(&s2d_rx, b"header", tampered, &t0).is_err(), "tampered");
+        assert!(opens(&s2d_rx, b"headeR", b0, &t0).is_err(), "header tampered");
+        let mut plain = b0;
+        s2d_rx.open(b"header", &mut plain, &t0).unwrap();
+        assert_eq!(plain, *b"body");
+        let mut plain = b1;
+        s2d_rx.open(b"header", &mut plain, &t1).unwrap();
+        assert_eq!(plain, *b"body");
+        let (other_rx, _) = other.frame_keys(&ns, &nd);
+        assert!(opens(&other_rx, b"header", b0, &t0).is_err(), "another key");
     }
 }

@@ -4,8 +4,9 @@
 //! precopy, zero map, verify and recovery, the baseline's) reads and writes frames here. A
 //! frame read is `header ‖ body ‖ tag`: the header is decoded (which bounds the body per kind),
 //! the caller's admission check runs on the header before a byte of the body is read, and on an
-//! authenticated connection the MAC is checked before anything is returned. An `Error` frame is
-//! returned as [`LinkError::Remote`], so it too is acted on only once its MAC holds. A
+//! authenticated connection the tag is checked (and the body decrypted) before anything is
+//! returned. An `Error` frame is
+//! returned as [`LinkError::Remote`], so it too is acted on only once its tag holds. A
 //! `Heartbeat` frame is checked and skipped ([`super::liveness`]); a reader that waits for a
 //! peer while keeping the link alive uses [`FramedStream::next_frame_live`].
 //!
@@ -17,7 +18,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use super::liveness::{wait_readable, Liveness};
-use super::mac::{Channel, FrameMac, TAG_BYTES};
+use super::seal::{Channel, FrameSeal, TAG_BYTES};
 use crate::codec::{self, CodecError, Header, Kind, HEADER_BYTES};
 
 /// Errors of a framed connection.
@@ -35,10 +36,10 @@ pub enum LinkError {
     /// The peer sent something malformed or unexpected.
     #[error(transparent)]
     Protocol(#[from] CodecError),
-    /// A frame failed its MAC, or the peer its proof.
+    /// A frame failed its tag, or the peer its proof.
     #[error(transparent)]
     Auth(#[from] super::auth::AuthError),
-    /// The peer sent an `Error` frame (its MAC checked): its message.
+    /// The peer sent an `Error` frame (its tag checked): its message.
     #[error("{0}")]
     Remote(String),
 }
@@ -74,7 +75,7 @@ struct ReadAhead {
     end: usize,
 }
 
-/// A blocking connection that carries frames, MACed once [`FramedStream::authenticated`].
+/// A blocking connection that carries frames, sealed once [`FramedStream::authenticated`].
 pub struct FramedStream {
     stream: TcpStream,
     channel: Option<Channel>,
@@ -83,7 +84,7 @@ pub struct FramedStream {
     body: Vec<u8>,
     /// Bytes of `body` the last frame filled.
     body_len: usize,
-    /// Scratch of [`write_frames`](Self::write_frames): where each frame ends and its MAC.
+    /// Scratch of [`write_frames`](Self::write_frames): where each frame ends and its tag.
     tags: Vec<(usize, [u8; TAG_BYTES])>,
     /// When the last whole frame (a heartbeat included) arrived, or the connection opened.
     last_rx: Instant,
@@ -115,7 +116,7 @@ impl FramedStream {
         }
     }
 
-    /// A connection whose frames are MACed with `channel` (after the challenge-response).
+    /// A connection whose frames are sealed with `channel` (after the challenge-response).
     pub fn with_channel(stream: TcpStream, channel: Option<Channel>) -> FramedStream {
         FramedStream {
             channel,
@@ -129,7 +130,7 @@ impl FramedStream {
         self.channel = Some(channel);
     }
 
-    /// Whether frames carry MACs.
+    /// Whether frames are sealed.
     pub fn is_authenticated(&self) -> bool {
         self.channel.is_some()
     }
@@ -155,7 +156,7 @@ impl FramedStream {
         self.ahead.as_ref().map_or(0, |a| a.end - a.start)
     }
 
-    /// The socket and the MAC state, for a reader that takes over (the engine's ring). Fails
+    /// The socket and the seal state, for a reader that takes over (the engine's ring). Fails
     /// when bytes were read ahead: they would be lost.
     pub fn into_parts(self) -> Result<(TcpStream, Option<Channel>), LinkError> {
         let ahead = self.buffered_bytes();
@@ -269,7 +270,7 @@ impl FramedStream {
     pub fn heartbeat(&mut self) -> Result<(), LinkError> {
         let mut h = [0u8; HEADER_BYTES];
         Header::heartbeat().encode(&mut h);
-        self.write_frames(&h).map(|_| ())
+        self.write_frames(&mut h).map(|_| ())
     }
 
     /// Whether the peer closed or reset the connection (checked without waiting).
@@ -323,7 +324,7 @@ impl FramedStream {
             let mut tag = [0u8; TAG_BYTES];
             let Self { ahead, stream, .. } = self;
             fill(stream, ahead.as_mut(), &mut tag, false)?;
-            c.rx.open(&head, &self.body[..len], &tag)
+            c.rx.open(&head, &mut self.body[..len], &tag)
                 .map_err(super::auth::AuthError::from)?;
         }
         self.last_rx = Instant::now();
@@ -346,9 +347,9 @@ impl FramedStream {
     }
 
     /// Writes whole frames (back to back in `frames`), each sealed on an authenticated
-    /// connection; frames and MACs go out with one writev, no copy of the pages. Returns the
-    /// bytes written.
-    pub fn write_frames(&mut self, frames: &[u8]) -> Result<usize, LinkError> {
+    /// connection (its body encrypted in place: `frames` holds ciphertext afterwards); frames and
+    /// tags go out with one writev, no copy of the pages. Returns the bytes written.
+    pub fn write_frames(&mut self, frames: &mut [u8]) -> Result<usize, LinkError> {
         self.last_tx = Instant::now();
         let Some(c) = self.channel.as_mut() else {
             self.stream.write_all(frames).map_err(io("write frames"))?;
@@ -356,7 +357,7 @@ impl FramedStream {
         };
         self.tags.clear();
         let tags = &mut self.tags;
-        seal_each(&mut c.tx, frames, |_, end, tag| tags.push((end, tag)));
+        seal_each(&mut c.tx, frames, |end, tag| tags.push((end, tag)));
         let mut slices = Vec::with_capacity(2 * self.tags.len());
         let mut start = 0;
         for (end, tag) in &self.tags {
@@ -382,45 +383,60 @@ impl FramedStream {
     pub fn send_error(&mut self, message: &str) {
         let mut out = Vec::new();
         codec::encode_error(message, &mut out);
-        let _ = self.write_frames(&out);
+        let _ = self.write_frames(&mut out);
         let _ = self.stream.shutdown(std::net::Shutdown::Write);
     }
+}
+
+/// Where the whole frame that starts at `at` in `frames` ends.
+fn frame_end(frames: &[u8], at: usize) -> usize {
+    assert!(at + HEADER_BYTES <= frames.len(), "a partial frame to send");
+    let body_len = u32::from_le_bytes(frames[at + 8..at + 12].try_into().expect("4 bytes"));
+    let end = at + HEADER_BYTES + body_len as usize;
+    assert!(end <= frames.len(), "a partial frame to send");
+    end
 }
 
 /// Calls `f(start, end)` for each whole frame in `frames` (header at `start`, body to `end`).
 fn for_each_frame(frames: &[u8], mut f: impl FnMut(usize, usize)) {
     let mut at = 0;
     while at < frames.len() {
-        assert!(at + HEADER_BYTES <= frames.len(), "a partial frame to send");
-        let body_len =
-            u32::from_le_bytes(frames[at + 8..at + 12].try_into().expect("4 bytes")) as usize;
-        let end = at + HEADER_BYTES + body_len;
-        assert!(end <= frames.len(), "a partial frame to send");
+        let end = frame_end(frames, at);
         f(at, end);
         at = end;
     }
 }
 
-/// Appends whole `frames` to `out`, each followed by its MAC from `tx` when given: the framing
-/// of [`FramedStream::write_frames`] for a sender that owns its buffer (the engine's ring slots,
+/// Appends whole `frames` to `out`, each sealed by `tx` when given: the framing of
+/// [`FramedStream::write_frames`] for a sender that owns its buffer (the engine's ring slots,
 /// test peers).
-pub fn seal_frames(tx: Option<&mut FrameMac>, frames: &[u8], out: &mut Vec<u8>) {
+pub fn seal_frames(tx: Option<&mut FrameSeal>, frames: &[u8], out: &mut Vec<u8>) {
     let Some(tx) = tx else {
         out.extend_from_slice(frames);
         return;
     };
-    seal_each(tx, frames, |start, end, tag| {
+    for_each_frame(frames, |start, end| {
+        let at = out.len();
         out.extend_from_slice(&frames[start..end]);
+        let tag = seal_one(tx, &mut out[at..]);
         out.extend_from_slice(&tag);
     });
 }
 
-/// Seals each whole frame of `frames` in order: `f(start, end, tag)` per frame.
-fn seal_each(tx: &mut FrameMac, frames: &[u8], mut f: impl FnMut(usize, usize, [u8; TAG_BYTES])) {
-    for_each_frame(frames, |start, end| {
-        let (header, body) = frames[start..end].split_at(HEADER_BYTES);
-        f(start, end, tx.seal(header, body));
-    });
+/// Seals each whole frame of `frames` in order, in place: `f(end, tag)` per frame.
+fn seal_each(tx: &mut FrameSeal, frames: &mut [u8], mut f: impl FnMut(usize, [u8; TAG_BYTES])) {
+    let mut at = 0;
+    while at < frames.len() {
+        let end = frame_end(frames, at);
+        f(end, seal_one(tx, &mut frames[at..end]));
+        at = end;
+    }
+}
+
+/// Seals one whole frame (`header ‖ body`) in place; its tag.
+fn seal_one(tx: &mut FrameSeal, frame: &mut [u8]) -> [u8; TAG_BYTES] {
+    let (header, body) = frame.split_at_mut(HEADER_BYTES);
+    tx.seal(header, body)
 }
 
 /// Fills `dst` from the read-ahead buffer, then the socket. `Ok(false)`: a clean end of stream
@@ -487,4 +503,74 @@ fn read_exact(stream: &mut TcpStream, dst: &mut [u8], eof_ok: bool) -> std::io::
         }
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::auth::Key;
+    use std::net::TcpListener;
+
+    /// A connected pair of framed streams over loopback, sealed with the same key when `key`.
+    fn pair(key: bool) -> (FramedStream, TcpStream, FramedStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let raw = server.try_clone().unwrap();
+        let (mut tx, mut rx) = (FramedStream::new(client), FramedStream::new(server));
+        if key {
+            let k = Key::from_secret(b"a test key of at least 16 bytes");
+            let (s2d, d2s) = k.frame_keys(&[1; 32], &[2; 32]);
+            tx.authenticated(Channel {
+                tx: s2d.clone(),
+                rx: d2s.clone(),
+            });
+            rx.authenticated(Channel { tx: d2s, rx: s2d });
+        }
+        tx.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        rx.stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        (tx, raw, rx)
+    }
+
+    fn page_frame(page: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Header::pages(0, 7, 1, 0, page.len() as u64).encode_into(&mut out);
+        out.extend_from_slice(page);
+        out
+    }
+
+    #[test]
+    fn a_sealed_page_is_ciphertext_on_the_wire_and_plaintext_once_read() {
+        let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (mut tx, mut raw, _) = pair(true);
+        let n = tx.write_frames(&mut page_frame(&page)).unwrap();
+        assert_eq!(n, HEADER_BYTES + page.len() + TAG_BYTES);
+        let mut wire = vec![0u8; n];
+        raw.read_exact(&mut wire).unwrap();
+        let body = &wire[HEADER_BYTES..HEADER_BYTES + page.len()];
+        assert!(
+            body.windows(16).all(|w| !page.windows(16).any(|p| p == w)),
+            "no 16 bytes of the page cross the wire in the clear"
+        );
+
+        let (mut tx, _, mut rx) = pair(true);
+        tx.write_frames(&mut page_frame(&page)).unwrap();
+        let h = rx.read_frame().unwrap().expect("a frame");
+        assert_eq!((h.kind, h.page), (Kind::Pages, 7));
+        assert_eq!(rx.body(), &page[..]);
+    }
+
+    #[test]
+    fn an_unsealed_page_crosses_as_is() {
+        let page = vec![0xabu8; 4096];
+        let (mut tx, mut raw, _) = pair(false);
+        let n = tx.write_frames(&mut page_frame(&page)).unwrap();
+        let mut wire = vec![0u8; n];
+        raw.read_exact(&mut wire).unwrap();
+        assert_eq!(&wire[HEADER_BYTES..], &page[..]);
+    }
 }

@@ -4,7 +4,7 @@
 
 use super::auth::{random, AuthError, Key, NONCE_BYTES};
 use super::framed::{FramedStream, LinkError};
-use super::mac::Channel;
+use super::seal::Channel;
 use crate::codec::{CodecError, Frame, Kind};
 
 /// The source's side of the challenge-response: challenge, check the destination's proof, prove
@@ -66,7 +66,7 @@ fn unexpected(got: Kind, expected: &'static str) -> LinkError {
 fn send(link: &mut FramedStream, frame: &Frame) -> Result<(), LinkError> {
     let mut out = Vec::with_capacity(128);
     frame.encode_into(&mut out);
-    link.write_frames(&out).map(|_| ())
+    link.write_frames(&mut out).map(|_| ())
 }
 
 /// Reads one frame of `kind` with a body of `len` bytes. A peer that hangs up instead has proved

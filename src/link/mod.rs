@@ -2,8 +2,8 @@
 //!
 //! - [`auth`]: the pre-shared key and its proofs; [`handshake`]: the challenge-response
 //!   ([`handshake::accept`] on the source, [`handshake::connect`] on the destination).
-//! - [`mac`]: the per-frame MACs of an authenticated connection.
-//! - [`framed`]: [`FramedStream`], the one blocking reader and writer of frames (MAC checked
+//! - [`seal`]: the per-frame AES-GCM seal of an authenticated connection.
+//! - [`framed`]: [`FramedStream`], the one blocking reader and writer of frames (tag checked
 //!   before a frame is returned, `Error` frames included).
 //! - [`liveness`]: heartbeats and the link timeout (when a silent connection is dead).
 //! - [`tls`]: optional TLS 1.3 under everything (a relay keeps the engine's io_uring path on a
@@ -15,7 +15,7 @@ pub mod auth;
 pub mod framed;
 pub mod handshake;
 pub mod liveness;
-pub mod mac;
+pub mod seal;
 pub mod tls;
 
 pub use framed::{FramedStream, LinkError, Polled};

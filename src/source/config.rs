@@ -30,7 +30,7 @@ pub struct SourceConfig {
     pub verbose: bool,
     /// When precopy (offered by the destination) switches over.
     pub precopy: PrecopyLimits,
-    /// The pre-shared key: every connection must prove it holds it, every frame is MACed
+    /// The pre-shared key: every connection must prove it holds it, every frame is sealed
     /// ([`crate::link::auth`]). `None`: no authentication (a trusted network only).
     pub key: Option<Key>,
     /// A session whose connection broke waits this long for the destination to reconnect

@@ -20,7 +20,7 @@ fn admit(h: &Header) -> Result<(), CodecError> {
     }
 }
 
-/// Reads the next frame from the destination (its MAC checked on an authenticated link); a
+/// Reads the next frame from the destination (its tag checked on an authenticated link); a
 /// `Pages` frame, which no destination sends, is refused at its header.
 pub(super) fn read_frame(
     link: &mut FramedStream,

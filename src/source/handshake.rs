@@ -321,7 +321,7 @@ fn send_welcome(
     if hello.zero_map && hello.session == 0 && !hello.precopy {
         encode_zero_map(shared.image.as_ref(), session, &mut out);
     }
-    link.write_frames(&out)
+    link.write_frames(&mut out)
         .map_err(write_err("send Welcome", peer))
         .map(|_| ())
 }

@@ -223,7 +223,7 @@ impl Session {
         }
     }
 
-    /// Writes the frames in `out` to the destination (each with its MAC on an authenticated
+    /// Writes the frames in `out` to the destination (each sealed on an authenticated
     /// link), counts them, and empties `out`.
     pub(super) fn flush(
         &self,

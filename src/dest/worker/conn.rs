@@ -1,6 +1,6 @@
 //! A worker's connection as a receive state machine: header (checked against the layout and
-//! the shard before any byte of the body is read), body and MAC (checked before anything is
-//! acted on), then the frame.
+//! the shard before any byte of the body is read), body and tag (checked, and the body
+//! decrypted, before anything is acted on), then the frame.
 
 // Parts of one type's implementation (`Worker`, defined in `mod.rs`): they share its imports.
 use super::*;
@@ -38,10 +38,13 @@ impl Worker {
             Recv::Body { h, .. } => {
                 let body_len = h.body_len as usize;
                 if let Some(c) = self.channel.as_mut() {
-                    let head = &self.ring.slot(self.header)[..HEADER_BYTES];
-                    let slot = self.ring.slot(self.body);
-                    let (body, tag) = (&slot[..body_len], &slot[body_len..body_len + TAG_BYTES]);
-                    c.rx.open(head, body, tag).map_err(AuthError::from)?;
+                    // The body is decrypted in place, in the slot it was received into.
+                    let head: [u8; HEADER_BYTES] = self.ring.slot(self.header)[..HEADER_BYTES]
+                        .try_into()
+                        .expect("header slot is HEADER_BYTES long");
+                    let slot = &mut self.ring.slot_mut(self.body)[..body_len + TAG_BYTES];
+                    let (body, tag) = slot.split_at_mut(body_len);
+                    c.rx.open(&head, body, tag).map_err(AuthError::from)?;
                 }
                 self.frame_verified(h)?;
             }
@@ -49,14 +52,14 @@ impl Worker {
                 self.recv = Recv::Tag { h, got: got + n };
             }
             Recv::Tag { h, .. } => {
-                debug_assert_eq!(h.body_len, 0, "bodies carry their MAC");
+                debug_assert_eq!(h.body_len, 0, "bodies carry their tag");
                 let head = &self.ring.slot(self.header)[..HEADER_BYTES];
                 let tag = &self.ring.slot(self.tag)[..TAG_BYTES];
                 self.channel
                     .as_mut()
                     .expect("tags only on an authenticated connection")
                     .rx
-                    .open(head, &[], tag)
+                    .open(head, &mut [], tag)
                     .map_err(AuthError::from)?;
                 self.frame_verified(h)?;
             }
@@ -115,7 +118,7 @@ impl Worker {
         }
     }
 
-    /// Bytes of MAC after each frame on this connection.
+    /// Bytes of tag after each frame on this connection.
     pub(super) fn tag_len(&self) -> usize {
         if self.channel.is_some() {
             TAG_BYTES
@@ -124,7 +127,7 @@ impl Worker {
         }
     }
 
-    /// A body-less frame's header is in: read its MAC first on an authenticated connection.
+    /// A body-less frame's header is in: read its tag first on an authenticated connection.
     pub(super) fn frame_received(&mut self, h: Header) -> Result<(), DestError> {
         if self.channel.is_some() {
             self.recv = Recv::Tag { h, got: 0 };

@@ -191,7 +191,7 @@ impl Worker {
                 self.tag(TAG_CONN),
             )?,
             Recv::Body { h, got } if !self.ring.is_busy(self.body) => {
-                // On an authenticated connection the MAC is read with the body, in one go.
+                // On an authenticated connection the tag is read with the body, in one go.
                 let want = h.body_len as usize + self.tag_len();
                 self.ring.fixed(
                     OpKind::Read,

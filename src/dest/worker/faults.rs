@@ -190,7 +190,7 @@ impl Worker {
         let (used, len, frames) = match self.channel.as_mut() {
             None => coalesce_requests(&mut self.pending, self.ring.slot_mut(send)),
             Some(c) => {
-                // Room for each 32-byte Request's 16-byte MAC in the send slot.
+                // Room for each 32-byte Request's 16-byte tag in the send slot.
                 let room = SEND_BYTES / (HEADER_BYTES + TAG_BYTES) * HEADER_BYTES;
                 self.unsealed.resize(room, 0);
                 let (used, len, frames) = coalesce_requests(&mut self.pending, &mut self.unsealed);

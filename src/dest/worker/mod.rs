@@ -44,7 +44,7 @@ use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER
 use crate::layout::PageBitmap;
 use crate::link::auth::AuthError;
 use crate::link::framed::seal_frames;
-use crate::link::mac::{Channel, TAG_BYTES};
+use crate::link::seal::{Channel, TAG_BYTES};
 use crate::link::FramedStream;
 use crate::sys::mem::Mapping;
 use crate::sys::ring::{Completion, OpKind, Ring, RingConfig, SlotId};
@@ -207,7 +207,7 @@ pub(crate) struct Setup {
 }
 
 /// What `enable_notify` hands each thread: its shard (registered) and, for worker 0's urgent
-/// half, the handshake connection (and its frame MACs, when authenticated).
+/// half, the handshake connection (and its frame seals, when authenticated).
 pub(crate) struct Go {
     pub(crate) state: Arc<ShardState>,
     pub(crate) control: Option<FramedStream>,
@@ -222,7 +222,7 @@ enum Recv {
         h: Header,
         got: usize,
     },
-    /// The frame's MAC trailer (an authenticated connection); the header and body stay in
+    /// The frame's tag (an authenticated connection); the header and body stay in
     /// their slots until it is checked.
     Tag {
         h: Header,
@@ -276,14 +276,14 @@ struct Worker {
     config: EngineConfig,
     /// Set at set-up, or by `Go` for worker 0's urgent half.
     stream: Option<TcpStream>,
-    /// The connection's frame MACs, when authenticated.
+    /// The connection's frame seals, when authenticated.
     channel: Option<Channel>,
     /// Frames before sealing (authenticated sends), allocated at set-up.
     unsealed: Vec<u8>,
     /// The sealed frames of the next send, before they are copied into the send slot.
     sealed: Vec<u8>,
     header: SlotId,
-    /// A frame's MAC trailer.
+    /// A frame's tag.
     tag: SlotId,
     body: SlotId,
     recv: Recv,
@@ -389,7 +389,7 @@ struct Slots {
 }
 
 /// A half's io_uring and its slots. Arena 0: the header (and, urgent half, fault messages and
-/// the request buffer); arena 1: the temp pages (one whole batch) with room for a frame's MAC
+/// the request buffer); arena 1: the temp pages (one whole batch) with room for a frame's tag
 /// right after them (read with the body).
 fn build_ring(half: Half, batch_bytes: usize) -> Result<(Ring, Slots), DestError> {
     let small = 4096 + EVENT_BATCH * MSG_BYTES + SEND_BYTES;

@@ -57,8 +57,8 @@ impl Worker {
             Half::Urgent => self.requeue_requests(),
             Half::Bulk => {
                 // Which pages of the shard are here: the source streams the others again.
-                let out = self.have_frames();
-                link.write_frames(&out)
+                let mut out = self.have_frames();
+                link.write_frames(&mut out)
                     .map_err(link_err("send the received bitmap after a break"))?;
             }
         }
