@@ -4,7 +4,8 @@
 //! message), sends one request for that page, waits for the reply on the same connection and
 //! places it with `UFFDIO_COPY`; a second thread receives the background stream in order and
 //! places it page by page. One userfaultfd for the whole region, blocking sockets, no batching,
-//! no io_uring. It speaks the same protocol (as one "worker") to the same source.
+//! no io_uring. It speaks the same protocol (as one "worker") to the same source, with a key
+//! authenticated and sealed like the engine (the same `FramedStream`), and its stream is pushed.
 
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,11 +36,6 @@ pub fn start(
     ram: Arc<DestRam>,
     config: &EngineConfig,
 ) -> Result<EngineHandle, DestError> {
-    if config.key.is_some() {
-        return Err(DestError::Unsupported(
-            "the baseline handler is deliberately simple: it runs without authentication".into(),
-        ));
-    }
     let placer = Arc::new(Placer {
         uffd: Arc::new(register_shard(&ram, |pages| (0, pages))?),
         ram: ram.clone(),
@@ -57,6 +53,8 @@ pub fn start(
     if config.stream {
         let cfg = EngineConfig {
             workers: 1,
+            // The source pushes the baseline's stream (no credit).
+            fault_latency_target: None,
             ..config.clone()
         };
         let stream = open_connection(&cfg, session, Role::Bulk, 0)?.link;
@@ -66,7 +64,7 @@ pub fn start(
             job(move |shared| stream_thread(&placer, stream, &shared)),
         ));
     }
-    EngineHandle::spawn(ram, 1, 1, jobs)
+    EngineHandle::spawn(ram, 1, 1, None, jobs)
 }
 
 /// What both threads place with: the one userfaultfd, the memory, and the count of pages

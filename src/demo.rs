@@ -93,6 +93,9 @@ pub struct DemoConfig {
     pub zero_fill: ZeroFill,
     /// Most bulk streams at once (0: one per worker).
     pub max_streams: usize,
+    /// Engine: a receiver-driven stream steered to this fault service time (p99); `None`: the
+    /// source pushes the stream.
+    pub fault_latency_target: Option<Duration>,
     /// The local source is live: its memory is written at `dirty_rate` until switchover.
     pub live: bool,
     /// Precopy before postcopy.
@@ -130,6 +133,11 @@ impl Drop for SourceProcess {
 }
 
 impl SourceProcess {
+    /// CPU time the source process has used so far (all its threads); `None` once it is gone.
+    pub fn cpu_time(&self) -> Option<Duration> {
+        crate::sys::process_cpu_time(self.child.id())
+    }
+
     /// Starts `exe serve --synthetic` with the demo's image parameters (`--once` if `once`).
     pub fn start(cfg: &DemoConfig, once: bool) -> Result<SourceProcess, DemoError> {
         let exe = cfg.exe.display().to_string();
@@ -311,6 +319,8 @@ pub struct RunSpec {
     pub zero_fill: ZeroFill,
     /// Most bulk streams at once (0: one per worker).
     pub max_streams: usize,
+    /// A receiver-driven stream's fault-latency target (engine only).
+    pub fault_latency_target: Option<Duration>,
     /// Offer the source a precopy phase (engine only).
     pub precopy: bool,
     /// Authenticate with this key (engine only).
@@ -470,6 +480,10 @@ fn engine_config(addr: &str, spec: &RunSpec) -> EngineConfig {
         zero_map: spec.zero_map && spec.handler == Handler::Engine,
         zero_fill: spec.zero_fill,
         max_streams: spec.max_streams,
+        fault_latency_target: match spec.handler {
+            Handler::Engine => spec.fault_latency_target,
+            Handler::Baseline => None,
+        },
         precopy: spec.precopy,
         key: spec.key.clone(),
         recovery_timeout: spec.recovery_timeout,
@@ -596,6 +610,7 @@ fn run_spec(cfg: &DemoConfig, key: Option<Key>) -> RunSpec {
         zero_map: cfg.zero_map,
         zero_fill: cfg.zero_fill,
         max_streams: cfg.max_streams,
+        fault_latency_target: cfg.fault_latency_target,
         precopy: cfg.precopy,
         key,
         recovery_timeout: cfg.recovery_timeout,

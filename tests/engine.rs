@@ -552,6 +552,7 @@ fn baseline_handler_verifies() {
                     zero_map: false,
                     zero_fill: ZeroFill::Zeropage,
                     max_streams: 0,
+                    fault_latency_target: None,
                     precopy: false,
                     key: None,
                     recovery_timeout: std::time::Duration::from_secs(20),

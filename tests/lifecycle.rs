@@ -114,6 +114,7 @@ fn run_spec(precopy: bool) -> postcopy::demo::RunSpec {
         zero_map: false,
         zero_fill: postcopy::dest::ZeroFill::Zeropage,
         max_streams: 0,
+        fault_latency_target: None,
         precopy,
         key: None,
         recovery_timeout: Duration::from_secs(20),

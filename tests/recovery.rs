@@ -72,8 +72,10 @@ fn chaos(seeds: u64, size: u64, key: Option<postcopy::link::auth::Key>) {
             &DestOptions {
                 threads: 2,
                 key: key.clone(),
-                // Half the seeds with the handler's late-joining bulk halves.
+                // Half the seeds with the handler's late-joining bulk halves; every third with
+                // a credit-driven stream (each new bulk connection starts its grants again).
                 bulk_joins_after_go: seed % 2 == 0,
+                fault_latency_target: (seed % 3 == 0).then(|| Duration::from_micros(200)),
                 ..Default::default()
             },
         );

@@ -12,7 +12,7 @@ use postcopy::source::PrecopyLimits;
 use postcopy::workload::Pattern;
 
 use super::parse::{
-    parse_image_size, parse_seconds, usize_in, MAX_PRECOPY_ROUNDS, MAX_THREADS, MAX_TIMEOUT_S,
+    parse_image_size, parse_seconds, usize_in, MAX_PRECOPY_ROUNDS, MAX_TIMEOUT_S,
     MAX_WORKERS,
 };
 use super::MainError;
@@ -26,9 +26,6 @@ pub struct RunArgs {
     /// How the workload touches pages.
     #[arg(long, value_enum, default_value_t = Pattern::Random)]
     pub pattern: Pattern,
-    /// Workload threads on the destination.
-    #[arg(long, default_value_t = 2, value_parser = usize_in(1, MAX_THREADS))]
-    pub threads: usize,
     /// Engine workers (default: one per CPU).
     #[arg(long, value_parser = usize_in(1, MAX_WORKERS))]
     pub workers: Option<usize>,
@@ -47,6 +44,10 @@ pub struct RunArgs {
     /// Engine: most bulk streams placing at once (0: one per worker).
     #[arg(long, default_value_t = 0, value_parser = usize_in(0, MAX_WORKERS))]
     pub streams: usize,
+    /// Engine: a receiver-driven stream, steered so that 99% of faults are served (event read
+    /// to page placed) within this many microseconds; 0: the source pushes the stream.
+    #[arg(long, default_value_t = 0, value_name = "MICROS", value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub fault_latency_target: u64,
     /// No progress output.
     #[arg(long, short)]
     pub quiet: bool,
@@ -63,12 +64,12 @@ pub struct RunArgs {
 impl RunArgs {
     /// The demo's configuration of these arguments: pure postcopy of a static image, no key, no
     /// TLS (`demo` sets those).
-    pub fn demo_config(&self, zero_percent: u8) -> Result<DemoConfig, MainError> {
+    pub fn demo_config(&self, zero_percent: u8, threads: usize) -> Result<DemoConfig, MainError> {
         Ok(DemoConfig {
             size_bytes: self.size,
             page_size: 4096,
             pattern: self.pattern,
-            threads: self.threads,
+            threads,
             workers: self.workers.unwrap_or_else(postcopy::sys::online_cpus),
             pin: !self.no_pin,
             stream: true,
@@ -81,6 +82,8 @@ impl RunArgs {
             zero_map: self.zero_map,
             zero_fill: self.zero_fill,
             max_streams: self.streams,
+            fault_latency_target: (self.fault_latency_target > 0)
+                .then(|| Duration::from_micros(self.fault_latency_target)),
             live: false,
             precopy: false,
             dirty_rate: 0,

@@ -7,18 +7,43 @@ use std::process::ExitCode;
 use postcopy::bench::BenchConfig;
 
 use super::args::RunArgs;
-use super::parse::{parse_image_size, usize_in, MAX_RUNS};
+use super::parse::{parse_image_size, usize_in, MAX_RUNS, MAX_THREADS};
 use super::{write_report, MainError};
+
+/// A stream setting of `--targets`: `None`, the source pushes the stream.
+#[derive(Clone, Copy, Debug)]
+struct Target(Option<std::time::Duration>);
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    if s == "none" {
+        return Ok(Target(None));
+    }
+    match s.parse::<u64>() {
+        Ok(us) if (1..=10_000_000).contains(&us) => {
+            Ok(Target(Some(std::time::Duration::from_micros(us))))
+        }
+        _ => Err(format!(
+            "{s:?} is neither `none` nor a target in microseconds (1 to 10000000)"
+        )),
+    }
+}
 
 /// The arguments of `bench`.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     #[command(flatten)]
     run: RunArgs,
+    /// Workload threads of the full runs: each count is measured (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,2", value_parser = usize_in(1, MAX_THREADS))]
+    threads: Vec<usize>,
+    /// The engine's stream settings measured beside its own (`--fault-latency-target`):
+    /// `none` (the source pushes the stream) or a target in microseconds, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "none,1000,300,100", value_parser = parse_target)]
+    targets: Vec<Target>,
     /// Image size of the demand-only runs (every page by a fault).
     #[arg(long, default_value = "256M", value_parser = parse_image_size)]
     demand_size: u64,
-    /// Runs per handler and mode (alternating).
+    /// Runs per row and mode (the rows' order rotating from run to run).
     #[arg(long, default_value_t = 5, value_parser = usize_in(1, MAX_RUNS))]
     runs: usize,
     /// Share of zero pages in the image, percent.
@@ -40,9 +65,11 @@ pub struct BenchArgs {
 /// `--check` metric is worse than the baseline's.
 pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode, MainError> {
     let cfg = BenchConfig {
-        demo: args.run.demo_config(args.zero_percent)?,
+        demo: args.run.demo_config(args.zero_percent, args.threads[0])?,
         demand_size_bytes: args.demand_size,
         runs: args.runs,
+        thread_counts: args.threads,
+        targets: args.targets.iter().map(|t| t.0).collect(),
     };
     let report = postcopy::bench::run(&cfg)?;
     let json = report.to_json();

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use postcopy::demo::{self, DemoConfig, OneRunKey};
 
 use super::args::{OnOff, PrecopyArgs, RunArgs, TlsArgs};
-use super::parse::MAX_DIRTY_PAGES_PER_S;
+use super::parse::{usize_in, MAX_DIRTY_PAGES_PER_S, MAX_THREADS};
 use super::{write_report, MainError};
 
 /// The arguments of `demo`.
@@ -15,6 +15,9 @@ use super::{write_report, MainError};
 pub struct DemoArgs {
     #[command(flatten)]
     run: RunArgs,
+    /// Workload threads on the destination.
+    #[arg(long, default_value_t = 2, value_parser = usize_in(1, MAX_THREADS))]
+    threads: usize,
     /// No background stream: every page arrives by a fault.
     #[arg(long)]
     no_stream: bool,
@@ -57,7 +60,7 @@ pub struct DemoArgs {
 impl DemoArgs {
     /// The demo's configuration, but for the key file.
     fn config(&self) -> Result<DemoConfig, MainError> {
-        let mut cfg = self.run.demo_config(self.zero_percent)?;
+        let mut cfg = self.run.demo_config(self.zero_percent, self.threads)?;
         cfg.stream = !self.no_stream;
         cfg.source = self.source.clone();
         cfg.warmup = !self.no_warmup;

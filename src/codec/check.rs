@@ -4,7 +4,7 @@
 //! against the session's layout.
 
 use super::{
-    le32, le64, CodecError, Header, Kind, DISCARD_RANGE_BYTES, HEADER_BYTES, HELLO_RESUME, MAGIC,
+    le32, le64, CodecError, Header, Kind, DISCARD_RANGE_BYTES, HEADER_BYTES, HELLO_CREDIT, MAGIC,
     MAX_BATCH_BYTES, MAX_BATCH_PAGES, MAX_CHECKSUMS, MAX_CONTROL_BODY, MAX_DISCARD_RANGES,
     MAX_ERROR_BYTES, MAX_REQUEST_PAGES, MAX_ZERO_MAP_BYTES, VERSION,
 };
@@ -14,8 +14,8 @@ use crate::layout::{Block, Layout};
 const MAX_HELLO_WORKERS: u64 = 1024;
 /// The `Hello` mask bits in use: the worker count (bits 0..32) and the zero map, precopy and
 /// resume flags; a higher bit is refused.
-const HELLO_KNOWN_BITS: u32 = 35;
-const _: () = assert!(HELLO_RESUME == 1 << (HELLO_KNOWN_BITS - 1));
+const HELLO_KNOWN_BITS: u32 = 36;
+const _: () = assert!(HELLO_CREDIT == 1 << (HELLO_KNOWN_BITS - 1));
 
 /// Largest batch for pages of `page_size` bytes.
 pub fn max_batch_pages(page_size: u64) -> u16 {
@@ -32,7 +32,8 @@ impl Kind {
             | Kind::End
             | Kind::Ack
             | Kind::Round
-            | Kind::Heartbeat => 0,
+            | Kind::Heartbeat
+            | Kind::Credit => 0,
             Kind::Discard => (usize::from(MAX_DISCARD_RANGES) * DISCARD_RANGE_BYTES) as u64,
             Kind::Checksums => MAX_CHECKSUMS * 8,
             Kind::Challenge => 32,
@@ -109,7 +110,8 @@ impl Header {
             | Kind::Ack
             | Kind::Error
             | Kind::Round
-            | Kind::Heartbeat => Ok(()),
+            | Kind::Heartbeat
+            | Kind::Credit => Ok(()),
         }
     }
 

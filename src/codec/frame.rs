@@ -54,6 +54,8 @@ pub enum Frame {
     End(u64),
     /// Ack.
     Ack(u64),
+    /// See [`Kind::Credit`]: `Pages` frames granted in all.
+    Credit(u64),
     /// See [`Kind::Heartbeat`].
     Heartbeat,
     /// Error with a message.
@@ -138,6 +140,7 @@ impl Frame {
             Frame::Run(v) => Header::control(Kind::Run, *v).encode_into(out),
             Frame::End(v) => Header::control(Kind::End, *v).encode_into(out),
             Frame::Ack(v) => Header::control(Kind::Ack, *v).encode_into(out),
+            Frame::Credit(v) => Header::control(Kind::Credit, *v).encode_into(out),
             Frame::Heartbeat => Header::heartbeat().encode_into(out),
             Frame::Error(m) => encode_error(m, out),
             Frame::ZeroMap {
@@ -204,6 +207,7 @@ impl Frame {
             Kind::Run => Frame::Run(h.page),
             Kind::End => Frame::End(h.page),
             Kind::Ack => Frame::Ack(h.page),
+            Kind::Credit => Frame::Credit(h.page),
             Kind::Heartbeat => Frame::Heartbeat,
             Kind::Error => Frame::Error(decode_error(body)),
             Kind::Have => Frame::Have {
@@ -279,7 +283,8 @@ fn check_in(h: &Header, layout: &Layout) -> Result<(), CodecError> {
         | Kind::Round
         | Kind::Challenge
         | Kind::Auth
-        | Kind::Heartbeat => Ok(()),
+        | Kind::Heartbeat
+        | Kind::Credit => Ok(()),
     }
 }
 
@@ -358,6 +363,7 @@ mod tests {
             any::<u64>().prop_map(Frame::Run),
             any::<u64>().prop_map(Frame::End),
             any::<u64>().prop_map(Frame::Ack),
+            any::<u64>().prop_map(Frame::Credit),
             "[a-zA-Z0-9 é✓]{0,200}".prop_map(Frame::Error),
             (0u64..256, 1u64..=256).prop_flat_map(|(page, pages)| {
                 let pages = pages.min(256 - page).max(1);

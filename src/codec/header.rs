@@ -139,7 +139,10 @@ impl Header {
 
     /// A control frame without a body (`Run`, `End`, `Ack`); `value` rides in `page`.
     pub fn control(kind: Kind, value: u64) -> Header {
-        debug_assert!(matches!(kind, Kind::Run | Kind::End | Kind::Ack));
+        debug_assert!(matches!(
+            kind,
+            Kind::Run | Kind::End | Kind::Ack | Kind::Credit
+        ));
         Header {
             page: value,
             ..Header::bare(kind)

@@ -2,7 +2,7 @@
 //! role in `block`, the worker index in `count`, the worker count and the flags in `mask`) and
 //! the typed view [`Hello`].
 
-use super::{Header, Kind, Role, HELLO_PRECOPY, HELLO_RESUME, HELLO_ZERO_MAP};
+use super::{Header, Kind, Role, HELLO_CREDIT, HELLO_PRECOPY, HELLO_RESUME, HELLO_ZERO_MAP};
 
 /// A `Hello`, field by field (its header carries the session id in `page`, the role in
 /// `block`, the worker index in `count`, the worker count and the flags in `mask`).
@@ -22,6 +22,8 @@ pub struct Hello {
     pub precopy: bool,
     /// Rejoining the session after a break.
     pub resume: bool,
+    /// A bulk connection whose stream waits for the destination's `Credit`.
+    pub credit: bool,
 }
 
 impl Hello {
@@ -38,6 +40,7 @@ impl Hello {
             zero_map: h.wants_zero_map(),
             precopy: h.wants_precopy(),
             resume: h.wants_resume(),
+            credit: h.wants_credit(),
         })
     }
 }
@@ -80,6 +83,18 @@ impl Header {
         self
     }
 
+    /// Marks (in a bulk connection's `Hello`) a stream driven by the destination's `Credit`.
+    pub fn with_credit(mut self) -> Header {
+        debug_assert_eq!(self.kind, Kind::Hello);
+        self.mask |= HELLO_CREDIT;
+        self
+    }
+
+    /// Whether a `Hello` asks for a credit-driven stream.
+    pub fn wants_credit(&self) -> bool {
+        self.mask & HELLO_CREDIT != 0
+    }
+
     /// Whether a `Hello` rejoins after a break.
     pub fn wants_resume(&self) -> bool {
         self.mask & HELLO_RESUME != 0
@@ -120,7 +135,7 @@ mod tests {
     fn hello_view_round_trips() {
         for role in [Role::Urgent, Role::Bulk, Role::Verify] {
             for (session, worker, workers) in [(0, 0, 1), (0x51, 3, 4), (u64::MAX - 1, 255, 256)] {
-                for flags in 0..8u8 {
+                for flags in 0..16u8 {
                     let mut h = Header::hello(session, role, worker, workers);
                     if flags & 1 != 0 {
                         h = h.with_zero_map();
@@ -130,6 +145,9 @@ mod tests {
                     }
                     if flags & 4 != 0 {
                         h = h.with_resume();
+                    }
+                    if flags & 8 != 0 {
+                        h = h.with_credit();
                     }
                     let mut bytes = [0u8; crate::codec::HEADER_BYTES];
                     h.encode(&mut bytes);
@@ -142,6 +160,7 @@ mod tests {
                         zero_map: flags & 1 != 0,
                         precopy: flags & 2 != 0,
                         resume: flags & 4 != 0,
+                        credit: flags & 8 != 0,
                     };
                     assert_eq!(Hello::of(&decoded), Some(want));
                 }

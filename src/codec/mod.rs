@@ -1,4 +1,4 @@
-//! Wire protocol v1: a pure codec (no I/O), fuzzable.
+//! Wire protocol v2: a pure codec (no I/O), fuzzable.
 //!
 //! Every frame starts with a fixed 32-byte header (little-endian):
 //!
@@ -78,6 +78,9 @@ pub const HELLO_PRECOPY: u64 = 1 << 33;
 /// `Hello` flag: this connection rejoins its session after a break (recovery); a bulk
 /// connection then sends `Have` frames and `Run` before the stream restarts.
 pub const HELLO_RESUME: u64 = 1 << 34;
+/// `Hello` flag on a bulk connection: the stream is receiver-driven; the source sends a `Pages`
+/// frame only within the `Credit` the destination granted on that connection.
+pub const HELLO_CREDIT: u64 = 1 << 35;
 /// How an `Error` frame's message begins when the refusal is transient (the destination tries
 /// again within its recovery timeout): the source is busy, or a session has too many
 /// connections while broken ones are still closing.
@@ -139,6 +142,10 @@ pub enum Kind {
     /// still there (no body). Every reader skips it; a connection on which nothing at all
     /// arrives for the link timeout is dead (see `link::liveness`).
     Heartbeat = 16,
+    /// destination → source on a credit-driven bulk connection (`HELLO_CREDIT`): the source may
+    /// have sent `page` `Pages` frames on this connection in all (a running total, so a lost
+    /// or late grant is made good by the next; no body).
+    Credit = 17,
 }
 
 impl Kind {
@@ -160,6 +167,7 @@ impl Kind {
             14 => Kind::Auth,
             15 => Kind::Have,
             16 => Kind::Heartbeat,
+            17 => Kind::Credit,
             _ => return None,
         })
     }

@@ -46,6 +46,11 @@ pub struct EngineConfig {
     /// The embedder verifies the migration with [`super::fetch_checksums`] once the workers ended:
     /// each worker's `End` says so, and the source keeps the session until it was served.
     pub verify: bool,
+    /// A receiver-driven stream ([`super::pacer`]): each bulk connection's batches in flight
+    /// are granted by its bulk half, fewer while faults are served later than this (a p99 of
+    /// our side's service time, fault event read → page placed), more while they are not.
+    /// `None`: the source pushes the stream as fast as the link takes it.
+    pub fault_latency_target: Option<Duration>,
 }
 
 /// How the engine places a zero page.
@@ -85,6 +90,7 @@ impl Default for EngineConfig {
             recovery_timeout: Duration::from_secs(60),
             tls: None,
             verify: false,
+            fault_latency_target: None,
         }
     }
 }

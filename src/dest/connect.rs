@@ -172,6 +172,9 @@ pub(crate) fn open_connection_as(
     if joining != Joining::Fresh {
         h = h.with_resume();
     }
+    if role == Role::Bulk && config.fault_latency_target.is_some() {
+        h = h.with_credit();
+    }
     let mut hello = [0u8; HEADER_BYTES];
     h.encode(&mut hello);
     link.write_frames(&mut hello).map_err(link_err("send Hello"))?;

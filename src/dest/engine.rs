@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     pub(crate) ready: Arc<std::sync::atomic::AtomicUsize>,
     /// Nanoseconds after `started` at which the first fault was answered (0: none yet).
     pub(crate) first_served_ns: Arc<AtomicU64>,
+    /// The receiver-driven stream's fault counters (with a fault-latency target).
+    pub(crate) pacer: Option<super::pacer::FaultPacer>,
 }
 
 /// A userfaultfd (with `UFFDIO_API` done) registered MISSING on pages `[start, end)` of every
@@ -122,6 +124,7 @@ impl EngineHandle {
         ram: Arc<DestRam>,
         workers: usize,
         stream_slots: usize,
+        fault_latency_target: Option<std::time::Duration>,
         jobs: Vec<(String, usize, Job)>,
     ) -> Result<EngineHandle, DestError> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -133,6 +136,7 @@ impl EngineHandle {
             stream_slots: std::sync::atomic::AtomicUsize::new(stream_slots),
             ready: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             first_served_ns: Arc::new(AtomicU64::new(0)),
+            pacer: fault_latency_target.map(super::pacer::FaultPacer::new),
         });
         let (exit_tx, exits) = crossbeam_channel::bounded::<WorkerExit>(jobs.len());
         let mut threads = Vec::with_capacity(jobs.len());
@@ -143,7 +147,8 @@ impl EngineHandle {
                 .name(name)
                 .spawn(move || {
                     let stop = shared.stop.clone();
-                    let end = job(shared);
+                    let mut end = job(shared);
+                    end.0.cpu_ns = crate::sys::thread_cpu_time().as_nanos() as u64;
                     if end.1.is_err() {
                         // One thread failing ends the migration: stop the others.
                         stop.store(true, Ordering::Release);
@@ -219,7 +224,8 @@ impl Engine {
             0 => workers,
             n => n,
         };
-        let handle = EngineHandle::spawn(ram, workers, streams, jobs)?;
+        let target = config.fault_latency_target;
+        let handle = EngineHandle::spawn(ram, workers, streams, target, jobs)?;
         // A connection whose handshake is cut is opened again, within the recovery timeout.
         let deadline = Instant::now() + config.connect_timeout + config.recovery_timeout;
         while handle.ready.load(Ordering::Acquire) < handle.threads.len() {
@@ -291,6 +297,7 @@ impl PreparedEngine {
             1,
             config.stream,
             None,
+            config.fault_latency_target.is_some(),
         ));
         let mut control = Some(connected.control);
         for (_, takes_control, go) in gos {
@@ -354,6 +361,7 @@ impl PreparedEngine {
                     workers,
                     config.stream,
                     zero_map.clone(),
+                    config.fault_latency_target.is_some(),
                 ))
             })
             .collect();

@@ -27,6 +27,7 @@ mod connect;
 mod engine;
 mod error;
 mod origin;
+pub mod pacer;
 mod precopy;
 mod ram;
 mod stats;

@@ -43,6 +43,10 @@ pub struct WorkerStats {
     pub ends_unconfirmed: u64,
     /// Heartbeats sent on the urgent connection while it had nothing else to send.
     pub heartbeats: u64,
+    /// `Credit` frames sent on bulk connections (a receiver-driven stream).
+    pub credits_granted: u64,
+    /// CPU time of the thread (user + system), set when it ends.
+    pub cpu_ns: u64,
     /// Bytes received.
     pub bytes_received: u64,
     /// io_uring completions reaped.
@@ -81,6 +85,8 @@ impl WorkerStats {
         self.pages_swept += o.pages_swept;
         self.ends_unconfirmed += o.ends_unconfirmed;
         self.heartbeats += o.heartbeats;
+        self.credits_granted += o.credits_granted;
+        self.cpu_ns += o.cpu_ns;
         self.bytes_received += o.bytes_received;
         self.completions += o.completions;
         self.loops += o.loops;

@@ -236,13 +236,17 @@ impl FramedStream {
         }
     }
 
+    /// Whether a frame (or the start of one) can be read without waiting.
+    pub fn frame_ready(&self) -> Result<bool, LinkError> {
+        Ok(self.buffered_bytes() > 0
+            || wait_readable(&self.stream, Duration::ZERO).map_err(io("wait for a frame"))?)
+    }
+
     /// Keeps an idle link alive without waiting: reads the heartbeats that arrived, sends one if
     /// due. Any other frame, the peer's close, or nothing from it for `live.timeout` is an
     /// error: the link is not idle any more, or dead.
     pub fn keep_alive(&mut self, live: &Liveness) -> Result<(), LinkError> {
-        while self.buffered_bytes() > 0
-            || wait_readable(&self.stream, Duration::ZERO).map_err(io("wait for a frame"))?
-        {
+        while self.frame_ready()? {
             match self.read_one(&mut |_| Ok(()))? {
                 Some(h) if h.kind == Kind::Heartbeat => {}
                 Some(h) => {

@@ -2,6 +2,7 @@
 //! break (`Have` frames).
 
 use super::conn::{next_frame, write_err};
+use super::credit::CreditGate;
 use super::error::SourceError;
 use super::joined::Joined;
 use super::pages::encode_run;
@@ -108,6 +109,8 @@ pub(super) fn serve_bulk(c: &mut Joined<'_>) -> Result<(), SourceError> {
         scratch: vec![0u8; max_page],
         out: Vec::with_capacity(FLUSH_BYTES + 64 * 4096 + 4096),
         streamed: 0,
+        credit: c.credit.then(CreditGate::default),
+        live,
     };
     // The working-set push is what the restore waits for: at the default priority. The rest
     // of the stream yields the CPU to urgent replies (best effort).
@@ -180,6 +183,9 @@ struct Stream<'a> {
     scratch: Vec<u8>,
     out: Vec<u8>,
     streamed: u64,
+    /// A receiver-driven stream's gate (`None`: the stream pushes as fast as the link takes).
+    credit: Option<CreditGate>,
+    live: crate::link::Liveness,
 }
 
 impl Stream<'_> {
@@ -205,8 +211,8 @@ impl Stream<'_> {
                 n += 1;
             }
             p = first + n.max(1);
-            if n > 0 {
-                self.send(b as u32, first, n, block.page_size)?;
+            if n > 0 && !self.send(b as u32, first, n, block.page_size)? {
+                return Ok(false);
             }
         }
         Ok(true)
@@ -261,7 +267,9 @@ impl Stream<'_> {
                 }
                 i += (n as usize).max(1);
                 if n > 0 {
-                    self.send(b, first, n, block.page_size)?;
+                    if !self.send(b, first, n, block.page_size)? {
+                        return Ok(false);
+                    }
                     pushed += n;
                 }
             }
@@ -273,7 +281,13 @@ impl Stream<'_> {
         Ok(true)
     }
 
-    fn send(&mut self, block: u32, first: u64, n: u64, page_size: u64) -> Result<(), SourceError> {
+    /// Encodes one batch (at most a frame's pages) and writes out what is queued once it is
+    /// large; `false` when the stream must stop while it waited for credit.
+    fn send(&mut self, block: u32, first: u64, n: u64, page_size: u64) -> Result<bool, SourceError> {
+        debug_assert!(n <= u64::from(max_batch_pages(page_size)), "one frame per batch");
+        if !self.await_credit()? {
+            return Ok(false);
+        }
         let image = self.shared.image.as_ref();
         let (pages, zeros) = encode_run(
             image,
@@ -293,7 +307,33 @@ impl Stream<'_> {
             self.session
                 .flush(self.link, &mut self.out, "stream pages", self.peer)?;
         }
-        Ok(())
+        Ok(true)
+    }
+
+    /// On a credit-driven stream, waits for the destination's credit for one more `Pages`
+    /// frame, having written out what is queued (the destination grants on what it received);
+    /// `false` when the stream must stop meanwhile.
+    fn await_credit(&mut self) -> Result<bool, SourceError> {
+        let Some(mut gate) = self.credit.take() else {
+            return Ok(true);
+        };
+        let ready = self.wait_for(&mut gate);
+        self.credit = Some(gate);
+        ready
+    }
+
+    fn wait_for(&mut self, gate: &mut CreditGate) -> Result<bool, SourceError> {
+        gate.take_arrived(self.link, self.peer)?;
+        while !gate.has_credit() {
+            self.session
+                .flush(self.link, &mut self.out, "stream pages", self.peer)?;
+            if !self.keep_going() {
+                return Ok(false);
+            }
+            gate.wait(self.link, &self.live, self.peer)?;
+        }
+        gate.spend();
+        Ok(true)
     }
 
     /// Whether to go on. A finished session's stream ends: cleanly with `End` when every

@@ -239,6 +239,7 @@ fn serve_joined(
         link,
         peer,
         worker: hello.worker,
+        credit: hello.credit,
     };
     match hello.role {
         Role::Urgent => serve_urgent(&mut c),

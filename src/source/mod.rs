@@ -28,6 +28,7 @@
 mod bulk;
 mod config;
 mod conn;
+mod credit;
 mod error;
 mod handshake;
 mod joined;

@@ -22,6 +22,30 @@ pub fn online_cpus() -> usize {
         .unwrap_or(1)
 }
 
+/// CPU time the calling thread has used (user + system; `CLOCK_THREAD_CPUTIME_ID`).
+pub fn thread_cpu_time() -> std::time::Duration {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+        .map(std::time::Duration::from)
+        .unwrap_or_default()
+}
+
+/// CPU time process `pid` has used so far, all its threads, user + system (from
+/// `/proc/PID/stat`, in clock ticks: 10 ms here). `None` if it is gone.
+pub fn process_cpu_time(pid: u32) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces, in parentheses): state is
+    // field 3, utime field 14, stime field 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .filter(|&h| h > 0)
+        .unwrap_or(100) as u64;
+    Some(std::time::Duration::from_nanos(ticks * 1_000_000_000 / hz))
+}
+
 /// Sets the calling thread's nice value (Linux: `setpriority(PRIO_PROCESS, 0)` applies to the
 /// calling thread only). Best effort: raising niceness never needs privileges.
 #[allow(unsafe_code)]

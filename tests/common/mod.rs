@@ -368,6 +368,8 @@ pub struct DestOptions {
     pub zero_fill: ZeroFill,
     /// Most bulk streams at once (0: one per worker).
     pub max_streams: usize,
+    /// A receiver-driven stream steered to this fault-latency target.
+    pub fault_latency_target: Option<Duration>,
     /// Authenticate with this key.
     pub key: Option<postcopy::link::auth::Key>,
     /// The bulk halves connect once released (as the handler's do).
@@ -386,6 +388,7 @@ impl Default for DestOptions {
             zero_map: false,
             zero_fill: ZeroFill::Zeropage,
             max_streams: 0,
+            fault_latency_target: None,
             key: None,
             bulk_joins_after_go: false,
         }
@@ -574,6 +577,7 @@ where
         recovery_timeout: Duration::from_secs(20),
         tls: None,
         verify: false,
+        fault_latency_target: opts.fault_latency_target,
     };
     let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
     let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {

@@ -140,7 +140,13 @@ impl Worker {
     pub(super) fn frame_verified(&mut self, h: Header) -> Result<(), DestError> {
         self.recv = Recv::Header { got: 0 };
         match h.kind {
-            Kind::Pages => self.place_batch(&h)?,
+            Kind::Pages => {
+                self.place_batch(&h)?;
+                if self.half == Half::Bulk {
+                    self.credit_on_placed();
+                    self.grant_credit()?;
+                }
+            }
             Kind::Error => {
                 let msg = codec::decode_error(&self.ring.slot(self.body)[..h.body_len as usize]);
                 return Err(DestError::Remote(msg));

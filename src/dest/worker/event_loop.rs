@@ -35,6 +35,7 @@ impl Worker {
                 std::thread::sleep(Duration::from_millis(1));
                 continue;
             }
+            self.grant_credit()?;
             self.arm()?;
             self.stats.loops += 1;
             let done = self.ring.submit_and_reap(1, Some(WAIT))?;

@@ -266,7 +266,7 @@ impl Worker {
     }
 
     /// Seals `frames` (on an authenticated connection) into `sealed`.
-    fn seal(&mut self, frames: &[u8]) {
+    pub(super) fn seal(&mut self, frames: &[u8]) {
         self.sealed.clear();
         seal_frames(
             self.channel.as_mut().map(|c| &mut c.tx),

@@ -22,6 +22,7 @@
 //! 3. re-arm every idle read.
 
 mod conn;
+mod credit;
 mod event_loop;
 mod faults;
 mod place;
@@ -41,6 +42,7 @@ use super::{
     WorkerStats, ZeroFill,
 };
 use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER_BYTES};
+use super::pacer::{FaultPacer, Window};
 use crate::layout::PageBitmap;
 use crate::link::auth::AuthError;
 use crate::link::framed::seal_frames;
@@ -101,8 +103,9 @@ pub(crate) struct ShardState {
     /// releasing it. A REMOVE's range is zapped only after its event is read, so a placement
     /// that could land after the zap sees the mark and skips those pages.
     place_lock: std::sync::RwLock<()>,
-    /// A VMM's memory: per block and page, when its fault event was read (ns after the
-    /// engine's start, 0 = none), to measure fault service time on our side.
+    /// A VMM's memory, or a receiver-driven stream's: per block and page, when its fault
+    /// event was read (ns after the engine's start, 0 = none), to measure fault service time on
+    /// our side (8 bytes per page).
     fault_at_ns: Option<Vec<Box<[AtomicU64]>>>,
     /// Connections of this worker replaced after a break (either half).
     recoveries: AtomicU64,
@@ -143,6 +146,7 @@ impl ShardState {
         workers: usize,
         stream: bool,
         zero_map: Option<Arc<Vec<PageBitmap>>>,
+        timed: bool,
     ) -> ShardState {
         let foreign = ram.is_foreign();
         let shard: Vec<(u64, u64)> = ram
@@ -182,7 +186,7 @@ impl ShardState {
             place_lock: std::sync::RwLock::new(()),
             recoveries: AtomicU64::new(0),
             placing: AtomicU64::new(NOT_PLACING),
-            fault_at_ns: foreign.then(|| {
+            fault_at_ns: (foreign || timed).then(|| {
                 ram.layout
                     .blocks
                     .iter()
@@ -303,6 +307,8 @@ struct Worker {
     mm_gone: bool,
     /// Bulk half: holds one of the engine's stream slots.
     has_stream_slot: bool,
+    /// Bulk half of a receiver-driven stream: its window and grants.
+    credit: Option<credit::Credit>,
     completions: Vec<Completion>,
     /// Zeros to copy from when zero pages are placed with `UFFDIO_COPY` (never written).
     zeros: Option<Mapping>,
@@ -524,6 +530,10 @@ impl Prepared {
             (stream, channel) = (Some(s), c);
         }
         let unsealed_bytes = if config.key.is_some() { SEND_BYTES } else { 0 };
+        let credit = match half {
+            Half::Bulk => shared.pacer.as_ref().map(credit::Credit::new),
+            Half::Urgent => None,
+        };
         Ok(Worker {
             half,
             session,
@@ -550,6 +560,7 @@ impl Prepared {
             finished: false,
             mm_gone: false,
             has_stream_slot: false,
+            credit,
             completions: Vec::with_capacity(256),
             zeros,
             last_progress: Instant::now(),

@@ -270,7 +270,7 @@ impl Worker {
     }
 
     /// Fault service time (event read → placed) of the faulted pages among `[first, first+n)`
-    /// (a VMM's memory only).
+    /// (a VMM's memory, or a receiver-driven stream's: the pacer counts it).
     pub(super) fn record_fault_service(&mut self, b: usize, first: u64, n: u64) {
         let state = self.state.clone();
         let Some(at) = &state.fault_at_ns else {
@@ -284,7 +284,11 @@ impl Worker {
         for p in first..first + n {
             let t = at[b][p as usize].swap(0, Ordering::Relaxed);
             if t > 0 {
-                let _ = hist.record(now.saturating_sub(t).max(1));
+                let service_ns = now.saturating_sub(t).max(1);
+                let _ = hist.record(service_ns);
+                if let Some(pacer) = &self.shared.pacer {
+                    pacer.record(service_ns);
+                }
                 let _ = self.shared.first_served_ns.compare_exchange(
                     0,
                     now,

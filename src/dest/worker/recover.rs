@@ -67,6 +67,7 @@ impl Worker {
             .map_err(link_err("a resumed connection"))?;
         self.channel = channel;
         self.stream = Some(stream);
+        self.credit_on_reconnect();
         self.stats.recoveries += 1;
         self.st().recoveries.fetch_add(1, Ordering::AcqRel);
         self.last_progress = Instant::now();
