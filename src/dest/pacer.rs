@@ -12,15 +12,23 @@
 //! than the target (event read → page placed, our side of a fault's stall); a bulk half, after
 //! each batch it placed, halves its window when more than 1% of the faults served since its last
 //! decrease missed the target (the target is a p99), and otherwise grows it by one batch per
-//! window's worth of batches placed, up to [`MAX_WINDOW`]. Without faults the window grows to
-//! its maximum in a few dozen batches; under a fault burst it drops to one batch (stop and wait)
-//! at once.
+//! window's worth of batches placed, up to [`MAX_WINDOW`]. Below one batch in flight the window
+//! becomes a pace: a gap between grants, doubled on each further miss (from [`MIN_GAP`] up to
+//! [`MAX_GAP`]) and halved on each window's worth of quiet, so that under a burst of late
+//! faults the stream's two ends sleep rather than take the CPU the faults need. Without faults
+//! the window grows to its maximum in a few dozen batches.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Most batches in flight per bulk connection (64 pages of 4 KiB: 4 MiB).
 pub const MAX_WINDOW: u64 = 16;
+
+/// The shortest gap between grants (a 64-page batch per 100 µs: ~2.6 GB/s per stream).
+pub const MIN_GAP: Duration = Duration::from_micros(100);
+
+/// The longest gap between grants (~5 MB/s per stream: the stream never stops).
+pub const MAX_GAP: Duration = Duration::from_millis(50);
 
 /// Share of faults allowed over the target, in parts per ten thousand (the target is a p99).
 const OVER_ALLOWED_PER_10K: u64 = 100;
@@ -63,6 +71,8 @@ impl FaultPacer {
 #[derive(Debug, Clone)]
 pub struct Window {
     batches: u64,
+    /// With one batch in flight: the time between grants (zero: none).
+    gap: Duration,
     /// Batches placed since the window last grew.
     placed: u64,
     /// The pacer's (served, over) at the last decrease.
@@ -75,6 +85,7 @@ impl Window {
     pub fn new(pacer: &FaultPacer) -> Window {
         Window {
             batches: MAX_WINDOW,
+            gap: Duration::ZERO,
             placed: 0,
             since: pacer.counts(),
         }
@@ -85,23 +96,40 @@ impl Window {
         self.batches
     }
 
+    /// The time to leave between grants (zero: grant as the window allows).
+    pub fn gap(&self) -> Duration {
+        self.gap
+    }
+
     /// After a batch was placed: adjusts the window to the faults served meanwhile.
     pub fn on_placed(&mut self, pacer: &FaultPacer) {
         let (served, over) = pacer.counts();
         let (served_then, over_then) = self.since;
         let (served_d, over_d) = (served - served_then, over - over_then);
         if over_d > 0 && over_d * 10_000 > served_d * OVER_ALLOWED_PER_10K {
-            self.batches = (self.batches / 2).max(1);
+            if self.batches > 1 {
+                self.batches /= 2;
+            } else {
+                self.gap = (self.gap * 2).clamp(MIN_GAP, MAX_GAP);
+            }
             self.placed = 0;
             self.since = (served, over);
         } else {
             self.placed += 1;
             if self.placed >= self.batches {
-                self.batches = (self.batches + 1).min(MAX_WINDOW);
                 self.placed = 0;
+                if self.gap.is_zero() {
+                    self.batches = (self.batches + 1).min(MAX_WINDOW);
+                } else {
+                    self.gap /= 2;
+                    if self.gap < MIN_GAP {
+                        self.gap = Duration::ZERO;
+                    }
+                }
             }
         }
         debug_assert!((1..=MAX_WINDOW).contains(&self.batches));
+        debug_assert!(self.gap.is_zero() || self.batches == 1, "a pace only at one batch");
     }
 }
 
@@ -126,7 +154,17 @@ mod tests {
             w.on_placed(&pacer);
         }
         assert_eq!(w.batches(), 1, "a burst of late faults: stop and wait");
-        // Quiet: one more batch per window's worth placed.
+        // More late faults: a pace, doubling up to its longest.
+        for _ in 0..20 {
+            pacer.record(900_000);
+            w.on_placed(&pacer);
+        }
+        assert_eq!((w.batches(), w.gap()), (1, MAX_GAP));
+        // Quiet: the gap halves per batch placed until it is gone, then one more batch per
+        // window's worth placed.
+        while !w.gap().is_zero() {
+            w.on_placed(&pacer);
+        }
         let mut placed = 0;
         while w.batches() < MAX_WINDOW {
             w.on_placed(&pacer);

@@ -18,6 +18,13 @@ pub(super) struct Credit {
 }
 
 impl Credit {
+    /// When a paced window may grant next (`None`: no pace, or nothing left to grant).
+    pub(super) fn paced_until(&self) -> Option<Instant> {
+        let gap = self.window.gap();
+        let waiting = self.received + self.window.batches() > self.granted;
+        (!gap.is_zero() && waiting).then(|| self.last_sent + gap)
+    }
+
     pub(super) fn new(pacer: &FaultPacer) -> Credit {
         Credit {
             window: Window::new(pacer),
@@ -45,14 +52,18 @@ impl Worker {
     }
 
     /// Grants what the window allows beyond what was received, if that is more than was granted
-    /// or a heartbeat is due. A write the socket cannot take now is left to the next call.
+    /// and its pace allows, or a heartbeat is due. A write the socket cannot take now is left to
+    /// the next call.
     pub(super) fn grant_credit(&mut self) -> Result<(), DestError> {
         let heartbeat = self.config.liveness().heartbeat;
         let Some(c) = self.credit.as_ref() else {
             return Ok(());
         };
-        let total = (c.received + c.window.batches()).max(c.granted);
-        if self.finished || (total == c.granted && c.last_sent.elapsed() < heartbeat) {
+        let wanted = c.received + c.window.batches();
+        let pace_allows = c.paced_until().map_or(true, |t| Instant::now() >= t);
+        let grows = wanted > c.granted && pace_allows;
+        let total = if grows { wanted } else { c.granted };
+        if self.finished || (!grows && c.last_sent.elapsed() < heartbeat) {
             return Ok(());
         }
         let mut frame = [0u8; HEADER_BYTES];

@@ -38,7 +38,7 @@ impl Worker {
             self.grant_credit()?;
             self.arm()?;
             self.stats.loops += 1;
-            let done = self.ring.submit_and_reap(1, Some(WAIT))?;
+            let done = self.ring.submit_and_reap(1, Some(self.wait_limit()))?;
             self.completions.clear();
             self.completions.extend_from_slice(done);
             if !self.completions.is_empty() {
@@ -52,6 +52,16 @@ impl Worker {
             }
             self.heartbeat_if_due()?;
         }
+    }
+
+    /// How long the next wait may last: [`WAIT`], or less when a paced stream's next grant is
+    /// due sooner.
+    fn wait_limit(&self) -> Duration {
+        let paced = self.credit.as_ref().and_then(|c| c.paced_until());
+        paced.map_or(WAIT, |t| {
+            t.saturating_duration_since(Instant::now())
+                .clamp(Duration::from_micros(10), WAIT)
+        })
     }
 
     /// The checks before each wait: stopped (or the VMM gone), `End` due, a tail sweep due,
