@@ -176,7 +176,8 @@ impl FramedStream {
     }
 
     /// [`read_frame`](Self::read_frame), with `admit` run on the header before any byte of the
-    /// body is read (an `Error` frame is always admitted). `Heartbeat` frames are skipped.
+    /// body is read (an `Error` frame is always admitted). `Heartbeat` frames are skipped
+    /// without being shown to `admit`.
     pub fn read_frame_if(
         &mut self,
         mut admit: impl FnMut(&Header) -> Result<(), CodecError>,
@@ -312,7 +313,9 @@ impl FramedStream {
         }
         // decode() bounded body_len for the kind.
         let h = Header::decode(&head)?;
-        if h.kind != Kind::Error {
+        // An `Error` is always admitted (it is returned as such), a `Heartbeat` too (every
+        // reader skips it: no caller's admission speaks of it).
+        if !matches!(h.kind, Kind::Error | Kind::Heartbeat) {
             admit(&h)?;
         }
         let len = h.body_len as usize;
@@ -566,6 +569,30 @@ mod tests {
         let h = rx.read_frame().unwrap().expect("a frame");
         assert_eq!((h.kind, h.page), (Kind::Pages, 7));
         assert_eq!(rx.body(), &page[..]);
+    }
+
+    #[test]
+    fn a_heartbeat_is_skipped_whatever_the_reader_admits() {
+        // A reader that admits only `Pages` (the baseline's stream receiver) still gets its
+        // page when the peer's heartbeats come first, sealed or not.
+        for key in [false, true] {
+            let (mut tx, _, mut rx) = pair(key);
+            tx.heartbeat().unwrap();
+            tx.heartbeat().unwrap();
+            tx.write_frames(&mut page_frame(&[9u8; 4096])).unwrap();
+            let h = rx
+                .read_frame_if(|h| match h.kind {
+                    Kind::Pages => Ok(()),
+                    got => Err(CodecError::Unexpected {
+                        got,
+                        expected: "Pages",
+                    }),
+                })
+                .unwrap()
+                .expect("a frame");
+            assert_eq!(h.kind, Kind::Pages);
+            assert_eq!(rx.body(), &[9u8; 4096][..]);
+        }
     }
 
     #[test]
