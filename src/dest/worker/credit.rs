@@ -15,9 +15,6 @@ pub(super) struct Credit {
     /// The running total last granted on this connection (0: none yet).
     pub(super) granted: u64,
     pub(super) last_sent: Instant,
-    /// The bulk half's nice value now: 19 while the window is held below its maximum (faults
-    /// were late: a waking fault path or workload thread takes the CPU at once), 0 otherwise.
-    pub(super) nice: i32,
 }
 
 impl Credit {
@@ -34,7 +31,6 @@ impl Credit {
             received: 0,
             granted: 0,
             last_sent: Instant::now(),
-            nice: 0,
         }
     }
 }
@@ -45,10 +41,6 @@ impl Worker {
         if let (Some(c), Some(pacer)) = (self.credit.as_mut(), self.shared.pacer.as_ref()) {
             c.received += 1;
             c.window.on_placed(pacer);
-            let nice = if c.window.batches() < MAX_WINDOW { 19 } else { 0 };
-            if nice != c.nice && crate::sys::set_thread_nice(nice).is_ok() {
-                c.nice = nice;
-            }
         }
     }
 

@@ -42,7 +42,7 @@ use super::{
     WorkerStats, ZeroFill,
 };
 use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER_BYTES};
-use super::pacer::{FaultPacer, Window, MAX_WINDOW};
+use super::pacer::{FaultPacer, Window};
 use crate::layout::PageBitmap;
 use crate::link::auth::AuthError;
 use crate::link::framed::seal_frames;
