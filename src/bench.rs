@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::demo::{
-    run_destination, DemoConfig, DemoError, Handler, OneRunKey, RunOutcome, RunSpec,
-    SourceProcess,
+    run_destination, DemoConfig, DemoError, Handler, OneRunKey, RunOutcome, RunSpec, SourceProcess,
 };
 use crate::link::auth::Key;
 use crate::stats::LatencyUs;
@@ -349,7 +348,8 @@ fn fill(m: &mut Measurement, out: &RunOutcome) {
     match &out.engine {
         Ok(e) => {
             m.seconds = e.postcopy_seconds;
-            m.throughput_mib_s = m.size_bytes as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
+            m.throughput_mib_s =
+                m.size_bytes as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
             m.dest_cpu_s = e.totals.cpu_ns as f64 / 1e9;
         }
         Err(e) => m.error = Some(e.to_string()),
@@ -510,8 +510,20 @@ impl BenchReport {
         let asked = |c: &str| checks.iter().any(|x| x == c);
         for r in self.table.iter().filter(|r| r.variant.ours) {
             for (check, what, ratio, ours, base) in [
-                ("time", "time to all pages (s)", r.time_ratio, r.seconds, r.seconds / r.time_ratio),
-                ("p99", "fault p99 with the stream (us)", r.p99_ratio, r.p99_us, r.p99_us / r.p99_ratio),
+                (
+                    "time",
+                    "time to all pages (s)",
+                    r.time_ratio,
+                    r.seconds,
+                    r.seconds / r.time_ratio,
+                ),
+                (
+                    "p99",
+                    "fault p99 with the stream (us)",
+                    r.p99_ratio,
+                    r.p99_us,
+                    r.p99_us / r.p99_ratio,
+                ),
             ] {
                 // A NaN ratio (no measurement) fails the gate too.
                 if asked(check) && (ratio > 1.0 || ratio.is_nan()) {

@@ -34,7 +34,12 @@ fn next_frame(s: &mut TcpStream, within: Duration) -> Option<(Header, Vec<u8>)> 
             Ok(Some((h, _))) if h.kind == Kind::Heartbeat => continue,
             Ok(Some(f)) => return Some(f),
             Ok(None) => panic!("the source closed the bulk connection"),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
                 return None
             }
             Err(e) => panic!("read from the source: {e}"),
@@ -52,7 +57,11 @@ fn check_batch(source: &Source, (h, frame): &(Header, Vec<u8>)) -> u64 {
             continue; // a zero page: a mask bit, no bytes
         }
         expected_page(&source.image, h.block, h.page + i, false, &mut page);
-        assert!(frame[at..at + 4096] == page[..], "page {} differs", h.page + i);
+        assert!(
+            frame[at..at + 4096] == page[..],
+            "page {} differs",
+            h.page + i
+        );
         at += 4096;
     }
     assert_eq!(at, frame.len(), "the body holds exactly the non-zero pages");
@@ -94,7 +103,10 @@ fn a_credit_driven_stream_sends_no_more_batches_than_granted() {
     // Nothing without credit; then exactly what each running total allows (the image has
     // more batches than the totals granted here).
     if let Some((h, f)) = next_frame(&mut bulk, QUIET) {
-        panic!("a frame without credit: {h:?} {:?}", String::from_utf8_lossy(&f[32..]));
+        panic!(
+            "a frame without credit: {h:?} {:?}",
+            String::from_utf8_lossy(&f[32..])
+        );
     }
     let (mut frames, mut pages) = (0u64, 0u64);
     for (total, late) in [(3u64, 0u64), (5, 4), (6, 2)] {
@@ -144,5 +156,10 @@ fn target_run(key: Option<postcopy::link::auth::Key>, target_us: u64) {
 fn migrations_with_a_fault_latency_target_verify() {
     target_run(None, 100);
     target_run(None, 5_000);
-    target_run(Some(postcopy::link::auth::Key::from_secret(b"credit test key, 32 bytes long")), 300);
+    target_run(
+        Some(postcopy::link::auth::Key::from_secret(
+            b"credit test key, 32 bytes long",
+        )),
+        300,
+    );
 }

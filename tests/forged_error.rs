@@ -60,7 +60,8 @@ fn welcome(link: &mut FramedStream, size_bytes: u64) {
         image: codec::ImageInfo::Opaque,
         stopped_unix_us: 0,
     });
-    link.write_frames(&mut encode(&frame)).expect("send Welcome");
+    link.write_frames(&mut encode(&frame))
+        .expect("send Welcome");
 }
 
 fn config(fake: &FakeListener) -> EngineConfig {

@@ -427,7 +427,10 @@ fn handshake_wrong_version() {
     // An older source (protocol 1: frames with a BLAKE3 MAC), and a newer one.
     for got in [1, postcopy::codec::VERSION + 1] {
         reply[4] = got;
-        let e = handshake_error(reply.clone(), &format!("protocol version {got} not supported"));
+        let e = handshake_error(
+            reply.clone(),
+            &format!("protocol version {got} not supported"),
+        );
         assert_eq!(codec_cause(&e), &CodecError::BadVersion { got });
     }
 }

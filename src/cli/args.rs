@@ -12,8 +12,7 @@ use postcopy::source::PrecopyLimits;
 use postcopy::workload::Pattern;
 
 use super::parse::{
-    parse_image_size, parse_seconds, usize_in, MAX_PRECOPY_ROUNDS, MAX_TIMEOUT_S,
-    MAX_WORKERS,
+    parse_image_size, parse_seconds, usize_in, MAX_PRECOPY_ROUNDS, MAX_TIMEOUT_S, MAX_WORKERS,
 };
 use super::MainError;
 

@@ -177,7 +177,8 @@ pub(crate) fn open_connection_as(
     }
     let mut hello = [0u8; HEADER_BYTES];
     h.encode(&mut hello);
-    link.write_frames(&mut hello).map_err(link_err("send Hello"))?;
+    link.write_frames(&mut hello)
+        .map_err(link_err("send Hello"))?;
     let welcome = read_welcome(&mut link, config).map_err(link_err(&context))?;
     let zero_map = if want_zero_map {
         Some(read_zero_map(&mut link, &welcome.layout).map_err(link_err(&context))?)

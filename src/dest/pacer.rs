@@ -129,7 +129,10 @@ impl Window {
             }
         }
         debug_assert!((1..=MAX_WINDOW).contains(&self.batches));
-        debug_assert!(self.gap.is_zero() || self.batches == 1, "a pace only at one batch");
+        debug_assert!(
+            self.gap.is_zero() || self.batches == 1,
+            "a pace only at one batch"
+        );
     }
 }
 

@@ -228,8 +228,14 @@ mod tests {
         assert!(opens(&s2d_rx, b"header", b1, &t1).is_err(), "reordered");
         let mut tampered = b0;
         tampered[0] ^= 1;
-        assert!(opens(&s2d_rx, b"header", tampered, &t0).is_err(), "tampered");
-        assert!(opens(&s2d_rx, b"headeR", b0, &t0).is_err(), "header tampered");
+        assert!(
+            opens(&s2d_rx, b"header", tampered, &t0).is_err(),
+            "tampered"
+        );
+        assert!(
+            opens(&s2d_rx, b"headeR", b0, &t0).is_err(),
+            "header tampered"
+        );
         let mut plain = b0;
         s2d_rx.open(b"header", &mut plain, &t0).unwrap();
         assert_eq!(plain, *b"body");

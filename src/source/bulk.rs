@@ -283,8 +283,17 @@ impl Stream<'_> {
 
     /// Encodes one batch (at most a frame's pages) and writes out what is queued once it is
     /// large; `false` when the stream must stop while it waited for credit.
-    fn send(&mut self, block: u32, first: u64, n: u64, page_size: u64) -> Result<bool, SourceError> {
-        debug_assert!(n <= u64::from(max_batch_pages(page_size)), "one frame per batch");
+    fn send(
+        &mut self,
+        block: u32,
+        first: u64,
+        n: u64,
+        page_size: u64,
+    ) -> Result<bool, SourceError> {
+        debug_assert!(
+            n <= u64::from(max_batch_pages(page_size)),
+            "one frame per batch"
+        );
         if !self.await_credit()? {
             return Ok(false);
         }

@@ -69,14 +69,19 @@ impl Worker {
         let mut frame = [0u8; HEADER_BYTES];
         Header::control(Kind::Credit, total).encode(&mut frame);
         self.seal(&frame);
-        let stream = self.stream.as_ref().expect("a bulk half grants on its connection");
+        let stream = self
+            .stream
+            .as_ref()
+            .expect("a bulk half grants on its connection");
         match std::io::Write::write(&mut &*stream, &self.sealed) {
             Ok(n) if n == self.sealed.len() => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
             r => {
                 // A broken connection, or a frame cut short (which the source could not read
                 // past): either way the connection is replaced.
-                let source = r.err().unwrap_or_else(|| std::io::ErrorKind::WriteZero.into());
+                let source = r
+                    .err()
+                    .unwrap_or_else(|| std::io::ErrorKind::WriteZero.into());
                 return Err(DestError::Io {
                     context: "grant stream credit on the bulk connection".into(),
                     source,

@@ -36,13 +36,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::pacer::{FaultPacer, Window};
 use super::stats::JobEnd;
 use super::{
     link_err, open_with_retry, retryable, DestError, DestRam, EngineConfig, Joining, Shared,
     WorkerStats, ZeroFill,
 };
 use crate::codec::{self, max_batch_pages, CodecError, Header, Kind, Role, HEADER_BYTES};
-use super::pacer::{FaultPacer, Window};
 use crate::layout::PageBitmap;
 use crate::link::auth::AuthError;
 use crate::link::framed::seal_frames;
