@@ -151,7 +151,7 @@ fn partial_touch_and_an_incomplete_wait_is_reported() {
     assert_eq!(json["complete"], false);
     assert_eq!(json["verified"], false);
 
-    let (out, _) = handler.kill();
+    let (out, _) = handler.kill_after_lines(2, Duration::from_secs(10));
     let rs = reports(&out);
     assert_eq!(rs.len(), 2);
     for r in &rs {
@@ -185,7 +185,7 @@ fn vmm_dying_mid_restore_leaves_the_handler_serving_the_next() {
     assert_verified(code, &json, &err);
     assert_eq!(json["exited_early"], false);
 
-    let (out, herr) = handler.kill();
+    let (out, herr) = handler.kill_after_lines(2, Duration::from_secs(10));
     let rs = reports(&out);
     assert_eq!(rs.len(), 2, "one report per VMM: {out} {herr}");
     assert!(n(&rs[0]["pages_copied"]) >= 1000);
@@ -334,7 +334,7 @@ fn handler_rejects_a_bad_handover_and_survives() {
     // A real VMM still works.
     let (code, json, err) = run_vmm(&socket, &image, &[]);
     assert_verified(code, &json, &err);
-    let (out, herr) = handler.kill();
+    let (out, herr) = handler.kill_after_lines(1, Duration::from_secs(10));
     assert!(
         herr.contains("not a JSON array") && herr.contains("no file descriptor"),
         "{herr}"

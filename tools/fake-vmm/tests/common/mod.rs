@@ -95,6 +95,42 @@ impl Proc {
         self.output()
     }
 
+    /// Waits (at most `limit`) until the process has printed `lines` non-empty lines on stdout
+    /// (a handler's reports: it writes each once its VMM's session ended, which may be after
+    /// the VMM exited), then kills it. Returns what it printed.
+    pub fn kill_after_lines(mut self, lines: usize, limit: Duration) -> (String, String) {
+        let mut stdout = self.child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut all = String::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match stdout.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        all.push_str(&String::from_utf8_lossy(&buf[..n]));
+                        let _ = tx.send(all.lines().filter(|l| !l.trim().is_empty()).count());
+                    }
+                }
+            }
+            all
+        });
+        let deadline = Instant::now() + limit;
+        let mut seen = 0;
+        while seen < lines {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(n) => seen = n,
+                Err(_) => break, // the caller's assertion on the lines says what is missing
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let out = reader.join().unwrap_or_default();
+        let (_, err) = self.output();
+        (out, err)
+    }
+
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
