@@ -52,8 +52,8 @@ impl Worker {
     }
 
     /// Grants what the window allows beyond what was received, if that is more than was granted
-    /// and its pace allows, or a heartbeat is due. A write the socket cannot take now is left to
-    /// the next call.
+    /// and its pace allows, or a heartbeat is due (one blocking write of 48 bytes: the source
+    /// reads its grants before every batch, so they never fill the socket).
     pub(super) fn grant_credit(&mut self) -> Result<(), DestError> {
         let heartbeat = self.config.liveness().heartbeat;
         let Some(c) = self.credit.as_ref() else {
@@ -75,10 +75,10 @@ impl Worker {
             .expect("a bulk half grants on its connection");
         match std::io::Write::write(&mut &*stream, &self.sealed) {
             Ok(n) if n == self.sealed.len() => {}
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
             r => {
-                // A broken connection, or a frame cut short (which the source could not read
-                // past): either way the connection is replaced.
+                // A broken connection, or a frame not (wholly) written: the seal's sequence
+                // number has moved on, so the source could not open the next frame; either way
+                // the connection is replaced.
                 let source = r
                     .err()
                     .unwrap_or_else(|| std::io::ErrorKind::WriteZero.into());
