@@ -285,6 +285,7 @@ fn spec(v: &Variant, (mode, threads): (&str, usize), cfg: &BenchConfig, key: &Ke
     let d = &cfg.demo;
     RunSpec {
         handler: v.handler,
+        memory: d.memory,
         workers: d.workers,
         pin: d.pin,
         stream: mode != "demand_only",

@@ -63,8 +63,10 @@ pub enum DemoError {
 pub struct DemoConfig {
     /// Image size in bytes.
     pub size_bytes: u64,
-    /// Page size.
+    /// Page size (the memory's: 2 MiB for hugetlbfs, else the base page).
     pub page_size: u64,
+    /// The kind of guest memory the destination places into.
+    pub memory: crate::dest::Memory,
     /// Access pattern.
     pub pattern: Pattern,
     /// Workload threads.
@@ -303,6 +305,8 @@ pub enum Handler {
 pub struct RunSpec {
     /// Which handler.
     pub handler: Handler,
+    /// The kind of guest memory placed into (the baseline: private memory only).
+    pub memory: crate::dest::Memory,
     /// Engine workers (the baseline has one fault thread).
     pub workers: usize,
     /// Pin workers.
@@ -391,7 +395,13 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
     let mut connected = dest::connect(&engine_cfg)?;
     let layout = connected.welcome.layout.clone();
     let (image, zero_percent) = synthetic_image(&connected.welcome.image, &layout);
-    let ram = Arc::new(DestRam::new(&layout)?);
+    if spec.handler == Handler::Baseline && spec.memory.is_shared() {
+        return Err(DemoError::Unsupported(format!(
+            "the baseline handler places private memory only, not --memory {}",
+            spec.memory.name()
+        )));
+    }
+    let ram = Arc::new(DestRam::with_memory(&layout, spec.memory)?);
     // Contents known only to the source: its checksums are fetched after the migration, and
     // the workers' `End` says so (the source keeps the session until then).
     engine_cfg.verify = image.is_none();
@@ -598,6 +608,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
 fn run_spec(cfg: &DemoConfig, key: Option<Key>) -> RunSpec {
     RunSpec {
         handler: Handler::Engine,
+        memory: cfg.memory,
         workers: cfg.workers,
         pin: cfg.pin,
         stream: cfg.stream,

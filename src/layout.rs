@@ -239,6 +239,50 @@ impl PageBitmap {
         })
     }
 
+    /// Claims bits `[start, start + count)` (at most 64): sets them with one atomic per word
+    /// and returns which this caller set first (bit `i` of the result is bit `start + i`).
+    /// Pages written through a memfd's alias are claimed first, so that two writers never
+    /// write one page and nobody writes a page once it is mapped into the guest.
+    pub fn claim(&self, start: u64, count: u64) -> u64 {
+        assert!(count <= 64, "claims of at most 64 bits, not {count}");
+        let mut won = 0u64;
+        let mut i = start;
+        let end = start.checked_add(count).expect("range overflow");
+        assert!(
+            end <= self.len,
+            "claim [{start}, {end}) outside {}",
+            self.len
+        );
+        while i < end {
+            let bit = i % 64;
+            let n = (64 - bit).min(end - i);
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << bit
+            };
+            let old = self.words[(i / 64) as usize].fetch_or(mask, Ordering::AcqRel);
+            won |= ((mask & !old) >> bit) << (i - start);
+            i += n;
+        }
+        won
+    }
+
+    /// Clears the bits of a [`claim`](Self::claim)'s result: `won` as it returned for `start`.
+    pub fn release(&self, start: u64, won: u64) {
+        let mut rest = won;
+        while rest != 0 {
+            let i = u64::from(rest.trailing_zeros());
+            let run = u64::from((rest >> i).trailing_ones());
+            self.clear_range(start + i, run);
+            rest &= !(if run == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << run) - 1) << i
+            });
+        }
+    }
+
     /// Clears bits `[start, start + count)`; returns how many were set.
     pub fn clear_range(&self, start: u64, count: u64) -> u64 {
         self.apply_range(start, count, |w, mask| {
@@ -371,6 +415,19 @@ pub fn shard(pages: u64, w: usize, workers: usize) -> (u64, u64) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_claim_is_won_once_across_words_and_released() {
+        let b = PageBitmap::new(200);
+        b.set(61);
+        let won = b.claim(60, 10); // spans words 0 and 1; page 61 was taken
+        assert_eq!(won, 0b11_1111_1101);
+        assert_eq!(b.claim(60, 10), 0, "a second claim wins nothing");
+        b.release(60, won);
+        assert!(b.get(61) && !b.get(60) && !b.get(69));
+        assert_eq!(b.claim(0, 64), !(1 << 61));
+        assert_eq!(b.claim(136, 64), u64::MAX);
+    }
 
     #[test]
     fn shards_tile_a_block_in_order() {

@@ -540,6 +540,7 @@ fn baseline_handler_verifies() {
                 &addr,
                 &RunSpec {
                     handler: Handler::Baseline,
+                    memory: postcopy::dest::Memory::Anon,
                     workers: 1,
                     pin: false,
                     stream,

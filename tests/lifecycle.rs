@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{join_on_drop, join_within, layout, wait_engine, IO_TIMEOUT, MIB, PAGE, TIMEOUT};
-use postcopy::dest::{self, DestRam, Engine, EngineConfig};
+use postcopy::dest::{self, DestRam, Engine, EngineConfig, Memory};
 use postcopy::dirty::{DirtyTracker, UffdWpTracker};
 use postcopy::image::{page_checksum, Image, Synthetic};
 use postcopy::live::{DirtyWriter, LiveImage, SourceWorkload};
@@ -99,9 +99,18 @@ impl LiveSource {
     }
 }
 
+/// The memory kinds of 4 KiB pages (the live source's page size): each lifecycle test runs on
+/// every one.
+const MEMORIES: [Memory; 3] = [Memory::Anon, Memory::Memfd, Memory::Thp];
+
 fn run_spec(precopy: bool) -> postcopy::demo::RunSpec {
+    run_spec_on(precopy, Memory::Anon)
+}
+
+fn run_spec_on(precopy: bool, memory: Memory) -> postcopy::demo::RunSpec {
     postcopy::demo::RunSpec {
         handler: postcopy::demo::Handler::Engine,
+        memory,
         workers: 2,
         pin: false,
         stream: true,
@@ -151,6 +160,13 @@ fn page_written_after_precopy_is_discarded_and_refetched() {
     if !tracking_available() {
         return;
     }
+    for memory in MEMORIES {
+        eprintln!("memory {}", memory.name());
+        page_written_after_precopy_on(memory);
+    }
+}
+
+fn page_written_after_precopy_on(memory: Memory) {
     let written: Vec<u64> = vec![0, 1, 2, 700, 701, 2047, 4095];
     let src = {
         let pages = written.clone();
@@ -164,7 +180,8 @@ fn page_written_after_precopy_is_discarded_and_refetched() {
         )
     };
     let addr = src.addr.clone();
-    let t = std::thread::spawn(move || postcopy::demo::run_destination(&addr, &run_spec(true)));
+    let spec = run_spec_on(true, memory);
+    let t = std::thread::spawn(move || postcopy::demo::run_destination(&addr, &spec));
     let out = join_within(t, TIMEOUT, "destination").expect("destination run");
     assert!(
         out.verified(),
@@ -197,6 +214,13 @@ fn discarded_pages_hold_the_new_content_never_the_stale_one() {
     if !tracking_available() {
         return;
     }
+    for memory in MEMORIES {
+        eprintln!("memory {}", memory.name());
+        discarded_pages_hold_the_new_content_on(memory);
+    }
+}
+
+fn discarded_pages_hold_the_new_content_on(memory: Memory) {
     let written: Vec<u64> = (0..64).map(|i| i * 61 % 4096).collect();
     let pages = written.clone();
     let src = LiveSource::start(
@@ -218,7 +242,7 @@ fn discarded_pages_hold_the_new_content_never_the_stale_one() {
     };
     let t = std::thread::spawn(move || {
         let mut connected = dest::connect(&config).expect("connect");
-        let ram = Arc::new(DestRam::new(&connected.welcome.layout).expect("ram"));
+        let ram = Arc::new(DestRam::with_memory(&connected.welcome.layout, memory).expect("ram"));
         let pre = dest::receive_precopy(&mut connected, &ram, &config).expect("precopy");
         // Discarded pages are missing now: their received bits are clear.
         for &p in &written {
@@ -285,6 +309,13 @@ fn live_writer_under_load_migrates_and_verifies() {
     if !tracking_available() {
         return;
     }
+    for memory in MEMORIES {
+        eprintln!("memory {}", memory.name());
+        live_writer_under_load_on(memory);
+    }
+}
+
+fn live_writer_under_load_on(memory: Memory) {
     // A 200k pages/s writer on 32 MiB (8192 pages), plus 64 pages dirtied before every
     // collection: precopy cannot converge under 16 dirty pages; it must switch over at its
     // round limit and still verify.
@@ -306,7 +337,8 @@ fn live_writer_under_load_migrates_and_verifies() {
         },
     );
     let addr = src.addr.clone();
-    let t = std::thread::spawn(move || postcopy::demo::run_destination(&addr, &run_spec(true)));
+    let spec = run_spec_on(true, memory);
+    let t = std::thread::spawn(move || postcopy::demo::run_destination(&addr, &spec));
     let out = join_within(t, TIMEOUT, "destination").expect("destination run");
     assert!(out.verified(), "not verified: {:?}", out.final_mismatches);
     let pre = out.precopy.as_ref().expect("precopy");

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use postcopy::demo::DemoConfig;
-use postcopy::dest::ZeroFill;
+use postcopy::dest::{Memory, ZeroFill};
 use postcopy::link::auth::Key;
 use postcopy::link::tls::{TlsClient, TlsServer};
 use postcopy::source::PrecopyLimits;
@@ -22,6 +22,12 @@ pub struct RunArgs {
     /// Image size (e.g. 1G, 4G, 256M).
     #[arg(long, default_value = "1G", value_parser = parse_image_size)]
     pub size: u64,
+    /// The kind of guest memory the destination places into: private 4 KiB pages (anon), the
+    /// same wanting THP (thp), a shmem memfd with MINOR faults and one copy fewer (memfd),
+    /// 2 MiB hugetlbfs pages (hugetlb; needs vm.nr_hugepages), or a hugetlbfs memfd
+    /// (hugetlb-shared). The local source serves pages of its size.
+    #[arg(long, value_enum, default_value_t = Memory::Anon)]
+    pub memory: Memory,
     /// How the workload touches pages.
     #[arg(long, value_enum, default_value_t = Pattern::Random)]
     pub pattern: Pattern,
@@ -66,7 +72,8 @@ impl RunArgs {
     pub fn demo_config(&self, zero_percent: u8, threads: usize) -> Result<DemoConfig, MainError> {
         Ok(DemoConfig {
             size_bytes: self.size,
-            page_size: 4096,
+            page_size: self.memory.page_size(),
+            memory: self.memory,
             pattern: self.pattern,
             threads,
             workers: self.workers.unwrap_or_else(postcopy::sys::online_cpus),

@@ -69,15 +69,26 @@ pub(crate) fn register_shard(
             continue;
         }
         let ps = block.page_size as usize;
+        // Shared memory: a page in the page cache faults MINOR (mapped with UFFDIO_CONTINUE),
+        // a hole (a discarded page) MISSING; private memory only ever faults MISSING.
+        let (mode, need, name) = match ram.shared_block(b) {
+            Some(_) => (
+                uffd::mode::MISSING | uffd::mode::MINOR,
+                uffd::ioctl_bit::CONTINUE,
+                "UFFDIO_CONTINUE",
+            ),
+            None => (uffd::mode::MISSING, uffd::ioctl_bit::COPY, "UFFDIO_COPY"),
+        };
         let ioctls = u.register(
             ram.regions[b].addr() + start as usize * ps,
             (end - start) as usize * ps,
-            uffd::mode::MISSING,
+            mode,
         )?;
-        if ioctls & uffd::ioctl_bit::COPY == 0 {
+        if ioctls & need == 0 {
             return Err(DestError::Unsupported(format!(
-                "block {:?}: UFFDIO_COPY not offered on this memory",
-                block.name
+                "block {:?}: {name} not offered on this memory ({} memory needs Linux 5.14+; see postcopy probe)",
+                block.name,
+                ram.memory().name()
             )));
         }
     }

@@ -85,6 +85,18 @@ pub enum DestError {
     /// A mapping failed.
     #[error(transparent)]
     Mem(#[from] MemError),
+    /// The source serves a block in pages of another size than this memory maps.
+    #[error("the source serves block {block:?} in {} pages, but --memory {memory} maps {} pages: serve the image with --page-size {} (or choose a memory kind of {} pages)", size_name(*served), size_name(*wanted), size_name(*wanted), size_name(*served))]
+    PageSize {
+        /// The block.
+        block: String,
+        /// Its page size at the source.
+        served: u64,
+        /// The memory kind asked for.
+        memory: &'static str,
+        /// The page size that memory maps.
+        wanted: u64,
+    },
     /// The layout cannot be served here.
     #[error("layout not supported here: {0}")]
     Unsupported(String),
@@ -99,4 +111,13 @@ pub enum DestError {
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DestError {
     let context = context.into();
     move |source| DestError::Io { context, source }
+}
+
+/// `4096` as `4K`, `2097152` as `2M` (as `--page-size` takes them).
+fn size_name(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => b.to_string(),
+    }
 }

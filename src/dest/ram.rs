@@ -2,6 +2,7 @@
 //! the received bitmaps; precopy writes and discards.
 
 use super::error::DestError;
+use super::memory::{Memory, SharedBlock};
 use super::origin::{PageOrigins, PlacedBy};
 use crate::layout::{Layout, PageBitmap};
 use crate::sys::mem::Mapping;
@@ -30,6 +31,10 @@ pub struct DestRam {
     segments: Vec<Vec<Segment>>,
     /// The memory belongs to another process (a VMM): no mapping here, only addresses.
     foreign: bool,
+    /// The kind of memory of every block.
+    memory: Memory,
+    /// Per block, for shared memory: its file, alias and claims.
+    shared: Vec<Option<SharedBlock>>,
 }
 
 /// Pages `[first_page, first_page + pages)` of a block live at `host_addr` in the target
@@ -45,12 +50,11 @@ pub struct Segment {
 }
 
 impl DestRam {
-    /// `postcopy_ram_incoming_init` + `prepare_discard`: maps every block, all pages missing,
-    /// THP off from the start (4 KiB precopy writes, faults and placements).
+    /// `postcopy_ram_incoming_init` + `prepare_discard`: maps every block as private
+    /// anonymous memory (2 MiB hugetlbfs for 2 MiB-page blocks), all pages missing, THP off
+    /// from the start (4 KiB precopy writes, faults and placements).
     pub fn new(layout: &Layout) -> Result<DestRam, DestError> {
-        let ram = Self::map(layout, false)?;
-        ram.prepare_discard()?;
-        Ok(ram)
+        Self::with_memory(layout, Memory::Anon)
     }
 
     /// `postcopy_ram_incoming_init` for memory that wants transparent huge pages (as a VMM's
@@ -58,30 +62,37 @@ impl DestRam {
     /// them a huge page at a time; [`prepare_discard`](Self::prepare_discard) turns THP off
     /// before discards and faults, and [`super::EngineHandle::wait`] turns it back on.
     pub fn with_thp(layout: &Layout) -> Result<DestRam, DestError> {
-        Self::map(layout, true)
+        Self::with_memory(layout, Memory::Thp)
     }
 
-    fn map(layout: &Layout, thp: bool) -> Result<DestRam, DestError> {
-        let base = crate::sys::mem::base_page_size() as u64;
+    /// `postcopy_ram_incoming_init` for `memory` (see [`super::memory`]): every block mapped
+    /// as that kind, all pages missing. Every block's page size must be the memory's (2 MiB
+    /// for hugetlbfs, else the base page): the source serves the image in those pages.
+    /// Private memory (`anon`, `thp`) also takes 2 MiB-page blocks, as private hugetlbfs.
+    pub fn with_memory(layout: &Layout, memory: Memory) -> Result<DestRam, DestError> {
         let mut regions = Vec::with_capacity(layout.blocks.len());
+        let mut shared = Vec::with_capacity(layout.blocks.len());
         for b in &layout.blocks {
-            let m = match b.page_size {
-                p if p == base => Mapping::anonymous(b.size_bytes as usize, "guest RAM block")?,
-                p if p == 2 << 20 => Mapping::anonymous_huge_2m(
-                    b.size_bytes as usize,
-                    "guest RAM block (2 MiB pages)",
-                )?,
-                p => {
-                    return Err(DestError::Unsupported(format!(
-                        "block {:?} has page size {p}; this host supports {base} and 2 MiB",
-                        b.name
-                    )))
+            let kind = match memory {
+                Memory::Anon | Memory::Thp if b.page_size == super::memory::HUGE_2M => {
+                    Memory::Hugetlb
                 }
+                m => m,
             };
-            if b.page_size == base && thp {
+            if b.page_size != kind.page_size() {
+                return Err(DestError::PageSize {
+                    block: b.name.clone(),
+                    served: b.page_size,
+                    memory: memory.name(),
+                    wanted: kind.page_size(),
+                });
+            }
+            let (m, sh) = kind.map(b.size_bytes as usize)?;
+            if kind == Memory::Thp {
                 m.huge_pages()?;
             }
             regions.push(m);
+            shared.push(sh);
         }
         let segments = layout
             .blocks
@@ -95,7 +106,7 @@ impl DestRam {
                 }]
             })
             .collect();
-        Ok(DestRam {
+        let ram = DestRam {
             layout: layout.clone(),
             regions,
             received: layout
@@ -104,11 +115,27 @@ impl DestRam {
                 .map(|b| PageBitmap::new(b.pages()))
                 .collect(),
             placed_by: PageOrigins::new(layout),
-            thp,
+            thp: memory == Memory::Thp,
             discard_ready: AtomicBool::new(false),
             segments,
             foreign: false,
-        })
+            memory,
+            shared,
+        };
+        if memory != Memory::Thp {
+            ram.prepare_discard()?;
+        }
+        Ok(ram)
+    }
+
+    /// The kind of memory.
+    pub fn memory(&self) -> Memory {
+        self.memory
+    }
+
+    /// Block `b`'s file, alias and claims, if it is shared memory.
+    pub fn shared_block(&self, b: usize) -> Option<&SharedBlock> {
+        self.shared.get(b).and_then(Option::as_ref)
     }
 
     /// Memory of another process (a VMM that handed over its userfaultfd): per block, the
@@ -170,6 +197,8 @@ impl DestRam {
             discard_ready: AtomicBool::new(true),
             segments,
             foreign: true,
+            memory: Memory::Anon,
+            shared: layout.blocks.iter().map(|_| None).collect(),
         })
     }
 
@@ -209,9 +238,12 @@ impl DestRam {
         None
     }
 
+    /// Private anonymous 4 KiB-page blocks (where THP applies).
     fn small_page_blocks(&self) -> impl Iterator<Item = usize> + '_ {
         let base = crate::sys::mem::base_page_size() as u64;
-        (0..self.layout.blocks.len()).filter(move |&b| self.layout.blocks[b].page_size == base)
+        let private = matches!(self.memory, Memory::Anon | Memory::Thp) && !self.foreign;
+        (0..self.layout.blocks.len())
+            .filter(move |&b| private && self.layout.blocks[b].page_size == base)
     }
 
     /// `postcopy_ram_prepare_discard`: `MADV_NOHUGEPAGE` on every 4 KiB-page block, so that
@@ -239,6 +271,11 @@ impl DestRam {
                 source: e.into(),
             })?;
         assert_eq!(data.len() as u64, b.page_size, "one page of data");
+        if let Some(sh) = self.shared_block(block as usize) {
+            // Precopy is the only writer before postcopy starts; its claim stands until a
+            // discard drops the page.
+            sh.claims.set(page);
+        }
         self.regions[block as usize].write_from((page * b.page_size) as usize, data);
         self.received[block as usize].set(page);
         self.placed_by
@@ -247,8 +284,8 @@ impl DestRam {
     }
 
     /// `postcopy_ram_discard_range`: drops pages `[first, first + pages)` of `block`
-    /// (`MADV_DONTNEED`: they are missing again and will fault) and clears their received
-    /// bits. A range outside the block is rejected. Calls [`prepare_discard`](Self::prepare_discard)
+    /// (`MADV_DONTNEED`, or for shared memory `fallocate(PUNCH_HOLE)`, which also empties the
+    /// page cache: they are missing again and will fault) and clears their received bits. A range outside the block is rejected. Calls [`prepare_discard`](Self::prepare_discard)
     /// first if nobody did.
     pub fn discard_range(&self, block: u32, first: u64, pages: u64) -> Result<(), DestError> {
         self.own("discard")?;
@@ -261,7 +298,16 @@ impl DestRam {
             })?;
         self.prepare_discard()?;
         let ps = b.page_size as usize;
-        self.regions[block as usize].dontneed(first as usize * ps, pages as usize * ps)?;
+        match self.shared_block(block as usize) {
+            Some(sh) => {
+                sh.memfd
+                    .punch_hole(first as usize * ps, pages as usize * ps)?;
+                sh.claims.clear_range(first, pages);
+            }
+            None => {
+                self.regions[block as usize].dontneed(first as usize * ps, pages as usize * ps)?
+            }
+        }
         self.received[block as usize].clear_range(first, pages);
         self.placed_by
             .record(block as usize, first, pages, PlacedBy::Nothing);

@@ -26,6 +26,9 @@ pub struct WorkerStats {
     /// Pages that arrived again after the other half placed them (a fault's reply and the
     /// stream both carried them), dropped without an ioctl.
     pub pages_duplicate: u64,
+    /// Pages of shared memory whose stream batch was received straight into the page cache
+    /// (no temp page, no copy).
+    pub pages_direct: u64,
     /// Placements that found the page present (`EEXIST`: both halves placed it at once).
     pub eexist: u64,
     /// Placement ioctls issued (`COPY` + `ZEROPAGE`).
@@ -78,6 +81,7 @@ impl WorkerStats {
         self.pages_zero += o.pages_zero;
         self.eexist += o.eexist;
         self.pages_duplicate += o.pages_duplicate;
+        self.pages_direct += o.pages_direct;
         self.place_ioctls += o.place_ioctls;
         self.pages_removed += o.pages_removed;
         self.pages_zero_after_remove += o.pages_zero_after_remove;

@@ -7,7 +7,7 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::ptr::NonNull;
 
 use nix::errno::Errno;
@@ -43,6 +43,18 @@ pub enum MemError {
     /// A zero-length or misaligned request.
     #[error("invalid mapping request: {0}")]
     Invalid(String),
+    /// A memfd call (`memfd_create`, `ftruncate`, `fallocate`) failed.
+    #[error("{call} ({what}) failed: {errno}{hint}")]
+    Memfd {
+        /// The call.
+        call: &'static str,
+        /// What the file is for.
+        what: &'static str,
+        /// The errno.
+        errno: Errno,
+        /// What to do about it.
+        hint: &'static str,
+    },
 }
 
 /// The system's base page size.
@@ -83,7 +95,7 @@ impl Mapping {
     pub fn anonymous_huge_2m(len_bytes: usize, what: &'static str) -> Result<Mapping, MemError> {
         Self::map_anon(
             len_bytes,
-            MapFlags::MAP_HUGETLB | MapFlags::MAP_HUGE_2MB,
+            MapFlags::MAP_PRIVATE | MapFlags::MAP_HUGETLB | MapFlags::MAP_HUGE_2MB,
             what,
         )
     }
@@ -120,6 +132,45 @@ impl Mapping {
             } else {
                 " (not enough address space or memory; check ulimit -v and overcommit settings)"
             },
+        })?;
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len_bytes,
+        })
+    }
+
+    /// A shared read-write mapping of `len_bytes` of `file` from offset 0 (a memfd's guest
+    /// view, or its alias). `populate`: `MAP_POPULATE`, so that no access faults later (the
+    /// file's pages are allocated now if they were holes).
+    pub fn shared_file(
+        file: BorrowedFd<'_>,
+        len_bytes: usize,
+        populate: bool,
+        what: &'static str,
+    ) -> Result<Mapping, MemError> {
+        let len = std::num::NonZeroUsize::new(len_bytes)
+            .ok_or_else(|| MemError::Invalid(format!("{what}: zero length")))?;
+        let mut flags = MapFlags::MAP_SHARED;
+        if populate {
+            flags |= MapFlags::MAP_POPULATE;
+        }
+        // SAFETY: a fresh shared mapping at an address the kernel chooses; the file is a memfd
+        // this process created and keeps open, sized to at least `len_bytes`.
+        let ptr = unsafe {
+            mman::mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                flags,
+                file,
+                0,
+            )
+        }
+        .map_err(|errno| MemError::Map {
+            what,
+            len_bytes,
+            errno,
+            hint: " (a hugetlbfs memfd needs reserved huge pages: echo N > /proc/sys/vm/nr_hugepages)",
         })?;
         Ok(Mapping {
             ptr: ptr.cast(),
@@ -234,6 +285,13 @@ impl Mapping {
                 data.len(),
             )
         }
+    }
+
+    /// Zeroes bytes of the mapping (faults like any write).
+    pub fn fill_zero(&self, offset_bytes: usize, len_bytes: usize) {
+        self.check(offset_bytes, len_bytes);
+        // SAFETY: bounds checked; the caller owns these bytes against other writers.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset_bytes), 0, len_bytes) }
     }
 
     /// XORs a native-endian u64 at an 8-byte-aligned offset (a workload's write to a page).

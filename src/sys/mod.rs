@@ -3,6 +3,7 @@
 
 pub mod dirty;
 pub mod mem;
+pub mod memfd;
 pub mod ring;
 pub mod scm;
 pub mod uffd;

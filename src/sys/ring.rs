@@ -12,6 +12,7 @@
 #![allow(unsafe_code)]
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
@@ -136,6 +137,9 @@ pub struct RingConfig {
 pub struct Ring {
     ring: IoUring,
     arenas: Vec<Mapping>,
+    /// Arenas owned elsewhere (after the registered ones in arena numbering), read into with
+    /// plain `IORING_OP_READ`; held until the ring is drained.
+    shared: Vec<Arc<Mapping>>,
     slots: Vec<Slot>,
     inflight: usize,
     reaped: Vec<Completion>,
@@ -192,15 +196,36 @@ impl Ring {
         Ok(Ring {
             ring,
             arenas,
+            shared: Vec::new(),
             slots: Vec::new(),
             inflight: 0,
             reaped: Vec::with_capacity(entries as usize * 4),
         })
     }
 
+    /// Adds an arena the ring neither maps nor registers: memory another owner keeps (a
+    /// memfd's alias of guest memory, which stream bodies are received straight into). Its
+    /// slots are read with plain `IORING_OP_READ`. The ring keeps a reference until every
+    /// operation on it has completed. Returns its arena number (start-up only).
+    pub fn add_shared_arena(&mut self, mapping: Arc<Mapping>) -> usize {
+        self.shared.push(mapping);
+        self.arenas.len() + self.shared.len() - 1
+    }
+
+    fn arena(&self, arena: usize) -> &Mapping {
+        match arena.checked_sub(self.arenas.len()) {
+            Some(i) => &self.shared[i],
+            None => &self.arenas[arena],
+        }
+    }
+
+    fn is_registered(&self, arena: u16) -> bool {
+        usize::from(arena) < self.arenas.len()
+    }
+
     /// Carves a slot out of an arena (start-up only).
     pub fn add_slot(&mut self, arena: usize, offset_bytes: usize, len_bytes: usize) -> SlotId {
-        let m = &self.arenas[arena];
+        let m = self.arena(arena);
         assert!(
             offset_bytes + len_bytes <= m.len_bytes(),
             "slot [{offset_bytes}, +{len_bytes}) outside arena {arena} of {} bytes",
@@ -229,7 +254,7 @@ impl Ring {
     fn slot_ptr_unchecked(&self, slot: SlotId) -> *mut u8 {
         let s = &self.slots[slot.0 as usize];
         // SAFETY: add_slot checked that the slot lies inside its arena.
-        unsafe { self.arenas[s.arena as usize].as_ptr().add(s.offset_bytes) }
+        unsafe { self.arena(s.arena as usize).as_ptr().add(s.offset_bytes) }
     }
 
     /// The bytes of an idle slot.
@@ -254,6 +279,39 @@ impl Ring {
         unsafe { std::slice::from_raw_parts_mut(self.slot_ptr_unchecked(slot), len) }
     }
 
+    /// Bytes `[offset_bytes, offset_bytes + len_bytes)` of an idle slot of a shared arena,
+    /// writable (a sealed body received into a memfd's alias, opened in place there).
+    ///
+    /// Other threads may write other bytes of a shared arena through their own raw-pointer
+    /// copies; the caller must own these bytes against them (the claim of each page, see
+    /// [`crate::layout::PageBitmap::claim`]) for as long as the slice lives.
+    pub fn shared_range_mut(
+        &mut self,
+        slot: SlotId,
+        offset_bytes: usize,
+        len_bytes: usize,
+    ) -> &mut [u8] {
+        let s = &self.slots[slot.0 as usize];
+        assert!(
+            !s.busy,
+            "slot {slot:?} written while an operation targets it"
+        );
+        assert!(!self.is_registered(s.arena), "not a shared arena");
+        assert!(
+            offset_bytes + len_bytes <= s.len_bytes,
+            "range [{offset_bytes}, +{len_bytes}) outside slot {slot:?}"
+        );
+        // SAFETY: in bounds of a live arena (the ring holds it); no operation targets the slot
+        // (checked) and `&mut self` makes this the ring's only access; other threads keep off
+        // these bytes by the caller's claim (documented contract above).
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.slot_ptr_unchecked(slot).add(offset_bytes),
+                len_bytes,
+            )
+        }
+    }
+
     /// Address of byte `offset_bytes` of an idle slot, for kernel interfaces that read it
     /// (the source of `UFFDIO_COPY`).
     pub fn slot_addr(&self, slot: SlotId, offset_bytes: usize) -> *const u8 {
@@ -265,8 +323,9 @@ impl Ring {
     }
 
     fn push(&mut self, entry: squeue::Entry) -> Result<(), RingError> {
-        // SAFETY: every entry built by this module points only into ring-owned arenas (or
-        // nowhere), which outlive the operation: Drop cancels and drains before unmapping.
+        // SAFETY: every entry built by this module points only into ring-owned or ring-held
+        // (shared) arenas, or nowhere, which outlive the operation: Drop cancels and drains
+        // before unmapping (or leaks them).
         if unsafe { self.ring.submission().push(&entry) }.is_err() {
             self.ring.submit().map_err(RingError::Enter)?;
             let sq_entries = self.ring.params().sq_entries();
@@ -298,7 +357,8 @@ impl Ring {
     /// Queues a fixed-buffer operation on the slot's bytes `[offset_bytes, offset_bytes +
     /// len_bytes)`: [`OpKind::Read`] from `fd` into them (a socket receive, or whole userfaultfd
     /// messages; up to `len_bytes`), or [`OpKind::Write`] of them to `fd` (a socket send). The
-    /// slot is busy until its completion is reaped.
+    /// slot is busy until its completion is reaped. A slot of a shared arena
+    /// ([`add_shared_arena`](Self::add_shared_arena)) gets the plain `READ`/`WRITE` opcode.
     pub fn fixed(
         &mut self,
         kind: OpKind,
@@ -313,6 +373,12 @@ impl Ring {
         let (fd, len) = (types::Fd(fd), len_bytes as u32);
         // Offset -1: the current position, as read(2)/write(2); sockets ignore it.
         let entry = match kind {
+            OpKind::Read if !self.is_registered(arena) => {
+                opcode::Read::new(fd, ptr, len).offset(u64::MAX).build()
+            }
+            OpKind::Write if !self.is_registered(arena) => {
+                opcode::Write::new(fd, ptr, len).offset(u64::MAX).build()
+            }
             OpKind::Read => opcode::ReadFixed::new(fd, ptr, len, arena)
                 .offset(u64::MAX)
                 .build(),
@@ -448,6 +514,9 @@ impl Drop for Ring {
             // The kernel still owns buffers: leak the arenas rather than let it write into
             // freed memory. Registered buffers are pinned by the kernel anyway.
             for m in self.arenas.drain(..) {
+                std::mem::forget(m);
+            }
+            for m in self.shared.drain(..) {
                 std::mem::forget(m);
             }
         }

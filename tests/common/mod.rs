@@ -240,6 +240,8 @@ pub struct SourceOptions {
     pub recovery_timeout: Duration,
     /// The source's connection thread panics at this request (0: never).
     pub panic_at_request: u64,
+    /// Page size of the image.
+    pub page_size: u64,
 }
 
 impl Default for SourceOptions {
@@ -254,6 +256,7 @@ impl Default for SourceOptions {
             key: None,
             recovery_timeout: Duration::from_secs(20),
             panic_at_request: 0,
+            page_size: PAGE,
         }
     }
 }
@@ -271,7 +274,9 @@ pub struct Source {
 impl Source {
     /// Binds a server on an ephemeral port and runs it on a thread.
     pub fn start(opts: &SourceOptions) -> Source {
-        let image = Synthetic::new(layout(opts.size_bytes), opts.seed, opts.zero_percent);
+        let layout =
+            Layout::single("pc.ram", opts.size_bytes, opts.page_size).expect("valid test layout");
+        let image = Synthetic::new(layout, opts.seed, opts.zero_percent);
         let server = SourceServer::bind(
             "127.0.0.1:0",
             Arc::new(image.clone()),
@@ -374,6 +379,8 @@ pub struct DestOptions {
     pub key: Option<postcopy::link::auth::Key>,
     /// The bulk halves connect once released (as the handler's do).
     pub bulk_joins_after_go: bool,
+    /// The kind of memory placed into.
+    pub memory: postcopy::dest::Memory,
 }
 
 impl Default for DestOptions {
@@ -391,6 +398,7 @@ impl Default for DestOptions {
             fault_latency_target: None,
             key: None,
             bulk_joins_after_go: false,
+            memory: postcopy::dest::Memory::Anon,
         }
     }
 }
@@ -585,7 +593,7 @@ where
     };
     let layout = connected.welcome.layout.clone();
     let image = Synthetic::new(layout.clone(), seed, zero_percent);
-    let ram = Arc::new(DestRam::new(&layout).expect("DestRam::new"));
+    let ram = Arc::new(DestRam::with_memory(&layout, opts.memory).expect("DestRam::with_memory"));
     let handle = Engine::start(connected, ram.clone(), &config).expect("Engine::start");
 
     let wl_config = WorkloadConfig {
@@ -827,4 +835,57 @@ pub fn rss_bytes() -> u64 {
 /// Writes all of `bytes`, mapping errors to a message.
 pub fn send(s: &mut TcpStream, bytes: &[u8]) {
     s.write_all(bytes).expect("fake peer write");
+}
+
+/// Reserved 2 MiB huge pages (`vm.nr_hugepages` raised by a test), put back as they were on
+/// drop. Tests of one binary that reserve run one at a time (the guard holds a lock).
+pub struct HugePages {
+    before: u64,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePages {
+    /// Raises `vm.nr_hugepages` so that at least `pages` are free, or `None` (with the
+    /// reason on stderr) where this process may not (not root).
+    pub fn reserve(pages: u64) -> Option<HugePages> {
+        static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let read = |path: &str| -> u64 {
+            std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let before = read(NR_HUGEPAGES);
+        let free = read("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
+        if free >= pages {
+            return Some(HugePages {
+                before,
+                _serial: serial,
+            });
+        }
+        let want = before + pages - free;
+        if let Err(e) = std::fs::write(NR_HUGEPAGES, want.to_string()) {
+            eprintln!("skipped: cannot reserve {pages} huge pages ({NR_HUGEPAGES}: {e})");
+            return None;
+        }
+        let guard = HugePages {
+            before,
+            _serial: serial,
+        };
+        let free = read("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages");
+        if free < pages {
+            eprintln!("skipped: only {free} of {pages} huge pages could be reserved");
+            return None;
+        }
+        Some(guard)
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
+    }
 }

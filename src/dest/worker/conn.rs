@@ -32,9 +32,11 @@ impl Worker {
                 self.recv = Recv::Header { got: got + n };
             }
             Recv::Header { .. } => self.header_received()?,
-            Recv::Body { h, got } if got + n < h.body_len as usize + self.tag_len() => {
+            Recv::Body { h, got } if got + n < self.body_recv_len(&h) => {
                 self.recv = Recv::Body { h, got: got + n };
             }
+            // A body received straight into shared memory; its tag follows on its own.
+            Recv::Body { h, .. } if self.direct.is_some() => self.frame_received(h)?,
             Recv::Body { h, .. } => {
                 let body_len = h.body_len as usize;
                 if let Some(c) = self.channel.as_mut() {
@@ -50,6 +52,11 @@ impl Worker {
             }
             Recv::Tag { h, got } if got + n < TAG_BYTES => {
                 self.recv = Recv::Tag { h, got: got + n };
+            }
+            Recv::Tag { h, .. } if self.direct.is_some() => {
+                let d = self.direct.expect("checked");
+                self.open_direct(&d, &h)?;
+                self.frame_verified(h)?;
             }
             Recv::Tag { h, .. } => {
                 debug_assert_eq!(h.body_len, 0, "bodies carry their tag");
@@ -95,6 +102,7 @@ impl Worker {
                     // urgent half defers to it (cleared once placed, or if the link breaks).
                     let batch = super::pack_batch(h.block, h.page, u64::from(h.count));
                     self.st().placing.store(batch, Ordering::Release);
+                    self.direct = self.claim_direct(&h);
                 }
             }
             (Kind::Error | Kind::Heartbeat, _) => {}
@@ -115,6 +123,15 @@ impl Worker {
             Ok(())
         } else {
             self.frame_received(h)
+        }
+    }
+
+    /// Bytes read with a body: its tag too, except for a body received straight into shared
+    /// memory (its tag goes to the tag slot).
+    pub(super) fn body_recv_len(&self, h: &Header) -> usize {
+        match self.direct {
+            Some(_) => h.body_len as usize,
+            None => h.body_len as usize + self.tag_len(),
         }
     }
 

@@ -201,9 +201,23 @@ impl Worker {
                 HEADER_BYTES - got,
                 self.tag(TAG_CONN),
             )?,
+            Recv::Body { h, got } if self.direct.is_some() => {
+                let (slot, at) = Self::direct_target(self.direct.as_ref().expect("checked"));
+                if !self.ring.is_busy(slot) {
+                    let want = h.body_len as usize;
+                    self.ring.fixed(
+                        OpKind::Read,
+                        fd,
+                        slot,
+                        at + got,
+                        want - got,
+                        self.tag(TAG_CONN),
+                    )?
+                }
+            }
             Recv::Body { h, got } if !self.ring.is_busy(self.body) => {
                 // On an authenticated connection the tag is read with the body, in one go.
-                let want = h.body_len as usize + self.tag_len();
+                let want = self.body_recv_len(&h);
                 self.ring.fixed(
                     OpKind::Read,
                     fd,

@@ -27,6 +27,7 @@ mod event_loop;
 mod faults;
 mod place;
 mod recover;
+mod shared;
 
 pub use faults::coalesce_requests;
 
@@ -291,6 +292,11 @@ struct Worker {
     tag: SlotId,
     body: SlotId,
     recv: Recv,
+    /// Bulk half, per block of shared memory: the alias as a ring slot (bodies received
+    /// straight into it).
+    aliases: Vec<Option<SlotId>>,
+    /// Bulk half: the batch being received straight into the alias, if any.
+    direct: Option<shared::Direct>,
     /// Urgent half: the fault-message slot and the request buffer.
     events: Option<SlotId>,
     send: Option<SlotId>,
@@ -335,7 +341,11 @@ pub(crate) fn run(setup: Setup, shared: Arc<Shared>) -> JobEnd {
     };
     let state = go.state.clone();
     let result = prepared.start(go).map(|mut w| {
-        let r = w.run();
+        let mut r = w.run();
+        // Whatever ended it, a batch half-received into shared memory is dropped.
+        if let Err(e) = w.abandon_direct() {
+            r = r.and(Err(e));
+        }
         (w.stats, r)
     });
     if half == Half::Bulk {
@@ -392,12 +402,14 @@ struct Slots {
     events: Option<SlotId>,
     /// The urgent half's request buffer.
     send: Option<SlotId>,
+    /// The bulk half's alias slot of each shared-memory block.
+    aliases: Vec<Option<SlotId>>,
 }
 
 /// A half's io_uring and its slots. Arena 0: the header (and, urgent half, fault messages and
 /// the request buffer); arena 1: the temp pages (one whole batch) with room for a frame's tag
 /// right after them (read with the body).
-fn build_ring(half: Half, batch_bytes: usize) -> Result<(Ring, Slots), DestError> {
+fn build_ring(half: Half, batch_bytes: usize, ram: &DestRam) -> Result<(Ring, Slots), DestError> {
     let small = 4096 + EVENT_BATCH * MSG_BYTES + SEND_BYTES;
     let mut ring = Ring::new(&RingConfig {
         entries: 64,
@@ -413,12 +425,23 @@ fn build_ring(half: Half, batch_bytes: usize) -> Result<(Ring, Slots), DestError
         ),
         Half::Bulk => (None, None),
     };
+    // The bulk half receives stream bodies for shared memory straight into its alias.
+    let aliases = (0..ram.layout.blocks.len())
+        .map(|b| match (half, ram.shared_block(b)) {
+            (Half::Bulk, Some(sh)) => {
+                let arena = ring.add_shared_arena(sh.alias.clone());
+                Some(ring.add_slot(arena, 0, sh.alias.len_bytes()))
+            }
+            _ => None,
+        })
+        .collect();
     let slots = Slots {
         header,
         tag,
         body,
         events,
         send,
+        aliases,
     };
     Ok((ring, slots))
 }
@@ -481,7 +504,7 @@ impl Prepared {
             .map(|b| u64::from(max_batch_pages(b.page_size)) * b.page_size)
             .max()
             .expect("a validated layout has blocks") as usize;
-        let (ring, slots) = build_ring(half, batch_bytes)?;
+        let (ring, slots) = build_ring(half, batch_bytes, &ram)?;
         let zeros = match (zero_fill, has_huge) {
             (ZeroFill::Copy, _) | (_, true) => {
                 Some(Mapping::anonymous(batch_bytes, "zero page source")?)
@@ -551,6 +574,8 @@ impl Prepared {
             tag: slots.tag,
             body: slots.body,
             recv: Recv::Header { got: 0 },
+            aliases: slots.aliases,
+            direct: None,
             events: slots.events,
             send: slots.send,
             send_progress: (0, 0),

@@ -38,6 +38,9 @@ impl Worker {
     /// How to zero a page of block `b`: `UFFDIO_ZEROPAGE` does not exist for hugetlbfs, so
     /// huge pages are always copied from zeros.
     pub(super) fn zero_fill_for(&self, b: usize) -> Fill {
+        if self.ram.shared_block(b).is_some() {
+            return Fill::Zero; // zeros are written through the alias
+        }
         let huge = self.ram.layout.blocks[b].page_size != crate::sys::mem::base_page_size() as u64;
         match (&self.zeros, huge) {
             (Some(z), _) => Fill::Copy(z.as_ptr()),
@@ -71,6 +74,9 @@ impl Worker {
             Half::Bulk if self.in_push => Origin::WorkingSet,
             Half::Bulk => Origin::Stream,
         };
+        if let Some(d) = self.direct.take() {
+            return self.place_direct(d, h, origin);
+        }
         while i < count {
             let zero = h.mask >> i & 1 == 1;
             let mut n = 1;
@@ -106,6 +112,9 @@ impl Worker {
             Fill::Copy(src) => Fill::Copy(src.wrapping_add(off * ps)),
             Fill::Zero => Fill::Zero,
         };
+        if self.ram.shared_block(b).is_some() {
+            return self.place_shared(b, first, n, fill, zero, origin);
+        }
         if !self.ram.is_foreign() {
             let (addr, _) = self
                 .ram

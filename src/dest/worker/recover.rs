@@ -33,6 +33,8 @@ impl Worker {
             let _ = old.shutdown(std::net::Shutdown::Both);
         }
         self.epoch = (self.epoch + 1) & (u16::MAX >> 2);
+        // A body cut short in shared memory: punched out, its claims given back.
+        self.abandon_direct()?;
         self.recv = Recv::Header { got: 0 };
         self.send_progress = (0, 0);
         self.channel = None;

@@ -14,6 +14,7 @@ const _: () = assert!(std::mem::size_of::<k::uffdio_register>() == 32);
 const _: () = assert!(std::mem::size_of::<k::uffdio_copy>() == 40);
 const _: () = assert!(std::mem::size_of::<k::uffdio_zeropage>() == 32);
 const _: () = assert!(std::mem::size_of::<k::uffdio_move>() == 40);
+const _: () = assert!(std::mem::size_of::<k::uffdio_continue>() == 32);
 
 // ioctl number encoding for x86_64/aarch64 (asm-generic/ioctl.h).
 const IOC_WRITE: u32 = 1;
@@ -40,6 +41,8 @@ pub const UFFDIO_WAKE: u32 = ior::<k::uffdio_range>(k::_UFFDIO_WAKE);
 pub const UFFDIO_COPY: u32 = iowr::<k::uffdio_copy>(k::_UFFDIO_COPY);
 /// `UFFDIO_ZEROPAGE`.
 pub const UFFDIO_ZEROPAGE: u32 = iowr::<k::uffdio_zeropage>(k::_UFFDIO_ZEROPAGE);
+/// `UFFDIO_CONTINUE` (Linux 5.13+ for hugetlbfs, 5.14+ for shmem).
+pub const UFFDIO_CONTINUE: u32 = iowr::<k::uffdio_continue>(k::_UFFDIO_CONTINUE);
 /// `UFFDIO_MOVE` (Linux 6.8+).
 pub const UFFDIO_MOVE: u32 = iowr::<k::uffdio_move>(k::_UFFDIO_MOVE);
 /// `USERFAULTFD_IOC_NEW` on `/dev/userfaultfd`: `_IO(0xAA, 0x00)`.
@@ -52,6 +55,7 @@ const _: () = assert!(UFFDIO_UNREGISTER == linux_raw_sys::ioctl::UFFDIO_UNREGIST
 const _: () = assert!(UFFDIO_WAKE == linux_raw_sys::ioctl::UFFDIO_WAKE);
 const _: () = assert!(UFFDIO_COPY == linux_raw_sys::ioctl::UFFDIO_COPY);
 const _: () = assert!(UFFDIO_ZEROPAGE == linux_raw_sys::ioctl::UFFDIO_ZEROPAGE);
+const _: () = assert!(UFFDIO_CONTINUE == linux_raw_sys::ioctl::UFFDIO_CONTINUE);
 const _: () = assert!(UFFDIO_MOVE == 0xc028_aa05);
 const _: () = assert!(USERFAULTFD_IOC_NEW == 0xaa00);
 
@@ -71,6 +75,10 @@ pub mod feature {
     pub const MISSING_HUGETLBFS: u64 = k::UFFD_FEATURE_MISSING_HUGETLBFS as u64;
     /// `UFFD_FEATURE_MISSING_SHMEM`.
     pub const MISSING_SHMEM: u64 = k::UFFD_FEATURE_MISSING_SHMEM as u64;
+    /// `UFFD_FEATURE_MINOR_HUGETLBFS` (5.13+): MINOR registration of hugetlbfs memory.
+    pub const MINOR_HUGETLBFS: u64 = k::UFFD_FEATURE_MINOR_HUGETLBFS as u64;
+    /// `UFFD_FEATURE_MINOR_SHMEM` (5.14+): MINOR registration of shmem (memfd) memory.
+    pub const MINOR_SHMEM: u64 = k::UFFD_FEATURE_MINOR_SHMEM as u64;
     /// `UFFD_FEATURE_THREAD_ID`: the faulting thread's id in each message.
     pub const THREAD_ID: u64 = k::UFFD_FEATURE_THREAD_ID as u64;
     /// `UFFD_FEATURE_EXACT_ADDRESS`.
@@ -135,6 +143,7 @@ pub mod mode {
     pub const MISSING: u64 = k::UFFDIO_REGISTER_MODE_MISSING as u64;
     /// Fault on writes to write-protected pages.
     pub const WP: u64 = k::UFFDIO_REGISTER_MODE_WP as u64;
-    /// Fault on pages present in the page cache but not mapped (shmem/hugetlbfs).
+    /// Fault on pages present in the page cache but not mapped (shmem/hugetlbfs; resolved
+    /// with `UFFDIO_CONTINUE`).
     pub const MINOR: u64 = k::UFFDIO_REGISTER_MODE_MINOR as u64;
 }

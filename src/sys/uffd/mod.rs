@@ -9,7 +9,8 @@
 //! time.
 //!
 //! Kernel versions: `UFFDIO_API`/`REGISTER`/`COPY`/`ZEROPAGE`/`WAKE` 4.3; shmem 4.11;
-//! `/dev/userfaultfd` 6.1; `UFFDIO_MOVE` 6.8.
+//! `/dev/userfaultfd` 6.1; `UFFDIO_MOVE` 6.8; MINOR registration and `UFFDIO_CONTINUE` 5.13
+//! (hugetlbfs) / 5.14 (shmem).
 #![allow(unsafe_code)]
 
 use std::fs::OpenOptions;
@@ -45,6 +46,9 @@ pub struct Uffd {
     fd: OwnedFd,
     opened_by: OpenedBy,
 }
+
+/// `UFFDIO_CONTINUE_MODE_DONTWAKE` (`linux/userfaultfd.h`; not in `linux-raw-sys`).
+const UFFDIO_CONTINUE_MODE_DONTWAKE: u32 = 1 << 0;
 
 fn errno_of(ret: libc::c_long) -> Option<Errno> {
     (ret < 0).then(Errno::last)
@@ -315,6 +319,28 @@ impl Uffd {
         };
         self.ioctl(UFFDIO_ZEROPAGE, &mut z)
             .map_err(|e| Self::place_error("UFFDIO_ZEROPAGE", dst, len_bytes, z.zeropage, e))
+    }
+
+    /// `UFFDIO_CONTINUE` (MINOR-registered shmem or hugetlbfs): maps the pages the page cache
+    /// already holds at `[dst, dst + len_bytes)` (written there through another mapping of the
+    /// same file) and, unless `dontwake`, wakes the threads waiting on them. No copy. Every
+    /// page of the range must be in the page cache.
+    pub fn continue_range(
+        &self,
+        dst: usize,
+        len_bytes: usize,
+        dontwake: bool,
+    ) -> Result<(), PlaceError> {
+        let mut c = k::uffdio_continue {
+            range: k::uffdio_range {
+                start: dst as u64,
+                len: len_bytes as u64,
+            },
+            mode: dontwake_mode(dontwake, UFFDIO_CONTINUE_MODE_DONTWAKE),
+            mapped: 0,
+        };
+        self.ioctl(UFFDIO_CONTINUE, &mut c)
+            .map_err(|e| Self::place_error("UFFDIO_CONTINUE", dst, len_bytes, c.mapped, e))
     }
 
     /// `UFFDIO_MOVE` (Linux 6.8+, needs `feature::MOVE`): moves the pages at `src` (private

@@ -9,6 +9,7 @@
 //!   connection (see [cuts](#cuts));
 //! - [`Fault::Delay`]: sleep before forwarding each chunk read in one direction;
 //! - [`Fault::StallAt`]: at a byte offset, stop forwarding in one direction for a while, then go on;
+//! - [`Fault::FlipAt`]: flip the byte at an offset in one direction (a corrupted frame);
 //! - [`RandomCuts`]: a number of cuts at seeded pseudo-random offsets across the run;
 //! - [`RandomVictims`]: seeded blows (reset, FIN, silence) to connections picked at random among
 //!   all live ones, at seeded points of the total traffic ([`victims`]);
@@ -136,6 +137,14 @@ pub enum Fault {
         direction: Dir,
         /// Delay per chunk (one `read` of at most [`BUF_SIZE`] bytes).
         micros: u64,
+    },
+    /// Flips (XORs with 0xff) the byte at `offset_bytes` in `direction` (bytes before it are
+    /// forwarded as they are): a corrupted frame, for peers that must detect it.
+    FlipAt {
+        /// The corrupted direction.
+        direction: Dir,
+        /// Offset of the flipped byte.
+        offset_bytes: u64,
     },
     /// After forwarding exactly `offset_bytes` bytes in `direction`, forward nothing more in that
     /// direction for `millis`, then continue (a cut or [`Proxy::stop`] ends the stall early).
@@ -623,6 +632,7 @@ struct Event {
 enum EventKind {
     Stall(Duration),
     Cut(CutCause),
+    Flip,
 }
 
 fn dir_plans(shared: &Shared, index: usize) -> [DirPlan; 2] {
@@ -646,6 +656,13 @@ fn dir_plans(shared: &Shared, index: usize) -> [DirPlan; 2] {
             Fault::Delay { direction, micros } => {
                 dirs[direction.idx()].delay += Duration::from_micros(micros);
             }
+            Fault::FlipAt {
+                direction,
+                offset_bytes,
+            } => dirs[direction.idx()].events.push(Event {
+                offset: offset_bytes,
+                kind: EventKind::Flip,
+            }),
             Fault::StallAt {
                 direction,
                 offset_bytes,
@@ -1033,6 +1050,8 @@ fn forward(shared: &Arc<Shared>, conn: &Arc<Conn>, dir: Dir, plan: &DirPlan) {
     let mut buf = vec![0u8; BUF_SIZE];
     let mut done: u64 = 0;
     let mut next = 0;
+    // The byte at `done` is to be flipped before it is forwarded.
+    let flip_next = std::cell::Cell::new(false);
     // Runs the events due at `done`; true if the connection is cut or closed.
     let run_due = |done: u64, next: &mut usize| -> bool {
         while let Some(ev) = plan.events.get(*next).filter(|e| e.offset == done) {
@@ -1047,6 +1066,13 @@ fn forward(shared: &Arc<Shared>, conn: &Arc<Conn>, dir: Dir, plan: &DirPlan) {
                 }
                 EventKind::Cut(cause) => {
                     conn.cut(shared, cause, Some(dir));
+                }
+                EventKind::Flip => {
+                    shared.log(format_args!(
+                        "conn {}: {dir} byte at offset {done} flipped",
+                        conn.index
+                    ));
+                    flip_next.set(true);
                 }
             }
         }
@@ -1072,6 +1098,9 @@ fn forward(shared: &Arc<Shared>, conn: &Arc<Conn>, dir: Dir, plan: &DirPlan) {
         while pos < n {
             if conn.is_halted() {
                 break 'fwd End::Halted;
+            }
+            if flip_next.replace(false) {
+                buf[pos] ^= 0xff;
             }
             let to_event = plan.events.get(next).map_or(u64::MAX, |e| e.offset - done);
             let end = pos + (n - pos).min(usize::try_from(to_event).unwrap_or(usize::MAX));

@@ -403,6 +403,25 @@ fn delay_and_stall_slow_forwarding_down() {
 }
 
 #[test]
+fn flip_corrupts_exactly_one_byte() {
+    let server = upstream(|mut s| {
+        let _ = s.write_all(&pattern(200_000));
+    });
+    let offset = 70_001;
+    let plan = Plan::per_connection(vec![vec![Fault::FlipAt {
+        direction: Dir::ToClient,
+        offset_bytes: offset,
+    }]]);
+    let proxy = Proxy::start(server, plan).unwrap();
+    let mut client = connect(proxy.local_addr());
+    let (got, end) = read_until_end(&mut client);
+    end.unwrap();
+    let mut want = pattern(200_000);
+    want[offset as usize] ^= 0xff;
+    assert_eq!(got, want);
+}
+
+#[test]
 fn set_upstream_redirects_new_connections() {
     let a = upstream(|mut s| {
         let _ = s.write_all(b"A");
