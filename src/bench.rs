@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::demo::{
     run_destination, DemoConfig, DemoError, Handler, OneRunKey, RunOutcome, RunSpec, SourceProcess,
 };
+use crate::dest::Memory;
 use crate::link::auth::Key;
 use crate::stats::LatencyUs;
 use crate::workload::WorkloadConfig;
@@ -39,6 +40,9 @@ pub struct BenchConfig {
     /// The engine's receiver-driven stream targets measured besides its own setting (`None`:
     /// the source pushes the stream).
     pub targets: Vec<Option<Duration>>,
+    /// Memory kinds measured besides the demo's own (`demo.memory`): the engine as configured,
+    /// keyed and `--insecure`, stream-only and demand-only.
+    pub memories: Vec<Memory>,
 }
 
 /// One configuration measured: a row of the table.
@@ -54,6 +58,10 @@ pub struct Variant {
     pub secure: bool,
     /// The engine as configured, authenticated: the row the CI gate compares.
     pub ours: bool,
+    /// The kind of memory placed into.
+    pub memory: Memory,
+    /// A row of another memory kind: measured stream-only and demand-only only.
+    pub memory_row: bool,
 }
 
 /// One measurement.
@@ -79,6 +87,8 @@ pub struct Measurement {
     pub source_cpu_s: f64,
     /// Image size of the run.
     pub size_bytes: u64,
+    /// Share of the stream's pages received straight into shared memory.
+    pub direct_share: f64,
     /// Error, if the run failed.
     pub error: Option<String>,
 }
@@ -116,6 +126,29 @@ pub struct Row {
     pub p99_ratio: f64,
 }
 
+/// One memory kind's medians (stream-only and demand-only runs of the engine as configured).
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryRow {
+    /// The memory kind.
+    pub memory: Memory,
+    /// Authenticated (key + sealed frames).
+    pub secure: bool,
+    /// Stream-only throughput (MiB/s).
+    pub stream_mib_s: f64,
+    /// Destination handler CPU seconds per GiB, stream-only.
+    pub dest_cpu_s_per_gib: f64,
+    /// Pages of the stream received straight into shared memory, share of all (stream-only).
+    pub direct_share: f64,
+    /// Demand-only fault latency (µs).
+    pub demand_p50_us: f64,
+    /// See `demand_p50_us`.
+    pub demand_p99_us: f64,
+    /// `stream_mib_s` / the reference kind's (same security).
+    pub stream_ratio: f64,
+    /// `demand_p50_us` / the reference kind's (same security).
+    pub demand_p50_ratio: f64,
+}
+
 /// The bench's result.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
@@ -133,6 +166,9 @@ pub struct BenchReport {
     pub zero_percent: u8,
     /// Medians and ratios, per thread count and row.
     pub table: Vec<Row>,
+    /// Stream-only throughput and demand-only fault latency per memory kind, keyed and not,
+    /// with ratios to the demo's own memory kind.
+    pub memory_table: Vec<MemoryRow>,
     /// Every measurement, in the order run.
     pub measurements: Vec<Measurement>,
     /// Every run verified.
@@ -160,6 +196,8 @@ fn variants(cfg: &BenchConfig) -> Vec<Variant> {
             target_us,
             secure,
             ours,
+            memory: cfg.demo.memory,
+            memory_row: false,
         }
     };
     let own = cfg.demo.fault_latency_target;
@@ -169,6 +207,12 @@ fn variants(cfg: &BenchConfig) -> Vec<Variant> {
         target_us: None,
         secure: true,
         ours: false,
+        memory: if cfg.demo.memory.is_shared() {
+            Memory::Anon // the baseline places private memory only
+        } else {
+            cfg.demo.memory
+        },
+        memory_row: false,
     }];
     let mut targets = cfg.targets.clone();
     if !targets.contains(&own) {
@@ -176,38 +220,63 @@ fn variants(cfg: &BenchConfig) -> Vec<Variant> {
     }
     rows.extend(targets.iter().map(|&t| engine(t, true, t == own)));
     rows.push(engine(own, false, false));
+    for &memory in cfg.memories.iter().filter(|&&m| m != cfg.demo.memory) {
+        for secure in [true, false] {
+            let mut v = engine(own, secure, false);
+            v.name = format!(
+                "engine, {}{}",
+                memory.name(),
+                if secure { "" } else { ", --insecure" }
+            );
+            v.memory = memory;
+            v.memory_row = true;
+            rows.push(v);
+        }
+    }
     rows
 }
 
-/// The source processes a bench measures against: (image size, secure) each.
+/// The source processes a bench measures against: one per (secure, page size, demand-only
+/// size) a row needs.
 struct Sources {
     key: OneRunKey,
-    secure: [SourceProcess; 2],
-    insecure: [SourceProcess; 2],
+    procs: Vec<((bool, u64, bool), SourceProcess)>,
 }
 
 impl Sources {
-    fn start(cfg: &BenchConfig) -> Result<Sources, DemoError> {
+    fn start(cfg: &BenchConfig, rows: &[Variant]) -> Result<Sources, DemoError> {
         let key = OneRunKey::create()?;
-        let start = |size_bytes: u64, secure: bool| {
-            let d = DemoConfig {
-                size_bytes,
-                key_file: secure.then(|| key.path().to_path_buf()),
-                ..cfg.demo.clone()
-            };
-            SourceProcess::start(&d, false)
-        };
-        let (big, small) = (cfg.demo.size_bytes, cfg.demand_size_bytes);
-        Ok(Sources {
-            secure: [start(big, true)?, start(small, true)?],
-            insecure: [start(big, false)?, start(small, false)?],
-            key,
-        })
+        let mut procs = Vec::new();
+        for v in rows {
+            for small in [false, true] {
+                let id = (v.secure, v.memory.page_size(), small);
+                if procs.iter().any(|(k, _)| *k == id) {
+                    continue;
+                }
+                let d = DemoConfig {
+                    size_bytes: if small {
+                        cfg.demand_size_bytes
+                    } else {
+                        cfg.demo.size_bytes
+                    },
+                    page_size: v.memory.page_size(),
+                    key_file: v.secure.then(|| key.path().to_path_buf()),
+                    ..cfg.demo.clone()
+                };
+                procs.push((id, SourceProcess::start(&d, false)?));
+            }
+        }
+        Ok(Sources { procs, key })
     }
 
-    fn get(&self, secure: bool, mode: &str) -> &SourceProcess {
-        let pair = if secure { &self.secure } else { &self.insecure };
-        &pair[usize::from(mode == "demand_only")]
+    fn get(&self, v: &Variant, mode: &str) -> &SourceProcess {
+        let id = (v.secure, v.memory.page_size(), mode == "demand_only");
+        &self
+            .procs
+            .iter()
+            .find(|(k, _)| *k == id)
+            .expect("started for every row")
+            .1
     }
 }
 
@@ -216,9 +285,14 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
     let d = &cfg.demo;
     crate::sys::mem::prewarm(d.size_bytes.max(cfg.demand_size_bytes) as usize)
         .map_err(crate::dest::DestError::from)?;
-    let sources = Sources::start(cfg)?;
-    let key = Key::from_file(sources.key.path()).map_err(DemoError::OneRunKey)?;
     let rows = variants(cfg);
+    for v in &rows {
+        v.memory
+            .check_available(d.size_bytes.max(cfg.demand_size_bytes))
+            .map_err(DemoError::Unsupported)?;
+    }
+    let sources = Sources::start(cfg, &rows)?;
+    let key = Key::from_file(sources.key.path()).map_err(DemoError::OneRunKey)?;
     let measurements = measure_all(cfg, &rows, &sources, &key)?;
     drop(sources);
     Ok(BenchReport {
@@ -230,6 +304,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
         zero_percent: d.zero_percent,
         all_verified: measurements.iter().all(|m| m.verified),
         table: table(&rows, &cfg.thread_counts, &measurements),
+        memory_table: memory_table(&rows, &measurements),
         measurements,
     })
 }
@@ -256,7 +331,10 @@ fn measure_all(
         for (mode, threads) in modes(&cfg.thread_counts) {
             for i in 0..rows.len() {
                 let v = &rows[(i + run) % rows.len()];
-                let source = sources.get(v.secure, mode);
+                if v.memory_row && mode == "full" {
+                    continue;
+                }
+                let source = sources.get(v, mode);
                 let m = measure(source, v, (mode, threads), cfg, key);
                 if !cfg.demo.quiet {
                     eprintln!("{}", progress_line(&m, run, cfg.runs, started));
@@ -285,7 +363,7 @@ fn spec(v: &Variant, (mode, threads): (&str, usize), cfg: &BenchConfig, key: &Ke
     let d = &cfg.demo;
     RunSpec {
         handler: v.handler,
-        memory: d.memory,
+        memory: v.memory,
         workers: d.workers,
         pin: d.pin,
         stream: mode != "demand_only",
@@ -352,6 +430,7 @@ fn fill(m: &mut Measurement, out: &RunOutcome) {
             m.throughput_mib_s =
                 m.size_bytes as f64 / (1 << 20) as f64 / e.postcopy_seconds.max(1e-9);
             m.dest_cpu_s = e.totals.cpu_ns as f64 / 1e9;
+            m.direct_share = e.totals.pages_direct as f64 / e.totals.pages_by_stream.max(1) as f64;
         }
         Err(e) => m.error = Some(e.to_string()),
     }
@@ -414,7 +493,7 @@ fn table(rows: &[Variant], thread_counts: &[usize], ms: &[Measurement]) -> Vec<R
     for &threads in thread_counts {
         let full = ("full", Some(threads));
         let start = table.len();
-        for v in rows {
+        for v in rows.iter().filter(|v| !v.memory_row) {
             let n = v.name.as_str();
             table.push(Row {
                 variant: v.clone(),
@@ -442,6 +521,47 @@ fn table(rows: &[Variant], thread_counts: &[usize], ms: &[Measurement]) -> Vec<R
         }
     }
     table
+}
+
+/// Per memory kind and security: stream-only and demand-only medians, with ratios to the
+/// engine-as-configured rows (the demo's memory kind).
+fn memory_table(rows: &[Variant], ms: &[Measurement]) -> Vec<MemoryRow> {
+    let gib = |m: &Measurement| m.size_bytes as f64 / (1u64 << 30) as f64;
+    let stream = ("stream_only", None);
+    let demand = ("demand_only", None);
+    let of = |v: &Variant| {
+        let n = v.name.as_str();
+        MemoryRow {
+            memory: v.memory,
+            secure: v.secure,
+            stream_mib_s: pick(ms, n, stream, |m| m.throughput_mib_s),
+            dest_cpu_s_per_gib: pick(ms, n, stream, |m| m.dest_cpu_s / gib(m)),
+            direct_share: pick(ms, n, stream, |m| m.direct_share),
+            demand_p50_us: pick(ms, n, demand, |m| m.fault_latency_us.p50),
+            demand_p99_us: pick(ms, n, demand, |m| m.fault_latency_us.p99),
+            stream_ratio: f64::NAN,
+            demand_p50_ratio: f64::NAN,
+        }
+    };
+    // The reference rows: the engine as configured, keyed (`ours`) and --insecure.
+    let reference: Vec<&Variant> = rows
+        .iter()
+        .filter(|v| !v.memory_row && v.handler == Handler::Engine)
+        .filter(|v| v.ours || (!v.secure && !v.memory_row))
+        .collect();
+    if !rows.iter().any(|v| v.memory_row) {
+        return Vec::new();
+    }
+    let mut out: Vec<MemoryRow> = reference.iter().map(|v| of(v)).collect();
+    out.extend(rows.iter().filter(|v| v.memory_row).map(of));
+    for i in 0..out.len() {
+        let Some(base) = out.iter().find(|r| r.secure == out[i].secure).cloned() else {
+            continue;
+        };
+        out[i].stream_ratio = out[i].stream_mib_s / base.stream_mib_s;
+        out[i].demand_p50_ratio = out[i].demand_p50_us / base.demand_p50_us;
+    }
+    out
 }
 
 impl BenchReport {
@@ -492,6 +612,27 @@ impl BenchReport {
                 r.demand_p50_us,
                 r.demand_p99_us,
             );
+        }
+        if !self.memory_table.is_empty() {
+            let _ = writeln!(
+                s,
+                "\n  memory kinds (engine as configured)  stream MiB/s (x)   dest CPU s/GiB  direct  demand p50 (x)    p99 us"
+            );
+            for r in &self.memory_table {
+                let _ = writeln!(
+                    s,
+                    "  {:<16}{:<20} {:>8.0} {:>5.2}x   {:>10.2}    {:>4.0}%  {:>8.1} {:>5.2}x {:>9.1}",
+                    r.memory.name(),
+                    if r.secure { "key + sealed" } else { "--insecure" },
+                    r.stream_mib_s,
+                    r.stream_ratio,
+                    r.dest_cpu_s_per_gib,
+                    r.direct_share * 100.0,
+                    r.demand_p50_us,
+                    r.demand_p50_ratio,
+                    r.demand_p99_us,
+                );
+            }
         }
         let _ = writeln!(
             s,

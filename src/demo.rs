@@ -499,6 +499,8 @@ fn engine_config(addr: &str, spec: &RunSpec) -> EngineConfig {
         recovery_timeout: spec.recovery_timeout,
         link_timeout: spec.link_timeout,
         tls: spec.tls.clone(),
+        // The source refuses a destination whose memory maps other pages than it serves.
+        page_size: Some(spec.memory.page_size()),
         ..EngineConfig::default()
     }
 }
@@ -567,6 +569,9 @@ fn final_check(
 /// Runs the demo: returns the report (check `verified`) or an error before any report exists.
 pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
     let t0 = Instant::now();
+    cfg.memory
+        .check_available(cfg.size_bytes)
+        .map_err(DemoError::Unsupported)?;
     if cfg.warmup {
         crate::sys::mem::prewarm(cfg.size_bytes as usize).map_err(DestError::from)?;
     }

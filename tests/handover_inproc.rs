@@ -181,3 +181,74 @@ fn handler_serves_a_vmm_and_its_removals() {
     let _ = join_within(src_thread, TIMEOUT, "source");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_vmm_whose_memory_faults_minor_is_refused_not_guessed_at() {
+    // A VMM with shared guest RAM (a memfd) registered MINOR: the page is in the page cache,
+    // and without the memfd the handler cannot place it. The VMM's session must fail, saying
+    // why, and its thread must not stay blocked.
+    use postcopy::sys::memfd::Memfd;
+    use std::os::fd::AsFd;
+    let dir = std::env::temp_dir().join(format!("pc-handover-minor-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (path, _) = image_file(&dir);
+    let src = SourceServer::bind(
+        "127.0.0.1:0",
+        Arc::new(FileImage::open(&path, PAGE).unwrap()),
+        SourceConfig::default(),
+    )
+    .unwrap();
+    let (src_addr, src_stop) = (src.local_addr().to_string(), src.stop_handle());
+    let src_thread = std::thread::spawn(move || src.run());
+    let socket = dir.join("h.sock");
+    let reports: Arc<Mutex<Vec<VmmReport>>> = Arc::default();
+    let (cfg, r2) = (
+        HandlerConfig {
+            socket: socket.clone(),
+            source: src_addr,
+            once: true,
+            verbose: false,
+            ..Default::default()
+        },
+        reports.clone(),
+    );
+    let handler = std::thread::spawn(move || {
+        postcopy::handler::serve(&cfg, Arc::new(AtomicBool::new(false)), move |r| {
+            r2.lock().unwrap().push(r.clone())
+        })
+    });
+    assert!(common::wait_until(Duration::from_secs(5), || socket.exists()));
+    let memfd = Memfd::create(c"vmm-guest", SIZE as usize, false, "test").unwrap();
+    let guest =
+        Arc::new(Mapping::shared_file(memfd.as_fd(), SIZE as usize, false, "guest").unwrap());
+    // Every page in the page cache: a touch of the guest's view is a MINOR fault.
+    let _alias = Mapping::shared_file(memfd.as_fd(), SIZE as usize, true, "alias").unwrap();
+    let uffd = Uffd::open(false).unwrap();
+    uffd.api(0).unwrap();
+    uffd.register(guest.addr(), SIZE as usize, mode::MISSING | mode::MINOR)
+        .unwrap();
+    let json = format!(
+        r#"[{{"base_host_virt_addr":{},"size":{SIZE},"offset":0,"page_size":4096}}]"#,
+        guest.addr()
+    );
+    let vmm = UnixStream::connect(&socket).unwrap();
+    send_handover(&vmm, &json, uffd.as_raw_fd());
+    drop(uffd);
+    let g = guest.clone();
+    let toucher = std::thread::spawn(move || g.touch(5 * PAGE as usize));
+    // The handler refuses at the fault and closes its descriptor: the touch then completes
+    // (the kernel maps the cached page itself).
+    join_within(toucher, TIMEOUT, "touch of a MINOR-registered page");
+    drop(vmm);
+    let r = join_within(handler, TIMEOUT, "handler");
+    r.expect("handler");
+    let reports = reports.lock().unwrap();
+    assert_eq!(reports.len(), 1);
+    let rep = &reports[0];
+    assert_ne!(rep.outcome, Outcome::Complete, "{rep:?}");
+    let why = format!("{rep:?}");
+    assert!(why.contains("MINOR"), "{why}");
+    src_stop.stop();
+    let _ = join_within(src_thread, TIMEOUT, "source");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -174,6 +174,25 @@ fn a_source_of_other_page_sizes_is_refused_with_the_fix() {
     src.stop_and_join();
 }
 
+#[test]
+fn a_source_refuses_a_destination_of_another_page_size_at_its_hello() {
+    let src = Source::start(&SourceOptions::default()); // 4 KiB pages
+    let config = EngineConfig {
+        source: src.addr.to_string(),
+        workers: 1,
+        page_size: Some(Memory::Hugetlb.page_size()),
+        ..Default::default()
+    };
+    let e = dest::connect(&config).expect_err("refused");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("--page-size 2M") && msg.contains("4K pages"),
+        "{msg}"
+    );
+    let reports = src.stop_and_join();
+    assert!(reports.is_empty(), "no session was opened: {reports:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Hostile input per kind.
 

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// `none` (the source pushes the stream) or a target in microseconds, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "none,1000,300,100", value_parser = parse_target)]
     targets: Vec<Target>,
+    /// Memory kinds measured beside --memory (stream-only and demand-only, keyed and
+    /// --insecure), comma-separated: anon, thp, memfd, hugetlb, hugetlb-shared.
+    #[arg(long, value_delimiter = ',', value_enum)]
+    memories: Vec<postcopy::dest::Memory>,
     /// Image size of the demand-only runs (every page by a fault).
     #[arg(long, default_value = "256M", value_parser = parse_image_size)]
     demand_size: u64,
@@ -70,6 +74,7 @@ pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode, MainError> {
         runs: args.runs,
         thread_counts: args.threads,
         targets: args.targets.iter().map(|t| t.0).collect(),
+        memories: args.memories,
     };
     let report = postcopy::bench::run(&cfg)?;
     let json = report.to_json();

@@ -4,18 +4,19 @@
 //! against the session's layout.
 
 use super::{
-    le32, le64, CodecError, Header, Kind, DISCARD_RANGE_BYTES, HEADER_BYTES, HELLO_CREDIT, MAGIC,
-    MAX_BATCH_BYTES, MAX_BATCH_PAGES, MAX_CHECKSUMS, MAX_CONTROL_BODY, MAX_DISCARD_RANGES,
-    MAX_ERROR_BYTES, MAX_REQUEST_PAGES, MAX_ZERO_MAP_BYTES, VERSION,
+    le32, le64, CodecError, Header, Kind, DISCARD_RANGE_BYTES, HEADER_BYTES, HELLO_CREDIT,
+    HELLO_PAGE_SHIFT, MAGIC, MAX_BATCH_BYTES, MAX_BATCH_PAGES, MAX_CHECKSUMS, MAX_CONTROL_BODY,
+    MAX_DISCARD_RANGES, MAX_ERROR_BYTES, MAX_REQUEST_PAGES, MAX_ZERO_MAP_BYTES, VERSION,
 };
 use crate::layout::{Block, Layout};
 
 /// Most workers a `Hello` may name.
 const MAX_HELLO_WORKERS: u64 = 1024;
-/// The `Hello` mask bits in use: the worker count (bits 0..32) and the zero map, precopy and
-/// resume flags; a higher bit is refused.
+/// The `Hello` mask bits in use: the worker count (bits 0..32), the zero map, precopy, resume
+/// and credit flags (32..36) and the page-size shift (40..47); any other bit is refused.
 const HELLO_KNOWN_BITS: u32 = 36;
 const _: () = assert!(HELLO_CREDIT == 1 << (HELLO_KNOWN_BITS - 1));
+const HELLO_KNOWN_MASK: u64 = ((1 << HELLO_KNOWN_BITS) - 1) | (0x7f << HELLO_PAGE_SHIFT);
 
 /// Largest batch for pages of `page_size` bytes.
 pub fn max_batch_pages(page_size: u64) -> u16 {
@@ -137,14 +138,16 @@ impl Header {
         Ok(())
     }
 
-    /// A `Hello` names a known role, a worker of 1..=1024 workers and known flags only.
+    /// A `Hello` names a known role, a worker of 1..=1024 workers, known flags only and a page
+    /// size (if any) of 4 KiB to 1 GiB (shifts 12..=30).
     fn check_hello(&self) -> Result<(), CodecError> {
         let workers = self.workers();
         if self.role().is_none()
             || workers == 0
             || workers > MAX_HELLO_WORKERS
             || u64::from(self.count) >= workers
-            || self.mask >> HELLO_KNOWN_BITS != 0
+            || self.mask & !HELLO_KNOWN_MASK != 0
+            || !matches!((self.mask >> HELLO_PAGE_SHIFT) & 0x7f, 0 | 12..=30)
         {
             return Err(CodecError::BadBody {
                 kind: self.kind,
@@ -323,13 +326,18 @@ mod tests {
             Err(CodecError::BodyLength { .. })
         ));
         // Unknown Hello flags are refused.
-        let mut hello = Header::hello(0, Role::Urgent, 0, 2).with_zero_map();
+        let hello = Header::hello(0, Role::Urgent, 0, 2).with_zero_map();
         assert!(hello.wants_zero_map() && hello.workers() == 2);
-        hello.mask |= 1 << 40;
-        hello.encode(&mut h);
-        assert!(matches!(
-            Header::decode(&h),
-            Err(CodecError::BadBody { .. })
-        ));
+        for bad in [1 << 40, 1 << 37, 1 << 50, 31 << 40] {
+            let mut hello = hello;
+            hello.mask |= bad; // an unknown flag, or a page-size shift out of range
+            hello.encode(&mut h);
+            assert!(
+                matches!(Header::decode(&h), Err(CodecError::BadBody { .. })),
+                "{bad:#x}"
+            );
+        }
+        hello.with_page_size(2 << 20).encode(&mut h);
+        assert!(Header::decode(&h).is_ok());
     }
 }

@@ -2,7 +2,9 @@
 //! role in `block`, the worker index in `count`, the worker count and the flags in `mask`) and
 //! the typed view [`Hello`].
 
-use super::{Header, Kind, Role, HELLO_CREDIT, HELLO_PRECOPY, HELLO_RESUME, HELLO_ZERO_MAP};
+use super::{
+    Header, Kind, Role, HELLO_CREDIT, HELLO_PAGE_SHIFT, HELLO_PRECOPY, HELLO_RESUME, HELLO_ZERO_MAP,
+};
 
 /// A `Hello`, field by field (its header carries the session id in `page`, the role in
 /// `block`, the worker index in `count`, the worker count and the flags in `mask`).
@@ -24,6 +26,8 @@ pub struct Hello {
     pub resume: bool,
     /// A bulk connection whose stream waits for the destination's `Credit`.
     pub credit: bool,
+    /// The page size the destination's memory maps (`None`: any).
+    pub page_size: Option<u64>,
 }
 
 impl Hello {
@@ -41,6 +45,7 @@ impl Hello {
             precopy: h.wants_precopy(),
             resume: h.wants_resume(),
             credit: h.wants_credit(),
+            page_size: h.page_size(),
         })
     }
 }
@@ -90,6 +95,20 @@ impl Header {
         self
     }
 
+    /// Says the destination's memory maps pages of `bytes` (a power of two below 2^64).
+    pub fn with_page_size(mut self, bytes: u64) -> Header {
+        debug_assert_eq!(self.kind, Kind::Hello);
+        assert!(bytes.is_power_of_two(), "a page size is a power of two");
+        self.mask |= u64::from(bytes.trailing_zeros()) << HELLO_PAGE_SHIFT;
+        self
+    }
+
+    /// The page size the destination's memory maps, if it said.
+    pub fn page_size(&self) -> Option<u64> {
+        let shift = (self.mask >> HELLO_PAGE_SHIFT) & 0x7f;
+        (shift != 0 && shift < 64).then(|| 1u64 << shift)
+    }
+
     /// Whether a `Hello` asks for a credit-driven stream.
     pub fn wants_credit(&self) -> bool {
         self.mask & HELLO_CREDIT != 0
@@ -135,7 +154,7 @@ mod tests {
     fn hello_view_round_trips() {
         for role in [Role::Urgent, Role::Bulk, Role::Verify] {
             for (session, worker, workers) in [(0, 0, 1), (0x51, 3, 4), (u64::MAX - 1, 255, 256)] {
-                for flags in 0..16u8 {
+                for flags in 0..32u8 {
                     let mut h = Header::hello(session, role, worker, workers);
                     if flags & 1 != 0 {
                         h = h.with_zero_map();
@@ -149,6 +168,10 @@ mod tests {
                     if flags & 8 != 0 {
                         h = h.with_credit();
                     }
+                    let page_size = (flags & 16 != 0).then_some(2u64 << 20);
+                    if let Some(p) = page_size {
+                        h = h.with_page_size(p);
+                    }
                     let mut bytes = [0u8; crate::codec::HEADER_BYTES];
                     h.encode(&mut bytes);
                     let decoded = Header::decode(&bytes).expect("a valid Hello");
@@ -161,6 +184,7 @@ mod tests {
                         precopy: flags & 2 != 0,
                         resume: flags & 4 != 0,
                         credit: flags & 8 != 0,
+                        page_size,
                     };
                     assert_eq!(Hello::of(&decoded), Some(want));
                 }

@@ -81,6 +81,10 @@ pub const HELLO_RESUME: u64 = 1 << 34;
 /// `Hello` flag on a bulk connection: the stream is receiver-driven; the source sends a `Pages`
 /// frame only within the `Credit` the destination granted on that connection.
 pub const HELLO_CREDIT: u64 = 1 << 35;
+/// `Hello` field, in `mask` bits 40..46: log2 of the page size the destination's memory maps
+/// (12: 4 KiB, 21: 2 MiB); 0: any. The source refuses a destination whose page size is not its
+/// image's.
+pub const HELLO_PAGE_SHIFT: u32 = 40;
 /// How an `Error` frame's message begins when the refusal is transient (the destination tries
 /// again within its recovery timeout): the source is busy, or a session has too many
 /// connections while broken ones are still closing.

@@ -51,6 +51,10 @@ pub struct EngineConfig {
     /// our side's service time, fault event read → page placed), more while they are not.
     /// `None`: the source pushes the stream as fast as the link takes it.
     pub fault_latency_target: Option<Duration>,
+    /// The page size the destination's memory maps ([`super::Memory::page_size`]): the source
+    /// refuses at the handshake a destination whose page size is not its image's, saying how
+    /// to fix it. `None`: whatever the source serves.
+    pub page_size: Option<u64>,
 }
 
 /// How the engine places a zero page.
@@ -91,6 +95,7 @@ impl Default for EngineConfig {
             tls: None,
             verify: false,
             fault_latency_target: None,
+            page_size: None,
         }
     }
 }

@@ -175,6 +175,9 @@ pub(crate) fn open_connection_as(
     if role == Role::Bulk && config.fault_latency_target.is_some() {
         h = h.with_credit();
     }
+    if let Some(bytes) = config.page_size {
+        h = h.with_page_size(bytes);
+    }
     let mut hello = [0u8; HEADER_BYTES];
     h.encode(&mut hello);
     link.write_frames(&mut hello)

@@ -114,7 +114,7 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
 }
 
 /// `4096` as `4K`, `2097152` as `2M` (as `--page-size` takes them).
-fn size_name(bytes: u64) -> String {
+pub fn size_name(bytes: u64) -> String {
     match bytes {
         b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
         b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),

@@ -74,6 +74,24 @@ impl Memory {
         self.page_size() == HUGE_2M
     }
 
+    /// Whether `size_bytes` of this memory can be mapped here now: for hugetlbfs, enough free
+    /// reserved huge pages; otherwise the error says how to reserve them.
+    pub fn check_available(self, size_bytes: u64) -> Result<(), String> {
+        if !self.needs_huge_pages() {
+            return Ok(());
+        }
+        let need = size_bytes.div_ceil(HUGE_2M);
+        let free = free_huge_pages_2m();
+        if free >= need {
+            return Ok(());
+        }
+        Err(format!(
+            "--memory {} needs {need} free 2 MiB huge pages, and {free} are: reserve them first (echo {} > /proc/sys/vm/nr_hugepages, as root)",
+            self.name(),
+            need.saturating_sub(free) + total_huge_pages_2m()
+        ))
+    }
+
     /// The name on the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -128,4 +146,21 @@ pub struct SharedBlock {
     pub alias: Arc<Mapping>,
     /// A bit per page: somebody writes (or wrote) this page's contents through the alias.
     pub claims: PageBitmap,
+}
+
+fn read_count(path: &str) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Free reserved 2 MiB huge pages.
+pub fn free_huge_pages_2m() -> u64 {
+    read_count("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+}
+
+/// Reserved 2 MiB huge pages (`vm.nr_hugepages` for the default size).
+pub fn total_huge_pages_2m() -> u64 {
+    read_count("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
 }

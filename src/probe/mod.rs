@@ -18,6 +18,7 @@ mod dirty;
 mod host;
 mod kernel;
 mod memory;
+mod minor;
 mod register;
 mod table;
 mod uffd;
@@ -72,6 +73,9 @@ pub fn run() -> ProbeReport {
     checks.push(register::check_register_anonymous());
     checks.push(register::check_register_shmem());
     checks.push(register::check_register_hugetlb());
+    checks.push(minor::check_memfd());
+    checks.push(minor::check_hugetlb_shared());
+    checks.push(minor::check_shmem_thp());
     checks.push(register::check_placement());
     checks.push(uring::check_io_uring());
     checks.push(uring::check_io_uring_sysctl());

@@ -129,6 +129,7 @@ fn read_hello(link: &mut FramedStream, peer: SocketAddr) -> Result<Option<Hello>
 
 /// The session this connection belongs to, its connection counted; or the refusal to send.
 fn join_session(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<Arc<Session>, String> {
+    check_page_size(shared.image.layout(), hello)?;
     let mut sessions = shared.sessions.lock().expect("poisoned");
     let session = if hello.session == 0 {
         if hello.role != Role::Urgent || hello.worker != 0 {
@@ -173,6 +174,30 @@ fn join_session(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<Arc<
         .connection_opened(max)
         .map_err(|r| r.to_string())?;
     Ok(session)
+}
+
+/// A destination whose memory maps pages of another size than this image's is refused at its
+/// Hello, with the fix.
+fn check_page_size(layout: &crate::layout::Layout, hello: &Hello) -> Result<(), String> {
+    let Some(want) = hello.page_size else {
+        return Ok(());
+    };
+    match layout.blocks.iter().find(|b| b.page_size != want) {
+        None => Ok(()),
+        Some(b) => Err(format!(
+            "handshake: the destination's memory maps {} pages, but this source serves block {:?} in {} pages: serve the image with --page-size {} (or give the destination a --memory of {} pages)",
+            size_name(want),
+            b.name,
+            size_name(b.page_size),
+            size_name(want),
+            size_name(b.page_size)
+        )),
+    }
+}
+
+/// `4096` as `4K`, `2097152` as `2M` (as `--page-size` takes them).
+fn size_name(bytes: u64) -> String {
+    crate::dest::page_size_name(bytes)
 }
 
 fn new_session(shared: &Shared, id: u64, workers: u16, resumed: bool) -> Session {

@@ -586,6 +586,7 @@ where
         tls: None,
         verify: false,
         fault_latency_target: opts.fault_latency_target,
+        page_size: Some(opts.memory.page_size()),
     };
     let connected = dest::connect(&config).unwrap_or_else(|e| panic!("handshake: {e}"));
     let ImageInfo::Synthetic { seed, zero_percent } = connected.welcome.image else {

@@ -52,7 +52,8 @@ impl Worker {
             let mut msg = [0u8; MSG_BYTES];
             msg.copy_from_slice(&self.ring.slot(events)[i * MSG_BYTES..(i + 1) * MSG_BYTES]);
             self.stats.fault_events += 1;
-            if let Event::PageFault { address, .. } = Event::decode(&msg) {
+            if let Event::PageFault { address, flags, .. } = Event::decode(&msg) {
+                self.check_fault_kind(flags)?;
                 self.on_fault(address as usize)?;
             }
             // Other events (REMOVE, UNMAP, ...) are not requested by this engine.
@@ -77,12 +78,27 @@ impl Worker {
             for msg in buf[..n].chunks_exact(MSG_BYTES) {
                 self.stats.fault_events += 1;
                 match Event::decode(msg.try_into().expect("one message")) {
-                    Event::PageFault { address, .. } => self.on_fault(address as usize)?,
+                    Event::PageFault { address, flags, .. } => {
+                        self.check_fault_kind(flags)?;
+                        self.on_fault(address as usize)?
+                    }
                     Event::Remove { start, end } => self.on_remove(start as usize, end as usize),
                     _ => {} // FORK, REMAP, UNMAP: not requested by a VMM here
                 }
             }
         }
+    }
+
+    /// A MINOR fault in memory this engine did not register MINOR (a VMM's, handed over): its
+    /// page is in the page cache already, and `UFFDIO_COPY` cannot place it (the handover does
+    /// not carry the VMM's memfd; see ARCHITECTURE.md). Refused, never guessed at.
+    fn check_fault_kind(&self, flags: u64) -> Result<(), DestError> {
+        if flags & crate::sys::uffd::PAGEFAULT_FLAG_MINOR != 0 && self.ram.is_foreign() {
+            return Err(DestError::Unsupported(
+                "the VMM registered its guest memory MINOR (shared memory): this handler serves MISSING faults of private memory only".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// `UFFD_EVENT_REMOVE`: the VMM dropped `[start, end)` (a balloon, memory unplug). Those

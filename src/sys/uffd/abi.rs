@@ -136,6 +136,10 @@ pub mod ioctl_bit {
     }
 }
 
+/// `UFFD_PAGEFAULT_FLAG_MINOR`: the faulting page is in the page cache, not mapped here (a
+/// MINOR-registered range).
+pub const PAGEFAULT_FLAG_MINOR: u64 = k::UFFD_PAGEFAULT_FLAG_MINOR as u64;
+
 /// Registration modes (`UFFDIO_REGISTER_MODE_*`).
 pub mod mode {
     use linux_raw_sys::general as k;
