@@ -643,6 +643,7 @@ fn demo_report(cfg: &DemoConfig, out: RunOutcome) -> DemoReport {
     let mut report = DemoReport {
         verified,
         page_size: layout.blocks[0].page_size,
+        memory: cfg.memory,
         pages_total: layout.total_pages(),
         faults: wl.faults,
         fault_latency_us: LatencyUs::from_ns(&wl.latency_ns),
@@ -706,6 +707,7 @@ fn add_engine(
     report.pages_by_fault = e.totals.pages_by_fault;
     report.pages_by_stream = e.totals.pages_by_stream;
     report.pages_by_zero_map = e.totals.pages_by_zero_map;
+    report.pages_direct = e.totals.pages_direct;
     report.pages_after_switchover = e.totals.pages_by_fault + e.totals.pages_by_stream;
     report.eexist = e.totals.eexist;
     report.recoveries = e.totals.recoveries + report.precopy_recoveries;

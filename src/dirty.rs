@@ -52,6 +52,43 @@ pub trait DirtyTracker: Send {
 
     /// Stops tracking (unregisters); also done on drop.
     fn stop(&mut self) -> Result<(), DirtyError>;
+
+    /// Bytes of the pages `collect` reports (the base page size unless the tracker says
+    /// otherwise); precopy turns them into the block's pages (a written 4 KiB page dirties its
+    /// 2 MiB page).
+    fn page_bytes(&self) -> u64 {
+        crate::sys::mem::base_page_size() as u64
+    }
+}
+
+/// Appends to `out` the runs of `to_bytes` pages (a multiple of `from_bytes`) that hold the
+/// `(first, pages)` runs of `from_bytes` pages; runs that meet are left for the caller to merge.
+pub fn coarsen_runs(
+    runs: &[(u64, u64)],
+    from_bytes: u64,
+    to_bytes: u64,
+    out: &mut Vec<(u64, u64)>,
+) {
+    assert!(
+        to_bytes % from_bytes == 0,
+        "pages of {to_bytes} bytes are not whole pages of {from_bytes}"
+    );
+    let r = to_bytes / from_bytes;
+    for &(first, n) in runs.iter().filter(|r| r.1 > 0) {
+        let (lo, hi) = (first / r, (first + n - 1) / r + 1);
+        out.push((lo, hi - lo));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn written_base_pages_dirty_the_huge_pages_holding_them() {
+        let mut out = vec![(0, 1)];
+        // 4 KiB pages 511..513 span huge pages 0 and 1; 1024 is huge page 2.
+        super::coarsen_runs(&[(511, 2), (1024, 1)], 4096, 2 << 20, &mut out);
+        assert_eq!(out, vec![(0, 1), (0, 2), (2, 1)]);
+    }
 }
 
 impl DirtyTracker for UffdWpTracker {
@@ -61,6 +98,10 @@ impl DirtyTracker for UffdWpTracker {
 
     fn collect(&mut self, out: &mut Vec<(u64, u64)>) -> Result<(), DirtyError> {
         UffdWpTracker::collect(self, out)
+    }
+
+    fn page_bytes(&self) -> u64 {
+        UffdWpTracker::page_bytes(self)
     }
 
     fn stop(&mut self) -> Result<(), DirtyError> {

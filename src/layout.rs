@@ -411,6 +411,15 @@ pub fn shard(pages: u64, w: usize, workers: usize) -> (u64, u64) {
     )
 }
 
+/// `4096` as `4K`, `2097152` as `2M` (as `--page-size` takes them).
+pub fn page_size_name(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
+        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        b => b.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,6 +12,10 @@ pub struct DemoReport {
     pub verified: bool,
     /// Page size in bytes.
     pub page_size: u64,
+    /// The kind of guest memory placed into.
+    pub memory: crate::dest::Memory,
+    /// Stream pages received straight into shared memory (no temp page, no copy).
+    pub pages_direct: u64,
     /// Pages in the image.
     pub pages_total: u64,
     /// Zero pages placed (`UFFDIO_ZEROPAGE`).
@@ -108,7 +112,8 @@ impl DemoReport {
         let mib = self.size_bytes as f64 / (1 << 20) as f64;
         let _ = writeln!(
             s,
-            "postcopy demo: {mib:.0} MiB, {} pages of {} B ({}% zero), pattern {}, {} workload threads, {} workers, stream {}",
+            "postcopy demo: {mib:.0} MiB of {} memory, {} pages of {} B ({}% zero), pattern {}, {} workload threads, {} workers, stream {}",
+            self.memory.name(),
             self.pages_total,
             self.page_size,
             self.zero_percent,
@@ -175,6 +180,13 @@ impl DemoReport {
             self.pages_zero,
             self.eexist
         );
+        if self.pages_direct > 0 {
+            let _ = writeln!(
+                s,
+                "                  {} stream pages received straight into shared memory",
+                self.pages_direct
+            );
+        }
     }
 
     /// The faults and their latency.

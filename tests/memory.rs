@@ -394,3 +394,136 @@ fn a_corrupted_body_received_into_shared_memory_is_never_mapped() {
         src.stop_and_join();
     }
 }
+
+#[test]
+fn discards_drop_pages_of_every_kind_and_cleanup_releases_the_memory() {
+    let huge = huge_pages();
+    for memory in ALL {
+        if memory.needs_huge_pages() && huge.is_none() {
+            continue;
+        }
+        let what = memory.name();
+        let ps = memory.page_size();
+        let layout = Layout::single("pc.ram", size_of(memory), ps).expect("layout");
+        let free_before = postcopy::dest::memory::free_huge_pages_2m();
+        let ram = DestRam::with_memory(&layout, memory).expect("ram");
+        if memory.needs_huge_pages() {
+            let used = free_before - postcopy::dest::memory::free_huge_pages_2m();
+            assert!(
+                used <= layout.blocks[0].pages(),
+                "{what}: {used} huge pages for {} pages",
+                layout.blocks[0].pages()
+            );
+        }
+        // Precopy writes pages 1 and 2; a discard drops page 1 (and a range past the block is
+        // refused).
+        let data = vec![0x5au8; ps as usize];
+        ram.write_page(0, 1, &data).expect("write");
+        ram.write_page(0, 2, &data).expect("write");
+        ram.discard_range(0, 1, 1).expect("discard");
+        assert!(
+            ram.discard_range(0, layout.blocks[0].pages(), 1).is_err(),
+            "{what}"
+        );
+        assert!(!ram.received[0].get(1) && ram.received[0].get(2), "{what}");
+        let mut buf = vec![0u8; ps as usize];
+        ram.regions[0].read_into(ps as usize, &mut buf);
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "{what}: a discarded page reads zero"
+        );
+        ram.regions[0].read_into(2 * ps as usize, &mut buf);
+        assert_eq!(buf, data, "{what}: the page kept");
+        if let Some(sh) = ram.shared_block(0) {
+            assert!(
+                !sh.claims.get(1) && sh.claims.get(2),
+                "{what}: claims follow"
+            );
+        }
+        drop(ram);
+        if memory.needs_huge_pages() {
+            assert_eq!(
+                postcopy::dest::memory::free_huge_pages_2m(),
+                free_before,
+                "{what}: huge pages given back"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_live_source_of_huge_pages_precopies_discards_and_verifies() {
+    // The live writer dirties 4 KiB pages; the tracker reports 4 KiB pages; precopy must
+    // resend (and the destination discard) the 2 MiB pages holding them.
+    if postcopy::dirty::UffdWpTracker::available().is_err() {
+        eprintln!("skipped: no dirty-page tracking here");
+        return;
+    }
+    let huge = huge_pages();
+    for memory in [Memory::Hugetlb, Memory::HugetlbShared] {
+        if huge.is_none() {
+            return;
+        }
+        let layout = Layout::single("pc.ram", size_of(memory), memory.page_size()).expect("layout");
+        let (image, parts) =
+            postcopy::demo::live_source(&layout, 9, 10, 20_000).expect("live source");
+        let server = postcopy::source::SourceServer::bind_live(
+            "127.0.0.1:0",
+            image,
+            parts,
+            postcopy::source::SourceConfig {
+                once: true,
+                verbose: false,
+                precopy: postcopy::source::PrecopyLimits {
+                    max_rounds: 3,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+        .expect("bind live");
+        let addr = server.local_addr().to_string();
+        let t_src = std::thread::spawn(move || server.run().expect("source run"));
+        let spec = postcopy::demo::RunSpec {
+            handler: postcopy::demo::Handler::Engine,
+            memory,
+            workers: 2,
+            pin: false,
+            stream: true,
+            workload: Some(postcopy::workload::WorkloadConfig {
+                threads: 2,
+                pattern: Pattern::Random,
+                seed: 4,
+            }),
+            progress: false,
+            zero_map: false,
+            zero_fill: postcopy::dest::ZeroFill::Zeropage,
+            max_streams: 0,
+            fault_latency_target: None,
+            precopy: true,
+            key: None,
+            recovery_timeout: Duration::from_secs(20),
+            link_timeout: Duration::from_secs(20),
+            tls: None,
+        };
+        let t = std::thread::spawn(move || postcopy::demo::run_destination(&addr, &spec));
+        let out = join_within(t, TIMEOUT, "destination").expect("destination run");
+        let what = memory.name();
+        assert!(
+            out.verified(),
+            "{what}: not verified: {:?}",
+            out.final_mismatches
+        );
+        let pre = out.precopy.as_ref().expect("precopy ran");
+        assert!(
+            pre.pages_discarded > 0,
+            "{what}: the writer dirtied pages: {pre:?}"
+        );
+        assert!(
+            pre.pages_discarded <= layout.blocks[0].pages(),
+            "{what}: discards counted in huge pages: {pre:?}"
+        );
+        let reports = join_within(t_src, TIMEOUT, "live source");
+        assert!(reports.iter().all(|r| r.complete), "{what}: {reports:?}");
+    }
+}

@@ -86,7 +86,7 @@ pub enum DestError {
     #[error(transparent)]
     Mem(#[from] MemError),
     /// The source serves a block in pages of another size than this memory maps.
-    #[error("the source serves block {block:?} in {} pages, but --memory {memory} maps {} pages: serve the image with --page-size {} (or choose a memory kind of {} pages)", size_name(*served), size_name(*wanted), size_name(*wanted), size_name(*served))]
+    #[error("the source serves block {block:?} in {} pages, but --memory {memory} maps {} pages: serve the image with --page-size {} (or choose a memory kind of {} pages)", crate::layout::page_size_name(*served), crate::layout::page_size_name(*wanted), crate::layout::page_size_name(*wanted), crate::layout::page_size_name(*served))]
     PageSize {
         /// The block.
         block: String,
@@ -111,13 +111,4 @@ pub enum DestError {
 pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> DestError {
     let context = context.into();
     move |source| DestError::Io { context, source }
-}
-
-/// `4096` as `4K`, `2097152` as `2M` (as `--page-size` takes them).
-pub fn size_name(bytes: u64) -> String {
-    match bytes {
-        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
-        b if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
-        b => b.to_string(),
-    }
 }

@@ -39,7 +39,7 @@ pub use audit::{page_tally, placement_audit, PageTally};
 pub use config::{EngineConfig, ZeroFill};
 pub use connect::{connect, Connected};
 pub use engine::{Engine, EngineEnd, EngineHandle, PreparedEngine};
-pub use error::{size_name as page_size_name, DestError};
+pub use error::DestError;
 pub use memory::Memory;
 pub use origin::{PageOrigins, PlacedBy};
 pub use precopy::{receive_precopy, PrecopyReport};

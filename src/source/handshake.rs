@@ -2,6 +2,7 @@
 //! rebuilding) its session, `Welcome`; then the role's loop, and what a failure means for the
 //! session.
 
+use crate::layout::page_size_name as size_name;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -193,11 +194,6 @@ fn check_page_size(layout: &crate::layout::Layout, hello: &Hello) -> Result<(), 
             size_name(b.page_size)
         )),
     }
-}
-
-/// `4096` as `4K`, `2097152` as `2M` (as `--page-size` takes them).
-fn size_name(bytes: u64) -> String {
-    crate::dest::page_size_name(bytes)
 }
 
 fn new_session(shared: &Shared, id: u64, workers: u16, resumed: bool) -> Session {

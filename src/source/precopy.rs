@@ -295,8 +295,17 @@ impl<'a> Rounds<'a> {
     fn collect(&mut self) -> Result<u64, SourceError> {
         let p = &mut *self.p;
         if let Some(live) = p.live.as_mut() {
+            let layout = self.shared.image.layout();
             for (b, t) in live.trackers.iter_mut().enumerate() {
-                t.collect(&mut p.dirty[b])?;
+                let (tracked, page) = (t.page_bytes(), layout.blocks[b].page_size);
+                if tracked == page {
+                    t.collect(&mut p.dirty[b])?;
+                } else {
+                    // A written base page dirties the block's (huge) page holding it.
+                    let mut runs = Vec::new();
+                    t.collect(&mut runs)?;
+                    crate::dirty::coarsen_runs(&runs, tracked, page, &mut p.dirty[b]);
+                }
                 merge_ranges(&mut p.dirty[b]);
             }
         }

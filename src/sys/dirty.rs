@@ -341,6 +341,11 @@ impl UffdWpTracker {
         }
     }
 
+    /// Bytes of the pages `collect` reports (the base page size).
+    pub fn page_bytes(&self) -> u64 {
+        1 << self.page_shift
+    }
+
     /// Appends the pages written since `start` or the previous `collect` as `(first_page,
     /// pages)` runs relative to the range start, in ascending order, and protects them again
     /// (read-and-reset under the page-table lock: a write racing the call is reported now or by
