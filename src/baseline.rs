@@ -41,6 +41,8 @@ pub fn start(
         ram: ram.clone(),
         placed: Arc::new(AtomicU64::new(0)),
         link_timeout: config.link_timeout,
+        huge_zeros: (ram.layout.max_page_size() > crate::sys::mem::base_page_size() as u64)
+            .then(|| vec![0u8; ram.layout.max_page_size() as usize]),
     });
     let session = connected.welcome.session;
     let mut jobs: Vec<(String, usize, Job)> = Vec::new();
@@ -75,6 +77,8 @@ struct Placer {
     placed: Arc<AtomicU64>,
     /// A connection silent this long is dead.
     link_timeout: Duration,
+    /// Zeros to copy a huge zero page from (hugetlbfs has no `UFFDIO_ZEROPAGE`).
+    huge_zeros: Option<Vec<u8>>,
 }
 
 /// Reads one frame (header, body), checked against the layout before its body is read.
@@ -111,8 +115,12 @@ fn place(
     for i in 0..u64::from(h.count) {
         let page = h.page + i;
         let dst = ram.regions[b].addr() + page as usize * ps;
+        let huge = ps > crate::sys::mem::base_page_size();
         let result = if h.mask >> i & 1 == 1 {
-            uffd.zeropage(dst, ps, false)
+            match (&p.huge_zeros, huge) {
+                (Some(z), true) => uffd.copy(dst, z.as_ptr(), ps, false),
+                _ => uffd.zeropage(dst, ps, false),
+            }
         } else {
             data += 1;
             uffd.copy(dst, body[(data - 1) * ps..].as_ptr(), ps, false)

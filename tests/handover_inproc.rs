@@ -54,24 +54,33 @@ fn send_handover(sock: &UnixStream, json: &str, fd: i32) {
     assert_eq!(n, json.len());
 }
 
-#[test]
-fn handler_serves_a_vmm_and_its_removals() {
-    let dir = std::env::temp_dir().join(format!("pc-handover-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (path, sums) = image_file(&dir);
+/// A source serving the memory file at `path`, and a `postcopy handler` (one VMM, `--once`)
+/// on a socket in `dir` fetching from it: (source stop, source thread, socket, reports,
+/// handler thread). Returns once the handler's socket exists.
+#[allow(clippy::type_complexity)]
+fn source_and_handler(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+) -> (
+    postcopy::source::StopHandle,
+    std::thread::JoinHandle<
+        Result<Vec<postcopy::source::SessionReport>, postcopy::source::SourceError>,
+    >,
+    std::path::PathBuf,
+    Arc<Mutex<Vec<VmmReport>>>,
+    std::thread::JoinHandle<Result<(), postcopy::handler::HandlerError>>,
+) {
     let src = SourceServer::bind(
         "127.0.0.1:0",
-        Arc::new(FileImage::open(&path, PAGE).unwrap()),
+        Arc::new(FileImage::open(path, PAGE).unwrap()),
         SourceConfig {
             verbose: false,
             ..Default::default()
         },
     )
     .unwrap();
-    let src_addr = src.local_addr().to_string();
-    let src_stop = src.stop_handle();
+    let (src_addr, src_stop) = (src.local_addr().to_string(), src.stop_handle());
     let src_thread = std::thread::spawn(move || src.run());
-
     let socket = dir.join("h.sock");
     let reports: Arc<Mutex<Vec<VmmReport>>> = Arc::default();
     let (cfg, r2) = (
@@ -94,6 +103,15 @@ fn handler_serves_a_vmm_and_its_removals() {
         "the handler's socket {} did not appear within 5 s",
         socket.display()
     );
+    (src_stop, src_thread, socket, reports, handler)
+}
+
+#[test]
+fn handler_serves_a_vmm_and_its_removals() {
+    let dir = std::env::temp_dir().join(format!("pc-handover-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (path, sums) = image_file(&dir);
+    let (src_stop, src_thread, socket, reports, handler) = source_and_handler(&dir, &path);
 
     // The VMM: two regions, the second half of the file mapped at a lower address (so the
     // JSON goes out of address order), registered before the handover.
@@ -192,32 +210,7 @@ fn a_vmm_whose_memory_faults_minor_is_refused_not_guessed_at() {
     let dir = std::env::temp_dir().join(format!("pc-handover-minor-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (path, _) = image_file(&dir);
-    let src = SourceServer::bind(
-        "127.0.0.1:0",
-        Arc::new(FileImage::open(&path, PAGE).unwrap()),
-        SourceConfig::default(),
-    )
-    .unwrap();
-    let (src_addr, src_stop) = (src.local_addr().to_string(), src.stop_handle());
-    let src_thread = std::thread::spawn(move || src.run());
-    let socket = dir.join("h.sock");
-    let reports: Arc<Mutex<Vec<VmmReport>>> = Arc::default();
-    let (cfg, r2) = (
-        HandlerConfig {
-            socket: socket.clone(),
-            source: src_addr,
-            once: true,
-            verbose: false,
-            ..Default::default()
-        },
-        reports.clone(),
-    );
-    let handler = std::thread::spawn(move || {
-        postcopy::handler::serve(&cfg, Arc::new(AtomicBool::new(false)), move |r| {
-            r2.lock().unwrap().push(r.clone())
-        })
-    });
-    assert!(common::wait_until(Duration::from_secs(5), || socket.exists()));
+    let (src_stop, src_thread, socket, reports, handler) = source_and_handler(&dir, &path);
     let memfd = Memfd::create(c"vmm-guest", SIZE as usize, false, "test").unwrap();
     let guest =
         Arc::new(Mapping::shared_file(memfd.as_fd(), SIZE as usize, false, "guest").unwrap());

@@ -108,6 +108,85 @@ fn every_memory_kind_migrates_and_verifies() {
     }
 }
 
+/// A precopy phase from `addr`, then postcopy, into `memory`, with a workload of 2 threads.
+fn precopy_then_postcopy(
+    addr: String,
+    memory: Memory,
+    zero_map: bool,
+) -> postcopy::demo::RunOutcome {
+    run_with(
+        addr,
+        memory,
+        postcopy::demo::Handler::Engine,
+        true,
+        zero_map,
+    )
+}
+
+/// A migration from `addr` into `memory` by `handler` (precopy first if `precopy`), with a
+/// workload of 2 threads.
+fn run_with(
+    addr: String,
+    memory: Memory,
+    handler: postcopy::demo::Handler,
+    precopy: bool,
+    zero_map: bool,
+) -> postcopy::demo::RunOutcome {
+    let spec = postcopy::demo::RunSpec {
+        handler,
+        memory,
+        workers: 2,
+        pin: false,
+        stream: true,
+        workload: Some(postcopy::workload::WorkloadConfig {
+            threads: 2,
+            pattern: Pattern::Random,
+            seed: 3,
+        }),
+        progress: false,
+        zero_map,
+        zero_fill: postcopy::dest::ZeroFill::Zeropage,
+        max_streams: 0,
+        fault_latency_target: None,
+        precopy,
+        key: None,
+        recovery_timeout: Duration::from_secs(20),
+        link_timeout: Duration::from_secs(20),
+        tls: None,
+    };
+    let t = std::thread::spawn(move || postcopy::demo::run_destination(&addr, &spec));
+    join_within(t, TIMEOUT, "destination").expect("destination run")
+}
+
+#[test]
+fn the_baseline_places_private_huge_pages_zero_pages_included() {
+    let Some(_huge) = huge_pages() else {
+        return;
+    };
+    let src = Source::start(&SourceOptions {
+        size_bytes: size_of(Memory::Hugetlb),
+        page_size: Memory::Hugetlb.page_size(),
+        zero_percent: 30,
+        ..Default::default()
+    });
+    let addr = src.addr.to_string();
+    let out = run_with(
+        addr,
+        Memory::Hugetlb,
+        postcopy::demo::Handler::Baseline,
+        false,
+        false,
+    );
+    assert!(
+        out.verified(),
+        "final {:?}, engine {:?}",
+        out.final_mismatches,
+        out.engine.as_ref().map(|e| &e.totals)
+    );
+    assert!(out.engine.as_ref().expect("baseline").totals.pages_zero > 0);
+    src.finish(Duration::from_secs(20));
+}
+
 #[test]
 fn every_memory_kind_migrates_after_precopy() {
     let huge = huge_pages();
@@ -121,30 +200,7 @@ fn every_memory_kind_migrates_after_precopy() {
             ..Default::default()
         });
         let addr = src.addr.to_string();
-        let spec = postcopy::demo::RunSpec {
-            handler: postcopy::demo::Handler::Engine,
-            memory,
-            workers: 2,
-            pin: false,
-            stream: true,
-            workload: Some(postcopy::workload::WorkloadConfig {
-                threads: 2,
-                pattern: Pattern::Random,
-                seed: 3,
-            }),
-            progress: false,
-            zero_map: true,
-            zero_fill: postcopy::dest::ZeroFill::Zeropage,
-            max_streams: 0,
-            fault_latency_target: None,
-            precopy: true,
-            key: None,
-            recovery_timeout: Duration::from_secs(20),
-            link_timeout: Duration::from_secs(20),
-            tls: None,
-        };
-        let t = std::thread::spawn(move || postcopy::demo::run_destination(&addr, &spec));
-        let out = join_within(t, TIMEOUT, "destination").expect("destination run");
+        let out = precopy_then_postcopy(addr, memory, true);
         assert!(
             out.verified(),
             "{}: final {:?}, engine {:?}",
@@ -484,30 +540,7 @@ fn a_live_source_of_huge_pages_precopies_discards_and_verifies() {
         .expect("bind live");
         let addr = server.local_addr().to_string();
         let t_src = std::thread::spawn(move || server.run().expect("source run"));
-        let spec = postcopy::demo::RunSpec {
-            handler: postcopy::demo::Handler::Engine,
-            memory,
-            workers: 2,
-            pin: false,
-            stream: true,
-            workload: Some(postcopy::workload::WorkloadConfig {
-                threads: 2,
-                pattern: Pattern::Random,
-                seed: 4,
-            }),
-            progress: false,
-            zero_map: false,
-            zero_fill: postcopy::dest::ZeroFill::Zeropage,
-            max_streams: 0,
-            fault_latency_target: None,
-            precopy: true,
-            key: None,
-            recovery_timeout: Duration::from_secs(20),
-            link_timeout: Duration::from_secs(20),
-            tls: None,
-        };
-        let t = std::thread::spawn(move || postcopy::demo::run_destination(&addr, &spec));
-        let out = join_within(t, TIMEOUT, "destination").expect("destination run");
+        let out = precopy_then_postcopy(addr, memory, false);
         let what = memory.name();
         assert!(
             out.verified(),

@@ -79,3 +79,10 @@ pub(super) fn is_root() -> bool {
         .and_then(|v| v.split_whitespace().nth(1)?.parse::<u32>().ok())
         == Some(0)
 }
+
+/// The selected value of a sysfs choice list (`always [madvise] never` gives `madvise`).
+pub(super) fn selected(raw: &str) -> &str {
+    raw.split_whitespace()
+        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
+        .unwrap_or("unknown")
+}

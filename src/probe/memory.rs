@@ -59,11 +59,7 @@ pub(super) fn check_thp() -> Check {
         Ok(s) => s,
         Err(e) => return pass(NAME, format!("{e}: transparent huge pages not configured")),
     };
-    let mode = raw
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
-        .unwrap_or("unknown")
-        .to_string();
+    let mode = super::host::selected(&raw).to_string();
     match mode.as_str() {
         "always" => check(
             NAME,

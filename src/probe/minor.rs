@@ -100,10 +100,7 @@ pub(super) fn check_shmem_thp() -> Check {
         Ok(s) => s,
         Err(e) => return pass(NAME, format!("{e}: shmem THP not configured")),
     };
-    let mode = raw
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix('[')?.strip_suffix(']'))
-        .unwrap_or("unknown");
+    let mode = super::host::selected(&raw);
     match mode {
         "never" | "advise" | "deny" => pass(NAME, format!("shmem_enabled = {mode}: memfd guest RAM is placed in 4 KiB pages")),
         _ => check(
