@@ -4,15 +4,18 @@
 //! Lifecycle (the seed's names in brackets):
 //! 1. [`connect`]: handshake with the source on worker 0's urgent connection; learn the session
 //!    id and the layout.
-//! 2. [`DestRam::new`] / [`DestRam::with_thp`] (seed: `postcopy_ram_incoming_init`): map every block
-//!    (every page missing) and the received bitmaps.
+//! 2. [`DestRam::with_memory`] ([`DestRam::new`] for private 4 KiB memory, [`DestRam::with_thp`])
+//!    (seed: `postcopy_ram_incoming_init`): map every block as its [`Memory`] kind (every page
+//!    missing; shared memory twice, see [`memory`]) and the received bitmaps.
 //! 3. Optional precopy ([`receive_precopy`], when [`EngineConfig::precopy`] offered it): pages
 //!    written straight into the still-unregistered blocks ([`DestRam::write_page`]);
-//!    [`DestRam::prepare_discard`] (seed: `prepare_discard`) (`MADV_NOHUGEPAGE` on every block) before
-//!    the first [`DestRam::discard_range`] (seed: `discard_range`) (drop the pages, clear their bits);
+//!    [`DestRam::prepare_discard`] (seed: `prepare_discard`) (`MADV_NOHUGEPAGE` on every private
+//!    block) before the first [`DestRam::discard_range`] (seed: `discard_range`) (drop the pages:
+//!    `MADV_DONTNEED`, or `fallocate(PUNCH_HOLE)` for shared memory; clear their bits);
 //!    ends at the source's `Run`.
 //! 4. [`Engine::start`] (seed: `enable_notify`): each worker gets its own userfaultfd registered
-//!    (MISSING) on its shard of every block, its own io_uring, temp pages and connections.
+//!    (MISSING; MISSING + MINOR for shared memory) on its shard of every block, its own io_uring,
+//!    temp pages and connections.
 //! 5. [`EngineHandle::wait`] (seed: `incoming_cleanup`): workers end when their shard is complete
 //!    (their userfaultfds close, which unregisters; their temp pages are freed); THP goes back
 //!    as it was; the report merges their counters.
