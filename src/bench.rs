@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::demo::{
-    run_destination, DemoConfig, DemoError, Handler, OneRunKey, RunOutcome, RunSpec, SourceProcess,
+    run_destination, DemoConfig, DemoError, DemoKey, Handler, OneRunKey, RunOutcome, RunSpec,
+    SourceProcess,
 };
 use crate::dest::Memory;
 use crate::link::auth::Key;
@@ -260,7 +261,11 @@ impl Sources {
                         cfg.demo.size_bytes
                     },
                     page_size: v.memory.page_size(),
-                    key_file: v.secure.then(|| key.path().to_path_buf()),
+                    key: if v.secure {
+                        DemoKey::OneRun(key.clone())
+                    } else {
+                        DemoKey::None
+                    },
                     ..cfg.demo.clone()
                 };
                 procs.push((id, SourceProcess::start(&d, false)?));
@@ -292,7 +297,7 @@ pub fn run(cfg: &BenchConfig) -> Result<BenchReport, DemoError> {
             .map_err(DemoError::Unsupported)?;
     }
     let sources = Sources::start(cfg, &rows)?;
-    let key = Key::from_file(sources.key.path()).map_err(DemoError::OneRunKey)?;
+    let key = sources.key.key();
     let measurements = measure_all(cfg, &rows, &sources, &key)?;
     drop(sources);
     Ok(BenchReport {
@@ -372,7 +377,8 @@ fn spec(v: &Variant, (mode, threads): (&str, usize), cfg: &BenchConfig, key: &Ke
             pattern: d.pattern,
             seed: d.seed ^ 0xa5a5,
         }),
-        progress: false,
+        progress: crate::timeline::Progress::Quiet,
+        gauges: Default::default(),
         zero_map: d.zero_map,
         zero_fill: d.zero_fill,
         max_streams: d.max_streams,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::codec::ImageInfo;
+use crate::dest::gauges::Phase;
 use crate::dest::{self, DestError, DestRam, Engine, EngineConfig, PrecopyReport, ZeroFill};
 use crate::dirty::{DirtyError, DirtyTracker, UffdWpTracker};
 use crate::image::{Image, Synthetic};
@@ -22,6 +23,7 @@ use crate::report::DemoReport;
 use crate::source::{LiveParts, PrecopyLimits};
 use crate::stats::LatencyUs;
 use crate::sys::mem::MemError;
+use crate::timeline::{Progress, Sampler, Timeline};
 use crate::workload::{self, Pattern, WorkloadConfig};
 
 /// Errors of the demo.
@@ -106,8 +108,8 @@ pub struct DemoConfig {
     pub dirty_rate: u64,
     /// When precopy switches over (passed to the local source).
     pub precopy_limits: PrecopyLimits,
-    /// The pre-shared key file both sides use (`None`: no authentication).
-    pub key_file: Option<PathBuf>,
+    /// The key both sides authenticate with.
+    pub key: DemoKey,
     /// How long a broken connection may take to come back.
     pub recovery_timeout: Duration,
     /// A connection silent this long is dead (both sides; passed to the local source).
@@ -116,6 +118,8 @@ pub struct DemoConfig {
     pub tls_files: Option<(PathBuf, PathBuf)>,
     /// TLS for the destination: the trust.
     pub tls_client: Option<crate::link::tls::TlsClient>,
+    /// Where the migration publishes its live counters (`--metrics` reads them).
+    pub gauges: Arc<crate::dest::gauges::Gauges>,
 }
 
 /// A `postcopy serve --synthetic` child process on 127.0.0.1, killed on drop.
@@ -148,8 +152,18 @@ impl SourceProcess {
             detail,
         };
         let mut cmd = serve_command(cfg, once);
+        // The source dies with this process, however this process ends (SIGKILL included).
+        crate::sys::die_with_parent(&mut cmd);
+        let one_run = match &cfg.key {
+            DemoKey::OneRun(k) => Some(k.secret),
+            _ => None,
+        };
         let mut child = cmd
-            .stdin(Stdio::null())
+            .stdin(if one_run.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(if cfg.quiet {
                 Stdio::null()
@@ -158,6 +172,12 @@ impl SourceProcess {
             })
             .spawn()
             .map_err(|e| fail(e.to_string()))?;
+        if let (Some(secret), Some(mut stdin)) = (one_run, child.stdin.take()) {
+            // The child reads the key to the pipe's end: written, then closed.
+            stdin
+                .write_all(&secret)
+                .map_err(|e| fail(format!("cannot hand it the one-run key: {e}")))?;
+        }
         let stdout = child.stdout.take().expect("piped stdout");
         let mut proc = SourceProcess {
             child,
@@ -211,9 +231,10 @@ fn serve_command(cfg: &DemoConfig, once: bool) -> Command {
     if once {
         cmd.arg("--once");
     }
-    match &cfg.key_file {
-        Some(k) => cmd.arg("--key-file").arg(k),
-        None => cmd.arg("--insecure"),
+    match &cfg.key {
+        DemoKey::File(k) => cmd.arg("--key-file").arg(k),
+        DemoKey::OneRun(_) => cmd.arg("--key-file").arg("-"),
+        DemoKey::None => cmd.arg("--insecure"),
     };
     cmd.arg("--link-timeout")
         .arg(cfg.link_timeout.as_secs().max(1).to_string());
@@ -263,30 +284,52 @@ pub fn live_source(
     Ok((live, parts))
 }
 
-/// A fresh random key file for one demo run (both processes read it), removed on drop.
+/// A fresh random key for one demo run, held in memory only: the local source process reads
+/// it from its standard input (`--key-file -`), so no key file exists to leak or be left behind.
+#[derive(Clone)]
 pub struct OneRunKey {
-    path: PathBuf,
+    secret: [u8; 32],
+}
+
+impl std::fmt::Debug for OneRunKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OneRunKey(..)")
+    }
 }
 
 impl OneRunKey {
-    /// Writes a new key to `postcopy-demo-<pid>.key` in the temporary directory (replacing a
-    /// stale one of an earlier process with the same id).
+    /// A new random key.
     pub fn create() -> Result<OneRunKey, DemoError> {
-        let path = std::env::temp_dir().join(format!("postcopy-demo-{}.key", std::process::id()));
-        let _ = std::fs::remove_file(&path);
-        Key::generate_file(&path).map_err(DemoError::OneRunKey)?;
-        Ok(OneRunKey { path })
+        let secret = crate::link::auth::random::<32>().map_err(DemoError::OneRunKey)?;
+        Ok(OneRunKey { secret })
     }
 
-    /// The key file.
-    pub fn path(&self) -> &std::path::Path {
-        &self.path
+    /// The key, for this process's side.
+    pub fn key(&self) -> Key {
+        Key::from_secret(&self.secret)
     }
 }
 
-impl Drop for OneRunKey {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+/// The key both sides of a demo (or bench) run authenticate with.
+#[derive(Clone, Debug, Default)]
+pub enum DemoKey {
+    /// No authentication (`--insecure`).
+    #[default]
+    None,
+    /// A key file both processes read.
+    File(PathBuf),
+    /// A one-run key, handed to the source process through a pipe.
+    OneRun(OneRunKey),
+}
+
+impl DemoKey {
+    /// This side's key.
+    pub fn load(&self) -> Result<Option<Key>, AuthError> {
+        match self {
+            DemoKey::None => Ok(None),
+            DemoKey::File(path) => Key::from_file(path).map(Some),
+            DemoKey::OneRun(k) => Ok(Some(k.key())),
+        }
     }
 }
 
@@ -316,7 +359,7 @@ pub struct RunSpec {
     /// The workload, or none (the stream alone fills the memory).
     pub workload: Option<WorkloadConfig>,
     /// Progress on stderr.
-    pub progress: bool,
+    pub progress: crate::timeline::Progress,
     /// Zero-page map (engine only).
     pub zero_map: bool,
     /// How the engine places zero pages.
@@ -335,6 +378,9 @@ pub struct RunSpec {
     pub link_timeout: Duration,
     /// TLS to the source.
     pub tls: Option<crate::link::tls::TlsClient>,
+    /// Where the migration publishes its live counters (a fresh set per run, unless shared
+    /// with an observer).
+    pub gauges: Arc<crate::dest::gauges::Gauges>,
 }
 
 /// What one migration did.
@@ -355,6 +401,10 @@ pub struct RunOutcome {
     pub audit: Option<String>,
     /// Every page placed.
     pub complete: bool,
+    /// The migration's gauges over time.
+    pub timeline: Timeline,
+    /// Pages placed when the run ended.
+    pub pages_placed: u64,
     /// The precopy phase, when one ran.
     pub precopy: Option<PrecopyReport>,
     /// Source workload stopped → destination workload running, when the source reported a stop.
@@ -402,6 +452,17 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         )));
     }
     let ram = Arc::new(DestRam::with_memory(&layout, spec.memory)?);
+    let gauges = engine_cfg.gauges.clone();
+    let sampler = {
+        let ram = ram.clone();
+        let page_bytes = layout.blocks[0].page_size;
+        Sampler::start(
+            gauges.clone(),
+            Box::new(move || ram.pages_received()),
+            (layout.total_pages(), page_bytes),
+            spec.progress,
+        )
+    };
     // Contents known only to the source: its checksums are fetched after the migration, and
     // the workers' `End` says so (the source keeps the session until then).
     engine_cfg.verify = image.is_none();
@@ -413,10 +474,12 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         Handler::Baseline => None,
     };
     let precopy = if connected.precopy {
+        gauges.set_phase(Phase::Precopy);
         Some(dest::receive_precopy(&mut connected, &ram, &engine_cfg)?)
     } else {
         None
     };
+    gauges.set_phase(Phase::Switchover);
 
     let stopped_unix_us = precopy
         .as_ref()
@@ -430,15 +493,13 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
     let downtime_ms = (stopped_unix_us > 0)
         .then(|| crate::stats::unix_us().saturating_sub(stopped_unix_us) as f64 / 1000.0);
 
-    let progress = spec.progress.then(|| Progress::start(ram.clone()));
+    gauges.set_phase(Phase::Postcopy);
     let wl = spec
         .workload
         .as_ref()
         .map(|w| workload::run(&ram, image.as_ref(), w));
     let engine = handle.wait();
-    if let Some(p) = progress {
-        p.finish();
-    }
+    gauges.set_phase(Phase::Verifying);
     let threads = spec.workload.as_ref().map_or(2, |w| w.threads.max(2));
     let source = (&engine_cfg, session);
     let (final_mismatches, verify_error) = match &engine {
@@ -450,10 +511,14 @@ pub fn run_destination(addr: &str, spec: &RunSpec) -> Result<RunOutcome, DemoErr
         },
     };
     let audit = dest::placement_audit(&ram, engine.as_ref().ok(), precopy.as_ref());
+    let ok = engine.is_ok() && verify_error.is_none() && final_mismatches.0 == 0;
+    gauges.set_phase(if ok { Phase::Done } else { Phase::Failed });
     Ok(RunOutcome {
+        timeline: sampler.finish(),
         audit,
         verify_error,
         complete: ram.complete(),
+        pages_placed: ram.pages_received(),
         layout,
         zero_percent,
         workload: wl,
@@ -499,44 +564,10 @@ fn engine_config(addr: &str, spec: &RunSpec) -> EngineConfig {
         recovery_timeout: spec.recovery_timeout,
         link_timeout: spec.link_timeout,
         tls: spec.tls.clone(),
+        gauges: spec.gauges.clone(),
         // The source refuses a destination whose memory maps other pages than it serves.
         page_size: Some(spec.memory.page_size()),
         ..EngineConfig::default()
-    }
-}
-
-/// A progress line on stderr, redrawn every 250 ms until [`Progress::finish`].
-struct Progress {
-    done: crossbeam_channel::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Progress {
-    fn start(ram: Arc<DestRam>) -> Progress {
-        let (done, done_rx) = crossbeam_channel::bounded::<()>(1);
-        let thread = std::thread::spawn(move || {
-            let total = ram.layout.total_pages();
-            let start = Instant::now();
-            while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                done_rx.recv_timeout(Duration::from_millis(250))
-            {
-                let have = ram.pages_received();
-                eprint!(
-                    "\r  {:>5.1}%  {have}/{total} pages  {:.1} s ",
-                    have as f64 * 100.0 / total as f64,
-                    start.elapsed().as_secs_f64()
-                );
-                let _ = std::io::stderr().flush();
-            }
-            eprint!("\r{:60}\r", "");
-        });
-        Progress { done, thread }
-    }
-
-    /// Clears the line.
-    fn finish(self) {
-        let _ = self.done.send(());
-        let _ = self.thread.join();
     }
 }
 
@@ -586,10 +617,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
     }
     let cfg = &cfg;
     // Read before the source starts, so a bad key file is reported as such.
-    let key = match &cfg.key_file {
-        Some(k) => Some(Key::from_file(k).map_err(DestError::from)?),
-        None => None,
-    };
+    let key = cfg.key.load().map_err(DestError::from)?;
     let mut child = match &cfg.source {
         Some(_) => None,
         None => Some(SourceProcess::start(cfg, true)?),
@@ -622,7 +650,11 @@ fn run_spec(cfg: &DemoConfig, key: Option<Key>) -> RunSpec {
             pattern: cfg.pattern,
             seed: cfg.seed ^ 0xa5a5,
         }),
-        progress: !cfg.quiet && std::io::stderr().is_terminal(),
+        progress: match (cfg.quiet, std::io::stderr().is_terminal()) {
+            (true, _) => Progress::Quiet,
+            (false, true) => Progress::Line,
+            (false, false) => Progress::Links,
+        },
         zero_map: cfg.zero_map,
         zero_fill: cfg.zero_fill,
         max_streams: cfg.max_streams,
@@ -632,6 +664,7 @@ fn run_spec(cfg: &DemoConfig, key: Option<Key>) -> RunSpec {
         recovery_timeout: cfg.recovery_timeout,
         link_timeout: cfg.link_timeout,
         tls: cfg.tls_client.clone(),
+        gauges: cfg.gauges.clone(),
     }
 }
 
@@ -647,7 +680,9 @@ fn demo_report(cfg: &DemoConfig, out: RunOutcome) -> DemoReport {
         pages_total: layout.total_pages(),
         faults: wl.faults,
         fault_latency_us: LatencyUs::from_ns(&wl.latency_ns),
-        mismatches: wl.mismatches + out.final_mismatches.0,
+        mismatches_first_touch: wl.mismatches,
+        mismatches_final: out.final_mismatches.0,
+        pages_placed: out.pages_placed,
         first_mismatch: wl.first_mismatch.or(out.final_mismatches.1),
         unverified_because: if verified { None } else { out.audit.clone() },
         pattern: format!("{:?}", cfg.pattern).to_lowercase(),
@@ -667,8 +702,11 @@ fn demo_report(cfg: &DemoConfig, out: RunOutcome) -> DemoReport {
         } else {
             0
         },
+        fault_latency_histogram: crate::stats::log2_buckets_us(&wl.latency_ns),
+        timeline: out.timeline,
         ..Default::default()
     };
+    report.title = report.title_line();
     if let Some(p) = &out.precopy {
         add_precopy(&mut report, p);
     }

@@ -25,6 +25,8 @@
 //! - [`workload`], [`report`], [`demo`]: the embedded default and its report.
 //! - [`baseline`], [`mod@bench`]: the simple handler and the benchmark against it.
 //! - [`probe`]: can this host do postcopy.
+//! - [`timeline`]: a migration's gauges sampled over time, and the progress line;
+//!   [`mod@plot`]: a report's timeline as an SVG; [`metrics`]: live counters at `/metrics`.
 //! - [`stats`]: measurements shared by the engine, the handler and the reports (a latency
 //!   summary, the wall clock of the downtime); [`rng`]: a seeded generator for patterns.
 #![deny(missing_docs)]
@@ -41,10 +43,13 @@ pub mod image;
 pub mod layout;
 pub mod link;
 pub mod live;
+pub mod metrics;
+pub mod plot;
 pub mod probe;
 pub mod report;
 pub mod rng;
 pub mod source;
 pub mod stats;
 pub mod sys;
+pub mod timeline;
 pub mod workload;

@@ -12,6 +12,7 @@ mod cli;
 use cli::bench::BenchArgs;
 use cli::demo::DemoArgs;
 use cli::handler::HandlerArgs;
+use cli::plot::PlotArgs;
 use cli::probe::ProbeArgs;
 use cli::serve::ServeArgs;
 
@@ -42,15 +43,21 @@ enum Cmd {
     /// Measure the engine against a simple baseline handler in one run: time to all pages,
     /// stream-only throughput, fault latency with and without the stream; medians and ratios.
     Bench(BenchArgs),
+    /// Draw a report's timeline (pages by path, phases, pages present) and fault-latency
+    /// histogram as one SVG.
+    Plot(PlotArgs),
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: every thread inherits the blocked signals.
+    cli::signals::install();
     let result = match Cli::parse().command {
         Cmd::Probe(args) => cli::probe::cmd_probe(&args),
         Cmd::Serve(args) => cli::serve::cmd_serve(args),
         Cmd::Demo(args) => cli::demo::cmd_demo(args),
         Cmd::Handler(args) => cli::handler::cmd_handler(args),
         Cmd::Bench(args) => cli::bench::cmd_bench(args),
+        Cmd::Plot(args) => cli::plot::cmd_plot(&args),
     };
     match result {
         Ok(code) => code,

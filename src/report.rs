@@ -38,8 +38,14 @@ pub struct DemoReport {
     pub throughput_mib_s: f64,
     /// Fault latency (touch → resumption, measured in the workload).
     pub fault_latency_us: LatencyUs,
-    /// Pages whose content did not verify.
-    pub mismatches: u64,
+    /// Pages whose content the workload found wrong at their first touch (a page never
+    /// touched counts too: it escaped the check).
+    pub mismatches_first_touch: u64,
+    /// Pages whose content was wrong after the migration (the final check of every page; not
+    /// made when the migration failed).
+    pub mismatches_final: u64,
+    /// Pages placed when the run ended (all of them unless it failed).
+    pub pages_placed: u64,
     /// The first mismatch, if any.
     pub first_mismatch: Option<String>,
     /// Why `verified` is false although no page mismatched: pages not placed, or placed and
@@ -87,6 +93,12 @@ pub struct DemoReport {
     pub engine: EngineReport,
     /// Error that ended the run, if any.
     pub error: Option<String>,
+    /// The title line (what `postcopy plot` puts on top).
+    pub title: String,
+    /// The migration over time: the phases, and the pages by each path, per interval.
+    pub timeline: crate::timeline::Timeline,
+    /// The fault latency (touch to resumption) in log₂ buckets of microseconds.
+    pub fault_latency_histogram: Vec<crate::stats::Bucket>,
 }
 
 impl DemoReport {
@@ -109,9 +121,13 @@ impl DemoReport {
 
     /// The title line: image, pattern, threads, workers, stream.
     fn write_title(&self, s: &mut impl std::fmt::Write) {
+        let _ = writeln!(s, "{}", self.title_line());
+    }
+
+    /// Image, memory, pattern, threads, workers, stream, in one line.
+    pub fn title_line(&self) -> String {
         let mib = self.size_bytes as f64 / (1 << 20) as f64;
-        let _ = writeln!(
-            s,
+        format!(
             "postcopy demo: {mib:.0} MiB of {} memory, {} pages of {} B ({}% zero), pattern {}, {} workload threads, {} workers, stream {}",
             self.memory.name(),
             self.pages_total,
@@ -121,7 +137,7 @@ impl DemoReport {
             self.threads,
             self.workers,
             if self.stream { "on" } else { "off" }
-        );
+        )
     }
 
     /// Whether every page verified, and how long postcopy took.
@@ -134,17 +150,40 @@ impl DemoReport {
             } else {
                 "NO"
             },
-            self.first_mismatch
-                .as_deref()
-                .map(|m| format!(" ({} mismatches; first: {m})", self.mismatches))
-                .or_else(|| self.unverified_because.as_ref().map(|w| format!(" ({w})")))
-                .unwrap_or_default()
+            self.why_unverified()
         );
+        if self.error.is_some() {
+            let _ = writeln!(
+                s,
+                "  postcopy        did not finish: {} of {} pages placed (error below)   total {:.3} s",
+                self.pages_placed, self.pages_total, self.total_seconds
+            );
+            return;
+        }
         let _ = writeln!(
             s,
             "  postcopy        {:.3} s  ({:.0} MiB/s)   total {:.3} s",
             self.postcopy_seconds, self.throughput_mib_s, self.total_seconds
         );
+    }
+
+    /// Why `verified` is false, in parentheses (empty when verified).
+    fn why_unverified(&self) -> String {
+        if self.verified {
+            return String::new();
+        }
+        if self.error.is_some() {
+            return " (the migration failed: pages read after the failure are not the source's)"
+                .into();
+        }
+        match (&self.first_mismatch, &self.unverified_because) {
+            (Some(first), _) => format!(
+                " ({} pages wrong at first touch, {} wrong at the end; first: {first})",
+                self.mismatches_first_touch, self.mismatches_final
+            ),
+            (None, Some(why)) => format!(" ({why})"),
+            (None, None) => String::new(),
+        }
     }
 
     /// The precopy phase (when it ran) and the downtime (when known).
@@ -162,9 +201,14 @@ impl DemoReport {
             );
         }
         if let Some(d) = self.downtime_ms {
+            let from = if self.dirty_rate > 0 {
+                "source workload stopped"
+            } else {
+                "source switched over"
+            };
             let _ = writeln!(
                 s,
-                "  downtime        {d:.1} ms (source workload stopped -> destination workload running)"
+                "  downtime        {d:.1} ms ({from} -> destination workload running)"
             );
         }
     }
@@ -198,6 +242,13 @@ impl DemoReport {
             "  faults          {} (requests {}, deduplicated {}, already placed {})",
             self.faults, e.requests, e.fault_deduplicated, e.fault_already_placed
         );
+        if self.faults == 0 {
+            let _ = writeln!(
+                s,
+                "  fault latency   none: no page was missing when first touched"
+            );
+            return;
+        }
         let _ = writeln!(
             s,
             "  fault latency   p50 {:.1} us  p90 {:.1} us  p99 {:.1} us  p99.9 {:.1} us  max {:.1} us",

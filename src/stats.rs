@@ -21,6 +21,41 @@ pub struct LatencyUs {
     pub max: f64,
 }
 
+/// A log₂ bucket of a latency histogram: the latencies above the previous bucket's bound and
+/// at most `le_us` microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Bucket {
+    /// The bucket's upper bound, µs (a power of two).
+    pub le_us: u64,
+    /// Latencies in it.
+    pub count: u64,
+}
+
+/// A histogram of nanoseconds in log₂ buckets of microseconds, from the first bucket that
+/// holds a value to the last (empty for an empty histogram).
+pub fn log2_buckets_us(h: &Histogram<u64>) -> Vec<Bucket> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    let mut buckets: Vec<Bucket> = (0..40)
+        .map(|i| Bucket {
+            le_us: 1u64 << i,
+            count: 0,
+        })
+        .collect();
+    for v in h.iter_recorded() {
+        let us = h
+            .lowest_equivalent(v.value_iterated_to())
+            .div_ceil(1000)
+            .max(1);
+        let i = (64 - (us - 1).leading_zeros()) as usize;
+        buckets[i.min(39)].count += v.count_at_value();
+    }
+    let first = buckets.iter().position(|b| b.count > 0).unwrap_or(0);
+    let last = buckets.iter().rposition(|b| b.count > 0).unwrap_or(0);
+    buckets[first..=last].to_vec()
+}
+
 impl LatencyUs {
     /// From a histogram of nanoseconds.
     pub fn from_ns(h: &Histogram<u64>) -> LatencyUs {
@@ -51,6 +86,21 @@ pub fn unix_us() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log2_buckets_hold_each_latency_at_most_their_bound() {
+        let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+        for ns in [900, 1_000, 3_000, 4_000, 4_100, 1_000_000] {
+            h.record(ns).unwrap();
+        }
+        let b = log2_buckets_us(&h);
+        assert_eq!(b[0], Bucket { le_us: 1, count: 2 });
+        assert_eq!(b[2], Bucket { le_us: 4, count: 2 });
+        assert_eq!(b[3], Bucket { le_us: 8, count: 1 });
+        assert_eq!(b.last().unwrap().le_us, 1024);
+        assert_eq!(b.iter().map(|b| b.count).sum::<u64>(), 6);
+        assert!(log2_buckets_us(&Histogram::<u64>::new(3).unwrap()).is_empty());
+    }
 
     #[test]
     fn latency_summary_serializes_as_before() {

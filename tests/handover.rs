@@ -181,8 +181,15 @@ impl Rig {
         tune(&mut cfg);
         let (r, stop) = (reports.clone(), handler_stop.clone());
         let handler = std::thread::spawn(move || {
-            postcopy::handler::serve(&cfg, stop, move |rep| r.lock().unwrap().push(rep.clone()))
-                .expect("handler")
+            postcopy::handler::serve(
+                &cfg,
+                postcopy::handler::Stop {
+                    now: stop,
+                    ..Default::default()
+                },
+                move |rep| r.lock().unwrap().push(rep.clone()),
+            )
+            .expect("handler")
         });
         assert!(
             wait_until(Duration::from_secs(5), || socket.exists()),
@@ -678,6 +685,8 @@ fn cli_serve_and_handler_restore_a_vmm() {
     let exe = env!("CARGO_BIN_EXE_postcopy");
     let key = dir.0.join("key");
     std::fs::write(&key, b"a test key of thirty-two bytes!!").unwrap();
+    // A key file others can read is refused.
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let mut serve = Proc::spawn(
         Command::new(exe)
             .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--image"])
@@ -739,6 +748,129 @@ fn cli_serve_and_handler_restore_a_vmm() {
     assert_eq!(report["outcome"], "complete", "{report}");
     assert_eq!(report["regions"], 2);
     assert!(report["restore_seconds"].as_f64().is_some(), "{report}");
+}
+
+/// `postcopy serve --image` of a fresh `size`-byte image in `dir`, faults served `delay_ms`
+/// late, and `postcopy handler` of it; their processes, the image and the handler's socket.
+fn cli_rig(dir: &Dir, size: u64, delay_ms: u32) -> (Proc, Proc, PathBuf, PathBuf) {
+    let image = dir.0.join("vm.mem");
+    image_file(&image, size);
+    let exe = env!("CARGO_BIN_EXE_postcopy");
+    let mut serve = Proc::spawn(
+        Command::new(exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--quiet", "--insecure"])
+            .arg("--debug-urgent-delay-ms")
+            .arg(delay_ms.to_string())
+            .arg("--image")
+            .arg(&image)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+        "postcopy serve",
+    )
+    .expect("postcopy serve");
+    let line = serve.stdout_line(IO_TIMEOUT);
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("address line");
+    let socket = dir.0.join("h.sock");
+    let handler = Proc::spawn(
+        Command::new(exe)
+            .args([
+                "handler",
+                "--no-stream",
+                "--insecure",
+                "--source",
+                addr,
+                "--socket",
+            ])
+            .arg(&socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "postcopy handler",
+    )
+    .expect("postcopy handler");
+    assert!(
+        wait_until(IO_TIMEOUT, || socket.exists()),
+        "the handler's socket did not appear"
+    );
+    (serve, handler, image, socket)
+}
+
+/// The fake VMM restoring `image` through `socket`, started.
+fn fake_vmm_proc(image: &Path, socket: &Path) -> Proc {
+    Proc::spawn(
+        Command::new(fake_vmm())
+            .arg("--socket")
+            .arg(socket)
+            .arg("--image")
+            .arg(image)
+            .args([
+                "--threads",
+                "1",
+                "--connect-timeout",
+                "10",
+                "--timeout",
+                "60",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "fake-vmm",
+    )
+    .expect("fake-vmm")
+}
+
+#[test]
+fn a_handler_signalled_mid_restore_finishes_it_then_exits_and_removes_its_socket() {
+    let dir = Dir::new("sigterm");
+    // 2048 pages, each fault served 1 ms late: a restore of a few seconds.
+    let (_serve, mut handler, image, socket) = cli_rig(&dir, 8 * MIB, 1);
+    let vmm = fake_vmm_proc(&image, &socket);
+    std::thread::sleep(Duration::from_millis(700));
+    handler.signal(nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        handler.running(),
+        "the handler exited with a restore in flight"
+    );
+    let out = vmm.wait_output(Duration::from_secs(90));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("fake-vmm JSON");
+    assert_verified(&json, out.status.code().unwrap_or(-1));
+    let out = handler.wait_output(Duration::from_secs(20));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(report["outcome"], "complete", "{report}");
+    assert!(!socket.exists(), "the handler left its socket file");
+}
+
+#[test]
+fn a_handler_signalled_twice_cuts_its_restore_short_says_so_and_removes_its_socket() {
+    let dir = Dir::new("sigterm2");
+    // 20 ms per fault: the restore is far from done when the signals come.
+    let (_serve, handler, image, socket) = cli_rig(&dir, 8 * MIB, 20);
+    let vmm = fake_vmm_proc(&image, &socket);
+    std::thread::sleep(Duration::from_millis(700));
+    for _ in 0..2 {
+        handler.signal(nix::sys::signal::Signal::SIGTERM);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = handler.wait_output(Duration::from_secs(10));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "a handler that cut a restore short exited 0: {said}"
+    );
+    assert!(said.contains("stopping the restores in flight"), "{said}");
+    let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_ne!(report["outcome"], "complete", "{report}");
+    assert!(!socket.exists(), "the handler left its socket file");
+    // The VMM lost its memory's source: it ends (it does not verify), within its bounds.
+    let out = vmm.wait_output(Duration::from_secs(90));
+    assert!(!out.status.success(), "the cut restore verified");
 }
 
 #[test]

@@ -8,7 +8,6 @@ mod common;
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,7 +93,7 @@ fn source_and_handler(
         reports.clone(),
     );
     let handler = std::thread::spawn(move || {
-        postcopy::handler::serve(&cfg, Arc::new(AtomicBool::new(false)), move |r| {
+        postcopy::handler::serve(&cfg, postcopy::handler::Stop::default(), move |r| {
             r2.lock().unwrap().push(r.clone())
         })
     });

@@ -21,7 +21,7 @@ t=tools/fake-vmm/target/release
 img=$tmp/vm.mem
 python3 tools/make-image.py "$img" "$size_mib"
 port=$((20000 + RANDOM % 20000))
-head -c 32 /dev/urandom >"$tmp/key"   # authenticated, as in production
+(umask 077 && head -c 32 /dev/urandom >"$tmp/key")   # authenticated, as in production
 $bin serve --listen 127.0.0.1:$port --image "$img" --quiet --key-file "$tmp/key" >/dev/null 2>&1 &
 src=$!
 sleep 0.5

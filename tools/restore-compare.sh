@@ -34,7 +34,7 @@ bin=target/release/postcopy
 t=tools/fake-vmm/target/release
 img=$tmp/vm.mem
 python3 tools/make-image.py "$img" "$mib"
-head -c 32 /dev/urandom >"$tmp/key"
+(umask 077 && head -c 32 /dev/urandom >"$tmp/key")
 port=$((20000 + RANDOM % 20000))
 $bin serve --listen 127.0.0.1:$port --image "$img" --working-set "$tmp/ws" --quiet \
   --key-file "$tmp/key" >/dev/null 2>"$tmp/serve.err" &

@@ -94,11 +94,12 @@ impl RunArgs {
             precopy: false,
             dirty_rate: 0,
             precopy_limits: PrecopyLimits::default(),
-            key_file: None,
+            key: postcopy::demo::DemoKey::None,
             recovery_timeout: Duration::from_secs(self.recovery_timeout),
             link_timeout: Duration::from_secs(self.link_timeout),
             tls_files: None,
             tls_client: None,
+            gauges: Default::default(),
         })
     }
 }

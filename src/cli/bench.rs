@@ -68,6 +68,9 @@ pub struct BenchArgs {
 /// Runs the benchmark and prints its table (or JSON); failure if a run did not verify or a
 /// `--check` metric is worse than the baseline's.
 pub fn cmd_bench(args: BenchArgs) -> Result<ExitCode, MainError> {
+    if let Some(path) = &args.report {
+        super::check_report_path(path)?;
+    }
     let cfg = BenchConfig {
         demo: args.run.demo_config(args.zero_percent, args.threads[0])?,
         demand_size_bytes: args.demand_size,

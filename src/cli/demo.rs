@@ -4,10 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use postcopy::demo::{self, DemoConfig, OneRunKey};
+use postcopy::demo::{self, DemoConfig, DemoKey, OneRunKey};
 
 use super::args::{OnOff, PrecopyArgs, RunArgs, TlsArgs};
-use super::parse::{usize_in, MAX_DIRTY_PAGES_PER_S, MAX_THREADS};
+use super::parse::{parse_host_port, usize_in, MAX_DIRTY_PAGES_PER_S, MAX_THREADS};
 use super::{write_report, MainError};
 
 /// The arguments of `demo`.
@@ -24,20 +24,31 @@ pub struct DemoArgs {
     /// Share of zero pages in the image, percent.
     #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(0..=100))]
     zero_percent: u8,
-    /// Use a running `postcopy serve --synthetic` at HOST:PORT instead of a local source.
-    #[arg(long)]
+    /// Use a running `postcopy serve --synthetic` at HOST:PORT instead of a local source (the
+    /// image's size, seed and zero pages are then the source's; precopy is off unless asked
+    /// for: a static source has nothing to precopy but everything).
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port, conflicts_with_all = [
+        "size", "seed", "zero_percent", "dirty_rate", "tls_cert", "tls_key",
+        "precopy_max_rounds", "precopy_max_dirty", "precopy_max_seconds",
+    ])]
     source: Option<String>,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Draw the migration's timeline and fault-latency histogram into this SVG.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// Print the JSON report on stdout instead of the text.
+    #[arg(long)]
+    json: bool,
     /// Skip the warm-up (touching and freeing memory of the image's size before timing,
     /// so the hypervisor's first-touch cost is not measured as migration time).
     #[arg(long)]
     no_warmup: bool,
     /// Precopy before postcopy (`off`: pure postcopy, the source's workload stops at the
-    /// handshake).
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
-    precopy: OnOff,
+    /// handshake). Default: on with the local source, off with --source.
+    #[arg(long, value_enum)]
+    precopy: Option<OnOff>,
     /// Pages per second the local live source's workload writes during precopy.
     #[arg(
         long,
@@ -55,6 +66,9 @@ pub struct DemoArgs {
     insecure: bool,
     #[command(flatten)]
     tls: TlsArgs,
+    /// Serve live metrics at http://HOST:PORT/metrics (Prometheus text format).
+    #[arg(long, value_name = "HOST:PORT", value_parser = super::parse::parse_host_port)]
+    metrics: Option<String>,
 }
 
 impl DemoArgs {
@@ -65,7 +79,11 @@ impl DemoArgs {
         cfg.source = self.source.clone();
         cfg.warmup = !self.no_warmup;
         cfg.live = true;
-        cfg.precopy = self.precopy == OnOff::On;
+        cfg.precopy = self.precopy.unwrap_or(if self.source.is_some() {
+            OnOff::Off
+        } else {
+            OnOff::On
+        }) == OnOff::On;
         cfg.dirty_rate = self.dirty_rate;
         cfg.precopy_limits = self.precopy_limits.limits();
         cfg.tls_files = self.tls.files();
@@ -76,30 +94,63 @@ impl DemoArgs {
         Ok(cfg)
     }
 
-    /// Authenticated by default, with a throwaway key unless one is given.
-    fn one_run_key(&self) -> Result<Option<OneRunKey>, MainError> {
-        match (&self.key_file, self.insecure) {
-            (None, false) => Ok(Some(OneRunKey::create()?)),
-            _ => Ok(None),
-        }
+    /// Authenticated by default, with a one-run key unless a key file is given.
+    fn key(&self) -> Result<DemoKey, MainError> {
+        Ok(match (&self.key_file, self.insecure) {
+            (Some(path), _) => DemoKey::File(path.clone()),
+            (None, true) => DemoKey::None,
+            (None, false) if self.source.is_some() => return Err(MainError::DemoSourceKey),
+            (None, false) => DemoKey::OneRun(OneRunKey::create()?),
+        })
     }
 }
 
 /// Runs the demo and prints its report (and writes it with `--report`); failure unless every
 /// page verified.
 pub fn cmd_demo(args: DemoArgs) -> Result<ExitCode, MainError> {
+    for path in args.report.iter().chain(&args.plot) {
+        super::check_report_path(path)?;
+    }
     let mut cfg = args.config()?;
-    let one_run_key = args.one_run_key()?;
-    cfg.key_file = match &one_run_key {
-        Some(k) => Some(k.path().to_path_buf()),
-        None => args.key_file.clone(),
+    cfg.key = args.key()?;
+    if let Some(addr) = &args.metrics {
+        let gauges = cfg.gauges.clone();
+        super::serve_metrics(
+            "demo",
+            addr,
+            std::sync::Arc::new(move || {
+                postcopy::metrics::migration_families(
+                    "migration",
+                    &[("demo".into(), gauges.clone())],
+                )
+            }),
+        )?;
+    }
+    let report = match demo::run(&cfg) {
+        Ok(report) => report,
+        Err(e) => {
+            let e = MainError::from(e);
+            if let Some(path) = &args.report {
+                write_report(path, &super::failure_json(&e))?;
+            }
+            return Err(e);
+        }
     };
-    let result = demo::run(&cfg);
-    drop(one_run_key);
-    let report = result?;
-    print!("{}", report.render());
+    if args.json {
+        println!("{}", report.to_json());
+    } else {
+        print!("{}", report.render());
+    }
     if let Some(path) = &args.report {
         write_report(path, &report.to_json())?;
+    }
+    if let Some(path) = &args.plot {
+        let input = postcopy::plot::PlotInput {
+            title: report.title.clone(),
+            timeline: report.timeline.clone(),
+            fault_latency_histogram: report.fault_latency_histogram.clone(),
+        };
+        super::plot::write_svg(&input, path)?;
     }
     Ok(if report.verified {
         ExitCode::SUCCESS

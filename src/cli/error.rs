@@ -33,6 +33,12 @@ pub enum MainError {
         "the local demo needs both the source's --tls-cert/--tls-key and the destination's --tls-ca"
     )]
     TlsHalf,
+    /// `demo --source` was given neither the source's key nor `--insecure`.
+    #[error(
+        "demo --source authenticates the source: pass --key-file FILE (the file the source was \
+         started with), or --insecure if the source runs with --insecure"
+    )]
+    DemoSourceKey,
     /// `serve` was given no image.
     #[error("serve needs an image: pass --image FILE or --synthetic SIZE")]
     NoImage,
@@ -64,6 +70,20 @@ pub enum MainError {
         /// Why.
         source: std::io::Error,
     },
+    /// A report given to `plot` could not be read.
+    #[error("cannot read report {}: {why}", path.display())]
+    ReadReport {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The SVG could not be drawn.
+    #[error(transparent)]
+    Plot(#[from] postcopy::plot::PlotError),
+    /// `--metrics` could not be served.
+    #[error(transparent)]
+    Metrics(#[from] postcopy::metrics::MetricsError),
     /// `serve --once` (or `--live`): the one session served did not complete.
     #[error("serve: the session did not complete")]
     SessionIncomplete,

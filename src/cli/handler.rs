@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use postcopy::handler::{HandlerConfig, VmmReport};
+use postcopy::handler::{HandlerConfig, Outcome, Stop, VmmReport};
 
 use super::args::{AuthArgs, TlsArgs};
-use super::parse::MAX_TIMEOUT_S;
+use super::parse::{parse_host_port, MAX_TIMEOUT_S};
 use super::MainError;
 
 /// The arguments of `handler`.
@@ -21,7 +21,7 @@ pub struct HandlerArgs {
     #[arg(long)]
     socket: PathBuf,
     /// The source serving the snapshot's memory file, HOST:PORT.
-    #[arg(long)]
+    #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
     source: String,
     /// Serve one VMM, then exit (non-zero if it failed).
     #[arg(long)]
@@ -44,6 +44,9 @@ pub struct HandlerArgs {
     recovery_timeout: u64,
     #[command(flatten)]
     tls: TlsArgs,
+    /// Serve live metrics at http://HOST:PORT/metrics (Prometheus text format).
+    #[arg(long, value_name = "HOST:PORT", value_parser = super::parse::parse_host_port)]
+    metrics: Option<String>,
     /// Source sessions kept ready (connected and authenticated) before any VMM connects, so a
     /// handover's first fault waits for nothing else; replenished as VMMs take them. 0: each
     /// VMM connects on arrival.
@@ -69,28 +72,55 @@ impl HandlerArgs {
     }
 }
 
-/// Serves VMMs until stopped (with `--once`: one; failure if its restore failed).
+/// Serves VMMs until stopped (with `--once`: one; failure if its restore failed, or if a
+/// second signal cut restores short).
 pub fn cmd_handler(args: HandlerArgs) -> Result<ExitCode, MainError> {
-    let config = args.config()?;
-    eprintln!(
-        "postcopy handler: listening on {} (source {})",
-        config.socket.display(),
-        config.source
-    );
+    let mut config = args.config()?;
+    if let Some(addr) = &args.metrics {
+        let live = Arc::new(postcopy::metrics::Live::default());
+        config.live = Some(live.clone());
+        super::serve_metrics(
+            "handler",
+            addr,
+            Arc::new(move || postcopy::metrics::migration_families("vmm", &live.now())),
+        )?;
+    }
     let failed = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = Stop::default();
+    super::signals::remove_on_exit(config.socket.clone());
+    let s = stop.clone();
+    super::signals::on_stop(move |n, signal| {
+        if n == 1 {
+            eprintln!(
+                "postcopy handler: {}: taking no new VMM; exiting once the restores in flight \
+                 end (signal again to stop them: their VMs lose their memory; a third time to \
+                 exit at once)",
+                signal.as_str()
+            );
+            s.drain.store(true, Ordering::Release);
+        } else {
+            eprintln!(
+                "postcopy handler: {}: stopping the restores in flight",
+                signal.as_str()
+            );
+            s.now.store(true, Ordering::Release);
+        }
+    });
     let f = failed.clone();
+    let cut = stop.now.clone();
     postcopy::handler::serve(&config, stop, move |report| print_vmm_report(report, &f))?;
-    Ok(if args.once && failed.load(Ordering::Acquire) {
+    // A failed restore fails `--once`, and a stop that cut restores short fails any run.
+    let cut = cut.load(Ordering::Acquire);
+    Ok(if (args.once || cut) && failed.load(Ordering::Acquire) {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
     })
 }
 
-/// One JSON line on stdout per VMM served; a failed one sets `failed`.
+/// One JSON line on stdout per VMM served; a failed one (or one stopped short) sets `failed`.
 fn print_vmm_report(report: &VmmReport, failed: &AtomicBool) {
-    if report.error.is_some() {
+    if report.error.is_some() || report.outcome == Outcome::Stopped {
         failed.store(true, Ordering::Release);
     }
     match serde_json::to_string(report) {

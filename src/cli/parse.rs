@@ -77,6 +77,20 @@ pub fn parse_page_size(s: &str) -> Result<u64, String> {
     Ok(page_bytes)
 }
 
+/// A `HOST:PORT` address (a name, an IPv4 address, or an IPv6 one in brackets), as given.
+pub fn parse_host_port(s: &str) -> Result<String, String> {
+    let example = "e.g. 10.0.0.1:7070, src.example:7070, [::1]:7070";
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} has no port: give HOST:PORT ({example})"))?;
+    if host.is_empty() || (host.contains(':') && !host.starts_with('[')) {
+        return Err(format!("{s:?} is not HOST:PORT ({example})"));
+    }
+    port.parse::<u16>()
+        .map_err(|_| format!("{port:?} in {s:?} is not a port number ({example})"))?;
+    Ok(s.to_string())
+}
+
 /// Seconds, fractions allowed, from 0 to [`MAX_TIMEOUT_S`].
 pub fn parse_seconds(s: &str) -> Result<f64, String> {
     let seconds: f64 = s
@@ -119,6 +133,19 @@ mod tests {
         assert!(parse_page_size("2K").is_err());
         assert!(parse_page_size("12K").is_err());
         assert!(parse_page_size("2G").is_err());
+    }
+
+    #[test]
+    fn addresses_need_a_host_and_a_port() {
+        assert!(parse_host_port("127.0.0.1:7070").is_ok());
+        assert!(parse_host_port("src.example:0").is_ok());
+        assert!(parse_host_port("[::1]:7070").is_ok());
+        assert!(parse_host_port("127.0.0.1")
+            .unwrap_err()
+            .contains("no port"));
+        assert!(parse_host_port(":7070").is_err());
+        assert!(parse_host_port("::1:7070").is_err());
+        assert!(parse_host_port("h:99999").is_err());
     }
 
     #[test]

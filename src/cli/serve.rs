@@ -15,8 +15,8 @@ use postcopy::source::{SourceConfig, SourceServer, WorkingSetConfig};
 
 use super::args::{AuthArgs, PrecopyArgs, TlsArgs};
 use super::parse::{
-    parse_page_size, parse_size, MAX_DIRTY_PAGES_PER_S, MAX_PREFETCH_PAGES, MAX_TIMEOUT_S,
-    MAX_URGENT_DELAY_MS,
+    parse_host_port, parse_page_size, parse_size, MAX_DIRTY_PAGES_PER_S, MAX_PREFETCH_PAGES,
+    MAX_TIMEOUT_S, MAX_URGENT_DELAY_MS,
 };
 use super::MainError;
 
@@ -24,7 +24,7 @@ use super::MainError;
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the address is printed).
-    #[arg(long, default_value = "0.0.0.0:7070")]
+    #[arg(long, default_value = "0.0.0.0:7070", value_name = "HOST:PORT", value_parser = parse_host_port)]
     listen: String,
     /// Serve this raw memory file (e.g. a VM snapshot's memory file).
     #[arg(
@@ -101,6 +101,9 @@ pub struct ServeArgs {
     /// Forget the learned working set: start empty (the file is replaced at the next save).
     #[arg(long)]
     working_set_reset: bool,
+    /// Serve live metrics at http://HOST:PORT/metrics (Prometheus text format).
+    #[arg(long, value_name = "HOST:PORT", value_parser = super::parse::parse_host_port)]
+    metrics: Option<String>,
     /// Learn the working set but do not push it (to record a reference restore first).
     #[arg(long)]
     working_set_record_only: bool,
@@ -181,6 +184,31 @@ pub fn cmd_serve(args: ServeArgs) -> Result<ExitCode, MainError> {
     let key = args.auth.key("serve")?;
     let tls = args.tls.server()?;
     let server = args.bind(args.config(key, tls))?;
+    if let Some(addr) = &args.metrics {
+        let view = server.sessions_view();
+        super::serve_metrics(
+            "serve",
+            addr,
+            Arc::new(move || postcopy::metrics::source_families(&view)),
+        )?;
+    }
+    let handle = server.stop_handle();
+    super::signals::on_stop(move |n, signal| {
+        if n == 1 {
+            eprintln!(
+                "postcopy serve: {}: taking no new migration; exiting once those in flight end \
+                 (signal again to stop them, a third time to exit at once)",
+                signal.as_str()
+            );
+            handle.drain();
+        } else {
+            eprintln!(
+                "postcopy serve: {}: stopping the migrations in flight",
+                signal.as_str()
+            );
+            handle.stop();
+        }
+    });
     println!("listening on {}", server.local_addr());
     let _ = std::io::stdout().flush();
     let sessions = server.run()?;

@@ -7,7 +7,7 @@ use crate::layout::LayoutError;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CodecError {
     /// Not our protocol at all.
-    #[error("bad frame magic {0:#010x}: the peer is not a postcopy page server (wrong port?)")]
+    #[error("the peer is not a postcopy page server (wrong port?): it sent {} where a frame starts", shown_magic(*.0))]
     BadMagic(u32),
     /// A version we do not speak.
     #[error("protocol version {got} not supported (this build speaks {VERSION}); upgrade the older side")]
@@ -73,4 +73,15 @@ pub enum CodecError {
         /// Bytes available.
         have: usize,
     },
+}
+
+/// The 4 bytes of a bad magic as the peer sent them: as text when they are (`"HTTP"`, `"SSH-"`),
+/// else in hex.
+fn shown_magic(magic: u32) -> String {
+    let bytes = magic.to_le_bytes();
+    if bytes.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+        format!("{:?}", String::from_utf8_lossy(&bytes))
+    } else {
+        format!("{magic:#010x}")
+    }
 }

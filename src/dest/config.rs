@@ -6,6 +6,9 @@ use std::time::Duration;
 /// Engine configuration.
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
+    /// Where the migration's live counters and phase are published (the progress line, the
+    /// report's timeline, `/metrics` read them). One per migration.
+    pub gauges: std::sync::Arc<super::gauges::Gauges>,
     /// Source address, `HOST:PORT`.
     pub source: String,
     /// Number of workers (each with its own uffd shard, ring and connections).
@@ -79,6 +82,7 @@ impl EngineConfig {
 impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
+            gauges: Default::default(),
             source: "127.0.0.1:7070".into(),
             workers: crate::sys::online_cpus(),
             pin: true,

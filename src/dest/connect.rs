@@ -146,6 +146,13 @@ pub(crate) fn open_connection_as(
 ) -> Result<Opened, DestError> {
     let mut link = FramedStream::new(dial(config, within)?);
     let context = format!("{role:?} connection of worker {worker}");
+    // The first connection of a migration: a peer that is not a postcopy source is told apart
+    // within FIRST_ANSWER (a source speaks first with a key, and answers the Hello at once).
+    let first = session == 0 && joining == Joining::Fresh;
+    let first_answer = within.min(FIRST_ANSWER);
+    if first && config.key.is_some() {
+        await_first_answer(config, &link, first_answer)?;
+    }
     if let Some(key) = &config.key {
         match crate::link::handshake::connect(&mut link, key) {
             // The session's source proved a key before: it is the link that is slow or silent.
@@ -182,6 +189,9 @@ pub(crate) fn open_connection_as(
     h.encode(&mut hello);
     link.write_frames(&mut hello)
         .map_err(link_err("send Hello"))?;
+    if first && config.key.is_none() {
+        await_first_answer(config, &link, first_answer)?;
+    }
     let welcome = read_welcome(&mut link, config).map_err(link_err(&context))?;
     let zero_map = if want_zero_map {
         Some(read_zero_map(&mut link, &welcome.layout).map_err(link_err(&context))?)
@@ -196,6 +206,47 @@ pub(crate) fn open_connection_as(
         welcome,
         zero_map,
     })
+}
+
+/// How long the first connection of a migration waits for the source's first byte.
+pub const FIRST_ANSWER: Duration = Duration::from_secs(1);
+
+/// Waits up to `within` for the peer's first bytes (they are read, and checked, next).
+fn await_first_answer(
+    config: &EngineConfig,
+    link: &FramedStream,
+    within: Duration,
+) -> Result<(), DestError> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    let ms = within.as_millis().min(u128::from(u16::MAX)) as u16;
+    let mut fds = [PollFd::new(link.socket().as_fd(), PollFlags::POLLIN)];
+    if let Ok(0) = nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+        if config.key.is_some() {
+            // A keyed source speaks first (its challenge): this one runs without a key, or is
+            // not a postcopy source (the error says both).
+            return Err(DestError::Auth(crate::link::auth::AuthError::NoChallenge));
+        }
+        return Err(DestError::NoAnswer {
+            addr: config.source.clone(),
+            waited_ms: within.as_millis() as u64,
+        });
+    }
+    // Every frame starts with the magic: a peer that sent other bytes is refused now, not
+    // after a header's worth of them (it may never send that many). Under TLS the socket
+    // carries records, not frames: the read that follows checks.
+    let mut first = [0u8; 4];
+    if config.tls.is_none() && link.socket().peek(&mut first).ok() == Some(first.len()) {
+        let magic = u32::from_le_bytes(first);
+        if magic != crate::codec::MAGIC {
+            return Err(DestError::Protocol {
+                context: format!("the first answer of {}", config.source),
+                source: crate::codec::CodecError::BadMagic(magic),
+            });
+        }
+    }
+    // Readable, hung up or failed otherwise: the read that follows says which.
+    Ok(())
 }
 
 /// TCP (and TLS) to the source, `within` as the connect and the handshake's read timeout, and

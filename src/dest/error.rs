@@ -8,6 +8,17 @@ use crate::sys::uffd::UffdError;
 /// Errors of the destination engine.
 #[derive(Debug, thiserror::Error)]
 pub enum DestError {
+    /// The first connection of a migration was accepted, but the peer said nothing.
+    #[error(
+        "{addr} accepted the connection but said nothing within {waited_ms} ms: a postcopy \
+         source answers at once; is `postcopy serve` listening on that port?"
+    )]
+    NoAnswer {
+        /// The address.
+        addr: String,
+        /// How long we waited.
+        waited_ms: u64,
+    },
     /// Could not reach the source.
     #[error("cannot connect to source {addr}: {source}; is `postcopy serve` running there?")]
     Connect {

@@ -29,6 +29,7 @@ mod config;
 mod connect;
 mod engine;
 mod error;
+pub mod gauges;
 pub mod memory;
 mod origin;
 pub mod pacer;

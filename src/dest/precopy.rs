@@ -66,6 +66,8 @@ struct PrecopyWriter<'r> {
     zeros: Vec<u8>,
     /// The number of the last `Round` taken in (every page of it is here).
     last_round: u64,
+    /// Pages received in every round so far (a page sent again counts again).
+    pages_received: u64,
     report: PrecopyReport,
 }
 
@@ -162,6 +164,7 @@ pub fn receive_precopy(
             .collect(),
         zeros: vec![0u8; ram.layout.max_page_size() as usize],
         last_round: 0,
+        pages_received: 0,
         report: PrecopyReport::default(),
     };
     loop {
@@ -295,7 +298,15 @@ fn receive_rounds(
             .ok_or_else(closed)?;
         writer.report.bytes_received += (HEADER_BYTES as u64) + u64::from(h.body_len);
         match h.kind {
-            Kind::Pages => writer.pages(&h, link.body())?,
+            Kind::Pages => {
+                writer.pages(&h, link.body())?;
+                writer.pages_received += u64::from(h.count);
+                config.gauges.precopy(
+                    writer.report.round_pages.len() as u64 + 1,
+                    writer.pages_received,
+                    writer.report.bytes_received,
+                );
+            }
             Kind::Discard => writer.discard(&h, link.body())?,
             Kind::Round => {
                 writer.report.round_pages.push(h.mask);

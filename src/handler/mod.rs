@@ -18,9 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::dest::gauges::{Gauges, Phase};
 use crate::dest::{self, DestRam, Engine, EngineConfig, ZeroFill};
 use crate::handover::{self, HandoverError};
 use crate::sys::uffd::Uffd;
+use crate::timeline::{Progress, Sampler};
 
 mod pool;
 mod report;
@@ -33,9 +35,7 @@ pub use report::{Outcome, VmmReport};
 #[derive(Debug, thiserror::Error)]
 pub enum HandlerError {
     /// The socket path could not be bound.
-    #[error(
-        "cannot listen on {path}: {source} (remove a stale socket file, or pick another path)"
-    )]
+    #[error("cannot listen on {}: {source}{}", path.display(), bind_hint(source))]
     Bind {
         /// The path.
         path: PathBuf,
@@ -80,6 +80,8 @@ pub struct HandlerConfig {
     /// Source sessions kept prepared (connected, authenticated) before any VMM connects, so
     /// that a handover's first fault waits for nothing else; 0: each VMM connects on arrival.
     pub prepared_sessions: usize,
+    /// Where the VMMs being served are shown (`--metrics`), if anywhere.
+    pub live: Option<Arc<crate::metrics::Live>>,
 }
 
 impl Default for HandlerConfig {
@@ -97,15 +99,26 @@ impl Default for HandlerConfig {
             recovery_timeout: Duration::from_secs(60),
             tls: None,
             prepared_sessions: 2,
+            live: None,
         }
     }
+}
+
+/// How a running [`serve`] is asked to end.
+#[derive(Clone, Debug, Default)]
+pub struct Stop {
+    /// Take no new VMM, and return once the restores in flight have ended (a restore cut
+    /// short loses its VM).
+    pub drain: Arc<AtomicBool>,
+    /// Stop the restores in flight too, now.
+    pub now: Arc<AtomicBool>,
 }
 
 /// Serves VMMs on `config.socket` until `stop` (or, with `once`, after the first VMM).
 /// Each VMM's report is passed to `on_report` as it ends.
 pub fn serve(
     config: &HandlerConfig,
-    stop: Arc<AtomicBool>,
+    control: Stop,
     on_report: impl Fn(&VmmReport) + Send + Sync + 'static,
 ) -> Result<(), HandlerError> {
     let listener = bind(&config.socket)?;
@@ -115,6 +128,13 @@ pub fn serve(
             path: config.socket.clone(),
             source,
         })?;
+    if config.verbose {
+        eprintln!(
+            "postcopy handler: listening on {} (source {})",
+            config.socket.display(),
+            config.source
+        );
+    }
     let on_report = Arc::new(on_report);
     let pool = Arc::new(Pool::start(
         pool_config(config),
@@ -123,8 +143,10 @@ pub fn serve(
     ));
     let active = Arc::new(AtomicUsize::new(0));
     let mut served = 0usize;
+    let stop = control.now;
     let result = loop {
         if stop.load(Ordering::Acquire)
+            || control.drain.load(Ordering::Acquire)
             || (config.once && served > 0 && active.load(Ordering::Acquire) == 0)
         {
             break Ok(());
@@ -171,15 +193,45 @@ pub fn serve(
     result
 }
 
-fn bind(path: &Path) -> Result<UnixListener, HandlerError> {
-    // A socket file left by an earlier run (nobody listening) is replaced; a live one is not.
-    if path.exists() && UnixStream::connect(path).is_err() {
-        let _ = std::fs::remove_file(path);
+/// What to do about a socket path that cannot be bound.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => {
+            " (its directory does not exist: create it, or pick another path)"
+        }
+        std::io::ErrorKind::PermissionDenied => {
+            " (no permission to create it there: pick a path this user may write)"
+        }
+        std::io::ErrorKind::AddrInUse => {
+            " (another handler is listening there: stop it, or pick another path)"
+        }
+        std::io::ErrorKind::AlreadyExists => {
+            " (remove it if it is not needed, or pick another path)"
+        }
+        _ => " (pick another path)",
     }
+}
+
+fn bind(path: &Path) -> Result<UnixListener, HandlerError> {
     let err = |source| HandlerError::Bind {
         path: path.to_path_buf(),
         source,
     };
+    // A socket file left by an earlier run (nobody listening) is replaced; a live one is not,
+    // and neither is anything that is not a socket.
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket",
+            )));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(err(std::io::ErrorKind::AddrInUse.into()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
     // Bound and listening under a temporary name, then renamed into place: a VMM that finds
     // the path can connect (bind(2) creates the file before listen(2), and a connect in
     // between is refused).
@@ -258,13 +310,29 @@ fn serve_vmm_inner(
     report.pid = h.pid;
     report.version = Some(h.version);
     report.regions = h.regions.len();
-    let engine = start_engine(config, pool, h, report)?;
+    let (engine, gauges) = start_engine(config, pool, h, report)?;
+    let sampler = {
+        let ram = engine.ram.clone();
+        let sizes = (ram.layout.total_pages(), ram.layout.blocks[0].page_size);
+        Sampler::start(
+            gauges.clone(),
+            Box::new(move || ram.pages_received()),
+            sizes,
+            Progress::Quiet,
+        )
+    };
     // The engine's times run from its release (`Go`); the VMM's from its handover.
     let released_s = handed_over.elapsed().as_secs_f64();
     let vmm_gone = serve_until_gone(sock, &engine, stop)?;
     engine.stop();
     let ram = engine.ram.clone();
     report.engine_ended(engine.wait_end(), &ram, vmm_gone);
+    gauges.set_phase(if report.outcome == Outcome::Complete {
+        Phase::Done
+    } else {
+        Phase::Failed
+    });
+    report.timeline = sampler.finish();
     report.first_fault_served_ms = report
         .first_fault_served_ms
         .map(|ms| ms + released_s * 1000.0);
@@ -317,8 +385,12 @@ fn start_engine(
     pool: Option<&Pool>,
     h: handover::Handover,
     report: &mut VmmReport,
-) -> Result<dest::EngineHandle, String> {
+) -> Result<(dest::EngineHandle, Arc<Gauges>), String> {
     let engine_cfg = engine_config(config, &h.regions);
+    let gauges = engine_cfg.gauges.clone();
+    if let Some(live) = &config.live {
+        live.add(h.pid.map_or("?".into(), |p| p.to_string()), &gauges);
+    }
     let uffd = Uffd::from_fd(h.uffd);
     let connected = match pool.and_then(Pool::take) {
         Some(c) => {
@@ -333,9 +405,11 @@ fn start_engine(
     let ram =
         Arc::new(DestRam::foreign(&connected.welcome.layout, segments).map_err(|e| e.to_string())?);
     let prepared = Engine::prepare(&connected, ram, &engine_cfg).map_err(|e| e.to_string())?;
-    prepared
+    let engine = prepared
         .enable_notify_external(connected, uffd)
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+    gauges.set_phase(Phase::Postcopy);
+    Ok((engine, gauges))
 }
 
 /// Serves until the engine finishes, `stop` is set, or the VMM goes away (its socket closes):

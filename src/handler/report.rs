@@ -75,6 +75,8 @@ pub struct VmmReport {
     pub recoveries: u64,
     /// The error, when the outcome is one.
     pub error: Option<String>,
+    /// The restore over time: pages by each path per interval, the phases.
+    pub timeline: crate::timeline::Timeline,
 }
 
 impl VmmReport {

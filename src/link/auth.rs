@@ -66,9 +66,52 @@ pub enum AuthError {
     /// The source asks for a key we do not have.
     #[error("the source requires authentication: start the destination with --key-file (the same key file as the source)")]
     KeyRequired,
+    /// The key file can be read by other users than its owner.
+    #[error("key file {path} can be read by others (mode {mode:04o}): a key others can read authenticates them too; run `chmod 600 {path}`")]
+    Exposed {
+        /// The path.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// No randomness.
     #[error("cannot read /dev/urandom for a nonce: {0}")]
     Random(std::io::Error),
+}
+
+/// Refuses a regular key file that its group or others can read.
+fn check_private(path: &Path, shown: &str) -> Result<(), AuthError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| AuthError::Read {
+        path: shown.to_string(),
+        source,
+    })?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if meta.is_file() && mode & 0o077 != 0 {
+        return Err(AuthError::Exposed {
+            path: shown.to_string(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Why a secret looks guessable, if it does: even drawn at random from the byte values it
+/// uses, it would hold fewer than 128 bits (`len × log2(distinct values)`). A hex or base64
+/// key of 32 random bytes passes; a repeated word does not.
+pub fn weakness(secret: &[u8]) -> Option<String> {
+    let mut seen = [false; 256];
+    for &b in secret {
+        seen[usize::from(b)] = true;
+    }
+    let distinct = seen.iter().filter(|&&s| s).count();
+    let bits = secret.len() as f64 * (distinct as f64).log2();
+    (bits < 128.0).then(|| {
+        format!(
+            "holds at most {bits:.0} bits ({distinct} distinct byte values in {} bytes): it does not look random",
+            secret.len()
+        )
+    })
 }
 
 impl From<BadTag> for AuthError {
@@ -97,19 +140,35 @@ impl Key {
         ))
     }
 
-    /// Reads a key file (any bytes, at least [`MIN_KEY_BYTES`]; a trailing newline is kept:
-    /// both sides read the same file).
+    /// Reads a key file: any bytes, at least [`MIN_KEY_BYTES`] (a trailing newline is kept:
+    /// both sides read the same file). `-` reads the key from standard input until its end
+    /// (a secret piped from a secret store, or from a parent process: no file at all).
+    ///
+    /// A regular file that its group or others may read is refused: it would let them in. A
+    /// key that looks guessable (few distinct bytes) is accepted with a warning on stderr.
     pub fn from_file(path: &Path) -> Result<Key, AuthError> {
         let p = path.display().to_string();
-        let secret = std::fs::read(path).map_err(|source| AuthError::Read {
+        let read_err = |source| AuthError::Read {
             path: p.clone(),
             source,
-        })?;
+        };
+        let secret = if path == Path::new("-") {
+            let mut secret = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin().lock(), &mut secret)
+                .map_err(read_err)?;
+            secret
+        } else {
+            check_private(path, &p)?;
+            std::fs::read(path).map_err(read_err)?
+        };
         if secret.len() < MIN_KEY_BYTES {
             return Err(AuthError::Short {
                 path: p,
                 len: secret.len(),
             });
+        }
+        if let Some(why) = weakness(&secret) {
+            eprintln!("postcopy: warning: key file {p} {why}; make one with `head -c 32 /dev/urandom > FILE`");
         }
         Ok(Key::from_secret(&secret))
     }
@@ -204,6 +263,33 @@ pub fn random<const N: usize>() -> Result<[u8; N], AuthError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_hex_and_base64_keys_are_strong_repeated_words_are_weak() {
+        assert!(weakness(&random::<32>().unwrap()).is_none());
+        let hex: String = random::<32>()
+            .unwrap()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert!(weakness(hex.as_bytes()).is_none(), "{hex}");
+        assert!(weakness(b"passwordpassword").is_some());
+        assert!(weakness(&[7u8; 64]).is_some());
+    }
+
+    #[test]
+    fn a_key_file_others_can_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let path =
+            std::env::temp_dir().join(format!("postcopy-auth-test-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        Key::generate_file(&path).unwrap();
+        assert!(Key::from_file(&path).is_ok(), "0600 is accepted");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Key::from_file(&path).unwrap_err().to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(err.contains("chmod 600") && err.contains("0644"), "{err}");
+    }
 
     #[test]
     fn proofs_and_tags() {

@@ -136,6 +136,13 @@ fn join_session(shared: &Shared, hello: &Hello, peer: SocketAddr) -> Result<Arc<
         if hello.role != Role::Urgent || hello.worker != 0 {
             return Err("handshake: a new session starts on worker 0's urgent connection".into());
         }
+        if shared.draining.load(Ordering::Acquire) {
+            return Err(
+                "this source is shutting down (it was sent SIGTERM or SIGINT): it takes no new \
+                 migration; start one on another source"
+                    .into(),
+            );
+        }
         if sessions.len() >= shared.config.max_sessions {
             return Err(format!(
                 "{BUSY}too many sessions on this source; retry later"

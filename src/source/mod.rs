@@ -49,6 +49,6 @@ pub use config::{LiveParts, PrecopyLimits, SourceConfig};
 pub use error::SourceError;
 pub use pages::encode_run;
 pub use prefetch::Prefetch;
-pub use server::{SourceServer, StopHandle};
+pub use server::{SessionsView, SourceServer, StopHandle};
 pub use session::SessionReport;
 pub use working_set::{Snapshot, WorkingSet, WorkingSetConfig, WorkingSetError};

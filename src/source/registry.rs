@@ -5,7 +5,7 @@ use super::config::{LiveParts, SourceConfig};
 use super::session::{Session, SessionReport};
 use crate::image::Image;
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::wake::Wake;
@@ -25,6 +25,9 @@ pub(super) struct Shared {
     pub(super) closed: Condvar,
     /// The image's learned working set (a static image with `SourceConfig::working_set`).
     pub(super) working_set: Option<super::WorkingSet>,
+    /// Asked to stop once the sessions in flight end ([`super::StopHandle::drain`]): no new
+    /// session is taken.
+    pub(super) draining: Arc<AtomicBool>,
 }
 
 pub(super) fn log(shared: &Shared, msg: std::fmt::Arguments<'_>) {

@@ -22,6 +22,21 @@ pub struct SourceServer {
     pub(super) stop: Arc<AtomicBool>,
 }
 
+/// The sessions of a running server, as an observer reads them.
+#[derive(Clone)]
+pub struct SessionsView(Arc<Shared>);
+
+impl SessionsView {
+    /// The report so far of every session being served, and how many have ended.
+    pub fn now(&self) -> (Vec<SessionReport>, usize) {
+        // The lock order is sessions → finished.
+        let sessions = self.0.sessions.lock().expect("poisoned");
+        let live = sessions.values().map(|s| s.report()).collect();
+        let ended = self.0.finished.lock().expect("poisoned").len();
+        (live, ended)
+    }
+}
+
 /// How often sessions whose destination went away are looked for.
 const REAP_EVERY: Duration = Duration::from_millis(500);
 
@@ -29,10 +44,19 @@ const REAP_EVERY: Duration = Duration::from_millis(500);
 #[derive(Clone, Debug)]
 pub struct StopHandle {
     stop: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
     wake: Arc<Wake>,
 }
 
 impl StopHandle {
+    /// Asks [`SourceServer::run`] to take no new session and to return once the sessions in
+    /// flight have ended (a migration in postcopy cannot be restarted: it is let finish). A
+    /// destination that asks for a new session is refused with a message saying why.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.wake.wake();
+    }
+
     /// Asks [`SourceServer::run`] to return (it wakes at once).
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
@@ -108,6 +132,7 @@ impl SourceServer {
                 next_id: AtomicU64::new(xxhash_rust::xxh3::xxh3_64(&seed.to_le_bytes()) | 1),
                 wake: Arc::new(Wake::new().map_err(io_err("create the server's wake-up pair"))?),
                 closed: Condvar::new(),
+                draining: Arc::new(AtomicBool::new(false)),
             }),
             stop: Arc::new(AtomicBool::new(false)),
         })
@@ -120,10 +145,16 @@ impl SourceServer {
             .expect("bound listener has an address")
     }
 
+    /// A view of the sessions, for an observer (`/metrics`) on another thread.
+    pub fn sessions_view(&self) -> SessionsView {
+        SessionsView(self.shared.clone())
+    }
+
     /// A handle that stops [`run`](Self::run).
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             stop: self.stop.clone(),
+            draining: self.shared.draining.clone(),
             wake: self.shared.wake.clone(),
         }
     }
@@ -157,7 +188,7 @@ impl SourceServer {
         ))
     }
 
-    /// With `once`, a session ended; for a live source, a session that switched over ended
+    /// Draining, no session is left; with `once`, a session ended; for a live source, a session that switched over ended
     /// and took the live parts with it, and no other runs (its memory migrated once; one given
     /// up in precopy, or before its first `Welcome` arrived, gave them back for another).
     fn done(&self) -> bool {
@@ -165,6 +196,7 @@ impl SourceServer {
         let sessions = self.shared.sessions.lock().expect("poisoned");
         let finished = self.shared.finished.lock().expect("poisoned");
         (self.shared.config.once && !finished.is_empty())
+            || (self.shared.draining.load(Ordering::Acquire) && sessions.is_empty())
             || (self.shared.is_live
                 && sessions.is_empty()
                 && finished.iter().any(|r| r.switched_over)

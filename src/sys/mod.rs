@@ -59,3 +59,34 @@ pub fn set_thread_nice(nice: i32) -> nix::Result<()> {
         Ok(())
     }
 }
+
+/// Makes the child `cmd` spawns die (`SIGKILL`) when the thread that spawns it ends, which is
+/// when this process ends, however it ends (`PR_SET_PDEATHSIG`, Linux 2.1.57+). A parent
+/// gone before the child set it up fails the spawn. Spawn from a thread that lives as long as
+/// the child should (the main thread, or the one that waits for it).
+#[allow(unsafe_code)]
+pub fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and calls only
+    // async-signal-safe functions (prctl, getppid); it allocates nothing, since the error
+    // is built from a raw errno.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}

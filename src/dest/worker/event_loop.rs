@@ -16,6 +16,7 @@ impl Worker {
         };
         if places_zero_map {
             self.place_zero_map()?;
+            self.publish();
         }
         // A VMM's memory is served until the VMM goes away (the embedder stops the engine then):
         // after the last page, faults on pages it removes still need zero pages.
@@ -27,6 +28,7 @@ impl Worker {
                 }
                 self.release_stream_slot();
                 self.ring.cancel_all();
+                self.publish();
                 return Ok(());
             }
             if self.half == Half::Bulk && !self.take_stream_slot() {
@@ -43,6 +45,7 @@ impl Worker {
             self.completions.extend_from_slice(done);
             if !self.completions.is_empty() {
                 self.handle_completions()?;
+                self.publish();
             }
             // Checked after every batch: a flood of fault events must not hide a dead link.
             match self.check_stall() {
@@ -52,6 +55,20 @@ impl Worker {
             }
             self.heartbeat_if_due()?;
         }
+    }
+
+    /// This thread's slot of the migration's gauges.
+    pub(super) fn gauge_slot(&self) -> usize {
+        2 * self.st().id
+            + match self.half {
+                Half::Urgent => 0,
+                Half::Bulk => 1,
+            }
+    }
+
+    /// Publishes this thread's counters to the migration's gauges (after each reaped batch).
+    pub(super) fn publish(&self) {
+        self.config.gauges.publish(self.gauge_slot(), &self.stats);
     }
 
     /// How long the next wait may last: [`WAIT`], or less when a paced stream's next grant is

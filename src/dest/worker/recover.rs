@@ -42,7 +42,10 @@ impl Worker {
             Half::Urgent => Role::Urgent,
             Half::Bulk => Role::Bulk,
         };
-        let mut link = match self.reconnect(role, &cause) {
+        self.config.gauges.link_down(self.gauge_slot(), true);
+        let reconnected = self.reconnect(role, &cause);
+        self.config.gauges.link_down(self.gauge_slot(), false);
+        let mut link = match reconnected {
             Ok(link) => link,
             Err(e) if self.half == Half::Urgent && self.end_sent && self.missing() == 0 => {
                 // Every page of the shard is here and End went out; its Ack was lost with the
@@ -72,6 +75,7 @@ impl Worker {
         self.credit_on_reconnect();
         self.stats.recoveries += 1;
         self.st().recoveries.fetch_add(1, Ordering::AcqRel);
+        self.publish();
         self.last_progress = Instant::now();
         self.flush_requests()
     }
