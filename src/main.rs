@@ -5,7 +5,7 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cli;
 
@@ -21,7 +21,12 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A page server for postcopy live migration of memory (userfaultfd + io_uring).
 #[derive(Parser, Debug)]
-#[command(name = "postcopy", version, about, long_about = None)]
+#[command(
+    name = "postcopy",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("POSTCOPY_COMMIT"), ")"),
+    about,
+    long_about = None
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -46,6 +51,15 @@ enum Cmd {
     /// Draw a report's timeline (pages by path, phases, pages present) and fault-latency
     /// histogram as one SVG.
     Plot(PlotArgs),
+    /// Print shell completions for SHELL on stdout (e.g. `postcopy completions bash >
+    /// /etc/bash_completion.d/postcopy`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) on stdout (e.g. `postcopy man > postcopy.1`).
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -58,6 +72,16 @@ fn main() -> ExitCode {
         Cmd::Handler(args) => cli::handler::cmd_handler(args),
         Cmd::Bench(args) => cli::bench::cmd_bench(args),
         Cmd::Plot(args) => cli::plot::cmd_plot(&args),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "postcopy",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => man(),
     };
     match result {
         Ok(code) => code,
@@ -66,6 +90,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The man page of every command, generated from their definitions.
+fn man() -> Result<ExitCode, cli::MainError> {
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut std::io::stdout())
+        .map_err(|source| cli::MainError::WriteReport {
+            path: "<stdout>".into(),
+            source,
+        })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]
@@ -129,8 +164,31 @@ mod tests {
             "postcopy handler --socket s --source h:1 --stall-timeout 0",
             "postcopy bench --runs 0",
             "postcopy bench --demand-size 0",
+            "postcopy bench --threads 0",
+            "postcopy demo --source 127.0.0.1",
+            "postcopy demo --source h:1 --size 2G",
+            "postcopy serve --synthetic 1G --listen 0.0.0.0",
+            "postcopy handler --socket s --source h:1 --tls-cert c --tls-key k",
+            "postcopy serve --synthetic 1G --tls-ca c",
         ] {
             assert!(!parses(line), "{line} was accepted");
         }
+    }
+
+    #[test]
+    fn each_command_takes_only_its_sides_tls_options() {
+        assert!(parses(
+            "postcopy serve --synthetic 1G --insecure --tls-cert c --tls-key k"
+        ));
+        assert!(parses(
+            "postcopy handler --socket s --source h:1 --insecure --tls-ca c"
+        ));
+        assert!(parses("postcopy demo --tls-cert c --tls-key k --tls-ca c"));
+    }
+
+    #[test]
+    fn the_version_names_the_commit() {
+        let v = Cli::command().render_version();
+        assert!(v.contains("(commit "), "{v}");
     }
 }

@@ -284,57 +284,58 @@ pub fn source_families(view: &crate::source::SessionsView) -> Vec<Family> {
     vec![active, ended_f, sent, bytes, requests, recoveries, switched]
 }
 
+/// A strict reading of the text format (what the tests check a scrape with, where `promtool`
+/// is not at hand): every line is a HELP, a TYPE, `# EOF` (last), or a sample of a family
+/// declared above it, `name{label="value",...} number`. Returns the samples.
+pub fn check_text(text: &str) -> Result<Vec<(String, f64)>, String> {
+    let mut families: Vec<(String, String)> = Vec::new();
+    let mut samples = Vec::new();
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.last() != Some(&"# EOF") {
+        return Err("no # EOF at the end".into());
+    }
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+            && !n.starts_with(|c: char| c.is_ascii_digit())
+    };
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (n, t) = rest.split_once(' ').ok_or(format!("bad TYPE: {line}"))?;
+            if !name_ok(n) || !["counter", "gauge", "histogram"].contains(&t) {
+                return Err(format!("bad TYPE: {line}"));
+            }
+            families.push((n.to_string(), t.to_string()));
+        } else if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
+        } else {
+            let (series, value) = line.rsplit_once(' ').ok_or(format!("bad sample: {line}"))?;
+            let value: f64 = value.parse().map_err(|_| format!("bad value: {line}"))?;
+            let name = series.split('{').next().unwrap_or("");
+            if !name_ok(name) {
+                return Err(format!("bad name: {line}"));
+            }
+            if let Some(labels) = series.strip_prefix(name) {
+                let braced = labels.starts_with('{') && labels.ends_with('}');
+                if !labels.is_empty() && !braced {
+                    return Err(format!("bad labels: {line}"));
+                }
+            }
+            let declared = families
+                .iter()
+                .any(|(f, t)| name == f || (t == "counter" && name == format!("{f}_total")));
+            if !declared {
+                return Err(format!("a sample of no declared family: {line}"));
+            }
+            samples.push((series.to_string(), value));
+        }
+    }
+    Ok(samples)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A strict reading of the text format: every line is a HELP, a TYPE, `# EOF` (last), or a
-    /// sample of a family declared above it, `name{label="value",...} number`.
-    pub(crate) fn parse(text: &str) -> Result<Vec<(String, f64)>, String> {
-        let mut families: Vec<(String, String)> = Vec::new();
-        let mut samples = Vec::new();
-        let lines: Vec<&str> = text.lines().collect();
-        if lines.last() != Some(&"# EOF") {
-            return Err("no # EOF at the end".into());
-        }
-        let name_ok = |n: &str| {
-            !n.is_empty()
-                && n.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-                && !n.starts_with(|c: char| c.is_ascii_digit())
-        };
-        for line in &lines[..lines.len() - 1] {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                let (n, t) = rest.split_once(' ').ok_or(format!("bad TYPE: {line}"))?;
-                if !name_ok(n) || !["counter", "gauge", "histogram"].contains(&t) {
-                    return Err(format!("bad TYPE: {line}"));
-                }
-                families.push((n.to_string(), t.to_string()));
-            } else if line.starts_with("# HELP ") || line.starts_with("# UNIT ") {
-            } else {
-                let (series, value) = line.rsplit_once(' ').ok_or(format!("bad sample: {line}"))?;
-                let value: f64 = value.parse().map_err(|_| format!("bad value: {line}"))?;
-                let name = series.split('{').next().unwrap_or("");
-                if !name_ok(name) {
-                    return Err(format!("bad name: {line}"));
-                }
-                if let Some(labels) = series.strip_prefix(name) {
-                    let braced = labels.starts_with('{') && labels.ends_with('}');
-                    if !labels.is_empty() && !braced {
-                        return Err(format!("bad labels: {line}"));
-                    }
-                }
-                let declared = families
-                    .iter()
-                    .any(|(f, t)| name == f || (t == "counter" && name == format!("{f}_total")));
-                if !declared {
-                    return Err(format!("a sample of no declared family: {line}"));
-                }
-                samples.push((series.to_string(), value));
-            }
-        }
-        Ok(samples)
-    }
 
     #[test]
     fn a_migrations_families_encode_as_valid_text_that_follows_the_counters() {
@@ -352,7 +353,7 @@ mod tests {
             Arc::new(move || migration_families("migration", &[("m1".into(), g.clone())]))
         };
         let text = encode(&read);
-        let samples = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let samples = check_text(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         let get = |series: &str| samples.iter().find(|(s, _)| s == series).map(|s| s.1);
         assert_eq!(
             get(r#"postcopy_pages_placed_total{migration="m1",path="fault"}"#),

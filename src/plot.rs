@@ -178,7 +178,7 @@ fn rates_panel(area: &DrawingArea<SVGBackend<'_>, Shift>, t: &Timeline) -> Resul
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(SeriesLabelPosition::MiddleRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()

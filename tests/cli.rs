@@ -321,3 +321,94 @@ fn the_readmes_two_host_steps_show_postcopy_with_faults_and_stream_pages() {
     assert!(r["pages_by_fault"].as_u64().unwrap() > 0, "{r}");
     assert!(r["pages_by_stream"].as_u64().unwrap() > 0, "{r}");
 }
+
+/// `GET /metrics` from `addr`: the body, checked as the text format, and its samples.
+fn scrape(addr: &str) -> Vec<(String, f64)> {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to /metrics");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).expect("read /metrics");
+    let (head, body) = reply.split_once("\r\n\r\n").expect("an HTTP reply");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200 "),
+        "{head}"
+    );
+    postcopy::metrics::check_text(body).unwrap_or_else(|e| panic!("{e}\n{body}"))
+}
+
+fn value(samples: &[(String, f64)], series: &str) -> Option<f64> {
+    samples.iter().find(|(s, _)| s == series).map(|s| s.1)
+}
+
+/// A free port on 127.0.0.1, as HOST:PORT.
+fn free_addr() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().to_string()
+}
+
+#[test]
+fn metrics_of_serve_and_demo_follow_a_migration_as_it_runs() {
+    let (src_metrics, dst_metrics) = (free_addr(), free_addr());
+    // Faults served 1 ms late, no stream: a migration of several seconds.
+    let (_serve, addr) = serve(
+        &[
+            "--synthetic",
+            "32M",
+            "--insecure",
+            "--debug-urgent-delay-ms",
+            "1",
+            "--metrics",
+            &src_metrics,
+        ],
+        Stdio::null(),
+    );
+    let demo = Proc::spawn(
+        Command::new(EXE)
+            .args([
+                "demo",
+                "--quiet",
+                "--insecure",
+                "--no-stream",
+                "--threads",
+                "1",
+                "--no-warmup",
+            ])
+            .args(["--source", &addr, "--metrics", &dst_metrics])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+        "postcopy demo --source --metrics",
+    )
+    .expect("start the demo");
+    let placed = r#"postcopy_pages_placed_total{migration="demo",path="fault"}"#;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(500));
+        let Ok(_) = std::net::TcpStream::connect(&dst_metrics) else {
+            continue;
+        };
+        let d = scrape(&dst_metrics);
+        let s = scrape(&src_metrics);
+        let (Some(faults), Some(sent)) = (
+            value(&d, placed),
+            s.iter()
+                .find(|(k, _)| {
+                    k.starts_with("postcopy_source_pages_sent_total") && k.contains("urgent")
+                })
+                .map(|x| x.1),
+        ) else {
+            continue;
+        };
+        if value(&d, r#"postcopy_phase{migration="demo",phase="postcopy"}"#) == Some(1.0) {
+            seen.push((faults, sent));
+        }
+    }
+    let out = demo.wait_output(Duration::from_secs(120));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(seen.len() >= 3, "too few scrapes in postcopy: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[1].0 > w[0].0 && w[1].1 > w[0].1),
+        "the counters did not grow from scrape to scrape: {seen:?}"
+    );
+}

@@ -753,6 +753,16 @@ fn cli_serve_and_handler_restore_a_vmm() {
 /// `postcopy serve --image` of a fresh `size`-byte image in `dir`, faults served `delay_ms`
 /// late, and `postcopy handler` of it; their processes, the image and the handler's socket.
 fn cli_rig(dir: &Dir, size: u64, delay_ms: u32) -> (Proc, Proc, PathBuf, PathBuf) {
+    cli_rig_with(dir, size, delay_ms, &[])
+}
+
+/// [`cli_rig`], the handler given `extra` arguments too.
+fn cli_rig_with(
+    dir: &Dir,
+    size: u64,
+    delay_ms: u32,
+    extra: &[&str],
+) -> (Proc, Proc, PathBuf, PathBuf) {
     let image = dir.0.join("vm.mem");
     image_file(&image, size);
     let exe = env!("CARGO_BIN_EXE_postcopy");
@@ -785,6 +795,7 @@ fn cli_rig(dir: &Dir, size: u64, delay_ms: u32) -> (Proc, Proc, PathBuf, PathBuf
                 "--socket",
             ])
             .arg(&socket)
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
         "postcopy handler",
@@ -845,6 +856,46 @@ fn a_handler_signalled_mid_restore_finishes_it_then_exits_and_removes_its_socket
     let report: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
     assert_eq!(report["outcome"], "complete", "{report}");
     assert!(!socket.exists(), "the handler left its socket file");
+}
+
+#[test]
+fn the_handlers_metrics_follow_a_restore_as_it_runs() {
+    let dir = Dir::new("metrics");
+    let metrics = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    // 2048 pages, each fault served 2 ms late: a restore of several seconds.
+    let (_serve, _handler, image, socket) =
+        cli_rig_with(&dir, 8 * MIB, 2, &["--metrics", &metrics]);
+    let vmm = fake_vmm_proc(&image, &socket);
+    let mut seen: Vec<f64> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while seen.len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(400));
+        let mut s = std::net::TcpStream::connect(&metrics).expect("connect to /metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut reply = String::new();
+        std::io::Read::read_to_string(&mut s, &mut reply).unwrap();
+        let body = reply.split_once("\r\n\r\n").map_or("", |r| r.1);
+        let samples = postcopy::metrics::check_text(body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+        let faults = samples.iter().find(|(k, _)| {
+            k.starts_with("postcopy_pages_placed_total{vmm=") && k.contains("fault")
+        });
+        if let Some((_, v)) = faults {
+            if seen.last().is_none_or(|last| v > last) {
+                seen.push(*v);
+            }
+        }
+    }
+    let out = vmm.wait_output(Duration::from_secs(90));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("fake-vmm JSON");
+    assert_verified(&json, out.status.code().unwrap_or(-1));
+    assert!(
+        seen.len() >= 3,
+        "the VMM's counters did not grow across scrapes: {seen:?}"
+    );
 }
 
 #[test]

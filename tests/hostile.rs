@@ -416,7 +416,7 @@ fn handshake_error(reply: Vec<u8>, needle: &str) -> DestError {
 #[test]
 fn handshake_bad_magic() {
     let reply = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n\r\n".to_vec();
-    let e = handshake_error(reply, "bad frame magic");
+    let e = handshake_error(reply, "it sent \"HTTP\" where a frame starts");
     assert!(matches!(codec_cause(&e), CodecError::BadMagic(_)), "{e:?}");
     assert!(e.to_string().contains("not a postcopy page server"), "{e}");
 }
@@ -866,7 +866,7 @@ fn source_rejects_bad_magic() {
     hostile_source(0, |addr, _| {
         let mut s = client(addr);
         send(&mut s, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
-        expect_error_and_close(&mut s, "bad frame magic");
+        expect_error_and_close(&mut s, "it sent \"GET \" where a frame starts");
     });
 }
 

@@ -20,7 +20,9 @@ impl Certs {
     fn make(tag: &str) -> Option<Certs> {
         let dir = std::env::temp_dir().join(format!("pc-tls-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
-        for (name, cn) in [("a", "postcopy"), ("b", "postcopy")] {
+        // a, b: leaf certificates (each its own trust anchor); c: a CA certificate (the
+        // default of `openssl req -x509`), which rustls refuses as a server's own.
+        for (name, ca) in [("a", "CA:FALSE"), ("b", "CA:FALSE"), ("c", "CA:TRUE")] {
             let mut openssl = Command::new("openssl");
             openssl
                 .args([
@@ -31,14 +33,9 @@ impl Certs {
                     "-pkeyopt",
                     "ec_paramgen_curve:prime256v1",
                 ])
-                .args(["-nodes", "-days", "1", "-subj"])
-                .arg(format!("/CN={cn}"))
-                .args([
-                    "-addext",
-                    "subjectAltName=DNS:postcopy",
-                    "-addext",
-                    "basicConstraints=critical,CA:FALSE",
-                ])
+                .args(["-nodes", "-days", "1", "-subj", "/CN=postcopy"])
+                .args(["-addext", "subjectAltName=DNS:postcopy", "-addext"])
+                .arg(format!("basicConstraints=critical,{ca}"))
                 .arg("-keyout")
                 .arg(dir.join(format!("{name}.key")))
                 .arg("-out")
@@ -68,25 +65,34 @@ impl Drop for Certs {
     }
 }
 
-fn server(c: &Certs) -> TlsServer {
-    TlsServer::from_files(&c.path("a.pem"), &c.path("a.key")).expect("server identity")
+fn server(c: &Certs, name: &str) -> TlsServer {
+    TlsServer::from_files(
+        &c.path(&format!("{name}.pem")),
+        &c.path(&format!("{name}.key")),
+    )
+    .expect("server identity")
 }
 
-fn tls_source(
-    c: &Certs,
-) -> (
+fn tls_source(c: &Certs) -> TlsSource {
+    tls_source_as(c, "a")
+}
+
+type TlsSource = (
     std::net::SocketAddr,
     postcopy::source::StopHandle,
     std::thread::JoinHandle<()>,
     postcopy::image::Synthetic,
-) {
+);
+
+/// A TLS source serving with certificate `name`.
+fn tls_source_as(c: &Certs, name: &str) -> TlsSource {
     let image = postcopy::image::Synthetic::new(layout(32 * MIB), 31, 20);
     let server = postcopy::source::SourceServer::bind(
         "127.0.0.1:0",
         std::sync::Arc::new(image.clone()),
         postcopy::source::SourceConfig {
             verbose: std::env::var_os("PC_VERBOSE").is_some(),
-            tls: Some(server(c)),
+            tls: Some(server(c, name)),
             key: Some(postcopy::link::auth::Key::from_secret(
                 b"tls test key, thirty-two bytes!!",
             )),
@@ -135,7 +141,10 @@ fn migration_over_tls_verifies() {
 fn untrusted_or_misnamed_source_is_refused() {
     let Some(c) = Certs::make("bad") else { return };
     let (addr, stop, t, _) = tls_source(&c);
-    for (ca, name) in [("b.pem", "postcopy"), ("a.pem", "other-name")] {
+    for (ca, name, why) in [
+        ("b.pem", "postcopy", "is not signed by the --tls-ca"),
+        ("a.pem", "other-name", "does not carry the name"),
+    ] {
         let config = EngineConfig {
             source: addr.to_string(),
             workers: 1,
@@ -147,6 +156,7 @@ fn untrusted_or_misnamed_source_is_refused() {
         };
         let e = dest::connect(&config).expect_err("refused");
         assert!(e.to_string().contains("TLS handshake"), "{ca} {name}: {e}");
+        assert!(e.to_string().contains(why), "{ca} {name}, in words: {e}");
     }
     // A plain-TCP destination against a TLS source gets no session either.
     let config = EngineConfig {
@@ -159,6 +169,28 @@ fn untrusted_or_misnamed_source_is_refused() {
         ..Default::default()
     };
     assert!(dest::connect(&config).is_err());
+    stop.stop();
+    join_within(t, STOP_GRACE, "TLS source after its stop");
+}
+
+#[test]
+fn a_ca_certificate_as_the_sources_own_is_refused_saying_how_to_make_one() {
+    let Some(c) = Certs::make("ca") else { return };
+    let (addr, stop, t, _) = tls_source_as(&c, "c");
+    let config = EngineConfig {
+        source: addr.to_string(),
+        workers: 1,
+        key: Some(postcopy::link::auth::Key::from_secret(
+            b"tls test key, thirty-two bytes!!",
+        )),
+        tls: Some(TlsClient::from_ca(&c.path("c.pem"), "postcopy").expect("trust")),
+        ..Default::default()
+    };
+    let e = dest::connect(&config).expect_err("refused");
+    assert!(
+        e.to_string().contains("basicConstraints=critical,CA:FALSE"),
+        "{e}"
+    );
     stop.stop();
     join_within(t, STOP_GRACE, "TLS source after its stop");
 }

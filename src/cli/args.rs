@@ -104,24 +104,18 @@ impl RunArgs {
     }
 }
 
-/// TLS 1.3 (optional): a source's identity, a destination's trust.
+/// TLS 1.3 (optional), a source's side: its identity.
 #[derive(clap::Args, Debug, Default)]
-pub struct TlsArgs {
-    /// TLS: this side's certificate chain (PEM); a source serves TLS with it.
+pub struct TlsSourceArgs {
+    /// TLS: the source's certificate chain (PEM; see the README's recipe); it serves TLS with it.
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// TLS: the private key (PEM) of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// TLS: trust source certificates signed by this CA (PEM); a destination connects with TLS.
-    #[arg(long)]
-    pub tls_ca: Option<PathBuf>,
-    /// TLS: the name the source's certificate must carry.
-    #[arg(long, default_value = "postcopy")]
-    pub tls_name: String,
 }
 
-impl TlsArgs {
+impl TlsSourceArgs {
     /// The certificate and key files, when both are given.
     pub fn files(&self) -> Option<(PathBuf, PathBuf)> {
         match (&self.tls_cert, &self.tls_key) {
@@ -137,7 +131,21 @@ impl TlsArgs {
             None => Ok(None),
         }
     }
+}
 
+/// TLS 1.3 (optional), a destination's side: whom it trusts.
+#[derive(clap::Args, Debug, Default)]
+pub struct TlsDestArgs {
+    /// TLS: connect with TLS, trusting source certificates signed by this CA (PEM; a
+    /// self-signed source certificate is its own CA).
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// TLS: the name the source's certificate must carry (subjectAltName).
+    #[arg(long, default_value = "postcopy", requires = "tls_ca")]
+    pub tls_name: String,
+}
+
+impl TlsDestArgs {
     /// A destination's TLS, from `--tls-ca` and `--tls-name`.
     pub fn client(&self) -> Result<Option<TlsClient>, MainError> {
         match &self.tls_ca {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use postcopy::demo::{self, DemoConfig, DemoKey, OneRunKey};
 
-use super::args::{OnOff, PrecopyArgs, RunArgs, TlsArgs};
+use super::args::{OnOff, PrecopyArgs, RunArgs, TlsDestArgs, TlsSourceArgs};
 use super::parse::{parse_host_port, usize_in, MAX_DIRTY_PAGES_PER_S, MAX_THREADS};
 use super::{write_report, MainError};
 
@@ -65,7 +65,9 @@ pub struct DemoArgs {
     #[arg(long)]
     insecure: bool,
     #[command(flatten)]
-    tls: TlsArgs,
+    tls_source: TlsSourceArgs,
+    #[command(flatten)]
+    tls: TlsDestArgs,
     /// Serve live metrics at http://HOST:PORT/metrics (Prometheus text format).
     #[arg(long, value_name = "HOST:PORT", value_parser = super::parse::parse_host_port)]
     metrics: Option<String>,
@@ -86,7 +88,7 @@ impl DemoArgs {
         }) == OnOff::On;
         cfg.dirty_rate = self.dirty_rate;
         cfg.precopy_limits = self.precopy_limits.limits();
-        cfg.tls_files = self.tls.files();
+        cfg.tls_files = self.tls_source.files();
         cfg.tls_client = self.tls.client()?;
         if cfg.tls_files.is_some() != cfg.tls_client.is_some() && cfg.source.is_none() {
             return Err(MainError::TlsHalf);

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use postcopy::handler::{HandlerConfig, Outcome, Stop, VmmReport};
 
-use super::args::{AuthArgs, TlsArgs};
+use super::args::{AuthArgs, TlsDestArgs};
 use super::parse::{parse_host_port, MAX_TIMEOUT_S};
 use super::MainError;
 
@@ -43,7 +43,7 @@ pub struct HandlerArgs {
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_S))]
     recovery_timeout: u64,
     #[command(flatten)]
-    tls: TlsArgs,
+    tls: TlsDestArgs,
     /// Serve live metrics at http://HOST:PORT/metrics (Prometheus text format).
     #[arg(long, value_name = "HOST:PORT", value_parser = super::parse::parse_host_port)]
     metrics: Option<String>,

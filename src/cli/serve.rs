@@ -13,7 +13,7 @@ use postcopy::link::auth::Key;
 use postcopy::link::tls::TlsServer;
 use postcopy::source::{SourceConfig, SourceServer, WorkingSetConfig};
 
-use super::args::{AuthArgs, PrecopyArgs, TlsArgs};
+use super::args::{AuthArgs, PrecopyArgs, TlsSourceArgs};
 use super::parse::{
     parse_host_port, parse_page_size, parse_size, MAX_DIRTY_PAGES_PER_S, MAX_PREFETCH_PAGES,
     MAX_TIMEOUT_S, MAX_URGENT_DELAY_MS,
@@ -89,7 +89,7 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
     link_timeout: u64,
     #[command(flatten)]
-    tls: TlsArgs,
+    tls: TlsSourceArgs,
     /// Where the image's working set is kept: the pages restores ask for first, learned from
     /// their faults and pushed first in every later session's stream. Default: beside the
     /// image file, IMAGE.working-set (a synthetic image has none unless this is given).

@@ -146,6 +146,46 @@ impl TlsClient {
 
 /// Completes the handshake on `tcp` (its timeouts apply), then relays between it and a
 /// loopback pair; returns the pair's other end.
+/// A handshake's failure in words an operator can act on (rustls's own are type names).
+fn in_words(e: &std::io::Error) -> String {
+    use rustls::CertificateError as C;
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    let why = match tls {
+        rustls::Error::InvalidCertificate(c) => match c {
+            C::UnknownIssuer | C::BadSignature => {
+                "the source's certificate is not signed by the --tls-ca given here (or is not it)"
+            }
+            C::NotValidForName | C::NotValidForNameContext { .. } => {
+                "the source's certificate does not carry the name --tls-name asks for (its \
+                 subjectAltName)"
+            }
+            C::Expired | C::ExpiredContext { .. } => "the source's certificate has expired",
+            C::NotValidYet | C::NotValidYetContext { .. } => {
+                "the source's certificate is not valid yet (check both clocks)"
+            }
+            C::Revoked => "the source's certificate is revoked",
+            C::BadEncoding => "the source's certificate cannot be parsed",
+            C::Other(o) if o.to_string().contains("CaUsedAsEndEntity") => {
+                "the source's certificate is a CA certificate: make it with \
+                 `-addext basicConstraints=critical,CA:FALSE` (see the README's recipe), or \
+                 sign one with this CA"
+            }
+            _ => return format!("the source's certificate is refused: {tls}"),
+        },
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateHandshakeMessage { .. } => {
+            "the peer does not speak TLS (a source without --tls-cert, or not a postcopy source)"
+        }
+        rustls::Error::AlertReceived(a) => {
+            return format!("the peer refused the handshake ({a:?}): check both sides' TLS options")
+        }
+        rustls::Error::NoCertificatesPresented => "the peer presented no certificate",
+        _ => return tls.to_string(),
+    };
+    why.to_string()
+}
+
 fn relay(mut tcp: TcpStream, mut conn: rustls::Connection) -> Result<TcpStream, TlsError> {
     let peer = tcp
         .peer_addr()
@@ -155,7 +195,7 @@ fn relay(mut tcp: TcpStream, mut conn: rustls::Connection) -> Result<TcpStream, 
         conn.complete_io(&mut tcp)
             .map_err(|e| TlsError::Handshake {
                 peer: peer.clone(),
-                detail: e.to_string(),
+                detail: in_words(&e),
             })?;
     }
     tcp.set_read_timeout(None)?;
