@@ -94,13 +94,14 @@ fn main() -> ExitCode {
 
 /// The man page of every command, generated from their definitions.
 fn man() -> Result<ExitCode, cli::MainError> {
-    clap_mangen::Man::new(Cli::command())
-        .render(&mut std::io::stdout())
-        .map_err(|source| cli::MainError::WriteReport {
+    match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+        // A reader that stopped early (`| head`) is not an error.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(cli::MainError::WriteReport {
             path: "<stdout>".into(),
-            source,
-        })?;
-    Ok(ExitCode::SUCCESS)
+            source: e,
+        }),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }
 
 #[cfg(test)]

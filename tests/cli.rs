@@ -412,3 +412,58 @@ fn metrics_of_serve_and_demo_follow_a_migration_as_it_runs() {
         "the counters did not grow from scrape to scrape: {seen:?}"
     );
 }
+
+#[test]
+fn an_unprivileged_user_is_told_the_truth_by_probe_and_can_run_the_demo() {
+    use std::os::unix::process::CommandExt;
+    if std::os::unix::fs::MetadataExt::uid(&std::fs::metadata("/proc/self").unwrap()) != 0 {
+        eprintln!("skipped: becoming another user needs root");
+        return;
+    }
+    let mut reach = Command::new(EXE);
+    reach
+        .arg("--version")
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::null());
+    if let Err(e) = reach.status() {
+        eprintln!("skipped: user nobody cannot run {EXE} ({e}): its directory is private");
+        return;
+    }
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = Command::new(EXE);
+        cmd.args(args).uid(65534).gid(65534).current_dir("/");
+        output_within(
+            &mut cmd,
+            Duration::from_secs(120),
+            &format!("postcopy {args:?} as nobody"),
+        )
+    };
+    let probe = as_nobody(&["probe"]);
+    let table = String::from_utf8_lossy(&probe.stdout);
+    let user_mode = table
+        .lines()
+        .find(|l| l.contains("uffd user mode"))
+        .unwrap_or("");
+    let demo = as_nobody(&["demo", "--size", "64M", "--quiet", "--no-warmup"]);
+    let report = String::from_utf8_lossy(&demo.stdout);
+    if demo.status.success() {
+        // The demo works as this user: probe must not say otherwise.
+        assert!(report.contains("verified        yes"), "{report}");
+        assert!(
+            probe.status.success(),
+            "probe says no, the demo says yes:\n{table}"
+        );
+        assert!(
+            user_mode.starts_with("PASS") || user_mode.starts_with("WARN"),
+            "{table}"
+        );
+    } else {
+        // Nothing works as this user: probe says so.
+        assert!(
+            !probe.status.success(),
+            "probe says yes, the demo failed: {}",
+            stderr(&demo)
+        );
+    }
+}

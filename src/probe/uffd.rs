@@ -52,6 +52,9 @@ struct Opened {
     device: Result<(), String>,
     /// `userfaultfd(2)` opened and answered `UFFDIO_API`, or why not.
     syscall: Result<(), String>,
+    /// `userfaultfd(2)` with `UFFD_USER_MODE_ONLY` (Linux 5.11+; no privilege needed):
+    /// enough for faults a workload takes in user mode, not for those taken in the kernel.
+    user_mode: Result<(), String>,
 }
 
 impl Opened {
@@ -72,15 +75,25 @@ impl Opened {
                 .map_err(|e| e.to_string()),
             Err(e) => Err(format!("userfaultfd(2) failed: {e}")),
         };
+        let user_mode = match Uffd::open(true) {
+            Ok(u) => u.api(0).map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
         Opened {
             dev_meta: device_metadata(),
             device,
             syscall,
+            user_mode,
         }
     }
 
-    /// One of the two ways works, so postcopy can.
+    /// One of the ways works, so postcopy can (in user mode at least).
     fn either(&self) -> bool {
+        self.device.is_ok() || self.syscall.is_ok() || self.user_mode.is_ok()
+    }
+
+    /// Faults taken in the kernel can be served too.
+    fn full(&self) -> bool {
         self.device.is_ok() || self.syscall.is_ok()
     }
 
@@ -114,7 +127,31 @@ pub(super) fn check_uffd_open() -> Vec<Check> {
         check_device(&opened),
         check_syscall(&opened),
         check_sysctl(opened.either()),
+        check_user_mode(&opened),
     ]
+}
+
+/// `UFFD_USER_MODE_ONLY`: what an unprivileged user has when the other ways are closed.
+fn check_user_mode(opened: &Opened) -> Check {
+    const NAME: &str = "uffd user mode";
+    match (&opened.user_mode, opened.full()) {
+        (Ok(()), true) => pass(NAME, "UFFD_USER_MODE_ONLY works too (not needed here)"),
+        (Ok(()), false) => check(
+            NAME,
+            Status::Warn,
+            "UFFD_USER_MODE_ONLY works: `postcopy demo` and an embedded destination whose \
+             workload touches its memory from user space run as this user; faults taken in \
+             the kernel cannot be served (a VMM's guest memory under KVM, system calls on \
+             missing pages): `postcopy handler` needs one of the ways above",
+            Some("for a handler: run as root, or grant /dev/userfaultfd, or sysctl vm.unprivileged_userfaultfd=1".into()),
+        ),
+        (Err(e), _) => check(
+            NAME,
+            if opened.either() { Status::Warn } else { Status::Fail },
+            format!("UFFD_USER_MODE_ONLY: {e}"),
+            None,
+        ),
+    }
 }
 
 /// `/dev/userfaultfd`: exists, permissions, works.
@@ -125,7 +162,7 @@ fn check_device(opened: &Opened) -> Check {
         Err(e) => check(
             "uffd device",
             opened.not_ok(),
-            format!("/dev/userfaultfd {dev_meta}; {e}{}", if opened.either() { " (the syscall works, so this is not needed)" } else { "" }),
+            format!("/dev/userfaultfd {dev_meta}; {e}{}", if opened.syscall.is_ok() { " (the syscall works, so this is not needed)" } else { "" }),
             Some("use Linux 6.1+ and grant access: chmod 0660 /dev/userfaultfd and add the user to its group (or a udev rule)".into()),
         ),
     }
@@ -140,7 +177,7 @@ fn check_syscall(opened: &Opened) -> Check {
             opened.not_ok(),
             format!(
                 "{e}{}",
-                if opened.either() {
+                if opened.device.is_ok() {
                     " (the device works, so this is not needed)"
                 } else {
                     ""
