@@ -342,7 +342,7 @@ fn measure_all(
                 let source = sources.get(v, mode);
                 let m = measure(source, v, (mode, threads), cfg, key);
                 if !cfg.demo.quiet {
-                    eprintln!("{}", progress_line(&m, run, cfg.runs, started));
+                    crate::info!("bench", "{}", progress_line(&m, run, cfg.runs, started));
                 }
                 let stuck = m
                     .error

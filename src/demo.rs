@@ -231,6 +231,9 @@ fn serve_command(cfg: &DemoConfig, once: bool) -> Command {
     if once {
         cmd.arg("--once");
     }
+    if crate::log::json() {
+        cmd.args(["--log-format", "json"]);
+    }
     match &cfg.key {
         DemoKey::File(k) => cmd.arg("--key-file").arg(k),
         DemoKey::OneRun(_) => cmd.arg("--key-file").arg("-"),
@@ -611,7 +614,10 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport, DemoError> {
         if let Err(why) = crate::dirty::UffdWpTracker::available() {
             // Still a full migration (precopy of a static image, then postcopy), just without
             // a workload writing the source.
-            eprintln!("postcopy demo: no dirty-page tracking here ({why}); the source is static");
+            crate::warn!(
+                "demo",
+                "no dirty-page tracking here ({why}); the source is static"
+            );
             cfg.live = false;
         }
     }
@@ -650,7 +656,10 @@ fn run_spec(cfg: &DemoConfig, key: Option<Key>) -> RunSpec {
             pattern: cfg.pattern,
             seed: cfg.seed ^ 0xa5a5,
         }),
-        progress: match (cfg.quiet, std::io::stderr().is_terminal()) {
+        progress: match (
+            cfg.quiet,
+            std::io::stderr().is_terminal() && !crate::log::json(),
+        ) {
             (true, _) => Progress::Quiet,
             (false, true) => Progress::Line,
             (false, false) => Progress::Links,

@@ -27,6 +27,7 @@
 //! - [`probe`]: can this host do postcopy.
 //! - [`timeline`]: a migration's gauges sampled over time, and the progress line;
 //!   [`mod@plot`]: a report's timeline as an SVG; [`metrics`]: live counters at `/metrics`.
+//! - [`mod@log`]: the one way the crate writes to stderr (levels, text or JSON lines).
 //! - [`stats`]: measurements shared by the engine, the handler and the reports (a latency
 //!   summary, the wall clock of the downtime); [`rng`]: a seeded generator for patterns.
 #![deny(missing_docs)]
@@ -43,6 +44,7 @@ pub mod image;
 pub mod layout;
 pub mod link;
 pub mod live;
+pub mod log;
 pub mod metrics;
 pub mod plot;
 pub mod probe;

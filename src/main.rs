@@ -30,6 +30,49 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// What every command writes to stderr.
+#[derive(clap::Args, Debug)]
+struct LogArgs {
+    /// More on stderr: debug events too (or RUST_LOG=debug).
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Less on stderr: warnings and errors only, no progress (or RUST_LOG=warn).
+    #[arg(long, short, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// How events are written to stderr: text lines, or JSON lines for a machine (no
+    /// progress line then).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// `postcopy <command>: <message>`.
+    Text,
+    /// `{"ts_unix_ms":..,"level":..,"component":..,"msg":..}`.
+    Json,
+}
+
+impl LogArgs {
+    /// The level: the flags, else `RUST_LOG`, else info.
+    fn init(&self) {
+        use postcopy::log::Level;
+        let env = std::env::var("RUST_LOG").ok();
+        let level = match (self.quiet, self.verbose) {
+            (true, _) => Level::Warn,
+            (false, v) if v > 0 => Level::Debug,
+            _ => env
+                .as_deref()
+                .and_then(Level::from_env)
+                .unwrap_or(Level::Info),
+        };
+        postcopy::log::init(level, self.log_format == LogFormat::Json);
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -65,7 +108,9 @@ enum Cmd {
 fn main() -> ExitCode {
     // Before any thread starts: every thread inherits the blocked signals.
     cli::signals::install();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    cli.log.init();
+    let result = match cli.command {
         Cmd::Probe(args) => cli::probe::cmd_probe(&args),
         Cmd::Serve(args) => cli::serve::cmd_serve(args),
         Cmd::Demo(args) => cli::demo::cmd_demo(args),
@@ -86,7 +131,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("postcopy: {e}");
+            postcopy::error!("", "{e}");
             ExitCode::FAILURE
         }
     }

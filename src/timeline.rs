@@ -210,15 +210,19 @@ impl Run {
         };
         match (self.down_since, s.totals.links_down) {
             (None, n) if n > 0 => {
-                eprintln!(
-                    "{clear}postcopy: {n} connection(s) to the source broke in {}: reconnecting",
+                eprint!("{clear}");
+                crate::warn!(
+                    "",
+                    "{n} connection(s) to the source broke in {}: reconnecting",
                     s.phase.name()
                 );
                 self.down_since = Some((Instant::now(), s.totals.recoveries));
             }
             (Some((since, _)), 0) => {
-                eprintln!(
-                    "{clear}postcopy: the source is back after {:.1} s; the migration goes on",
+                eprint!("{clear}");
+                crate::info!(
+                    "",
+                    "the source is back after {:.1} s; the migration goes on",
                     since.elapsed().as_secs_f64()
                 );
                 self.down_since = None;

@@ -467,3 +467,72 @@ fn an_unprivileged_user_is_told_the_truth_by_probe_and_can_run_the_demo() {
         );
     }
 }
+
+#[test]
+fn every_stderr_line_is_json_with_log_format_json_and_quiet_keeps_only_warnings() {
+    // An error (nothing listens on port 1), as JSON.
+    let out = postcopy(
+        &[
+            "--log-format",
+            "json",
+            "demo",
+            "--insecure",
+            "--no-warmup",
+            "--source",
+            "127.0.0.1:1",
+        ],
+        Duration::from_secs(20),
+    );
+    let text = stderr(&out);
+    assert!(!text.is_empty());
+    for line in text.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+        assert!(
+            v["level"].is_string() && v["msg"].is_string() && v["ts_unix_ms"].is_u64(),
+            "{v}"
+        );
+    }
+    assert!(text.contains(r#""level":"error""#), "{text}");
+    // A source's info lines (its session) are gone with -q; its warnings are not.
+    let (s, addr) = {
+        let mut p = Proc::spawn(
+            Command::new(EXE)
+                .args([
+                    "serve",
+                    "-q",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--synthetic",
+                    "16M",
+                    "--insecure",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+            "postcopy serve -q",
+        )
+        .unwrap();
+        let line = p.stdout_line(Duration::from_secs(20));
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_string();
+        (p, addr)
+    };
+    let demo = postcopy(
+        &["demo", "-q", "--insecure", "--no-warmup", "--source", &addr],
+        Duration::from_secs(60),
+    );
+    assert!(demo.status.success(), "{}", stderr(&demo));
+    assert!(stderr(&demo).is_empty(), "demo -q said: {}", stderr(&demo));
+    s.signal(nix::sys::signal::Signal::SIGTERM);
+    let out = s.wait_output(Duration::from_secs(10));
+    let said = stderr(&out);
+    assert!(
+        !said.contains("session"),
+        "serve -q logged its session: {said}"
+    );
+    assert!(said.contains("warning: SIGTERM"), "{said}");
+}

@@ -53,9 +53,6 @@ pub struct RunArgs {
     /// to page placed) within this many microseconds; 0: the source pushes the stream.
     #[arg(long, default_value_t = 0, value_name = "MICROS", value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
     pub fault_latency_target: u64,
-    /// No progress output.
-    #[arg(long, short)]
-    pub quiet: bool,
     /// Seconds a broken connection may take to come back (reconnect with backoff, resume)
     /// before the migration is given up; 0: fail at once.
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_S))]
@@ -83,7 +80,7 @@ impl RunArgs {
             seed: self.seed,
             source: None,
             exe: std::env::current_exe().map_err(MainError::CurrentExe)?,
-            quiet: self.quiet,
+            quiet: !postcopy::log::enabled(postcopy::log::Level::Info),
             warmup: true,
             zero_map: self.zero_map,
             zero_fill: self.zero_fill,

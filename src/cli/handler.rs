@@ -33,9 +33,6 @@ pub struct HandlerArgs {
     /// as dead and replaced.
     #[arg(long, alias = "stall-timeout", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_S))]
     link_timeout: u64,
-    /// No per-VMM lines on stderr.
-    #[arg(long, short)]
-    quiet: bool,
     #[command(flatten)]
     auth: AuthArgs,
     /// Seconds a broken source connection may take to come back before a VMM's restore is
@@ -65,7 +62,7 @@ impl HandlerArgs {
             once: self.once,
             stream: !self.no_stream,
             link_timeout: Duration::from_secs(self.link_timeout),
-            verbose: !self.quiet,
+            verbose: postcopy::log::enabled(postcopy::log::Level::Info),
             prepared_sessions: self.prepared_sessions as usize,
             ..HandlerConfig::default()
         })
@@ -91,16 +88,18 @@ pub fn cmd_handler(args: HandlerArgs) -> Result<ExitCode, MainError> {
     let s = stop.clone();
     super::signals::on_stop(move |n, signal| {
         if n == 1 {
-            eprintln!(
-                "postcopy handler: {}: taking no new VMM; exiting once the restores in flight \
+            postcopy::warn!(
+                "handler",
+                "{}: taking no new VMM; exiting once the restores in flight \
                  end (signal again to stop them: their VMs lose their memory; a third time to \
                  exit at once)",
                 signal.as_str()
             );
             s.drain.store(true, Ordering::Release);
         } else {
-            eprintln!(
-                "postcopy handler: {}: stopping the restores in flight",
+            postcopy::warn!(
+                "handler",
+                "{}: stopping the restores in flight",
                 signal.as_str()
             );
             s.now.store(true, Ordering::Release);
@@ -129,6 +128,6 @@ fn print_vmm_report(report: &VmmReport, failed: &AtomicBool) {
             let _ = writeln!(out, "{line}");
             let _ = out.flush();
         }
-        Err(e) => eprintln!("postcopy handler: cannot print a VMM's report: {e}"),
+        Err(e) => postcopy::error!("handler", "cannot print a VMM's report: {e}"),
     }
 }

@@ -47,7 +47,7 @@ pub fn serve_metrics(
     read: std::sync::Arc<postcopy::metrics::Read>,
 ) -> Result<(), MainError> {
     let bound = postcopy::metrics::serve(addr, read)?;
-    eprintln!("postcopy {command}: metrics at http://{bound}/metrics");
+    postcopy::info!(command, "metrics at http://{bound}/metrics");
     Ok(())
 }
 

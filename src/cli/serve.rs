@@ -59,9 +59,6 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u64).range(0..=MAX_URGENT_DELAY_MS)
     )]
     debug_urgent_delay_ms: u64,
-    /// No per-session log lines.
-    #[arg(long, short)]
-    quiet: bool,
     /// Live source (with --synthetic): hold the image in memory and run a workload that
     /// writes it at --dirty-rate until the switchover of the one migration served (serve then
     /// exits once that session ends; a migration given up in precopy leaves the workload
@@ -150,7 +147,7 @@ impl ServeArgs {
             once: self.once,
             prefetch_max: self.prefetch_max,
             urgent_delay: Duration::from_millis(self.debug_urgent_delay_ms),
-            verbose: !self.quiet,
+            verbose: postcopy::log::enabled(postcopy::log::Level::Info),
             precopy: self.precopy.limits(),
             key,
             recovery_timeout: Duration::from_secs(self.recovery_timeout),
@@ -195,15 +192,17 @@ pub fn cmd_serve(args: ServeArgs) -> Result<ExitCode, MainError> {
     let handle = server.stop_handle();
     super::signals::on_stop(move |n, signal| {
         if n == 1 {
-            eprintln!(
-                "postcopy serve: {}: taking no new migration; exiting once those in flight end \
+            postcopy::warn!(
+                "serve",
+                "{}: taking no new migration; exiting once those in flight end \
                  (signal again to stop them, a third time to exit at once)",
                 signal.as_str()
             );
             handle.drain();
         } else {
-            eprintln!(
-                "postcopy serve: {}: stopping the migrations in flight",
+            postcopy::warn!(
+                "serve",
+                "{}: stopping the migrations in flight",
                 signal.as_str()
             );
             handle.stop();

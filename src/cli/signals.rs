@@ -40,14 +40,17 @@ fn signals() -> SigSet {
 pub fn install() {
     let set = signals();
     if let Err(e) = set.thread_block() {
-        eprintln!("postcopy: warning: cannot block SIGINT/SIGTERM ({e}); a signal ends the process without cleanup");
+        postcopy::warn!(
+            "",
+            "cannot block SIGINT/SIGTERM ({e}); a signal ends the process without cleanup"
+        );
         return;
     }
     let spawned = std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || wait_forever(set));
     if let Err(e) = spawned {
-        eprintln!("postcopy: warning: cannot start the signal thread ({e})");
+        postcopy::warn!("", "cannot start the signal thread ({e})");
         let _ = set.thread_unblock();
     }
 }
@@ -69,7 +72,7 @@ fn exit_now(state: &State, signal: Signal) -> ! {
     for path in &state.remove {
         let _ = std::fs::remove_file(path);
     }
-    eprintln!("postcopy: stopped by {}", signal.as_str());
+    postcopy::warn!("", "stopped by {}", signal.as_str());
     std::process::exit(128 + signal as i32);
 }
 

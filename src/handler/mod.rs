@@ -129,8 +129,9 @@ pub fn serve(
             source,
         })?;
     if config.verbose {
-        eprintln!(
-            "postcopy handler: listening on {} (source {})",
+        crate::info!(
+            "handler",
+            "listening on {} (source {})",
             config.socket.display(),
             config.source
         );
@@ -276,8 +277,9 @@ fn serve_vmm_from(
         report.error = Some(e);
     }
     if config.verbose {
-        eprintln!(
-            "postcopy handler: VMM pid {}: {}{}",
+        crate::info!(
+            "handler",
+            "VMM pid {}: {}{}",
             report.pid.map_or("?".into(), |p| p.to_string()),
             serde_json::to_value(report.outcome)
                 .ok()

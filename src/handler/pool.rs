@@ -98,7 +98,7 @@ impl Inner {
 
     fn log(&self, what: std::fmt::Arguments) {
         if self.verbose {
-            eprintln!("postcopy handler: prepared sessions: {what}");
+            crate::info!("handler", "prepared sessions: {what}");
         }
     }
 

@@ -168,7 +168,10 @@ impl Key {
             });
         }
         if let Some(why) = weakness(&secret) {
-            eprintln!("postcopy: warning: key file {p} {why}; make one with `head -c 32 /dev/urandom > FILE`");
+            crate::warn!(
+                "",
+                "key file {p} {why}; make one with `head -c 32 /dev/urandom > FILE`"
+            );
         }
         Ok(Key::from_secret(&secret))
     }

@@ -425,7 +425,7 @@ fn stop_tracking_in_background(
             for t in trackers.iter_mut() {
                 if let Err(e) = t.stop() {
                     if verbose {
-                        eprintln!("postcopy serve: session {id:#x}: stop dirty tracking: {e}");
+                        crate::warn!("serve", "session {id:#x}: stop dirty tracking: {e}");
                     }
                 }
             }

@@ -32,7 +32,7 @@ pub(super) struct Shared {
 
 pub(super) fn log(shared: &Shared, msg: std::fmt::Arguments<'_>) {
     if shared.config.verbose {
-        eprintln!("postcopy serve: {msg}");
+        crate::info!("serve", "{msg}");
     }
 }
 

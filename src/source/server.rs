@@ -113,7 +113,7 @@ impl SourceServer {
             (Some(ws), None) => {
                 let (ws, problem) = super::WorkingSet::open(image.layout(), ws.clone());
                 if let Some(p) = problem {
-                    eprintln!("postcopy serve: {p}");
+                    crate::warn!("serve", "{p}");
                 }
                 Some(ws)
             }
