@@ -270,3 +270,41 @@ impl DemoReport {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_run_says_what_was_placed_not_a_rate_or_a_mismatch_count() {
+        let r = DemoReport {
+            pages_total: 100,
+            pages_placed: 40,
+            mismatches_first_touch: 90,
+            first_mismatch: Some("page 3".into()),
+            error: Some("the source is gone".into()),
+            ..Default::default()
+        };
+        let text = r.render();
+        assert!(
+            text.contains("did not finish: 40 of 100 pages placed"),
+            "{text}"
+        );
+        assert!(text.contains("the migration failed"), "{text}");
+        assert!(
+            !text.contains("MiB/s") && !text.contains("90 pages wrong"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn no_faults_is_said_rather_than_zero_latencies() {
+        let text = DemoReport {
+            verified: true,
+            ..Default::default()
+        }
+        .render();
+        assert!(text.contains("fault latency   none"), "{text}");
+        assert!(!text.contains("p50 0.0"), "{text}");
+    }
+}

@@ -89,7 +89,8 @@ fn demo(addr: std::net::SocketAddr, key: &KeyFile, extra: &[&str]) -> (Output, S
     ));
     let _ = std::fs::remove_file(&report);
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_postcopy"));
-    cmd.args(["demo", "--quiet", "--source"])
+    // Not --quiet: a break and its recovery are said on stderr.
+    cmd.args(["demo", "--source"])
         .arg(addr.to_string())
         .arg("--key-file")
         .arg(&key.0)
@@ -198,6 +199,11 @@ fn a_link_silent_for_five_seconds_is_survived_in_precopy_and_postcopy() {
         let (out, json, took) = demo(proxy.local_addr(), &key, &["--precopy", precopy]);
         join_within(silencer, TIMEOUT, "silencer");
         assert_verified(&out, &json, &format!("precopy {precopy}"));
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            said.contains("broke in") && said.contains("the source is back after"),
+            "precopy {precopy}: the break and the recovery are each said in a line: {said}"
+        );
         assert!(
             took >= Duration::from_secs(4),
             "precopy {precopy}: the silence fell inside the migration ({took:?})"

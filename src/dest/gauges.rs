@@ -13,8 +13,11 @@ use crossbeam_utils::CachePadded;
 
 use super::stats::WorkerStats;
 
-/// Engine threads that can publish (two halves of the most workers the engine runs).
-pub const MAX_THREADS: usize = 2 * 256;
+/// Threads that can publish: two halves of the most workers the engine runs, and the precopy
+/// receiver ([`PRECOPY_SLOT`]).
+pub const MAX_THREADS: usize = 2 * 256 + 1;
+/// The precopy receiver's slot (its connection's breaks).
+pub const PRECOPY_SLOT: usize = MAX_THREADS - 1;
 
 /// Where a migration is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -231,14 +231,17 @@ fn rejoin(
     let started = Instant::now();
     let deadline = started + config.recovery_timeout;
     let ram = writer.ram;
+    let slot = super::gauges::PRECOPY_SLOT;
+    config.gauges.link_down(slot, true);
     let opened = open_with_retry(
         config,
         (session, Role::Urgent, 0),
         Joining::RejoinPrecopy,
         deadline,
         &|| false,
-    )
-    .map_err(|e| DestError::PrecopyLost {
+    );
+    config.gauges.link_down(slot, false);
+    let opened = opened.map_err(|e| DestError::PrecopyLost {
         seconds: started.elapsed().as_secs_f64().round() as u64,
         received: ram.pages_received(),
         total: ram.layout.total_pages(),
