@@ -264,7 +264,10 @@ fn serve_once_exits_within_a_second_of_its_session_end() {
     );
 
     // A destination killed in postcopy: the session ends when the recovery timeout (2 s)
-    // passes with nobody back; serve exits right after, non-zero.
+    // passes with nobody back; serve exits right after, non-zero. The source sees the break at
+    // once when its sockets are closed, or within the link timeout when a connection is left
+    // silent instead (seen once in 13 full runs: 6.3 s, through the proxy): the stated bound is
+    // the link timeout plus the recovery timeout.
     let key = KeyFile::new("killed");
     let (serve, src) = live_source(&key, &["--once", "--recovery-timeout", "2"]);
     let proxy = std::sync::Arc::new(Proxy::start(src, Plan::none()).expect("proxy"));
@@ -286,9 +289,11 @@ fn serve_once_exits_within_a_second_of_its_session_end() {
     let served = serve.wait_output(IO_TIMEOUT);
     assert!(!served.status.success(), "an incomplete session fails");
     let took = killed.elapsed();
+    let bound = LINK_TIMEOUT + Duration::from_secs(2 + 1);
     assert!(
-        took < Duration::from_secs(2 + 1),
-        "serve --once exited {took:?} after its destination was killed (recovery timeout 2 s)"
+        took < bound,
+        "serve --once exited {took:?} after its destination was killed (bound {bound:?}: \
+         link timeout + recovery timeout 2 s + 1 s)"
     );
 }
 
