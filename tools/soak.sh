@@ -36,7 +36,7 @@ proxy_bin=tools/chaos-proxy/target/release/chaos-proxy
 mkdir -p "$keep"
 work=$(mktemp -d /tmp/postcopy-soak.XXXXXX)
 key="$work/key"
-head -c 32 /dev/urandom > "$key" && chmod 600 "$key"
+(umask 077 && head -c 32 /dev/urandom > "$key")
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
@@ -76,7 +76,7 @@ run_one() {
   local t0 t1 rc
   t0=$(date +%s.%N)
   timeout --kill-after=2 "$(( limit + 30 ))" "$postcopy" demo --quiet --source "$proxy" \
-    --size "${mib}M" --precopy "$pc" --key-file "$key" --report "$tag.json" \
+    --precopy "$pc" --key-file "$key" --report "$tag.json" \
     > "$tag.demo.out" 2> "$tag.demo.err"
   rc=$?
   t1=$(date +%s.%N)
